@@ -1,0 +1,45 @@
+# Bulwark: `make demo` shows the mesh working end to end; `make test` runs every test.
+# Needs only the Rust toolchain (rustup, cargo); everything else is built from source.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+# nextest runs each test in its own process (cleaner for tests that bind
+# sockets and start servers); plain `cargo test` does the same job without it.
+NEXTEST := $(shell command -v cargo-nextest 2>/dev/null)
+
+.PHONY: help setup build test lint fmt demo clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: ## check the toolchain (and install rustfmt/clippy for lint)
+	@hack/setup.sh
+
+build: ## build every crate, tests included
+	$(CARGO) build --workspace --all-targets
+
+test: setup ## run every test (unit and end-to-end)
+ifneq ($(NEXTEST),)
+	$(CARGO) nextest run --workspace --all-targets --no-fail-fast
+else
+	$(CARGO) test --workspace --all-targets --no-fail-fast
+endif
+
+lint: ## formatting and clippy, warnings are errors
+	@hack/setup.sh --lint
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+demo: setup ## build release binaries, run the control plane, agent and upstreams, print what each policy did
+	$(CARGO) build --release --workspace --bins
+	$(TARGET_DIR)/release/bulwark-demo --examples examples --bin-dir $(TARGET_DIR)/release
+
+clean: ## remove build output and demo logs
+	$(CARGO) clean

@@ -1,0 +1,437 @@
+//! The config in force: every destination's runtime state and the inbound
+//! limits, built from a control-plane snapshot and swapped in atomically.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bulwark_proto::v1;
+use serde_json::{Value, json};
+
+use crate::destination::{Destination, InvalidDestination};
+use crate::metrics::Metrics;
+use crate::proxy::target::Target;
+use crate::ratelimit::{RateLimitConfig, RateLimiter, RateLimits};
+
+/// A snapshot the agent cannot apply (it NACKs it and keeps the previous config).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A service port cannot be enforced.
+    #[error("service {service}: {source}")]
+    Destination {
+        /// `name.namespace:port`.
+        service: String,
+        /// Why.
+        #[source]
+        source: InvalidDestination,
+    },
+    /// A service port number out of range.
+    #[error("service {service}: port {port} is out of range")]
+    Port {
+        /// `name.namespace`.
+        service: String,
+        /// The bad port.
+        port: u32,
+    },
+    /// A cluster IP that is not an IP address.
+    #[error("service {service}: cluster IP {ip:?} is not an IP address")]
+    ClusterIp {
+        /// `name.namespace`.
+        service: String,
+        /// The bad value.
+        ip: String,
+    },
+    /// A rate limit that cannot be enforced.
+    #[error("inbound rate limit {name:?}: {source}")]
+    RateLimit {
+        /// The limit's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: crate::ratelimit::InvalidRateLimit,
+    },
+}
+
+/// Destinations by namespace, then name, then port. Nested maps let a lookup
+/// borrow the request's host instead of allocating a key.
+type ByName = HashMap<String, HashMap<String, Vec<(u16, Arc<Destination>)>>>;
+
+/// The whole config in force.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// The snapshot version this config came from (0: none yet).
+    pub version: u64,
+    destinations: Vec<Arc<Destination>>,
+    by_name: ByName,
+    by_addr: HashMap<SocketAddr, Arc<Destination>>,
+    /// Inbound rate limits.
+    pub inbound: RateLimits,
+    limiters: Vec<Arc<RateLimiter>>,
+}
+
+impl Config {
+    /// Builds the config of `snapshot`, reusing `previous`'s runtime state where unchanged.
+    pub fn build(
+        snapshot: &v1::Snapshot,
+        previous: &Config,
+        metrics: &Metrics,
+    ) -> Result<Self, ConfigError> {
+        let mut config = Config {
+            version: snapshot.version,
+            ..Config::default()
+        };
+        for svc in &snapshot.services {
+            let qualified = format!("{}.{}", svc.name, svc.namespace);
+            let mut ips = Vec::with_capacity(svc.cluster_ips.len());
+            for ip in &svc.cluster_ips {
+                let parsed: IpAddr = ip.parse().map_err(|_| ConfigError::ClusterIp {
+                    service: qualified.clone(),
+                    ip: ip.clone(),
+                })?;
+                ips.push(parsed);
+            }
+            for port in &svc.ports {
+                let number = u16::try_from(port.port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| ConfigError::Port {
+                        service: qualified.clone(),
+                        port: port.port,
+                    })?;
+                let name = format!("{qualified}:{number}");
+                let prev = previous.lookup_name(&svc.name, &svc.namespace, number);
+                let dst = Destination::build(&name, port, prev.map(AsRef::as_ref), metrics)
+                    .map_err(|source| ConfigError::Destination {
+                        service: name.clone(),
+                        source,
+                    })?;
+                let dst = Arc::new(dst);
+                for ip in &ips {
+                    config
+                        .by_addr
+                        .insert(SocketAddr::new(*ip, number), Arc::clone(&dst));
+                }
+                config
+                    .by_name
+                    .entry(svc.namespace.clone())
+                    .or_default()
+                    .entry(svc.name.clone())
+                    .or_default()
+                    .push((number, Arc::clone(&dst)));
+                config.destinations.push(dst);
+            }
+        }
+        let limits = snapshot.inbound.as_ref().map(|i| i.rate_limits.as_slice());
+        for limit in limits.unwrap_or_default() {
+            let cfg =
+                RateLimitConfig::try_from(limit).map_err(|source| ConfigError::RateLimit {
+                    name: limit.name.clone(),
+                    source,
+                })?;
+            // Keep the buckets of an unchanged limit: a config push for some other
+            // reason must not hand every client a fresh burst.
+            let limiter = previous
+                .limiters
+                .iter()
+                .find(|old| *old.config() == cfg)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(RateLimiter::new(cfg)));
+            config.limiters.push(limiter);
+        }
+        config.inbound = RateLimits::new(config.limiters.clone());
+        Ok(config)
+    }
+
+    /// Every destination.
+    pub fn destinations(&self) -> &[Arc<Destination>] {
+        &self.destinations
+    }
+
+    /// The inbound rate limiters (for housekeeping).
+    pub fn limiters(&self) -> &[Arc<RateLimiter>] {
+        &self.limiters
+    }
+
+    fn lookup_name(&self, name: &str, namespace: &str, port: u16) -> Option<&Arc<Destination>> {
+        self.by_name
+            .get(namespace)?
+            .get(name)?
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, d)| d)
+    }
+
+    /// The destination a target names, if it is in the mesh. `namespace` is the
+    /// agent's own, for short names.
+    pub fn lookup(&self, target: Target<'_>, namespace: &str) -> Option<&Arc<Destination>> {
+        match target {
+            Target::Name {
+                name,
+                namespace: ns,
+                port,
+            } => self.lookup_name(name, ns.unwrap_or(namespace), port),
+            Target::Addr(addr) => self.by_addr.get(&addr),
+        }
+    }
+
+    /// The config as JSON for the admin `/config` page.
+    pub fn to_json(&self) -> Value {
+        let destinations: Vec<Value> = self
+            .destinations
+            .iter()
+            .map(|d| {
+                let p = &d.policy;
+                json!({
+                    "name": d.name.as_ref(),
+                    "http2": d.http2,
+                    "policy": p.source,
+                    "timeouts": p.timeouts,
+                    "retry": p.retry.as_ref().map(|r| json!({
+                        "attempts": r.attempts,
+                        "perTryTimeout": r.per_try_timeout.map(|t| format!("{}ms", t.as_millis())),
+                        "backoff": format!("{:?}", r.backoff),
+                        "onConnectFailure": r.on_connect_failure,
+                        "onReset": r.on_reset,
+                        "on5xx": r.on_5xx,
+                        "onGatewayError": r.on_gateway_error,
+                        "statusCodes": r.status_codes,
+                        "grpcCodes": r.grpc_codes,
+                        "nonIdempotent": r.non_idempotent,
+                        "budget": r.budget.as_ref().map(|b| format!("{b:?}")),
+                        "maxBodyBytes": r.max_body_bytes,
+                    })),
+                    "circuitBreaker": p.breaker.as_ref().map(|b| format!("{b:?}")),
+                    "bulkhead": p.bulkhead.as_ref().map(|b| format!("{b:?}")),
+                    "bulkheadState": {
+                        "inFlight": d.bulkhead.in_flight(),
+                        "queued": d.bulkhead.queued(),
+                        "rejected": d.bulkhead.rejected(),
+                    },
+                    "loadBalancer": format!("{:?}", p.strategy),
+                    "endpoints": d.balancer.endpoints().iter().map(|e| json!({
+                        "address": e.addr.to_string(),
+                        "labels": e.labels,
+                        "weight": e.weight,
+                        "breaker": format!("{:?}", e.breaker.state()),
+                        "trips": e.breaker.trips(),
+                        "inFlight": e.in_flight(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let limits: Vec<Value> = self
+            .limiters
+            .iter()
+            .map(|l| {
+                let c = l.config();
+                json!({
+                    "policy": c.source,
+                    "name": c.name,
+                    "ports": c.ports,
+                    "key": format!("{:?}", c.key),
+                    "requests": c.requests.get(),
+                    "periodMs": c.period.as_millis() as u64,
+                    "burst": c.burst.get(),
+                })
+            })
+            .collect();
+        json!({
+            "version": self.version,
+            "destinations": destinations,
+            "inbound": { "rateLimits": limits },
+        })
+    }
+}
+
+/// Serialises `Duration` as `"250ms"`.
+pub(crate) mod duration_ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+/// Serialises `Option<Duration>` as `"250ms"` or null.
+pub(crate) mod opt_duration_ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::breaker::BreakerState;
+    use crate::proxy::target::classify;
+
+    fn dur(ms: i64) -> prost_types::Duration {
+        prost_types::Duration {
+            seconds: ms / 1000,
+            nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap(),
+        }
+    }
+
+    fn snapshot(version: u64, consecutive_failures: u32, address: &str) -> v1::Snapshot {
+        v1::Snapshot {
+            version,
+            services: vec![v1::Service {
+                name: "reviews".into(),
+                namespace: "demo".into(),
+                cluster_ips: vec!["10.96.0.10".into()],
+                ports: vec![v1::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    endpoints: vec![v1::Endpoint {
+                        address: address.into(),
+                        ..Default::default()
+                    }],
+                    resilience: Some(v1::ResiliencePolicy {
+                        source: "demo/reviews".into(),
+                        circuit_breaker: Some(v1::CircuitBreaker {
+                            consecutive_failures,
+                            open_duration: Some(dur(5000)),
+                            max_open_duration: Some(dur(60000)),
+                            half_open_probes: 1,
+                            ..Default::default()
+                        }),
+                        bulkhead: Some(v1::Bulkhead {
+                            max_concurrent_requests: 2,
+                            max_pending: 0,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+            }],
+            inbound: Some(v1::Inbound {
+                rate_limits: vec![v1::RateLimit {
+                    source: "demo/frontend".into(),
+                    name: "total".into(),
+                    key: Some(v1::RateLimitKey {
+                        kind: Some(v1::rate_limit_key::Kind::None(v1::Empty {})),
+                    }),
+                    requests: 1,
+                    period: Some(dur(600_000)),
+                    burst: 1,
+                    ..Default::default()
+                }],
+            }),
+        }
+    }
+
+    fn metrics() -> Metrics {
+        Metrics::new(Arc::new(arc_swap::ArcSwap::from_pointee(Config::default())))
+    }
+
+    #[tokio::test]
+    async fn a_push_keeps_breakers_bulkheads_and_buckets_whose_config_is_unchanged() {
+        let metrics = metrics();
+        let first = Config::build(
+            &snapshot(1, 1, "10.0.0.1:8080"),
+            &Config::default(),
+            &metrics,
+        )
+        .unwrap();
+        let dst = first
+            .lookup(classify("reviews.demo", 80).unwrap(), "x")
+            .unwrap();
+        dst.balancer.endpoints()[0]
+            .breaker
+            .acquire()
+            .unwrap()
+            .failure();
+        assert_eq!(
+            dst.balancer.endpoints()[0].breaker.state(),
+            BreakerState::Open
+        );
+        let _slot = dst.bulkhead.acquire().await.unwrap();
+        let ip = "10.0.0.9".parse().unwrap();
+        let headers = http::HeaderMap::new();
+        assert!(first.inbound.check(8080, ip, &headers).is_ok());
+
+        let second = Config::build(&snapshot(2, 1, "10.0.0.1:8080"), &first, &metrics).unwrap();
+        let dst2 = second
+            .lookup(classify("reviews.demo.svc.cluster.local", 80).unwrap(), "x")
+            .unwrap();
+        assert_eq!(second.version, 2);
+        assert_eq!(
+            dst2.balancer.endpoints()[0].breaker.state(),
+            BreakerState::Open,
+            "the breaker stays open"
+        );
+        assert_eq!(
+            dst2.bulkhead.in_flight(),
+            1,
+            "the bulkhead still counts the request in flight"
+        );
+        assert!(
+            second.inbound.check(8080, ip, &headers).is_err(),
+            "the bucket is still empty"
+        );
+
+        // A changed breaker config starts afresh; so does a new endpoint.
+        let third = Config::build(&snapshot(3, 5, "10.0.0.1:8080"), &second, &metrics).unwrap();
+        let dst3 = third
+            .lookup(classify("10.96.0.10", 80).unwrap(), "x")
+            .unwrap();
+        assert_eq!(
+            dst3.balancer.endpoints()[0].breaker.state(),
+            BreakerState::Closed
+        );
+    }
+
+    #[test]
+    fn a_snapshot_it_cannot_enforce_is_an_error_naming_the_service() {
+        let metrics = metrics();
+        let err = Config::build(
+            &snapshot(1, 1, "not-an-address"),
+            &Config::default(),
+            &metrics,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("reviews.demo:80"), "{text}");
+        assert!(text.contains("not-an-address"), "{text}");
+
+        let mut bad_port = snapshot(1, 1, "10.0.0.1:8080");
+        bad_port.services[0].ports[0].port = 70000;
+        assert!(matches!(
+            Config::build(&bad_port, &Config::default(), &metrics),
+            Err(ConfigError::Port { port: 70000, .. })
+        ));
+    }
+
+    #[test]
+    fn short_names_resolve_in_the_agents_namespace() {
+        let config = Config::build(
+            &snapshot(1, 1, "10.0.0.1:8080"),
+            &Config::default(),
+            &metrics(),
+        )
+        .unwrap();
+        assert!(
+            config
+                .lookup(classify("reviews", 80).unwrap(), "demo")
+                .is_some()
+        );
+        assert!(
+            config
+                .lookup(classify("reviews", 80).unwrap(), "other")
+                .is_none()
+        );
+        assert!(
+            config
+                .lookup(classify("reviews.demo", 81).unwrap(), "demo")
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! One outbound destination (a service port): its policy and runtime state.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_proto::v1;
+use serde::Serialize;
+
+use crate::balance::{Balancer, Strategy};
+use crate::breaker::{BreakerConfig, CircuitBreaker};
+use crate::budget::RetryBudget;
+use crate::bulkhead::{Bulkhead, BulkheadConfig};
+use crate::endpoint::Endpoint;
+use crate::metrics::{Direction, DstMetrics, Metrics};
+use crate::proxy::upstream::Upstream;
+use crate::retry::RetryPolicy;
+
+/// Connect timeout when the policy sets none.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A snapshot's service port that cannot be enforced.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidDestination {
+    /// An endpoint address that is not `ip:port`.
+    #[error("endpoint address {0:?} is not ip:port")]
+    Address(String),
+    /// Port out of range.
+    #[error("port {0} is out of range")]
+    Port(u32),
+    /// Bad timeouts.
+    #[error("timeouts: {0}")]
+    Timeout(#[source] crate::endpoint::InvalidDuration),
+    /// Bad retry section.
+    #[error(transparent)]
+    Retry(#[from] crate::retry::InvalidRetry),
+    /// Bad breaker section.
+    #[error("circuit_breaker: {0}")]
+    Breaker(#[from] crate::breaker::InvalidBreaker),
+    /// Bad bulkhead section.
+    #[error("bulkhead: {0}")]
+    Bulkhead(#[from] crate::bulkhead::InvalidBulkhead),
+    /// Bad load balancer section.
+    #[error("load_balancer: {0}")]
+    Balancer(#[from] crate::balance::InvalidStrategy),
+}
+
+/// Timeouts of a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Timeouts {
+    /// The whole request, every try and backoff included.
+    #[serde(with = "crate::config::opt_duration_ms")]
+    pub request: Option<Duration>,
+    /// TCP connect to one endpoint.
+    #[serde(with = "crate::config::duration_ms")]
+    pub connect: Duration,
+}
+
+/// The validated policy of one service port.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// `namespace/name` of the ResiliencePolicy, if one applies.
+    pub source: Option<String>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Retries, if enabled.
+    pub retry: Option<RetryPolicy>,
+    /// Per-endpoint circuit breaking, if enabled.
+    pub breaker: Option<BreakerConfig>,
+    /// The bulkhead, if enabled.
+    pub bulkhead: Option<BulkheadConfig>,
+    /// How endpoints are picked.
+    pub strategy: Strategy,
+}
+
+impl TryFrom<Option<&v1::ResiliencePolicy>> for Policy {
+    type Error = InvalidDestination;
+
+    fn try_from(p: Option<&v1::ResiliencePolicy>) -> Result<Self, InvalidDestination> {
+        let Some(p) = p else {
+            return Ok(Self {
+                source: None,
+                timeouts: Timeouts {
+                    request: None,
+                    connect: DEFAULT_CONNECT_TIMEOUT,
+                },
+                retry: None,
+                breaker: None,
+                bulkhead: None,
+                strategy: Strategy::try_from(&v1::LoadBalancer::default())?,
+            });
+        };
+        let dur = |d: Option<&prost_types::Duration>| {
+            d.map(crate::endpoint::duration)
+                .transpose()
+                .map_err(InvalidDestination::Timeout)
+        };
+        let t = p.timeouts.unwrap_or_default();
+        Ok(Self {
+            source: Some(p.source.clone()).filter(|s| !s.is_empty()),
+            timeouts: Timeouts {
+                request: dur(t.request.as_ref())?,
+                connect: dur(t.connect.as_ref())?.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            },
+            retry: p.retry.as_ref().map(RetryPolicy::try_from).transpose()?,
+            breaker: p
+                .circuit_breaker
+                .as_ref()
+                .map(BreakerConfig::try_from)
+                .transpose()?,
+            bulkhead: p
+                .bulkhead
+                .as_ref()
+                .map(BulkheadConfig::try_from)
+                .transpose()?,
+            strategy: Strategy::try_from(&p.load_balancer.unwrap_or_default())?,
+        })
+    }
+}
+
+/// A service port's policy and the state that enforces it.
+#[derive(Debug)]
+pub struct Destination {
+    /// `name.namespace:port`, the metrics label.
+    pub name: Arc<str>,
+    /// Use HTTP/2 to the endpoints even for HTTP/1 clients (appProtocol h2c/grpc/http2).
+    pub http2: bool,
+    /// The validated policy.
+    pub policy: Policy,
+    /// Picks endpoints; each endpoint carries its breaker.
+    pub balancer: Balancer,
+    /// Limits concurrency to this destination.
+    pub bulkhead: Arc<Bulkhead>,
+    /// Bounds retries, if a budget is set.
+    pub budget: Option<Arc<RetryBudget>>,
+    /// Pooled clients.
+    pub upstream: Upstream,
+    /// Request-path metrics.
+    pub metrics: DstMetrics,
+}
+
+impl Destination {
+    /// Builds a destination from a snapshot's service port, reusing the state of
+    /// `previous` (breakers, bulkhead, budget, connection pools) where its config
+    /// is unchanged, so that a config push neither resets breakers nor drops pools.
+    pub fn build(
+        name: &str,
+        port: &v1::ServicePort,
+        previous: Option<&Destination>,
+        metrics: &Metrics,
+    ) -> Result<Self, InvalidDestination> {
+        let policy = Policy::try_from(port.resilience.as_ref())?;
+        // Endpoints without a breaker policy get one that never trips (and takes no
+        // lock), so the balancer has a single code path.
+        let breaker_config = policy
+            .breaker
+            .clone()
+            .unwrap_or_else(BreakerConfig::disabled);
+        let mut endpoints = Vec::with_capacity(port.endpoints.len());
+        for ep in &port.endpoints {
+            let addr: SocketAddr = ep
+                .address
+                .parse()
+                .map_err(|_| InvalidDestination::Address(ep.address.clone()))?;
+            let labels = ep
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let weight = ep.weight.max(1);
+            let reused = previous.and_then(|prev| {
+                prev.balancer.endpoints().iter().find(|old| {
+                    old.addr == addr
+                        && old.labels == labels
+                        && old.weight == weight
+                        && *old.breaker.config() == breaker_config
+                })
+            });
+            endpoints.push(match reused {
+                Some(old) => Arc::clone(old),
+                None => {
+                    let breaker_name: Arc<str> = format!("{name} {addr}").into();
+                    Arc::new(Endpoint::new(
+                        addr,
+                        labels,
+                        weight,
+                        Arc::new(CircuitBreaker::new(breaker_config.clone(), breaker_name)),
+                    ))
+                }
+            });
+        }
+        let bulkhead = match previous {
+            Some(prev) if prev.policy.bulkhead == policy.bulkhead => Arc::clone(&prev.bulkhead),
+            _ => Arc::new(match &policy.bulkhead {
+                Some(cfg) => Bulkhead::new(cfg.clone()),
+                None => Bulkhead::unlimited(),
+            }),
+        };
+        let budget_config = policy.retry.as_ref().and_then(|r| r.budget.clone());
+        let budget = match (previous, &budget_config) {
+            (_, None) => None,
+            (Some(prev), Some(cfg))
+                if prev.policy.retry.as_ref().and_then(|r| r.budget.as_ref()) == Some(cfg) =>
+            {
+                prev.budget.clone()
+            }
+            (_, Some(cfg)) => Some(Arc::new(RetryBudget::new(cfg.clone()))),
+        };
+        let upstream = match previous {
+            Some(prev)
+                if Arc::ptr_eq(&prev.bulkhead, &bulkhead)
+                    && prev.upstream.connect_timeout() == policy.timeouts.connect =>
+            {
+                prev.upstream.clone()
+            }
+            _ => Upstream::new(policy.timeouts.connect, bulkhead.connection_limit()),
+        };
+        let http2 = matches!(
+            port.app_protocol.as_str(),
+            "http2" | "grpc" | "h2c" | "kubernetes.io/h2c"
+        );
+        Ok(Self {
+            name: name.into(),
+            http2,
+            balancer: Balancer::new(policy.strategy, endpoints),
+            bulkhead,
+            budget,
+            upstream,
+            metrics: metrics.destination(Direction::Outbound, name),
+            policy,
+        })
+    }
+}

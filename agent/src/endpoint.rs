@@ -1,0 +1,248 @@
+//! Endpoints (the pods behind a service port) with their circuit breaker and load, and the
+//! conversion of protobuf durations shared by every policy.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::breaker::CircuitBreaker;
+
+/// A protobuf duration that cannot be used as a [`Duration`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDuration {
+    /// Seconds or nanos are negative.
+    #[error("duration {seconds}s {nanos}ns is negative; durations must be zero or positive")]
+    Negative {
+        /// The message's `seconds`.
+        seconds: i64,
+        /// The message's `nanos`.
+        nanos: i32,
+    },
+    /// Nanos outside `0..1_000_000_000`.
+    #[error(
+        "duration nanos {nanos} is outside 0..=999999999; the control plane sent a malformed duration"
+    )]
+    NanosOutOfRange {
+        /// The message's `nanos`.
+        nanos: i32,
+    },
+}
+
+/// Converts a protobuf `Duration` into a [`Duration`], rejecting negative or malformed values.
+pub fn duration(d: &prost_types::Duration) -> Result<Duration, InvalidDuration> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(InvalidDuration::Negative {
+            seconds: d.seconds,
+            nanos: d.nanos,
+        });
+    }
+    let nanos = u32::try_from(d.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or(InvalidDuration::NanosOutOfRange { nanos: d.nanos })?;
+    Ok(Duration::new(d.seconds.unsigned_abs(), nanos))
+}
+
+/// An endpoint address from the control plane that cannot be connected to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEndpoint {
+    /// Not `ip:port` (IPv6 in brackets).
+    #[error("endpoint address {0:?} is not ip:port (IPv6 as [ip]:port)")]
+    Address(String),
+    /// Port 0.
+    #[error("endpoint address {0:?} has port 0; check the EndpointSlice's ports")]
+    ZeroPort(String),
+}
+
+/// Parses an endpoint's `address` (`ip:port`, IPv6 in brackets).
+pub fn parse_address(address: &str) -> Result<SocketAddr, InvalidEndpoint> {
+    let addr: SocketAddr = address
+        .parse()
+        .map_err(|_| InvalidEndpoint::Address(address.to_owned()))?;
+    if addr.port() == 0 {
+        return Err(InvalidEndpoint::ZeroPort(address.to_owned()));
+    }
+    Ok(addr)
+}
+
+/// One endpoint of a service port, shared as `Arc` by the balancer and in-flight requests.
+pub struct Endpoint {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// The pod's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Relative weight (at least 1) for weighted strategies.
+    pub weight: u32,
+    /// This endpoint's circuit breaker.
+    pub breaker: Arc<CircuitBreaker>,
+    in_flight: AtomicUsize,
+}
+
+impl Endpoint {
+    /// An endpoint with nothing in flight; a `weight` of 0 is read as 1, as the proto says.
+    pub fn new(
+        addr: SocketAddr,
+        labels: BTreeMap<String, String>,
+        weight: u32,
+        breaker: Arc<CircuitBreaker>,
+    ) -> Self {
+        Self {
+            addr,
+            labels,
+            weight: weight.max(1),
+            breaker,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Requests to this endpoint now in flight (counted by [`EndpointLoad`] guards).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in flight to this endpoint until the guard is dropped.
+    pub fn track(self: &Arc<Self>) -> EndpointLoad {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        EndpointLoad {
+            endpoint: Arc::clone(self),
+        }
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("labels", &self.labels)
+            .field("weight", &self.weight)
+            .field("breaker", &self.breaker.state())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// One request in flight to an endpoint; the endpoint's load drops when this is dropped.
+#[must_use = "the request counts as in flight only while this guard lives"]
+pub struct EndpointLoad {
+    endpoint: Arc<Endpoint>,
+}
+
+impl EndpointLoad {
+    /// The endpoint being loaded.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+}
+
+impl Drop for EndpointLoad {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for EndpointLoad {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("EndpointLoad")
+            .field(&self.endpoint.addr)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::BreakerConfig;
+
+    fn endpoint(addr: &str, weight: u32) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            addr.parse().unwrap(),
+            BTreeMap::new(),
+            weight,
+            Arc::new(CircuitBreaker::new(BreakerConfig::disabled(), addr.into())),
+        ))
+    }
+
+    fn proto(seconds: i64, nanos: i32) -> prost_types::Duration {
+        prost_types::Duration { seconds, nanos }
+    }
+
+    #[test]
+    fn converts_proto_durations() {
+        assert_eq!(
+            duration(&proto(1, 500_000_000)),
+            Ok(Duration::from_millis(1500))
+        );
+        assert_eq!(duration(&proto(0, 0)), Ok(Duration::ZERO));
+        assert!(matches!(
+            duration(&proto(-1, 0)),
+            Err(InvalidDuration::Negative { .. })
+        ));
+        assert!(matches!(
+            duration(&proto(0, -5)),
+            Err(InvalidDuration::Negative { .. })
+        ));
+        assert_eq!(
+            duration(&proto(0, 1_000_000_000)),
+            Err(InvalidDuration::NanosOutOfRange {
+                nanos: 1_000_000_000
+            })
+        );
+        assert_eq!(
+            duration(&proto(i64::MAX, 0)),
+            Ok(Duration::from_secs(i64::MAX as u64))
+        );
+    }
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!(
+            parse_address("127.0.0.21:8080"),
+            Ok("127.0.0.21:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_address("[::1]:8080"),
+            Ok("[::1]:8080".parse().unwrap())
+        );
+        assert!(matches!(
+            parse_address("reviews:8080"),
+            Err(InvalidEndpoint::Address(_))
+        ));
+        assert!(matches!(
+            parse_address("::1:8080"),
+            Err(InvalidEndpoint::Address(_))
+        ));
+        assert!(matches!(
+            parse_address("10.0.0.1:0"),
+            Err(InvalidEndpoint::ZeroPort(_))
+        ));
+    }
+
+    #[test]
+    fn zero_weight_reads_as_one() {
+        assert_eq!(endpoint("127.0.0.1:1", 0).weight, 1);
+        assert_eq!(endpoint("127.0.0.1:1", 7).weight, 7);
+    }
+
+    #[test]
+    fn load_guards_count_requests_in_flight() {
+        let ep = endpoint("127.0.0.1:1", 1);
+        let first = ep.track();
+        let second = ep.track();
+        assert_eq!(ep.in_flight(), 2);
+        drop(first);
+        assert_eq!(ep.in_flight(), 1);
+        assert_eq!(second.endpoint().addr, ep.addr);
+        drop(second);
+        assert_eq!(ep.in_flight(), 0);
+    }
+
+    #[test]
+    fn endpoint_is_shareable() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Endpoint>();
+        assert_send_sync::<EndpointLoad>();
+    }
+}

@@ -1,0 +1,186 @@
+//! The Bulwark agent: a per-pod proxy that enforces resilience policy pushed
+//! by the control plane.
+//!
+//! [`Agent::start`] binds the listeners (outbound, inbound, admin), subscribes
+//! to the control plane and serves until [`Agent::shutdown`].
+
+pub mod admin;
+pub mod backoff;
+pub mod balance;
+pub mod breaker;
+pub mod budget;
+pub mod bulkhead;
+pub mod config;
+pub mod destination;
+pub mod endpoint;
+pub mod metrics;
+pub mod proxy;
+pub mod ratelimit;
+pub mod retry;
+pub mod settings;
+pub mod subscription;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use settings::{Identity, InboundSpec, Settings};
+
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source} (is another process using the port?)")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    outbound_addr: SocketAddr,
+    inbound_addrs: Vec<SocketAddr>,
+    admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let bind_err = |source| Error::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, local))
+}
+
+impl Agent {
+    /// Binds every listener and starts serving; traffic is proxied without policy
+    /// until the first config arrives (`/ready` says when).
+    pub async fn start(settings: Settings) -> Result<Self, Error> {
+        Self::start_with(settings, telemetry::Propagation::default()).await
+    }
+
+    /// Like [`Agent::start`], with trace propagation set up by [`telemetry::init`].
+    pub async fn start_with(
+        settings: Settings,
+        propagation: telemetry::Propagation,
+    ) -> Result<Self, Error> {
+        let config = Arc::new(ArcSwap::from_pointee(config::Config::default()));
+        let metrics = Arc::new(metrics::Metrics::new(Arc::clone(&config)));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let drain = settings.drain_timeout;
+        let mut tasks = Vec::new();
+
+        let (outbound_listener, outbound_addr) = bind("outbound", settings.outbound_addr).await?;
+        let mut inbound_listeners = Vec::with_capacity(settings.inbounds.len());
+        for spec in &settings.inbounds {
+            let (listener, addr) = bind("inbound", spec.listen).await?;
+            inbound_listeners.push((listener, addr, spec.app_port));
+        }
+        let (admin_listener, admin_addr) = bind("admin", settings.admin_addr).await?;
+
+        let outbound = Arc::new(proxy::outbound::Outbound::new(
+            Arc::clone(&config),
+            Arc::clone(&metrics),
+            settings.identity.namespace.clone(),
+            outbound_addr,
+            propagation,
+        ));
+        tasks.push(tokio::spawn(proxy::server::serve(
+            outbound_listener,
+            "outbound",
+            shutdown_rx.clone(),
+            drain,
+            move |req, peer| Arc::clone(&outbound).handle(req, peer),
+        )));
+
+        let mut inbound_addrs = Vec::with_capacity(inbound_listeners.len());
+        for (listener, addr, app_port) in inbound_listeners {
+            let app = SocketAddr::new(settings.app_host, app_port);
+            let inbound = Arc::new(proxy::inbound::Inbound::new(
+                Arc::clone(&config),
+                Arc::clone(&metrics),
+                app,
+            ));
+            tasks.push(tokio::spawn(proxy::server::serve(
+                listener,
+                "inbound",
+                shutdown_rx.clone(),
+                drain,
+                move |req, peer| Arc::clone(&inbound).handle(req, peer),
+            )));
+            inbound_addrs.push(addr);
+        }
+
+        let admin = Arc::new(admin::Admin::new(
+            Arc::clone(&config),
+            Arc::clone(&metrics),
+            ready_rx,
+            settings.clone(),
+        ));
+        tasks.push(tokio::spawn(proxy::server::serve(
+            admin_listener,
+            "admin",
+            shutdown_rx.clone(),
+            drain,
+            move |req, peer| Arc::clone(&admin).handle(req, peer),
+        )));
+
+        let applier = subscription::Applier::new(config, metrics, ready_tx);
+        tasks.push(tokio::spawn(subscription::run(
+            settings.control_plane.clone(),
+            settings.identity.clone(),
+            applier,
+            shutdown_rx,
+        )));
+        tracing::info!(
+            outbound = %outbound_addr,
+            inbound = ?inbound_addrs,
+            admin = %admin_addr,
+            control_plane = %settings.control_plane,
+            "agent started"
+        );
+        Ok(Self {
+            outbound_addr,
+            inbound_addrs,
+            admin_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The outbound listener's address.
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    /// The inbound listeners' addresses, in the order of `Settings::inbounds`.
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        self.inbound_addrs.clone()
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stops accepting, drains open requests (up to the drain timeout) and stops.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

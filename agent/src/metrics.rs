@@ -1,0 +1,357 @@
+//! The agent's Prometheus metrics.
+//!
+//! Request-path counters are resolved once per destination when a config is
+//! built ([`DstMetrics`]), so a request touches only atomics, never the
+//! registry's family locks. Breaker and bulkhead state is read at scrape time
+//! from the config in force (see [`StateCollector`]), so it costs nothing per
+//! request and never shows endpoints that are gone.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::config::Config;
+
+/// Which listener a request came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the local app to the mesh.
+    Outbound,
+    /// From the mesh to the local app.
+    Inbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Latency buckets in seconds: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Every metric family the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    durations: Family<Labels, Histogram>,
+    local_responses: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    recovered: Family<Labels, Counter>,
+    budget_exhausted: Family<Labels, Counter>,
+    bulkhead_rejected: Family<Labels, Counter>,
+    rate_limited: Family<Labels, Counter>,
+    passthrough: Counter,
+    config_version: Gauge,
+    config_updates: Family<Labels, Counter>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+impl Metrics {
+    /// Creates the registry; `config` is read at scrape time for breaker and bulkhead state.
+    pub fn new(config: Arc<ArcSwap<Config>>) -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Labels, Counter>::default();
+        let durations = Family::<Labels, Histogram>::new_with_constructor(histogram as fn() -> _);
+        let local_responses = Family::<Labels, Counter>::default();
+        let retries = Family::<Labels, Counter>::default();
+        let recovered = Family::<Labels, Counter>::default();
+        let budget_exhausted = Family::<Labels, Counter>::default();
+        let bulkhead_rejected = Family::<Labels, Counter>::default();
+        let rate_limited = Family::<Labels, Counter>::default();
+        let passthrough = Counter::default();
+        let config_version = Gauge::default();
+        let config_updates = Family::<Labels, Counter>::default();
+        registry.register(
+            "bulwark_requests",
+            "Requests by direction, destination and response status class",
+            requests.clone(),
+        );
+        registry.register(
+            "bulwark_request_duration_seconds",
+            "Request latency until the response headers, by direction and destination",
+            durations.clone(),
+        );
+        registry.register(
+            "bulwark_local_responses",
+            "Responses the agent made itself, by reason (x-bulwark-reason)",
+            local_responses.clone(),
+        );
+        registry.register(
+            "bulwark_retries",
+            "Retries sent (tries after the first)",
+            retries.clone(),
+        );
+        registry.register(
+            "bulwark_retries_recovered",
+            "Requests whose first try failed and a retry succeeded",
+            recovered.clone(),
+        );
+        registry.register(
+            "bulwark_retry_budget_exhausted",
+            "Retries not sent because the retry budget was spent",
+            budget_exhausted.clone(),
+        );
+        registry.register(
+            "bulwark_bulkhead_rejected",
+            "Requests rejected by a full bulkhead (queue full or queue timeout)",
+            bulkhead_rejected.clone(),
+        );
+        registry.register(
+            "bulwark_rate_limited",
+            "Inbound requests answered 429 by a rate limit",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "bulwark_passthrough_requests",
+            "Outbound requests to destinations outside the mesh, proxied without policy",
+            passthrough.clone(),
+        );
+        registry.register(
+            "bulwark_config_version",
+            "Version of the config in force",
+            config_version.clone(),
+        );
+        registry.register(
+            "bulwark_config_updates",
+            "Snapshots from the control plane, by result (ack or nack)",
+            config_updates.clone(),
+        );
+        registry.register_collector(Box::new(StateCollector { config }));
+        Self {
+            registry,
+            requests,
+            durations,
+            local_responses,
+            retries,
+            recovered,
+            budget_exhausted,
+            bulkhead_rejected,
+            rate_limited,
+            passthrough,
+            config_version,
+            config_updates,
+        }
+    }
+
+    /// Resolves the handles of one destination's request-path metrics.
+    pub fn destination(&self, direction: Direction, dst: &str) -> DstMetrics {
+        let base = || {
+            vec![
+                ("direction", direction.as_str().to_owned()),
+                ("dst", dst.to_owned()),
+            ]
+        };
+        let by_class = |class: &str| {
+            let mut l = base();
+            l.push(("status_class", class.to_owned()));
+            self.requests.get_or_create(&l).clone()
+        };
+        let dst_only = || vec![("dst", dst.to_owned())];
+        DstMetrics {
+            direction,
+            dst: dst.into(),
+            status: [
+                by_class("1xx"),
+                by_class("2xx"),
+                by_class("3xx"),
+                by_class("4xx"),
+                by_class("5xx"),
+            ],
+            duration: self.durations.get_or_create(&base()).clone(),
+            retries: self.retries.get_or_create(&dst_only()).clone(),
+            recovered: self.recovered.get_or_create(&dst_only()).clone(),
+            budget_exhausted: self.budget_exhausted.get_or_create(&dst_only()).clone(),
+            bulkhead_rejected: self.bulkhead_rejected.get_or_create(&dst_only()).clone(),
+            local_responses: self.local_responses.clone(),
+        }
+    }
+
+    /// Counts a 429 from one rate limit.
+    pub fn rate_limited(&self, policy: &str, limit: &str) {
+        self.rate_limited
+            .get_or_create(&vec![
+                ("policy", policy.to_owned()),
+                ("limit", limit.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Counts a request proxied without policy.
+    pub fn passthrough(&self) {
+        self.passthrough.inc();
+    }
+
+    /// Records the outcome of applying a snapshot.
+    pub fn config_update(&self, version: u64, acked: bool) {
+        let result = if acked { "ack" } else { "nack" };
+        self.config_updates
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+        if acked {
+            self.config_version
+                .set(i64::try_from(version).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Request-path metric handles of one destination (cheap clones of atomics).
+#[derive(Clone, Debug)]
+pub struct DstMetrics {
+    direction: Direction,
+    dst: Arc<str>,
+    status: [Counter; 5],
+    duration: Histogram,
+    retries: Counter,
+    recovered: Counter,
+    budget_exhausted: Counter,
+    bulkhead_rejected: Counter,
+    local_responses: Family<Labels, Counter>,
+}
+
+impl DstMetrics {
+    /// The destination label (`reviews.demo:80`).
+    pub fn dst(&self) -> &Arc<str> {
+        &self.dst
+    }
+
+    /// Records a finished request (response headers sent downstream).
+    pub fn response(&self, status: http::StatusCode, elapsed: std::time::Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.status[class].inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a response the agent made itself. Reasons are few, so the
+    /// family lookup here is rare and bounded.
+    pub fn local_response(&self, reason: &'static str) {
+        self.local_responses
+            .get_or_create(&vec![
+                ("direction", self.direction.as_str().to_owned()),
+                ("dst", self.dst.to_string()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+        if reason == crate::proxy::reason::BULKHEAD_FULL {
+            self.bulkhead_rejected.inc();
+        }
+    }
+
+    /// Counts one retry sent.
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+
+    /// Counts a request that succeeded after a failed try.
+    pub fn recovered(&self) {
+        self.recovered.inc();
+    }
+
+    /// Counts a retry the budget refused.
+    pub fn budget_exhausted(&self) {
+        self.budget_exhausted.inc();
+    }
+}
+
+/// Reads breaker and bulkhead state from the config in force at scrape time.
+struct StateCollector {
+    config: Arc<ArcSwap<Config>>,
+}
+
+impl fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let config = self.config.load();
+        {
+            let mut family = encoder.encode_descriptor(
+                "bulwark_breaker_state",
+                "Circuit breaker state per endpoint: 0 closed, 1 open, 2 half-open",
+                None,
+                MetricType::Gauge,
+            )?;
+            for dst in config.destinations() {
+                for ep in dst.balancer.endpoints() {
+                    let addr = ep.addr.to_string();
+                    let labels = [("dst", dst.name.as_ref()), ("endpoint", addr.as_str())];
+                    ConstGauge::new(ep.breaker.state().as_gauge())
+                        .encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "bulwark_breaker_trips",
+                "Times an endpoint's circuit breaker opened",
+                None,
+                MetricType::Counter,
+            )?;
+            for dst in config.destinations() {
+                for ep in dst.balancer.endpoints() {
+                    let addr = ep.addr.to_string();
+                    let labels = [("dst", dst.name.as_ref()), ("endpoint", addr.as_str())];
+                    ConstCounter::new(ep.breaker.trips()).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        for (name, help, read) in [
+            (
+                "bulwark_bulkhead_in_flight",
+                "Requests holding a bulkhead slot",
+                crate::bulkhead::Bulkhead::in_flight as fn(&crate::bulkhead::Bulkhead) -> usize,
+            ),
+            (
+                "bulwark_bulkhead_queued",
+                "Requests waiting for a bulkhead slot",
+                crate::bulkhead::Bulkhead::queued,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for dst in config.destinations() {
+                let labels = [("dst", dst.name.as_ref())];
+                let value = i64::try_from(read(&dst.bulkhead)).unwrap_or(i64::MAX);
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! The data plane: listeners, request forwarding, and the responses the agent makes itself.
+
+pub mod body;
+pub mod connector;
+pub mod forward;
+pub mod inbound;
+pub mod outbound;
+pub mod server;
+pub mod target;
+pub mod upstream;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+
+/// Any error a body may carry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response the proxy handles.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The header that says why the agent answered a request itself.
+pub const REASON_HEADER: &str = "x-bulwark-reason";
+
+/// Values of `x-bulwark-reason`.
+pub mod reason {
+    /// Every endpoint's circuit breaker is open.
+    pub const CIRCUIT_OPEN: &str = "circuit-open";
+    /// The destination's bulkhead queue is full, or the wait timed out.
+    pub const BULKHEAD_FULL: &str = "bulkhead-full";
+    /// The service has no ready endpoints.
+    pub const NO_ENDPOINTS: &str = "no-endpoints";
+    /// An inbound rate limit refused the request.
+    pub const RATE_LIMITED: &str = "rate-limited";
+    /// The request or a try ran out of time.
+    pub const TIMEOUT: &str = "timeout";
+    /// No connection to the endpoint could be made.
+    pub const CONNECT_FAILED: &str = "connect-failed";
+    /// The endpoint closed or reset the connection before answering.
+    pub const UPSTREAM_RESET: &str = "upstream-reset";
+    /// The request cannot be proxied (no destination, malformed target).
+    pub const BAD_REQUEST: &str = "bad-request";
+    /// The request targets the agent's own listener.
+    pub const LOOP_DETECTED: &str = "loop-detected";
+}
+
+/// Wraps a fixed body.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A response the agent makes itself, saying why in `x-bulwark-reason`.
+pub fn local_response(
+    status: StatusCode,
+    reason: &'static str,
+    retry_after: Option<Duration>,
+) -> Response<ProxyBody> {
+    let mut rsp = Response::new(full(format!("{reason}\n")));
+    *rsp.status_mut() = status;
+    let headers = rsp.headers_mut();
+    headers.insert(REASON_HEADER, HeaderValue::from_static(reason));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    if let Some(after) = retry_after {
+        // Retry-After takes whole seconds; round up so a client that obeys it succeeds.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    rsp
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
+const HOP_BY_HOP: [http::HeaderName; 7] = [
+    http::header::CONNECTION,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::HeaderName::from_static("keep-alive"),
+    http::header::HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes hop-by-hop headers, including those named by `Connection`. `TE: trailers`
+/// is kept because gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(http::header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_responses_say_why() {
+        let rsp = local_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            reason::RATE_LIMITED,
+            Some(Duration::from_millis(1500)),
+        );
+        assert_eq!(rsp.status(), 429);
+        assert_eq!(rsp.headers()[REASON_HEADER], "rate-limited");
+        assert_eq!(rsp.headers()[http::header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_headers() {
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-private").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-kept"], "1");
+    }
+}

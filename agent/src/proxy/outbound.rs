@@ -1,0 +1,155 @@
+//! The outbound listener: app → mesh. Finds the destination of each request
+//! and forwards it under the destination's policy, or passes it through.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::{Instrument, Span, debug, info_span};
+
+use super::target::{self, Target};
+use super::upstream::Upstream;
+use super::{ProxyBody, forward, local_response, reason, strip_hop_by_hop};
+use crate::config::Config;
+use crate::metrics::{Direction, DstMetrics, Metrics};
+use crate::telemetry::Propagation;
+
+/// Connect timeout for destinations outside the mesh.
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// State shared by every outbound connection.
+#[derive(Debug)]
+pub struct Outbound {
+    config: Arc<ArcSwap<Config>>,
+    metrics: Arc<Metrics>,
+    namespace: String,
+    listen: SocketAddr,
+    passthrough: Upstream,
+    passthrough_metrics: DstMetrics,
+    propagation: Propagation,
+}
+
+impl Outbound {
+    /// Outbound state for an agent in `namespace` listening on `listen`.
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        metrics: Arc<Metrics>,
+        namespace: String,
+        listen: SocketAddr,
+        propagation: Propagation,
+    ) -> Self {
+        let passthrough_metrics = metrics.destination(Direction::Outbound, "passthrough");
+        Self {
+            config,
+            metrics,
+            namespace,
+            listen,
+            passthrough: Upstream::new(PASSTHROUGH_CONNECT_TIMEOUT, None),
+            passthrough_metrics,
+            propagation,
+        }
+    }
+
+    /// Handles one request from the local app.
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        _peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let (dst, passthrough) = {
+            let (host, port) = match target::authority(&req) {
+                Ok(hp) => hp,
+                Err(error) => {
+                    debug!(%error, "outbound request without a usable destination");
+                    return local_response(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, None);
+                }
+            };
+            let target = target::classify(host, port);
+            if target.is_some_and(|t| self.is_self(t))
+                || host.eq_ignore_ascii_case("localhost") && port == self.listen.port()
+            {
+                return local_response(StatusCode::LOOP_DETECTED, reason::LOOP_DETECTED, None);
+            }
+            let config = self.config.load();
+            match target.and_then(|t| config.lookup(t, &self.namespace)) {
+                Some(dst) => (Some(Arc::clone(dst)), None),
+                None => (None, Authority::try_from(format!("{host}:{port}")).ok()),
+            }
+        };
+        if let Some(dst) = dst {
+            // A span per request only when spans are exported: it is what
+            // carries the trace to the upstream. Decision logs carry `dst` anyway.
+            let span = if self.propagation.enabled() {
+                let span = info_span!("outbound", dst = %dst.name);
+                self.propagation.propagate(&span, req.headers_mut());
+                span
+            } else {
+                Span::none()
+            };
+            return forward::forward(dst, req).instrument(span).await;
+        }
+        match passthrough {
+            Some(authority) => self.passthrough(req, authority).await,
+            None => local_response(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, None),
+        }
+    }
+
+    fn is_self(&self, target: Target<'_>) -> bool {
+        match target {
+            Target::Addr(addr) => {
+                addr.port() == self.listen.port()
+                    && (addr.ip() == self.listen.ip()
+                        || (self.listen.ip().is_unspecified() || self.listen.ip().is_loopback())
+                            && addr.ip().is_loopback())
+            }
+            Target::Name { .. } => false,
+        }
+    }
+
+    /// Forwards a request for a destination outside the mesh, untouched by policy.
+    async fn passthrough(
+        &self,
+        req: Request<Incoming>,
+        authority: Authority,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        self.metrics.passthrough();
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(uri).unwrap_or_default();
+        let http2 = parts.version == http::Version::HTTP_2;
+        let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+        let rsp = match self.passthrough.send(req, http2).await {
+            Ok(rsp) => {
+                let (mut head, body) = rsp.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                Response::from_parts(head, body.map_err(Into::into).boxed_unsync())
+            }
+            Err(error) => {
+                debug!(%error, "passthrough request failed");
+                self.passthrough_metrics
+                    .local_response(reason::CONNECT_FAILED);
+                local_response(StatusCode::BAD_GATEWAY, reason::CONNECT_FAILED, None)
+            }
+        };
+        self.passthrough_metrics
+            .response(rsp.status(), start.elapsed());
+        rsp
+    }
+}

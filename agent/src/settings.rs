@@ -1,0 +1,112 @@
+//! The agent's own settings: where it listens, who it is, where the control plane is.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Default outbound listener: apps point `HTTP_PROXY` at it.
+pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4140);
+/// Default admin listener (`/metrics`, `/ready`, `/config`).
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4191);
+
+/// The pod this agent serves, as told to the control plane.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod_name: String,
+    /// The pod's service account.
+    pub service_account: String,
+    /// The pod's labels (they select the Services the pod belongs to).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One inbound listener and the local app port it forwards to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct InboundSpec {
+    /// Where the listener binds.
+    pub listen: SocketAddr,
+    /// The app's port on `Settings::app_host`.
+    pub app_port: u16,
+}
+
+/// An `--inbound` value that is not `ADDR=PORT`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid inbound listener {0:?}: expected LISTEN_ADDR=APP_PORT, e.g. 0.0.0.0:4143=8080")]
+pub struct InvalidInbound(String);
+
+impl FromStr for InboundSpec {
+    type Err = InvalidInbound;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || InvalidInbound(s.to_owned());
+        let (listen, port) = s.split_once('=').ok_or_else(err)?;
+        Ok(Self {
+            listen: listen.trim().parse().map_err(|_| err())?,
+            app_port: port.trim().parse().map_err(|_| err())?,
+        })
+    }
+}
+
+/// Everything the agent needs to start; derives `Serialize` for the admin `/config` dump.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    /// The control plane's gRPC address, e.g. `http://bulwark-control-plane.bulwark:9990`.
+    pub control_plane: String,
+    /// Who this agent is.
+    pub identity: Identity,
+    /// The outbound (app → mesh) listener.
+    pub outbound_addr: SocketAddr,
+    /// Inbound (mesh → app) listeners.
+    pub inbounds: Vec<InboundSpec>,
+    /// The admin listener.
+    pub admin_addr: SocketAddr,
+    /// Where the local app listens.
+    pub app_host: IpAddr,
+    /// How long shutdown waits for in-flight requests.
+    #[serde(with = "humantime_ms")]
+    pub drain_timeout: Duration,
+}
+
+impl Settings {
+    /// Settings with the default ports for an agent of `identity`.
+    pub fn new(control_plane: impl Into<String>, identity: Identity) -> Self {
+        Self {
+            control_plane: control_plane.into(),
+            identity,
+            outbound_addr: DEFAULT_OUTBOUND,
+            inbounds: Vec::new(),
+            admin_addr: DEFAULT_ADMIN,
+            app_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serialises a duration as milliseconds for the admin dump.
+mod humantime_ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_inbound_specs() {
+        let spec: InboundSpec = "127.0.0.1:4143=8080".parse().unwrap();
+        assert_eq!(spec.listen, "127.0.0.1:4143".parse().unwrap());
+        assert_eq!(spec.app_port, 8080);
+        assert!("127.0.0.1:4143".parse::<InboundSpec>().is_err());
+        assert!("nonsense=80".parse::<InboundSpec>().is_err());
+        assert!("127.0.0.1:1=99999".parse::<InboundSpec>().is_err());
+    }
+}

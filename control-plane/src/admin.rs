@@ -1,0 +1,220 @@
+//! The admin HTTP server: `/metrics`, `/ready`, `/agents`, `/errors`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::agents::AgentRegistry;
+use crate::metrics::Metrics;
+use crate::source::RejectedObject;
+
+/// How long open admin connections may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the admin pages show.
+#[derive(Debug)]
+pub struct AdminState {
+    /// Metrics for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Agents for `/agents`.
+    pub agents: Arc<AgentRegistry>,
+    /// Rejected documents for `/errors`.
+    pub rejections: watch::Receiver<Arc<[RejectedObject]>>,
+    /// Set once the first load is done, for `/ready`.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Serves admin requests on `listener` until `shutdown` is set.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            _ = crate::stopped(&mut shutdown) => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        warn!(%error, "admin server cannot accept a connection");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let state = Arc::clone(&state);
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let response = route(&state, &request);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        debug!(%peer, %error, "admin connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        debug!("admin connections still open at shutdown; dropping them");
+    }
+}
+
+/// Answers one request.
+pub fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let known = matches!(path, "/metrics" | "/ready" | "/agents" | "/errors");
+    if known && !matches!(*request.method(), Method::GET | Method::HEAD) {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed\n");
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match path {
+        "/metrics" => with_type(StatusCode::OK, OPENMETRICS, state.metrics.encode()),
+        "/ready" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/ready" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first load of the source has not finished\n",
+        ),
+        "/agents" => json(&state.agents.list()),
+        "/errors" => {
+            let rejections = Arc::clone(&state.rejections.borrow());
+            json(&*rejections)
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /ready, /agents or /errors\n",
+        ),
+    }
+}
+
+fn with_type(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    with_type(status, "text/plain; charset=utf-8", body)
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            with_type(StatusCode::OK, "application/json", body)
+        }
+        Err(error) => {
+            warn!(%error, "cannot encode an admin page as JSON");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the page as JSON\n",
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timestamp::Timestamp;
+
+    fn state(ready: bool, rejected: Vec<RejectedObject>) -> AdminState {
+        let metrics = Arc::new(Metrics::new());
+        let (_, rejections) = watch::channel(Arc::from(rejected));
+        AdminState {
+            agents: Arc::new(AgentRegistry::new(Arc::clone(&metrics))),
+            metrics,
+            rejections,
+            ready: Arc::new(AtomicBool::new(ready)),
+        }
+    }
+
+    fn get(state: &AdminState, path: &str) -> (StatusCode, String) {
+        let request = Request::get(path).body(()).unwrap();
+        let response = route(state, &request);
+        let status = response.status();
+        let body =
+            futures::executor::block_on(http_body_util::BodyExt::collect(response.into_body()))
+                .unwrap()
+                .to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn ready_follows_the_first_load() {
+        assert_eq!(
+            get(&state(false, vec![]), "/ready").0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(get(&state(true, vec![]), "/ready").0, StatusCode::OK);
+    }
+
+    #[test]
+    fn errors_lists_rejected_documents() {
+        let rejected = RejectedObject {
+            file: "examples/policy.yaml".into(),
+            document: Some(1),
+            line: Some(12),
+            object: Some("ResiliencePolicy demo/reviews".into()),
+            path: "spec.retry.attempts".into(),
+            reason: "must be between 1 and 10".into(),
+            kept_previous: true,
+            since: Timestamp::now(),
+        };
+        let (status, body) = get(&state(true, vec![rejected]), "/errors");
+        assert_eq!(status, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json[0]["file"], "examples/policy.yaml");
+        assert_eq!(json[0]["document"], 1);
+        assert_eq!(json[0]["path"], "spec.retry.attempts");
+        assert_eq!(json[0]["kept_previous"], true);
+    }
+
+    #[test]
+    fn metrics_agents_and_unknown_paths() {
+        let s = state(true, vec![]);
+        let (status, body) = get(&s, "/metrics");
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("bulwark_cp_agents_connected 0"), "{body}");
+        assert_eq!(get(&s, "/agents"), (StatusCode::OK, "[]\n".to_owned()));
+        assert_eq!(get(&s, "/nope").0, StatusCode::NOT_FOUND);
+        let post = Request::post("/agents").body(()).unwrap();
+        assert_eq!(route(&s, &post).status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

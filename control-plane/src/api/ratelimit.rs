@@ -1,0 +1,328 @@
+//! `RateLimitPolicy` (`bulwark.io/v1alpha1`): token buckets enforced by the agents of
+//! the target's pods on inbound requests.
+
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use super::meta::ObjectMeta;
+use super::resilience::positive;
+use super::{FieldError, field, item, target};
+use crate::duration::Duration;
+use crate::model::policy as model;
+
+/// Longest limit name (it becomes a metric label).
+pub const MAX_LIMIT_NAME_LEN: usize = 63;
+
+/// A `RateLimitPolicy` object.
+#[derive(Clone, Debug, Deserialize)]
+pub struct RateLimitPolicy {
+    /// `metadata`.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// `spec`, required.
+    pub spec: Option<RateLimitPolicySpec>,
+}
+
+/// `spec` of a RateLimitPolicy.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitPolicySpec {
+    /// The Services (or ports) whose pods enforce the limits.
+    pub target_refs: Option<Vec<target::TargetRef>>,
+    /// The limits; a request must pass every one.
+    pub limits: Option<Vec<LimitSpec>>,
+}
+
+/// One entry of `spec.limits`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitSpec {
+    /// Unique within the policy.
+    pub name: Option<String>,
+    /// What gets its own bucket; one shared bucket when absent.
+    pub key: Option<KeySpec>,
+    /// Refill rate, required.
+    pub rate: Option<RateSpec>,
+    /// Bucket size; `rate.requests` when absent.
+    pub burst: Option<u32>,
+}
+
+/// `spec.limits[].key`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeySpec {
+    /// `None`, `ClientAddress` or `Header`; `None` when absent.
+    #[serde(rename = "type")]
+    pub kind: Option<KeyType>,
+    /// The header, for `type: Header`.
+    pub header: Option<String>,
+}
+
+/// `spec.limits[].key.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum KeyType {
+    /// One bucket for everyone.
+    None,
+    /// One bucket per client IP address.
+    ClientAddress,
+    /// One bucket per value of a request header.
+    Header,
+}
+
+/// `spec.limits[].rate`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateSpec {
+    /// Tokens added per `per`, at least 1.
+    pub requests: Option<u32>,
+    /// The period, more than zero.
+    pub per: Option<Duration>,
+}
+
+impl TryFrom<RateLimitPolicy> for model::RateLimitPolicy {
+    type Error = FieldError;
+
+    fn try_from(policy: RateLimitPolicy) -> Result<Self, FieldError> {
+        let name = policy.metadata.object_name()?;
+        let spec = policy.spec.ok_or_else(|| FieldError::required("spec"))?;
+        let targets = target::validate(spec.target_refs, "spec.targetRefs")?;
+        let limits = spec.limits.unwrap_or_default();
+        if limits.is_empty() {
+            return Err(FieldError::new(
+                "spec.limits",
+                "must hold at least one limit",
+            ));
+        }
+        let mut validated: Vec<model::Limit> = Vec::with_capacity(limits.len());
+        for (i, limit) in limits.into_iter().enumerate() {
+            let path = item("spec.limits", i);
+            let limit = limit.validate(&path)?;
+            if validated.iter().any(|l| l.name == limit.name) {
+                return Err(FieldError::new(
+                    field(&path, "name"),
+                    format!(
+                        "duplicate limit name {:?}: names must be unique within a policy",
+                        limit.name
+                    ),
+                ));
+            }
+            validated.push(limit);
+        }
+        Ok(model::RateLimitPolicy {
+            name,
+            created: policy.metadata.creation_timestamp,
+            targets,
+            limits: validated,
+        })
+    }
+}
+
+impl LimitSpec {
+    fn validate(self, path: &str) -> Result<model::Limit, FieldError> {
+        let name = match self.name {
+            Some(name) if !name.is_empty() => name,
+            _ => return Err(FieldError::required(field(path, "name"))),
+        };
+        if name.len() > MAX_LIMIT_NAME_LEN {
+            return Err(FieldError::new(
+                field(path, "name"),
+                format!("must be at most {MAX_LIMIT_NAME_LEN} characters"),
+            ));
+        }
+        let key = match self.key {
+            None => model::LimitKey::None,
+            Some(key) => key.validate(&field(path, "key"))?,
+        };
+        let rate_path = field(path, "rate");
+        let rate = self.rate.ok_or_else(|| FieldError::required(&rate_path))?;
+        let requests = match rate.requests {
+            None => return Err(FieldError::required(field(&rate_path, "requests"))),
+            Some(0) => {
+                return Err(FieldError::new(
+                    field(&rate_path, "requests"),
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => n,
+        };
+        let per = positive(rate.per, &rate_path, "per")?
+            .ok_or_else(|| FieldError::required(field(&rate_path, "per")))?;
+        let burst = self.burst.unwrap_or(requests);
+        if burst == 0 {
+            return Err(FieldError::new(
+                field(path, "burst"),
+                "must be at least 1, or no request could ever pass",
+            ));
+        }
+        Ok(model::Limit {
+            name,
+            key,
+            requests,
+            per,
+            burst,
+        })
+    }
+}
+
+impl KeySpec {
+    fn validate(self, path: &str) -> Result<model::LimitKey, FieldError> {
+        let header_path = field(path, "header");
+        match (self.kind.unwrap_or(KeyType::None), self.header) {
+            (KeyType::Header, None) => {
+                Err(FieldError::new(header_path, "required when type is Header"))
+            }
+            (KeyType::Header, Some(header)) => {
+                let valid = http::HeaderName::from_str(&header).is_ok()
+                    && !header.bytes().any(|b| b.is_ascii_uppercase());
+                if valid {
+                    Ok(model::LimitKey::Header(header))
+                } else {
+                    Err(FieldError::new(
+                        header_path,
+                        format!("{header:?} is not a valid lowercase HTTP header name"),
+                    ))
+                }
+            }
+            (kind, Some(_)) => Err(FieldError::new(
+                header_path,
+                format!("only allowed when type is Header, not {kind:?}"),
+            )),
+            (KeyType::None, None) => Ok(model::LimitKey::None),
+            (KeyType::ClientAddress, None) => Ok(model::LimitKey::ClientAddress),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration as StdDuration;
+
+    fn policy(spec: &str) -> Result<model::RateLimitPolicy, FieldError> {
+        let yaml = format!(
+            "metadata: {{name: fe, namespace: demo}}\n\
+             spec:\n  targetRefs: [{{kind: Service, name: frontend}}]\n{spec}"
+        );
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        let typed: RateLimitPolicy = serde_path_to_error::deserialize(value)
+            .map_err(|e| FieldError::new(e.path().to_string(), e.into_inner().to_string()))?;
+        typed.try_into()
+    }
+
+    #[test]
+    fn defaults_key_none_and_burst_equal_to_rate() {
+        let p = policy("  limits: [{name: total, rate: {requests: 7, per: 1s}}]\n").unwrap();
+        assert_eq!(
+            p.limits,
+            vec![model::Limit {
+                name: "total".into(),
+                key: model::LimitKey::None,
+                requests: 7,
+                per: StdDuration::from_secs(1),
+                burst: 7
+            }]
+        );
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let p = policy(
+            "  limits:\n\
+             \x20   - {name: a, key: {type: Header, header: x-tenant-id}, rate: {requests: 1, per: 1s}, burst: 3}\n\
+             \x20   - {name: b, key: {type: ClientAddress}, rate: {requests: 1, per: 1m}}\n\
+             \x20   - {name: c, key: {}, rate: {requests: 1, per: 1s}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.limits[0].key,
+            model::LimitKey::Header("x-tenant-id".into())
+        );
+        assert_eq!(p.limits[0].burst, 3);
+        assert_eq!(p.limits[1].key, model::LimitKey::ClientAddress);
+        assert_eq!(p.limits[1].per, StdDuration::from_secs(60));
+        assert_eq!(p.limits[2].key, model::LimitKey::None);
+    }
+
+    #[test]
+    fn each_validation_rule_names_its_path_and_reason() {
+        let ok_rate = "rate: {requests: 1, per: 1s}";
+        let cases = [
+            (
+                "  limits: []\n".to_owned(),
+                "spec.limits: must hold at least one limit",
+            ),
+            (
+                format!("  limits: [{{{ok_rate}}}]\n"),
+                "spec.limits[0].name: required",
+            ),
+            (
+                format!("  limits: [{{name: a, {ok_rate}}}, {{name: a, {ok_rate}}}]\n"),
+                "spec.limits[1].name: duplicate limit name \"a\"",
+            ),
+            (
+                "  limits: [{name: a}]\n".to_owned(),
+                "spec.limits[0].rate: required",
+            ),
+            (
+                "  limits: [{name: a, rate: {per: 1s}}]\n".to_owned(),
+                "spec.limits[0].rate.requests: required",
+            ),
+            (
+                "  limits: [{name: a, rate: {requests: 0, per: 1s}}]\n".to_owned(),
+                "spec.limits[0].rate.requests: must be at least 1",
+            ),
+            (
+                "  limits: [{name: a, rate: {requests: 1}}]\n".to_owned(),
+                "spec.limits[0].rate.per: required",
+            ),
+            (
+                "  limits: [{name: a, rate: {requests: 1, per: 0s}}]\n".to_owned(),
+                "spec.limits[0].rate.per: must be greater than 0",
+            ),
+            (
+                format!("  limits: [{{name: a, burst: 0, {ok_rate}}}]\n"),
+                "spec.limits[0].burst: must be at least 1",
+            ),
+            (
+                format!("  limits: [{{name: a, key: {{type: Header}}, {ok_rate}}}]\n"),
+                "spec.limits[0].key.header: required when type is Header",
+            ),
+            (
+                format!(
+                    "  limits: [{{name: a, key: {{type: Header, header: X-Tenant}}, {ok_rate}}}]\n"
+                ),
+                "spec.limits[0].key.header: \"X-Tenant\" is not a valid lowercase HTTP header name",
+            ),
+            (
+                format!(
+                    "  limits: [{{name: a, key: {{type: Header, header: 'x tenant'}}, {ok_rate}}}]\n"
+                ),
+                "spec.limits[0].key.header: \"x tenant\" is not a valid lowercase HTTP header name",
+            ),
+            (
+                format!("  limits: [{{name: a, key: {{type: None, header: x-a}}, {ok_rate}}}]\n"),
+                "spec.limits[0].key.header: only allowed when type is Header",
+            ),
+            (
+                format!("  limits: [{{name: a, key: {{type: Cookie}}, {ok_rate}}}]\n"),
+                "spec.limits[0].key.type: unknown variant `Cookie`",
+            ),
+            (
+                format!("  limits: [{{name: a, perSecond: 3, {ok_rate}}}]\n"),
+                "spec.limits[0].perSecond: unknown field `perSecond`, expected one of `name`",
+            ),
+            (
+                "  limit: []\n".to_owned(),
+                "spec.limit: unknown field `limit`",
+            ),
+        ];
+        for (spec, expected) in cases {
+            let got = policy(&spec).unwrap_err().to_string();
+            assert!(
+                got.starts_with(expected),
+                "for {spec:?}\n  got:      {got}\n  expected: {expected}"
+            );
+        }
+    }
+}

@@ -1,0 +1,885 @@
+//! `ResiliencePolicy` (`bulwark.io/v1alpha1`): how callers treat a service. Defaults
+//! are applied here, so that the model and the wire carry exact values.
+
+use std::time::Duration as StdDuration;
+
+use serde::Deserialize;
+
+use super::grpc_code::GrpcCode;
+use super::meta::ObjectMeta;
+use super::{FieldError, field, item, target};
+use crate::duration::Duration;
+use crate::model::policy::{self as model, RetryOn};
+
+/// Default `retry.attempts`: tries in all, the first included.
+pub const DEFAULT_ATTEMPTS: u32 = 3;
+/// Largest `retry.attempts`.
+pub const MAX_ATTEMPTS: u32 = 10;
+/// Default `retry.backoff.base`.
+pub const DEFAULT_BACKOFF_BASE: StdDuration = StdDuration::from_millis(25);
+/// Default `retry.backoff.max`.
+pub const DEFAULT_BACKOFF_MAX: StdDuration = StdDuration::from_millis(250);
+/// Default `retry.retryOn`.
+pub const DEFAULT_RETRY_ON: [RetryOn; 3] = [
+    RetryOn::ConnectFailure,
+    RetryOn::Reset,
+    RetryOn::GatewayError,
+];
+/// Default `retry.budget.ratio`.
+pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
+/// Largest `retry.budget.ratio`.
+pub const MAX_BUDGET_RATIO: f64 = 1000.0;
+/// Default `retry.budget.minPerSecond`.
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// Default `retry.budget.window`.
+pub const DEFAULT_BUDGET_WINDOW: StdDuration = StdDuration::from_secs(10);
+/// Default `retry.maxBodyBytes`.
+pub const DEFAULT_MAX_BODY_BYTES: u32 = 64 * 1024;
+/// Default `circuitBreaker.consecutiveFailures`.
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// Default `circuitBreaker.failureRatio.minRequests`.
+pub const DEFAULT_RATIO_MIN_REQUESTS: u32 = 20;
+/// Default `circuitBreaker.failureRatio.window`.
+pub const DEFAULT_RATIO_WINDOW: StdDuration = StdDuration::from_secs(10);
+/// Default `circuitBreaker.openDuration`.
+pub const DEFAULT_OPEN_DURATION: StdDuration = StdDuration::from_secs(5);
+/// Default `circuitBreaker.maxOpenDuration`.
+pub const DEFAULT_MAX_OPEN_DURATION: StdDuration = StdDuration::from_secs(60);
+/// Default `circuitBreaker.halfOpenProbes`.
+pub const DEFAULT_HALF_OPEN_PROBES: u32 = 1;
+/// Default `bulkhead.maxConcurrentRequests`.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: u32 = 100;
+/// Default `bulkhead.maxPending`.
+pub const DEFAULT_MAX_PENDING: u32 = 50;
+/// Default `bulkhead.queueTimeout`.
+pub const DEFAULT_QUEUE_TIMEOUT: StdDuration = StdDuration::from_millis(250);
+/// Default `bulkhead.maxConnections` (0: unlimited).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 0;
+
+/// A `ResiliencePolicy` object.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ResiliencePolicy {
+    /// `metadata`.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// `spec`, required.
+    pub spec: Option<ResiliencePolicySpec>,
+}
+
+/// `spec` of a ResiliencePolicy.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResiliencePolicySpec {
+    /// The Services (or ports) the policy applies to.
+    pub target_refs: Option<Vec<target::TargetRef>>,
+    /// Request and connect timeouts.
+    pub timeout: Option<TimeoutSpec>,
+    /// Retries.
+    pub retry: Option<RetrySpec>,
+    /// Per-endpoint circuit breaker.
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// Per-destination concurrency limit.
+    pub bulkhead: Option<BulkheadSpec>,
+    /// Endpoint selection.
+    pub load_balancer: Option<LoadBalancerSpec>,
+}
+
+/// `spec.timeout`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TimeoutSpec {
+    /// The whole request, every try and backoff included. Absent: no limit.
+    pub request: Option<Duration>,
+    /// TCP connect to one endpoint. Absent: 1s.
+    pub connect: Option<Duration>,
+}
+
+/// `spec.retry`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Tries in all, the first included.
+    pub attempts: Option<u32>,
+    /// Limit for each try.
+    pub per_try_timeout: Option<Duration>,
+    /// Backoff between tries.
+    pub backoff: Option<BackoffSpec>,
+    /// Conditions that are retried.
+    pub retry_on: Option<Vec<RetryOnSpec>>,
+    /// HTTP statuses that are retried too.
+    pub status_codes: Option<Vec<u32>>,
+    /// gRPC statuses that are retried.
+    pub grpc_codes: Option<Vec<GrpcCode>>,
+    /// Retry POST, PATCH and other non-idempotent methods too.
+    pub non_idempotent: Option<bool>,
+    /// Limits retries relative to live traffic.
+    pub budget: Option<BudgetSpec>,
+    /// Request bodies up to this size are buffered for replay.
+    pub max_body_bytes: Option<u32>,
+}
+
+/// A `retryOn` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum RetryOnSpec {
+    /// The connection to the endpoint failed.
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// The connection was reset.
+    #[serde(rename = "reset")]
+    Reset,
+    /// Any 5xx.
+    #[serde(rename = "5xx")]
+    Status5xx,
+    /// 502, 503, 504.
+    #[serde(rename = "gateway-error")]
+    GatewayError,
+}
+
+impl From<RetryOnSpec> for RetryOn {
+    fn from(r: RetryOnSpec) -> Self {
+        match r {
+            RetryOnSpec::ConnectFailure => RetryOn::ConnectFailure,
+            RetryOnSpec::Reset => RetryOn::Reset,
+            RetryOnSpec::Status5xx => RetryOn::Status5xx,
+            RetryOnSpec::GatewayError => RetryOn::GatewayError,
+        }
+    }
+}
+
+/// `spec.retry.backoff`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackoffSpec {
+    /// The first wait's upper bound.
+    pub base: Option<Duration>,
+    /// The cap on any wait.
+    pub max: Option<Duration>,
+}
+
+/// `spec.retry.budget`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BudgetSpec {
+    /// Retries per request over the window.
+    pub ratio: Option<f64>,
+    /// Retries always allowed per second.
+    pub min_per_second: Option<u32>,
+    /// The window the ratio is measured over.
+    pub window: Option<Duration>,
+}
+
+/// `spec.circuitBreaker`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    /// Trip after this many consecutive failures.
+    pub consecutive_failures: Option<u32>,
+    /// Trip on a failure ratio.
+    pub failure_ratio: Option<FailureRatioSpec>,
+    /// First open period.
+    pub open_duration: Option<Duration>,
+    /// Cap of the doubling open period.
+    pub max_open_duration: Option<Duration>,
+    /// Probes let through after the open period.
+    pub half_open_probes: Option<u32>,
+}
+
+/// `spec.circuitBreaker.failureRatio`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailureRatioSpec {
+    /// Trip at this failure ratio, in (0, 1]. Required.
+    pub threshold: Option<f64>,
+    /// Requests needed in the window.
+    pub min_requests: Option<u32>,
+    /// The measuring window.
+    pub window: Option<Duration>,
+}
+
+/// `spec.bulkhead`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkheadSpec {
+    /// Requests in flight at once (0: unlimited).
+    pub max_concurrent_requests: Option<u32>,
+    /// Requests waiting for a slot.
+    pub max_pending: Option<u32>,
+    /// How long a request may wait for a slot.
+    pub queue_timeout: Option<Duration>,
+    /// Upstream connections at once (0: unlimited).
+    pub max_connections: Option<u32>,
+}
+
+/// `spec.loadBalancer`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSpec {
+    /// The strategy; `LeastRequest` when absent.
+    pub strategy: Option<StrategySpec>,
+}
+
+/// `spec.loadBalancer.strategy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum StrategySpec {
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+    /// Rotate through endpoints.
+    RoundRobin,
+}
+
+impl TryFrom<ResiliencePolicy> for model::ResiliencePolicy {
+    type Error = FieldError;
+
+    fn try_from(policy: ResiliencePolicy) -> Result<Self, FieldError> {
+        let name = policy.metadata.object_name()?;
+        let spec = policy.spec.ok_or_else(|| FieldError::required("spec"))?;
+        Ok(model::ResiliencePolicy {
+            name,
+            created: policy.metadata.creation_timestamp,
+            targets: target::validate(spec.target_refs, "spec.targetRefs")?,
+            timeout: spec
+                .timeout
+                .map(|t| t.validate("spec.timeout"))
+                .transpose()?,
+            retry: spec.retry.map(|r| r.validate("spec.retry")).transpose()?,
+            circuit_breaker: spec
+                .circuit_breaker
+                .map(|c| c.validate("spec.circuitBreaker"))
+                .transpose()?,
+            bulkhead: spec.bulkhead.map(|b| b.validate("spec.bulkhead")),
+            load_balancer: spec.load_balancer.map(|lb| model::LoadBalancer {
+                strategy: match lb.strategy {
+                    None | Some(StrategySpec::LeastRequest) => model::Strategy::LeastRequest,
+                    Some(StrategySpec::RoundRobin) => model::Strategy::RoundRobin,
+                },
+            }),
+        })
+    }
+}
+
+/// A duration that must be more than zero, where present.
+pub(crate) fn positive(
+    value: Option<Duration>,
+    path: &str,
+    name: &str,
+) -> Result<Option<StdDuration>, FieldError> {
+    match value {
+        Some(d) if d.is_zero() => Err(FieldError::new(field(path, name), "must be greater than 0")),
+        other => Ok(other.map(Duration::as_std)),
+    }
+}
+
+fn show(d: StdDuration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A lower bound and an upper bound with defaults: a default never contradicts an
+/// explicit value (an explicit `base: 1s` lifts the default `max` to 1s), so only two
+/// explicit, inconsistent values are an error.
+fn ordered_pair(
+    path: &str,
+    (low_name, low, low_default): (&str, Option<StdDuration>, StdDuration),
+    (high_name, high, high_default): (&str, Option<StdDuration>, StdDuration),
+) -> Result<(StdDuration, StdDuration), FieldError> {
+    match (low, high) {
+        (Some(low), Some(high)) if low > high => Err(FieldError::new(
+            path,
+            format!(
+                "{low_name} ({}) must not exceed {high_name} ({})",
+                show(low),
+                show(high)
+            ),
+        )),
+        (Some(low), Some(high)) => Ok((low, high)),
+        (Some(low), None) => Ok((low, high_default.max(low))),
+        (None, Some(high)) => Ok((low_default.min(high), high)),
+        (None, None) => Ok((low_default, high_default)),
+    }
+}
+
+impl TimeoutSpec {
+    fn validate(self, path: &str) -> Result<model::Timeouts, FieldError> {
+        Ok(model::Timeouts {
+            request: positive(self.request, path, "request")?,
+            connect: positive(self.connect, path, "connect")?,
+        })
+    }
+}
+
+impl RetrySpec {
+    fn validate(self, path: &str) -> Result<model::Retry, FieldError> {
+        let attempts = self.attempts.unwrap_or(DEFAULT_ATTEMPTS);
+        if !(1..=MAX_ATTEMPTS).contains(&attempts) {
+            return Err(FieldError::new(
+                field(path, "attempts"),
+                format!(
+                    "must be between 1 and {MAX_ATTEMPTS} (tries in all, the first included), \
+                     got {attempts}"
+                ),
+            ));
+        }
+        let per_try_timeout = positive(self.per_try_timeout, path, "perTryTimeout")?;
+        let backoff_path = field(path, "backoff");
+        let (base, max) = match self.backoff {
+            Some(b) => ordered_pair(
+                &backoff_path,
+                (
+                    "base",
+                    positive(b.base, &backoff_path, "base")?,
+                    DEFAULT_BACKOFF_BASE,
+                ),
+                (
+                    "max",
+                    positive(b.max, &backoff_path, "max")?,
+                    DEFAULT_BACKOFF_MAX,
+                ),
+            )?,
+            None => (DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX),
+        };
+
+        let retry_on = match self.retry_on {
+            None => DEFAULT_RETRY_ON.to_vec(),
+            Some(list) => {
+                let list: Vec<RetryOn> = list.into_iter().map(RetryOn::from).collect();
+                unique(&list, &field(path, "retryOn"), |r| r.as_str().to_owned())?;
+                list
+            }
+        };
+
+        let status_path = field(path, "statusCodes");
+        let mut status_codes = Vec::new();
+        for (i, code) in self
+            .status_codes
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            match u16::try_from(code) {
+                Ok(code) if (100..=599).contains(&code) => status_codes.push(code),
+                _ => {
+                    return Err(FieldError::new(
+                        item(&status_path, i),
+                        format!("must be an HTTP status between 100 and 599, got {code}"),
+                    ));
+                }
+            }
+        }
+        unique(&status_codes, &status_path, u16::to_string)?;
+
+        let grpc_path = field(path, "grpcCodes");
+        let grpc = self.grpc_codes.unwrap_or_default();
+        if let Some(i) = grpc.iter().position(|c| c.code() == 0) {
+            return Err(FieldError::new(
+                item(&grpc_path, i),
+                "ok (0) is success and cannot be retried",
+            ));
+        }
+        unique(&grpc, &grpc_path, GrpcCode::to_string)?;
+
+        let budget_path = field(path, "budget");
+        let budget = match self.budget {
+            None => model::RetryBudget {
+                ratio: DEFAULT_BUDGET_RATIO,
+                min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
+                window: DEFAULT_BUDGET_WINDOW,
+            },
+            Some(b) => {
+                let ratio = b.ratio.unwrap_or(DEFAULT_BUDGET_RATIO);
+                if !(0.0..=MAX_BUDGET_RATIO).contains(&ratio) {
+                    return Err(FieldError::new(
+                        field(&budget_path, "ratio"),
+                        format!(
+                            "must be between 0 and {MAX_BUDGET_RATIO} (retries per request), \
+                             got {ratio}"
+                        ),
+                    ));
+                }
+                model::RetryBudget {
+                    ratio,
+                    min_per_second: b.min_per_second.unwrap_or(DEFAULT_BUDGET_MIN_PER_SECOND),
+                    window: positive(b.window, &budget_path, "window")?
+                        .unwrap_or(DEFAULT_BUDGET_WINDOW),
+                }
+            }
+        };
+
+        let max_body_bytes = self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            return Err(FieldError::new(
+                field(path, "maxBodyBytes"),
+                "must be at least 1 (requests with larger bodies are sent once, never retried)",
+            ));
+        }
+
+        Ok(model::Retry {
+            attempts,
+            per_try_timeout,
+            backoff: model::Backoff { base, max },
+            retry_on,
+            status_codes,
+            grpc_codes: grpc.into_iter().map(GrpcCode::code).collect(),
+            non_idempotent: self.non_idempotent.unwrap_or(false),
+            budget,
+            max_body_bytes,
+        })
+    }
+}
+
+/// Rejects a list with a repeated value, naming the repeat's index.
+fn unique<T: PartialEq>(
+    list: &[T],
+    path: &str,
+    show: impl Fn(&T) -> String,
+) -> Result<(), FieldError> {
+    for (i, value) in list.iter().enumerate() {
+        if list[..i].contains(value) {
+            return Err(FieldError::new(
+                item(path, i),
+                format!("duplicate value {}", show(value)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl CircuitBreakerSpec {
+    fn validate(self, path: &str) -> Result<model::CircuitBreaker, FieldError> {
+        let failure_ratio = self
+            .failure_ratio
+            .map(|r| r.validate(&field(path, "failureRatio")))
+            .transpose()?;
+        let consecutive_failures = self
+            .consecutive_failures
+            .unwrap_or(DEFAULT_CONSECUTIVE_FAILURES);
+        if consecutive_failures == 0 && failure_ratio.is_none() {
+            return Err(FieldError::new(
+                field(path, "consecutiveFailures"),
+                "0 disables the consecutive-failures trigger and there is no failureRatio, \
+                 so the breaker could never open; remove the circuitBreaker section instead",
+            ));
+        }
+        let (open_duration, max_open_duration) = ordered_pair(
+            path,
+            (
+                "openDuration",
+                positive(self.open_duration, path, "openDuration")?,
+                DEFAULT_OPEN_DURATION,
+            ),
+            (
+                "maxOpenDuration",
+                positive(self.max_open_duration, path, "maxOpenDuration")?,
+                DEFAULT_MAX_OPEN_DURATION,
+            ),
+        )?;
+        let half_open_probes = self.half_open_probes.unwrap_or(DEFAULT_HALF_OPEN_PROBES);
+        if half_open_probes == 0 {
+            return Err(FieldError::new(
+                field(path, "halfOpenProbes"),
+                "must be at least 1, or the breaker would never close again",
+            ));
+        }
+        Ok(model::CircuitBreaker {
+            consecutive_failures,
+            failure_ratio,
+            open_duration,
+            max_open_duration,
+            half_open_probes,
+        })
+    }
+}
+
+impl FailureRatioSpec {
+    fn validate(self, path: &str) -> Result<model::FailureRatio, FieldError> {
+        let threshold = self
+            .threshold
+            .ok_or_else(|| FieldError::required(field(path, "threshold")))?;
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            return Err(FieldError::new(
+                field(path, "threshold"),
+                format!(
+                    "must be more than 0 and at most 1 (a fraction of requests), got {threshold}"
+                ),
+            ));
+        }
+        let min_requests = self.min_requests.unwrap_or(DEFAULT_RATIO_MIN_REQUESTS);
+        if min_requests == 0 {
+            return Err(FieldError::new(
+                field(path, "minRequests"),
+                "must be at least 1",
+            ));
+        }
+        Ok(model::FailureRatio {
+            threshold,
+            min_requests,
+            window: positive(self.window, path, "window")?.unwrap_or(DEFAULT_RATIO_WINDOW),
+        })
+    }
+}
+
+impl BulkheadSpec {
+    fn validate(self, _path: &str) -> model::Bulkhead {
+        model::Bulkhead {
+            max_concurrent_requests: self
+                .max_concurrent_requests
+                .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS),
+            max_pending: self.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
+            // Zero is meaningful: never wait, reject as soon as every slot is taken.
+            queue_timeout: self
+                .queue_timeout
+                .map_or(DEFAULT_QUEUE_TIMEOUT, Duration::as_std),
+            max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ObjectName;
+
+    const HEAD: &str = "metadata: {name: p, namespace: demo}\n";
+
+    fn policy(spec: &str) -> Result<model::ResiliencePolicy, FieldError> {
+        let yaml = format!("{HEAD}spec:\n  targetRefs: [{{kind: Service, name: reviews}}]\n{spec}");
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        let typed: ResiliencePolicy = serde_path_to_error::deserialize(value)
+            .map_err(|e| FieldError::new(e.path().to_string(), e.into_inner().to_string()))?;
+        typed.try_into()
+    }
+
+    fn error(spec: &str) -> String {
+        policy(spec).unwrap_err().to_string()
+    }
+
+    fn ms(n: u64) -> StdDuration {
+        StdDuration::from_millis(n)
+    }
+
+    #[test]
+    fn absent_sections_stay_absent() {
+        let p = policy("").unwrap();
+        assert_eq!(p.name, ObjectName::new("demo", "p"));
+        assert!(p.timeout.is_none() && p.retry.is_none() && p.circuit_breaker.is_none());
+        assert!(p.bulkhead.is_none() && p.load_balancer.is_none());
+    }
+
+    #[test]
+    fn empty_sections_get_every_default() {
+        let p = policy(
+            "  timeout: {}\n  retry: {}\n  circuitBreaker: {}\n  bulkhead: {}\n  loadBalancer: {}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.timeout,
+            Some(model::Timeouts {
+                request: None,
+                connect: None
+            })
+        );
+        let retry = p.retry.unwrap();
+        assert_eq!(retry.attempts, 3);
+        assert_eq!(retry.per_try_timeout, None);
+        assert_eq!(
+            retry.backoff,
+            model::Backoff {
+                base: ms(25),
+                max: ms(250)
+            }
+        );
+        assert_eq!(
+            retry.retry_on,
+            vec![
+                RetryOn::ConnectFailure,
+                RetryOn::Reset,
+                RetryOn::GatewayError
+            ]
+        );
+        assert!(retry.status_codes.is_empty() && retry.grpc_codes.is_empty());
+        assert!(!retry.non_idempotent);
+        assert_eq!(
+            retry.budget,
+            model::RetryBudget {
+                ratio: 0.2,
+                min_per_second: 10,
+                window: ms(10_000)
+            }
+        );
+        assert_eq!(retry.max_body_bytes, 65_536);
+        let cb = p.circuit_breaker.unwrap();
+        assert_eq!(cb.consecutive_failures, 5);
+        assert_eq!(cb.failure_ratio, None);
+        assert_eq!(
+            (cb.open_duration, cb.max_open_duration),
+            (ms(5_000), ms(60_000))
+        );
+        assert_eq!(cb.half_open_probes, 1);
+        assert_eq!(
+            p.bulkhead,
+            Some(model::Bulkhead {
+                max_concurrent_requests: 100,
+                max_pending: 50,
+                queue_timeout: ms(250),
+                max_connections: 0
+            })
+        );
+        assert_eq!(
+            p.load_balancer.unwrap().strategy,
+            model::Strategy::LeastRequest
+        );
+    }
+
+    #[test]
+    fn explicit_values_are_kept() {
+        let p = policy(
+            "  timeout: {request: 2s, connect: 250ms}\n\
+             \x20 retry:\n    attempts: 2\n    perTryTimeout: 500ms\n    backoff: {base: 10ms, max: 1s}\n\
+             \x20   retryOn: [5xx]\n    statusCodes: [500, 429]\n    grpcCodes: [unavailable, 8]\n\
+             \x20   nonIdempotent: true\n    budget: {ratio: 0.5, minPerSecond: 0, window: 1m}\n\
+             \x20   maxBodyBytes: 1024\n\
+             \x20 circuitBreaker:\n    consecutiveFailures: 0\n    failureRatio: {threshold: 0.5}\n\
+             \x20 loadBalancer: {strategy: RoundRobin}\n",
+        )
+        .unwrap();
+        assert_eq!(p.timeout.unwrap().request, Some(ms(2_000)));
+        let r = p.retry.unwrap();
+        assert_eq!(r.attempts, 2);
+        assert_eq!(r.per_try_timeout, Some(ms(500)));
+        assert_eq!(
+            r.backoff,
+            model::Backoff {
+                base: ms(10),
+                max: ms(1_000)
+            }
+        );
+        assert_eq!(r.retry_on, vec![RetryOn::Status5xx]);
+        assert_eq!(r.status_codes, vec![500, 429]);
+        assert_eq!(r.grpc_codes, vec![14, 8]);
+        assert!(r.non_idempotent);
+        assert_eq!(r.budget.min_per_second, 0);
+        assert_eq!(r.budget.window, ms(60_000));
+        assert_eq!(r.max_body_bytes, 1024);
+        let cb = p.circuit_breaker.unwrap();
+        assert_eq!(cb.consecutive_failures, 0);
+        assert_eq!(
+            cb.failure_ratio,
+            Some(model::FailureRatio {
+                threshold: 0.5,
+                min_requests: 20,
+                window: ms(10_000)
+            })
+        );
+        assert_eq!(
+            p.load_balancer.unwrap().strategy,
+            model::Strategy::RoundRobin
+        );
+    }
+
+    #[test]
+    fn defaults_never_contradict_explicit_bounds() {
+        let r = policy("  retry: {backoff: {base: 1s}}\n")
+            .unwrap()
+            .retry
+            .unwrap();
+        assert_eq!(
+            r.backoff,
+            model::Backoff {
+                base: ms(1_000),
+                max: ms(1_000)
+            }
+        );
+        let r = policy("  retry: {backoff: {max: 10ms}}\n")
+            .unwrap()
+            .retry
+            .unwrap();
+        assert_eq!(
+            r.backoff,
+            model::Backoff {
+                base: ms(10),
+                max: ms(10)
+            }
+        );
+        let cb = policy("  circuitBreaker: {openDuration: 90s}\n")
+            .unwrap()
+            .circuit_breaker
+            .unwrap();
+        assert_eq!(
+            (cb.open_duration, cb.max_open_duration),
+            (ms(90_000), ms(90_000))
+        );
+    }
+
+    #[test]
+    fn each_validation_rule_names_its_path_and_reason() {
+        let cases = [
+            (
+                "  retry: {attempts: 0}\n",
+                "spec.retry.attempts: must be between 1 and 10",
+            ),
+            (
+                "  retry: {attempts: 11}\n",
+                "spec.retry.attempts: must be between 1 and 10",
+            ),
+            (
+                "  retry: {attempts: -1}\n",
+                "spec.retry.attempts: invalid value: integer `-1`",
+            ),
+            (
+                "  retry: {backoff: {base: 2s, max: 1s}}\n",
+                "spec.retry.backoff: base (2s) must not exceed max (1s)",
+            ),
+            (
+                "  retry: {backoff: {base: 0s}}\n",
+                "spec.retry.backoff.base: must be greater than 0",
+            ),
+            (
+                "  retry: {perTryTimeout: 0ms}\n",
+                "spec.retry.perTryTimeout: must be greater than 0",
+            ),
+            (
+                "  retry: {retryOn: [reset, 5xxx]}\n",
+                "spec.retry.retryOn[1]: unknown variant `5xxx`",
+            ),
+            (
+                "  retry: {retryOn: [reset, reset]}\n",
+                "spec.retry.retryOn[1]: duplicate value reset",
+            ),
+            (
+                "  retry: {statusCodes: [500, 600]}\n",
+                "spec.retry.statusCodes[1]: must be an HTTP status between 100 and 599, got 600",
+            ),
+            (
+                "  retry: {statusCodes: [99]}\n",
+                "spec.retry.statusCodes[0]: must be an HTTP status",
+            ),
+            (
+                "  retry: {grpcCodes: [nope]}\n",
+                "spec.retry.grpcCodes[0]: unknown gRPC status code",
+            ),
+            (
+                "  retry: {grpcCodes: [ok]}\n",
+                "spec.retry.grpcCodes[0]: ok (0) is success",
+            ),
+            (
+                "  retry: {grpcCodes: [14, unavailable]}\n",
+                "spec.retry.grpcCodes[1]: duplicate value unavailable (14)",
+            ),
+            (
+                "  retry: {budget: {ratio: -0.1}}\n",
+                "spec.retry.budget.ratio: must be between 0 and 1000",
+            ),
+            (
+                "  retry: {budget: {ratio: 1001}}\n",
+                "spec.retry.budget.ratio: must be between 0 and 1000",
+            ),
+            (
+                "  retry: {budget: {ratio: .nan}}\n",
+                "spec.retry.budget.ratio: must be between 0 and 1000",
+            ),
+            (
+                "  retry: {budget: {window: 0s}}\n",
+                "spec.retry.budget.window: must be greater than 0",
+            ),
+            (
+                "  retry: {maxBodyBytes: 0}\n",
+                "spec.retry.maxBodyBytes: must be at least 1",
+            ),
+            (
+                "  retry: {tries: 3}\n",
+                "spec.retry.tries: unknown field `tries`, expected one of `attempts`",
+            ),
+            (
+                "  timeout: {request: 0s}\n",
+                "spec.timeout.request: must be greater than 0",
+            ),
+            (
+                "  timeout: {connect: 1.5s}\n",
+                "spec.timeout.connect: invalid duration \"1.5s\"",
+            ),
+            (
+                "  timeout: {request: 5}\n",
+                "spec.timeout.request: invalid type: integer `5`",
+            ),
+            (
+                "  circuitBreaker: {failureRatio: {minRequests: 5}}\n",
+                "spec.circuitBreaker.failureRatio.threshold: required",
+            ),
+            (
+                "  circuitBreaker: {failureRatio: {threshold: 0}}\n",
+                "spec.circuitBreaker.failureRatio.threshold: must be more than 0 and at most 1",
+            ),
+            (
+                "  circuitBreaker: {failureRatio: {threshold: 1.5}}\n",
+                "spec.circuitBreaker.failureRatio.threshold: must be more than 0 and at most 1",
+            ),
+            (
+                "  circuitBreaker: {failureRatio: {threshold: 0.5, minRequests: 0}}\n",
+                "spec.circuitBreaker.failureRatio.minRequests: must be at least 1",
+            ),
+            (
+                "  circuitBreaker: {failureRatio: {threshold: 0.5, window: 0s}}\n",
+                "spec.circuitBreaker.failureRatio.window: must be greater than 0",
+            ),
+            (
+                "  circuitBreaker: {openDuration: 2m, maxOpenDuration: 1m}\n",
+                "spec.circuitBreaker: openDuration (2m) must not exceed maxOpenDuration (1m)",
+            ),
+            (
+                "  circuitBreaker: {openDuration: 0s}\n",
+                "spec.circuitBreaker.openDuration: must be greater than 0",
+            ),
+            (
+                "  circuitBreaker: {halfOpenProbes: 0}\n",
+                "spec.circuitBreaker.halfOpenProbes: must be at least 1",
+            ),
+            (
+                "  circuitBreaker: {consecutiveFailures: 0}\n",
+                "spec.circuitBreaker.consecutiveFailures: 0 disables",
+            ),
+            (
+                "  bulkhead: {maxPending: -3}\n",
+                "spec.bulkhead.maxPending: invalid value",
+            ),
+            (
+                "  loadBalancer: {strategy: Random}\n",
+                "spec.loadBalancer.strategy: unknown variant `Random`",
+            ),
+            ("  retries: {}\n", "spec.retries: unknown field `retries`"),
+        ];
+        for (spec, expected) in cases {
+            let got = error(spec);
+            assert!(
+                got.starts_with(expected),
+                "for {spec:?}\n  got:      {got}\n  expected: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_zero_queue_timeout_means_never_wait() {
+        let b = policy("  bulkhead: {queueTimeout: 0s}\n")
+            .unwrap()
+            .bulkhead
+            .unwrap();
+        assert_eq!(b.queue_timeout, StdDuration::ZERO);
+    }
+
+    #[test]
+    fn spec_and_name_are_required() {
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(HEAD).unwrap();
+        let p: ResiliencePolicy = serde_yaml_ng::from_value(value).unwrap();
+        assert_eq!(
+            model::ResiliencePolicy::try_from(p)
+                .unwrap_err()
+                .to_string(),
+            "spec: required"
+        );
+        let p: ResiliencePolicy =
+            serde_yaml_ng::from_str("metadata: {namespace: demo}\nspec: {}\n").unwrap();
+        assert_eq!(
+            model::ResiliencePolicy::try_from(p)
+                .unwrap_err()
+                .to_string(),
+            "metadata.name: required"
+        );
+    }
+}

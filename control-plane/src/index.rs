@@ -1,0 +1,317 @@
+//! The index: the validated model resolved into what agents need (services with
+//! endpoints and effective policies; rate limits by the services whose pods enforce
+//! them), versioned so that each agent's view knows when its content last changed.
+//!
+//! The index keeps a revision that starts at the current Unix time in milliseconds (so
+//! versions keep increasing across control-plane restarts) and grows by one per change.
+//! The outbound part is built once per change and shared by every agent; each part
+//! records the revision at which its content last changed, so that a view's version is
+//! the revision at which *its* content last changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bulwark_proto::v1 as proto;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::metrics::Metrics;
+use crate::model::{Endpoint, EndpointSlice, Model, ObjectName, Pod};
+
+pub mod diagnostics;
+mod inbound;
+mod outbound;
+
+pub use diagnostics::Diagnostic;
+pub(crate) use inbound::merge as merge_rate_limits;
+
+/// One published state of the index; cheap to share (everything is behind `Arc`).
+#[derive(Debug)]
+pub struct IndexState {
+    /// The revision of this state.
+    pub revision: u64,
+    /// Every service, for every agent's outbound view.
+    pub outbound: Arc<Outbound>,
+    /// Rate limits, looked up per agent.
+    pub inbound: Arc<Inbound>,
+}
+
+/// The outbound part of every view.
+#[derive(Debug, PartialEq)]
+pub struct Outbound {
+    /// Services in wire form, sorted by namespace and name.
+    pub services: Vec<proto::Service>,
+    /// The revision at which this content last changed.
+    pub changed_at: u64,
+}
+
+/// Rate limits by namespace and Service, for building agents' inbound views.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    namespaces: BTreeMap<String, NamespaceInbound>,
+}
+
+#[derive(Debug, Default)]
+struct NamespaceInbound {
+    /// By service name.
+    services: BTreeMap<String, InboundService>,
+    /// The last revision at which a service's limits stopped applying to some pods
+    /// (removed, or its selector changed): the only change no remaining entry records.
+    removed_at: u64,
+}
+
+#[derive(Debug)]
+struct InboundService {
+    limits: inbound::ServiceLimits,
+    changed_at: u64,
+}
+
+impl Inbound {
+    /// The rate limits for an agent with these labels in this namespace, and the
+    /// revision at which they last changed.
+    pub fn for_agent(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> (Vec<proto::RateLimit>, u64) {
+        let Some(ns) = self.namespaces.get(namespace) else {
+            return (Vec::new(), 0);
+        };
+        let mut changed_at = ns.removed_at;
+        let mut limits = Vec::new();
+        for service in ns.services.values() {
+            let matches = service
+                .limits
+                .selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v));
+            if matches {
+                changed_at = changed_at.max(service.changed_at);
+                limits.extend(service.limits.limits.iter().cloned());
+            }
+        }
+        merge_rate_limits(&mut limits);
+        (limits, changed_at)
+    }
+
+    fn build(
+        previous: &Inbound,
+        resolved: BTreeMap<ObjectName, inbound::ServiceLimits>,
+        revision: u64,
+    ) -> Inbound {
+        let mut namespaces: BTreeMap<String, NamespaceInbound> = previous
+            .namespaces
+            .iter()
+            .map(|(ns, old)| {
+                let still = |name: &String, old: &InboundService| {
+                    resolved
+                        .get(&ObjectName::new(ns.as_str(), name.as_str()))
+                        .is_some_and(|new| new.selector == old.limits.selector)
+                };
+                let removed = old.services.iter().any(|(name, svc)| !still(name, svc));
+                let removed_at = if removed { revision } else { old.removed_at };
+                (
+                    ns.clone(),
+                    NamespaceInbound {
+                        services: BTreeMap::new(),
+                        removed_at,
+                    },
+                )
+            })
+            .collect();
+        for (name, limits) in resolved {
+            let old = previous
+                .namespaces
+                .get(&name.namespace)
+                .and_then(|ns| ns.services.get(&name.name));
+            let changed_at = match old {
+                Some(old) if old.limits == limits => old.changed_at,
+                _ => revision,
+            };
+            namespaces
+                .entry(name.namespace)
+                .or_default()
+                .services
+                .insert(name.name, InboundService { limits, changed_at });
+        }
+        Inbound { namespaces }
+    }
+
+    fn same_limits(&self, resolved: &BTreeMap<ObjectName, inbound::ServiceLimits>) -> bool {
+        let count: usize = self.namespaces.values().map(|ns| ns.services.len()).sum();
+        count == resolved.len()
+            && resolved.iter().all(|(name, limits)| {
+                self.namespaces
+                    .get(&name.namespace)
+                    .and_then(|ns| ns.services.get(&name.name))
+                    .is_some_and(|old| old.limits == *limits)
+            })
+    }
+}
+
+/// Lookups over a model's topology, built once per resolution.
+pub(crate) struct Topology<'a> {
+    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    pods: &'a BTreeMap<ObjectName, Pod>,
+    pods_by_ip: HashMap<(&'a str, IpAddr), &'a Pod>,
+}
+
+impl<'a> Topology<'a> {
+    fn new(model: &'a Model) -> Self {
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        // BTreeMap order: each service's slices come sorted by name.
+        for slice in model.endpoint_slices.values() {
+            slices
+                .entry((slice.name.namespace.as_str(), slice.service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+        let mut pods_by_ip = HashMap::new();
+        for pod in model.pods.values() {
+            for ip in &pod.ips {
+                pods_by_ip.insert((pod.name.namespace.as_str(), *ip), pod);
+            }
+        }
+        Topology {
+            slices,
+            pods: &model.pods,
+            pods_by_ip,
+        }
+    }
+
+    /// The EndpointSlices of a service.
+    fn slices(&self, service: &'a ObjectName) -> &[&'a EndpointSlice] {
+        self.slices
+            .get(&(service.namespace.as_str(), service.name.as_str()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The pod behind an endpoint: by its `targetRef`, else by its address.
+    fn pod(&self, namespace: &str, endpoint: &Endpoint) -> Option<&'a Pod> {
+        match &endpoint.pod {
+            Some(name) => self.pods.get(name),
+            None => self.pods_by_ip.get(&(namespace, endpoint.address)).copied(),
+        }
+    }
+}
+
+/// The index: owns the current state and publishes every new one.
+#[derive(Debug)]
+pub struct Index {
+    state: watch::Sender<Arc<IndexState>>,
+    diagnostics: BTreeSet<Diagnostic>,
+    metrics: Arc<Metrics>,
+}
+
+impl Index {
+    /// An index over `model`, at `revision`.
+    pub fn new(revision: u64, model: &Model, metrics: Arc<Metrics>) -> Self {
+        let mut diagnostics = BTreeSet::new();
+        let topology = Topology::new(model);
+        let services = outbound::services(model, &topology, &mut diagnostics);
+        let limits = inbound::limits(model, &topology, &mut diagnostics);
+        for d in &diagnostics {
+            d.log();
+        }
+        metrics.set_objects(model);
+        metrics.set_revision(revision);
+        let state = IndexState {
+            revision,
+            outbound: Arc::new(Outbound {
+                services,
+                changed_at: revision,
+            }),
+            inbound: Arc::new(Inbound::build(&Inbound::default(), limits, revision)),
+        };
+        Index {
+            state: watch::Sender::new(Arc::new(state)),
+            diagnostics,
+            metrics,
+        }
+    }
+
+    /// Follows the published states.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<IndexState>> {
+        self.state.subscribe()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Arc<IndexState> {
+        self.state.borrow().clone()
+    }
+
+    /// The current diagnostics (conflicts, missing targets, ...).
+    pub fn diagnostics(&self) -> &BTreeSet<Diagnostic> {
+        &self.diagnostics
+    }
+
+    /// Resolves a new model. Publishes a new state, one revision up, only when what
+    /// agents can see changed; returns whether it did.
+    pub fn apply(&mut self, model: &Model) -> bool {
+        let mut diagnostics = BTreeSet::new();
+        let topology = Topology::new(model);
+        let services = outbound::services(model, &topology, &mut diagnostics);
+        let limits = inbound::limits(model, &topology, &mut diagnostics);
+        for d in diagnostics.difference(&self.diagnostics) {
+            d.log();
+        }
+        self.diagnostics = diagnostics;
+        self.metrics.set_objects(model);
+
+        let current = self.state();
+        let same_outbound = current.outbound.services == services;
+        if same_outbound && current.inbound.same_limits(&limits) {
+            return false;
+        }
+        let revision = current.revision + 1;
+        let outbound = if same_outbound {
+            Arc::clone(&current.outbound)
+        } else {
+            Arc::new(Outbound {
+                services,
+                changed_at: revision,
+            })
+        };
+        let inbound = Arc::new(Inbound::build(&current.inbound, limits, revision));
+        info!(
+            revision,
+            outbound_changed = !same_outbound,
+            services = outbound.services.len(),
+            "configuration changed"
+        );
+        self.metrics.set_revision(revision);
+        self.state.send_replace(Arc::new(IndexState {
+            revision,
+            outbound,
+            inbound,
+        }));
+        true
+    }
+
+    /// Applies every model `models` publishes until `shutdown` is set or the source ends.
+    pub fn spawn(
+        mut self,
+        mut models: watch::Receiver<Arc<Model>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = crate::stopped(&mut shutdown) => break,
+                    changed = models.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let model = Arc::clone(&models.borrow_and_update());
+                        self.apply(&model);
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+//! Problems found while attaching policies: not errors in any one document, but
+//! combinations an operator should hear about. Each is logged once, when it appears.
+
+use std::fmt;
+
+use tracing::{info, warn};
+
+use crate::model::{Kind, ObjectName};
+
+/// A policy that cannot (fully) take effect, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Diagnostic {
+    /// Two ResiliencePolicies attach to the same service port; only the winner applies.
+    Conflict {
+        /// The service.
+        service: ObjectName,
+        /// The port's name.
+        port: String,
+        /// The policy in force.
+        winner: ObjectName,
+        /// The policy that is not applied to this port.
+        loser: ObjectName,
+    },
+    /// A policy targets a Service that does not exist (yet); it applies once it does.
+    MissingService {
+        /// The policy's kind.
+        kind: Kind,
+        /// The policy.
+        policy: ObjectName,
+        /// The missing service's name (in the policy's namespace).
+        service: String,
+    },
+    /// A policy's `sectionName` matches no TCP port of the service.
+    MissingSection {
+        /// The policy's kind.
+        kind: Kind,
+        /// The policy.
+        policy: ObjectName,
+        /// The service.
+        service: String,
+        /// The section (port name) that does not exist.
+        section: String,
+    },
+    /// A named `targetPort` that no EndpointSlice port resolves, so a rate limit has no port.
+    UnresolvedTargetPort {
+        /// The RateLimitPolicy.
+        policy: ObjectName,
+        /// The service.
+        service: String,
+        /// The service port's name.
+        port: String,
+        /// The named target port.
+        target_port: String,
+    },
+    /// A RateLimitPolicy targets a Service without a selector: no agent enforces it.
+    NoSelector {
+        /// The RateLimitPolicy.
+        policy: ObjectName,
+        /// The service.
+        service: String,
+    },
+}
+
+impl Diagnostic {
+    /// Logs the diagnostic at the level it deserves.
+    pub fn log(&self) {
+        match self {
+            Diagnostic::Conflict {
+                service,
+                port,
+                winner,
+                loser,
+            } => warn!(
+                %service, port = %port, %winner, %loser,
+                "two ResiliencePolicies attach to the same port; the more specific, then the older, wins"
+            ),
+            Diagnostic::MissingService {
+                kind,
+                policy,
+                service,
+            } => info!(
+                %kind, %policy, %service,
+                "policy targets a Service that does not exist; it applies once the Service appears"
+            ),
+            Diagnostic::MissingSection {
+                kind,
+                policy,
+                service,
+                section,
+            } => warn!(
+                %kind, %policy, %service, section = %section,
+                "policy's sectionName matches no TCP port of the Service"
+            ),
+            Diagnostic::UnresolvedTargetPort {
+                policy,
+                service,
+                port,
+                target_port,
+            } => warn!(
+                %policy, %service, port = %port, target_port = %target_port,
+                "named targetPort matches no EndpointSlice port; the rate limit has no port to apply to"
+            ),
+            Diagnostic::NoSelector { policy, service } => warn!(
+                %policy, %service,
+                "RateLimitPolicy targets a Service without a selector; no pod enforces it"
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Diagnostic::Conflict {
+                service,
+                port,
+                winner,
+                loser,
+            } => write!(
+                f,
+                "ResiliencePolicy {loser} is not applied to {service} port {port:?}: {winner} wins"
+            ),
+            Diagnostic::MissingService {
+                kind,
+                policy,
+                service,
+            } => write!(
+                f,
+                "{kind} {policy} targets Service {service}, which does not exist"
+            ),
+            Diagnostic::MissingSection {
+                kind,
+                policy,
+                service,
+                section,
+            } => write!(
+                f,
+                "{kind} {policy} targets section {section:?} of Service {service}, which has no such TCP port"
+            ),
+            Diagnostic::UnresolvedTargetPort {
+                policy,
+                service,
+                port,
+                target_port,
+            } => write!(
+                f,
+                "RateLimitPolicy {policy}: Service {service} port {port:?} has targetPort \
+                 {target_port:?}, which no EndpointSlice port resolves"
+            ),
+            Diagnostic::NoSelector { policy, service } => write!(
+                f,
+                "RateLimitPolicy {policy} targets Service {service}, which has no selector"
+            ),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The outbound part of every view: services with their ports, ready endpoints and the
+//! ResiliencePolicy in force on each port.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+
+use bulwark_proto::v1 as proto;
+
+use super::Topology;
+use super::diagnostics::Diagnostic;
+use crate::model::policy::ResiliencePolicy;
+use crate::model::{Kind, Model, ObjectName, Protocol, Service, ServicePort};
+use crate::wire;
+
+/// Every service of the model, in wire form, sorted by namespace and name.
+pub(super) fn services(
+    model: &Model,
+    topology: &Topology<'_>,
+    diagnostics: &mut BTreeSet<Diagnostic>,
+) -> Vec<proto::Service> {
+    let attached = attach(model, diagnostics);
+    model
+        .services
+        .values()
+        .map(|service| {
+            let key = (service.name.namespace.as_str(), service.name.name.as_str());
+            let policies = attached.get(&key).map_or(&[][..], Vec::as_slice);
+            proto::Service {
+                name: service.name.name.clone(),
+                namespace: service.name.namespace.clone(),
+                ports: service
+                    .ports
+                    .iter()
+                    .filter(|p| p.protocol == Protocol::Tcp)
+                    .map(|port| proto::ServicePort {
+                        name: port.name.clone(),
+                        port: u32::from(port.port),
+                        app_protocol: port.app_protocol.clone().unwrap_or_default(),
+                        endpoints: endpoints(service, port, topology),
+                        resilience: effective(service, port, policies, diagnostics)
+                            .map(wire::resilience),
+                    })
+                    .collect(),
+                cluster_ips: service
+                    .cluster_ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// A policy attached to a service, narrowed to one port or not.
+type Attachment<'a> = (&'a ResiliencePolicy, Option<&'a str>);
+
+/// ResiliencePolicies by the service (namespace, name) they target.
+fn attach<'a>(
+    model: &'a Model,
+    diagnostics: &mut BTreeSet<Diagnostic>,
+) -> HashMap<(&'a str, &'a str), Vec<Attachment<'a>>> {
+    let mut attached: HashMap<(&str, &str), Vec<Attachment<'_>>> = HashMap::new();
+    for policy in model.resilience_policies.values() {
+        let namespace = policy.name.namespace.as_str();
+        for target in &policy.targets {
+            let name = ObjectName::new(namespace, target.service.as_str());
+            match model.services.get(&name) {
+                None => {
+                    diagnostics.insert(Diagnostic::MissingService {
+                        kind: Kind::ResiliencePolicy,
+                        policy: policy.name.clone(),
+                        service: target.service.clone(),
+                    });
+                }
+                Some(service) => {
+                    if let Some(section) = &target.section
+                        && !has_tcp_port(service, section)
+                    {
+                        diagnostics.insert(Diagnostic::MissingSection {
+                            kind: Kind::ResiliencePolicy,
+                            policy: policy.name.clone(),
+                            service: target.service.clone(),
+                            section: section.clone(),
+                        });
+                    }
+                }
+            }
+            attached
+                .entry((namespace, target.service.as_str()))
+                .or_default()
+                .push((policy, target.section.as_deref()));
+        }
+    }
+    attached
+}
+
+pub(super) fn has_tcp_port(service: &Service, name: &str) -> bool {
+    service
+        .ports
+        .iter()
+        .any(|p| p.protocol == Protocol::Tcp && p.name == name)
+}
+
+/// The policy in force on a port, as in the Gateway API: a policy naming the port
+/// (`sectionName`) beats one for the whole service; between equals the oldest
+/// (`creationTimestamp`, unknown counting as newest), then `namespace/name`, wins.
+fn effective<'a>(
+    service: &Service,
+    port: &ServicePort,
+    policies: &[Attachment<'a>],
+    diagnostics: &mut BTreeSet<Diagnostic>,
+) -> Option<&'a ResiliencePolicy> {
+    let mut candidates: Vec<_> = policies
+        .iter()
+        .filter(|(_, section)| section.is_none_or(|s| s == port.name))
+        .map(|&(policy, section)| {
+            let rank = (
+                section.is_none(),
+                policy.created.is_none(),
+                policy.created,
+                &policy.name,
+            );
+            (rank, policy)
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.0.cmp(&b.0));
+    let (_, winner) = *candidates.first()?;
+    let mut seen = HashSet::from([&winner.name]);
+    for (_, loser) in &candidates[1..] {
+        if seen.insert(&loser.name) {
+            diagnostics.insert(Diagnostic::Conflict {
+                service: service.name.clone(),
+                port: port.name.clone(),
+                winner: winner.name.clone(),
+                loser: loser.name.clone(),
+            });
+        }
+    }
+    Some(winner)
+}
+
+/// The ready endpoints of a service port: from every slice of the service, the slice
+/// port with the service port's name. Duplicates across slices are listed once.
+fn endpoints(
+    service: &Service,
+    port: &ServicePort,
+    topology: &Topology<'_>,
+) -> Vec<proto::Endpoint> {
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::new();
+    for slice in topology.slices(&service.name) {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == Protocol::Tcp)
+        else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter().filter(|e| e.ready) {
+            let address = SocketAddr::new(endpoint.address, slice_port.port);
+            if !seen.insert(address) {
+                continue;
+            }
+            let pod = topology.pod(&service.name.namespace, endpoint);
+            let pod_name = endpoint
+                .pod
+                .as_ref()
+                .or(pod.map(|p| &p.name))
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            endpoints.push(proto::Endpoint {
+                address: address.to_string(),
+                labels: pod
+                    .map(|p| {
+                        p.labels
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                weight: 1,
+                pod: pod_name,
+            });
+        }
+    }
+    endpoints
+}

@@ -1,0 +1,359 @@
+use std::collections::BTreeMap;
+
+use bulwark_proto::v1 as proto;
+
+use super::*;
+use crate::testing::{examples, model, with_document};
+
+fn index(model: &Model) -> Index {
+    Index::new(1_000, model, Arc::new(Metrics::new()))
+}
+
+fn service<'a>(state: &'a IndexState, name: &str) -> &'a proto::Service {
+    state
+        .outbound
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service {name}"))
+}
+
+fn policy_source(state: &IndexState, service_name: &str, port: usize) -> Option<String> {
+    service(state, service_name).ports[port]
+        .resilience
+        .as_ref()
+        .map(|r| r.source.clone())
+}
+
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+    spec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n\
+    \x20 - {name: admin, port: 9000, targetPort: admin-port}\n";
+
+fn resilience(name: &str, created: Option<&str>, target: &str) -> String {
+    let created = created
+        .map(|c| format!(", creationTimestamp: '{c}'"))
+        .unwrap_or_default();
+    format!(
+        "---\napiVersion: bulwark.io/v1alpha1\nkind: ResiliencePolicy\n\
+         metadata: {{name: {name}, namespace: shop{created}}}\n\
+         spec: {{targetRefs: [{target}], retry: {{}}}}\n"
+    )
+}
+
+#[test]
+fn endpoints_come_from_ready_endpoints_and_the_matching_slice_port() {
+    let idx = index(&examples());
+    let state = idx.state();
+    let reviews = service(&state, "reviews");
+    assert_eq!(reviews.namespace, "demo");
+    assert_eq!(reviews.ports.len(), 1);
+    assert_eq!(reviews.ports[0].port, 80);
+    let addresses: Vec<_> = reviews.ports[0]
+        .endpoints
+        .iter()
+        .map(|e| e.address.as_str())
+        .collect();
+    assert_eq!(
+        addresses,
+        ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"],
+        "127.0.0.24 is not ready"
+    );
+    let catalog = service(&state, "catalog");
+    assert_eq!(catalog.ports[0].app_protocol, "http");
+    assert_eq!(catalog.ports[0].endpoints[0].pod, "demo/catalog-0");
+}
+
+#[test]
+fn slices_without_the_port_name_contribute_nothing_and_ipv6_is_bracketed() {
+    let m = model(&format!(
+        "{SERVICE}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-v6, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv6\nports: [{{name: http, port: 8080}}, {{name: admin-port, port: 9001}}]\n\
+         endpoints: [{{addresses: ['fd00::1']}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-other, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: metrics, port: 7000}}]\n\
+         endpoints: [{{addresses: [10.0.0.9]}}]\n"
+    ));
+    let state = index(&m).state();
+    let web = service(&state, "web");
+    let http: Vec<_> = web.ports[0]
+        .endpoints
+        .iter()
+        .map(|e| e.address.clone())
+        .collect();
+    assert_eq!(http, ["[fd00::1]:8080"]);
+    assert!(
+        web.ports[1].endpoints.is_empty(),
+        "the admin port's slice port is named admin-port, not admin"
+    );
+}
+
+#[test]
+fn endpoints_get_their_pods_labels_by_target_ref_or_address() {
+    let m = model(&format!(
+        "{SERVICE}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+         endpoints:\n- {{addresses: [10.0.0.1], targetRef: {{kind: Pod, name: web-a}}}}\n\
+         - {{addresses: [10.0.0.2]}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-a, namespace: shop, labels: {{version: v1}}}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-b, namespace: shop, labels: {{version: v2}}}}\n\
+         status: {{podIP: 10.0.0.2}}\n"
+    ));
+    let state = index(&m).state();
+    let endpoints = &service(&state, "web").ports[0].endpoints;
+    assert_eq!(endpoints[0].labels["version"], "v1");
+    assert_eq!(endpoints[0].pod, "shop/web-a");
+    assert_eq!(endpoints[1].labels["version"], "v2");
+    assert_eq!(endpoints[1].pod, "shop/web-b");
+    assert_eq!(endpoints[1].weight, 1);
+}
+
+#[test]
+fn effective_policies_carry_exact_values_with_defaults() {
+    let state = index(&examples()).state();
+    let reviews = service(&state, "reviews").ports[0]
+        .resilience
+        .clone()
+        .unwrap();
+    assert_eq!(reviews.source, "demo/reviews");
+    let retry = reviews.retry.unwrap();
+    assert_eq!(retry.attempts, 3);
+    assert_eq!(retry.grpc_codes, [14]);
+    assert_eq!(retry.status_codes, [500]);
+    let payments = service(&state, "payments").ports[0]
+        .resilience
+        .clone()
+        .unwrap();
+    let retry = payments.retry.unwrap();
+    assert_eq!(retry.attempts, 1);
+    assert_eq!(
+        retry.retry_on,
+        ["connect-failure", "reset", "gateway-error"],
+        "default conditions"
+    );
+    assert_eq!(retry.budget.unwrap().min_per_second, 10);
+    let breaker = payments.circuit_breaker.unwrap();
+    assert_eq!(breaker.half_open_probes, 1);
+    assert!(breaker.failure_ratio.is_none());
+    assert_eq!(payments.bulkhead.unwrap().max_connections, 0);
+    let catalog = service(&state, "catalog").ports[0]
+        .resilience
+        .clone()
+        .unwrap();
+    assert!(
+        catalog.circuit_breaker.is_none(),
+        "absent section stays absent"
+    );
+    assert!(catalog.load_balancer.is_none());
+    assert_eq!(catalog.bulkhead.unwrap().max_pending, 50);
+    assert_eq!(
+        service(&state, "frontend").ports[0].resilience,
+        None,
+        "no policy targets frontend"
+    );
+}
+
+#[test]
+fn a_port_specific_policy_beats_a_whole_service_one() {
+    let m = model(&format!(
+        "{SERVICE}{}{}",
+        resilience(
+            "whole",
+            Some("2020-01-01T00:00:00Z"),
+            "{kind: Service, name: web}"
+        ),
+        resilience(
+            "http-only",
+            Some("2024-01-01T00:00:00Z"),
+            "{kind: Service, name: web, sectionName: http}"
+        ),
+    ));
+    let idx = index(&m);
+    let state = idx.state();
+    assert_eq!(
+        policy_source(&state, "web", 0).as_deref(),
+        Some("shop/http-only")
+    );
+    assert_eq!(
+        policy_source(&state, "web", 1).as_deref(),
+        Some("shop/whole")
+    );
+    let conflicts: Vec<_> = idx
+        .diagnostics()
+        .iter()
+        .filter(|d| matches!(d, Diagnostic::Conflict { .. }))
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        conflicts,
+        [
+            "ResiliencePolicy shop/whole is not applied to shop/web port \"http\": shop/http-only wins"
+        ]
+    );
+}
+
+#[test]
+fn between_equals_the_oldest_then_the_name_wins() {
+    let target = "{kind: Service, name: web}";
+    let m = model(&format!(
+        "{SERVICE}{}{}{}",
+        resilience("a-new", Some("2024-06-01T00:00:00Z"), target),
+        resilience("b-old", Some("2020-06-01T00:00:00Z"), target),
+        resilience("c-unknown-age", None, target),
+    ));
+    assert_eq!(
+        policy_source(&index(&m).state(), "web", 0).as_deref(),
+        Some("shop/b-old")
+    );
+
+    let m = model(&format!(
+        "{SERVICE}{}{}",
+        resilience("zeta", None, target),
+        resilience("alpha", None, target),
+    ));
+    assert_eq!(
+        policy_source(&index(&m).state(), "web", 0).as_deref(),
+        Some("shop/alpha")
+    );
+}
+
+#[test]
+fn a_policy_for_a_missing_service_waits_for_it() {
+    let policy = resilience("early", None, "{kind: Service, name: web}");
+    let mut idx = index(&model(&policy));
+    assert!(idx.diagnostics().iter().any(|d| matches!(
+        d,
+        Diagnostic::MissingService { service, .. } if service == "web"
+    )));
+    assert!(idx.apply(&model(&format!("{SERVICE}{policy}"))));
+    assert_eq!(
+        policy_source(&idx.state(), "web", 0).as_deref(),
+        Some("shop/early")
+    );
+    assert!(idx.diagnostics().is_empty());
+}
+
+#[test]
+fn policies_attach_only_within_their_namespace() {
+    let m = model(&format!(
+        "{SERVICE}---\napiVersion: bulwark.io/v1alpha1\nkind: ResiliencePolicy\n\
+         metadata: {{name: elsewhere, namespace: other}}\n\
+         spec: {{targetRefs: [{{kind: Service, name: web}}]}}\n"
+    ));
+    let idx = index(&m);
+    assert_eq!(policy_source(&idx.state(), "web", 0), None);
+}
+
+#[test]
+fn a_section_that_matches_no_port_is_reported() {
+    let m = model(&format!(
+        "{SERVICE}{}",
+        resilience(
+            "typo",
+            None,
+            "{kind: Service, name: web, sectionName: htpp}"
+        )
+    ));
+    let idx = index(&m);
+    assert_eq!(policy_source(&idx.state(), "web", 0), None);
+    assert!(idx.diagnostics().iter().any(|d| matches!(
+        d,
+        Diagnostic::MissingSection { section, .. } if section == "htpp"
+    )));
+}
+
+fn rate_limits(m: &Model, labels: &[(&str, &str)]) -> Vec<proto::RateLimit> {
+    let labels: BTreeMap<_, _> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    index(m).state().inbound.for_agent("shop", &labels).0
+}
+
+fn rate_limit_policy(target: &str) -> String {
+    format!(
+        "---\napiVersion: bulwark.io/v1alpha1\nkind: RateLimitPolicy\n\
+         metadata: {{name: web, namespace: shop}}\n\
+         spec: {{targetRefs: [{target}], limits: [{{name: all, rate: {{requests: 5, per: 1s}}}}]}}\n"
+    )
+}
+
+const ADMIN_SLICE: &str = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+    metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+    addressType: IPv4\nports: [{name: admin, port: 9100}, {name: http, port: 8080}]\n\
+    endpoints: [{addresses: [10.0.0.1]}]\n";
+
+#[test]
+fn rate_limits_apply_to_target_ports_of_matching_pods() {
+    let m = model(&format!(
+        "{SERVICE}{ADMIN_SLICE}{}",
+        rate_limit_policy("{kind: Service, name: web}")
+    ));
+    let limits = rate_limits(&m, &[("app", "web"), ("pod-template-hash", "x")]);
+    assert_eq!(limits.len(), 1);
+    assert_eq!(limits[0].source, "shop/web");
+    assert_eq!(limits[0].name, "all");
+    assert_eq!(
+        limits[0].ports,
+        [8080, 9100],
+        "named targetPort resolved through the slice"
+    );
+    assert_eq!(limits[0].burst, 5, "burst defaults to the rate");
+    assert!(
+        rate_limits(&m, &[("app", "api")]).is_empty(),
+        "selector does not match"
+    );
+}
+
+#[test]
+fn a_section_narrows_rate_limits_to_one_port() {
+    let m = model(&format!(
+        "{SERVICE}{ADMIN_SLICE}{}",
+        rate_limit_policy("{kind: Service, name: web, sectionName: http}")
+    ));
+    assert_eq!(rate_limits(&m, &[("app", "web")])[0].ports, [8080]);
+}
+
+#[test]
+fn unresolvable_ports_never_widen_a_limit_to_every_port() {
+    // Without the slice, the admin port's name cannot be resolved: the limit must not
+    // be sent with an empty port list, which would mean "every port".
+    let m = model(&format!(
+        "{SERVICE}{}",
+        rate_limit_policy("{kind: Service, name: web, sectionName: admin}")
+    ));
+    assert!(rate_limits(&m, &[("app", "web")]).is_empty());
+    let idx = index(&m);
+    assert!(
+        idx.diagnostics()
+            .iter()
+            .any(|d| matches!(d, Diagnostic::UnresolvedTargetPort { .. }))
+    );
+}
+
+#[test]
+fn publishes_a_new_revision_only_when_something_visible_changed() {
+    let mut idx = index(&examples());
+    let mut updates = idx.subscribe();
+    updates.borrow_and_update();
+    assert!(!idx.apply(&examples()));
+    assert!(!updates.has_changed().unwrap());
+
+    let outbound_before = idx.state().outbound.clone();
+    let edited = with_document(
+        examples(),
+        "apiVersion: bulwark.io/v1alpha1\nkind: RateLimitPolicy\n\
+         metadata: {name: frontend, namespace: demo}\n\
+         spec: {targetRefs: [{kind: Service, name: frontend}], limits: [{name: t, rate: {requests: 1, per: 1s}}]}\n",
+    );
+    assert!(idx.apply(&edited));
+    assert!(updates.has_changed().unwrap());
+    let state = idx.state();
+    assert_eq!(state.revision, 1_001);
+    assert!(
+        Arc::ptr_eq(&outbound_before, &state.outbound),
+        "an unchanged outbound part is shared, not rebuilt"
+    );
+}

@@ -1,0 +1,286 @@
+//! Bulwark's control plane: reads policies and topology from a source, resolves them in
+//! an index, and streams each agent its view over gRPC.
+//!
+//! ```text
+//! source (dir) ──Model──► index ──IndexState──► one task per agent stream ──► agent
+//!                  │                                     │
+//!                  └── rejections ──► admin (/errors)    └── registry ──► admin (/agents)
+//! ```
+//!
+//! [`ControlPlane::start`] runs everything in-process (the binary, tests and the demo
+//! use it).
+#![forbid(unsafe_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tracing::{info, warn};
+
+pub mod admin;
+pub mod agents;
+pub mod api;
+pub mod duration;
+pub mod grpc;
+pub mod index;
+pub mod metrics;
+pub mod model;
+pub mod source;
+pub mod timestamp;
+pub mod view;
+pub mod wire;
+
+#[cfg(test)]
+mod testing;
+
+pub use source::Source;
+
+use crate::admin::AdminState;
+use crate::agents::AgentRegistry;
+use crate::grpc::DiscoveryService;
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::source::Publisher;
+use crate::source::dir::{DirSource, DirWatcher};
+
+/// Default `--grpc-addr`.
+pub const DEFAULT_GRPC_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9990));
+/// Default `--admin-addr`.
+pub const DEFAULT_ADMIN_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9991));
+/// Default `--debounce`: how long the folder must be quiet before it is re-read.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// How long [`ControlPlane::shutdown`] waits for tasks before aborting them.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on agent connections, so dead agents (and their registry entries) go away.
+const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may stay unanswered before the connection is closed.
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on agent connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// How to run a control plane.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where configuration comes from.
+    pub source: Source,
+    /// The gRPC listen address (port 0 picks a free port).
+    pub grpc_addr: SocketAddr,
+    /// The admin HTTP listen address (port 0 picks a free port).
+    pub admin_addr: SocketAddr,
+    /// Quiet period after a change in the folder before it is re-read; more than zero.
+    pub debounce: Duration,
+}
+
+impl Settings {
+    /// Settings with the default addresses and debounce.
+    pub fn new(source: Source) -> Self {
+        Settings {
+            source,
+            grpc_addr: DEFAULT_GRPC_ADDR,
+            admin_addr: DEFAULT_ADMIN_ADDR,
+            debounce: DEFAULT_DEBOUNCE,
+        }
+    }
+}
+
+/// Why the control plane could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error(
+        "cannot listen for {what} on {addr}: {source}; is another control plane running, or \
+         the port in use?"
+    )]
+    Bind {
+        /// `gRPC` or `admin HTTP`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The source failed (missing folder, watcher).
+    #[error(transparent)]
+    Source(#[from] source::Error),
+    /// A setting is out of range.
+    #[error("invalid settings: {0}")]
+    Settings(&'static str),
+    /// The gRPC server stopped with an error.
+    #[error("the gRPC server failed: {0}")]
+    Grpc(#[source] tonic::transport::Error),
+    /// A start-up task could not run (the runtime is shutting down).
+    #[error("a control-plane task failed to run: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// A running control plane. Dropping it stops it in the background; prefer
+/// [`ControlPlane::shutdown`], which waits.
+#[derive(Debug)]
+pub struct ControlPlane {
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    failures: mpsc::Receiver<Error>,
+}
+
+impl ControlPlane {
+    /// Binds both listeners, loads the source once, and starts serving. A source folder
+    /// that does not exist is an error; invalid documents in it are not (they are
+    /// reported at admin `/errors`).
+    pub async fn start(settings: Settings) -> Result<Self, Error> {
+        if settings.debounce.is_zero() {
+            return Err(Error::Settings("debounce must be more than zero"));
+        }
+        let Source::Dir(dir) = &settings.source;
+
+        let bind = |what, addr| async move {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { what, addr, source })?;
+            let bound =
+                listener
+                    .local_addr()
+                    .map_err(|source| Error::Bind { what, addr, source })?;
+            Ok::<_, Error>((listener, bound))
+        };
+        let (grpc_listener, grpc_addr) = bind("gRPC", settings.grpc_addr).await?;
+        let (admin_listener, admin_addr) = bind("admin HTTP", settings.admin_addr).await?;
+
+        let metrics = Arc::new(Metrics::new());
+        let source = DirSource::open(dir)?;
+        // Watch before the first load, so that no change after it is missed.
+        let watcher = DirWatcher::start(source.dir(), settings.debounce)?;
+        let (source, loaded) = tokio::task::spawn_blocking(move || {
+            let mut source = source;
+            let loaded = source.load();
+            (source, loaded)
+        })
+        .await
+        .map_err(Error::Task)?;
+        let loaded = loaded?;
+        info!(
+            source = %settings.source,
+            objects = ?model::Kind::ALL.map(|k| (k.as_str(), loaded.model.count(k))),
+            rejected = loaded.rejected.len(),
+            "source loaded"
+        );
+
+        let publisher = Publisher::new(Arc::clone(&metrics));
+        publisher.publish(loaded.model, loaded.rejected);
+        let mut models = publisher.models();
+        let model = Arc::clone(&models.borrow_and_update());
+        let index = Index::new(unix_millis(), &model, Arc::clone(&metrics));
+        let state = index.subscribe();
+        let ready = Arc::new(AtomicBool::new(false));
+
+        let (shutdown, stop) = watch::channel(false);
+        let (failed, failures) = mpsc::channel(4);
+        let agents = Arc::new(AgentRegistry::new(Arc::clone(&metrics)));
+        let admin_state = Arc::new(AdminState {
+            metrics: Arc::clone(&metrics),
+            agents: Arc::clone(&agents),
+            rejections: publisher.rejections(),
+            ready: Arc::clone(&ready),
+        });
+
+        let mut tasks = vec![
+            ("source", watcher.spawn(source, publisher, stop.clone())),
+            ("index", index.spawn(models, stop.clone())),
+            (
+                "admin",
+                tokio::spawn(admin::serve(admin_listener, admin_state, stop.clone())),
+            ),
+        ];
+
+        let discovery = DiscoveryService::new(state, agents, metrics, stop.clone());
+        let incoming = TcpIncoming::from(grpc_listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(TCP_KEEPALIVE));
+        let mut grpc_stop = stop;
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+            .add_service(discovery.into_server())
+            .serve_with_incoming_shutdown(incoming, async move { stopped(&mut grpc_stop).await });
+        tasks.push((
+            "grpc",
+            tokio::spawn(async move {
+                if let Err(error) = server.await {
+                    let _ = failed.send(Error::Grpc(error)).await;
+                }
+            }),
+        ));
+
+        ready.store(true, Ordering::Release);
+        info!(%grpc_addr, %admin_addr, "control plane serving");
+        Ok(ControlPlane {
+            grpc_addr,
+            admin_addr,
+            shutdown,
+            tasks,
+            failures,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound admin HTTP address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Resolves with the error if a server stops on its own; pending while all is well.
+    pub async fn failure(&mut self) -> Error {
+        match self.failures.recv().await {
+            Some(error) => error,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops accepting, ends every agent stream (agents see `UNAVAILABLE` and reconnect
+    /// elsewhere or later), and waits for the tasks, at most a few seconds.
+    pub async fn shutdown(mut self) {
+        self.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_TIMEOUT;
+        for (name, mut task) in std::mem::take(&mut self.tasks) {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                warn!(task = name, "task did not stop in time; aborting it");
+                task.abort();
+            }
+        }
+        info!("control plane stopped");
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// Resolves once `shutdown` is set (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across other awaits.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// The index's first revision: now, in Unix milliseconds, so that versions keep
+/// increasing across restarts.
+fn unix_millis() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}

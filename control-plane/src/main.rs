@@ -1,0 +1,101 @@
+//! `bulwark-control-plane`: serves agents their configuration from a folder of YAML.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bulwark_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, Settings, Source};
+use clap::{Parser, ValueEnum};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// Bulwark's control plane: reads policies and services, streams each agent its view.
+#[derive(Debug, Parser)]
+#[command(name = "bulwark-control-plane", version, about)]
+struct Args {
+    /// Where configuration comes from: `dir:PATH`, a folder of Kubernetes-shaped YAML
+    /// (re-read on change).
+    #[arg(long, env = "BULWARK_CP_SOURCE")]
+    source: Source,
+
+    /// gRPC listen address for agents.
+    #[arg(long, env = "BULWARK_CP_GRPC_ADDR", default_value = "0.0.0.0:9990")]
+    grpc_addr: SocketAddr,
+
+    /// Admin HTTP listen address (/metrics, /ready, /agents, /errors).
+    #[arg(long, env = "BULWARK_CP_ADMIN_ADDR", default_value = "0.0.0.0:9991")]
+    admin_addr: SocketAddr,
+
+    /// Quiet period after a change in the folder before it is re-read (e.g. 200ms, 1s).
+    #[arg(long, env = "BULWARK_CP_DEBOUNCE", default_value = "200ms", value_parser = parse_debounce)]
+    debounce: Duration,
+
+    /// Log format; the level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "BULWARK_CP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_debounce(value: &str) -> Result<Duration, String> {
+    let d: bulwark_control_plane::duration::Duration = value.parse().map_err(|e| format!("{e}"))?;
+    if d.is_zero() {
+        return Err(format!(
+            "must be more than zero (default {}ms)",
+            DEFAULT_DEBOUNCE.as_millis()
+        ));
+    }
+    Ok(d.as_std())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM, naming the signal.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            result.context("cannot listen for Ctrl-C")?;
+            Ok("SIGINT")
+        }
+        _ = term.recv() => Ok("SIGTERM"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let settings = Settings {
+        source: args.source,
+        grpc_addr: args.grpc_addr,
+        admin_addr: args.admin_addr,
+        debounce: args.debounce,
+    };
+    let mut control_plane = ControlPlane::start(settings)
+        .await
+        .context("the control plane could not start")?;
+    let outcome = tokio::select! {
+        signal = shutdown_signal() => signal.map(|signal| info!(signal, "shutting down")),
+        failure = control_plane.failure() => {
+            error!(error = %failure, "the control plane failed; shutting down");
+            Err(failure.into())
+        }
+    };
+    control_plane.shutdown().await;
+    outcome
+}

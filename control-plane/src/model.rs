@@ -1,0 +1,287 @@
+//! The validated domain model: what every source (the local folder today, Kubernetes
+//! later) hands to the index. Nothing here knows about YAML or the wire format; values
+//! are checked and policy defaults are already applied.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::timestamp::Timestamp;
+
+pub mod policy;
+
+pub use policy::{RateLimitPolicy, ResiliencePolicy, TargetRef};
+
+/// A namespaced object name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectName {
+    /// The namespace (`default` when a manifest leaves it out).
+    pub namespace: String,
+    /// The object's name.
+    pub name: String,
+}
+
+impl ObjectName {
+    /// Builds a name from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// `namespace/name`.
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The kinds of object the control plane understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    /// Core `v1/Service`.
+    Service,
+    /// `discovery.k8s.io/v1/EndpointSlice`.
+    EndpointSlice,
+    /// Core `v1/Pod` (only its labels and IPs are used).
+    Pod,
+    /// `bulwark.io/v1alpha1/ResiliencePolicy`.
+    ResiliencePolicy,
+    /// `bulwark.io/v1alpha1/RateLimitPolicy`.
+    RateLimitPolicy,
+}
+
+impl Kind {
+    /// Every kind, for metrics that report zero counts too.
+    pub const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::ResiliencePolicy,
+        Kind::RateLimitPolicy,
+    ];
+
+    /// The Kubernetes kind name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::ResiliencePolicy => "ResiliencePolicy",
+            Kind::RateLimitPolicy => "RateLimitPolicy",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identifies one object across all kinds: `Kind namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    /// The object's kind.
+    pub kind: Kind,
+    /// The object's namespace and name.
+    pub name: ObjectName,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.name)
+    }
+}
+
+/// One validated object of any kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    /// A Service.
+    Service(Service),
+    /// An EndpointSlice.
+    EndpointSlice(EndpointSlice),
+    /// A Pod.
+    Pod(Pod),
+    /// A ResiliencePolicy (boxed: it is much larger than the other kinds).
+    ResiliencePolicy(Box<ResiliencePolicy>),
+    /// A RateLimitPolicy.
+    RateLimitPolicy(RateLimitPolicy),
+}
+
+impl Object {
+    /// The object's identity.
+    pub fn key(&self) -> ObjectKey {
+        let (kind, name) = match self {
+            Object::Service(o) => (Kind::Service, &o.name),
+            Object::EndpointSlice(o) => (Kind::EndpointSlice, &o.name),
+            Object::Pod(o) => (Kind::Pod, &o.name),
+            Object::ResiliencePolicy(o) => (Kind::ResiliencePolicy, &o.name),
+            Object::RateLimitPolicy(o) => (Kind::RateLimitPolicy, &o.name),
+        };
+        ObjectKey {
+            kind,
+            name: name.clone(),
+        }
+    }
+}
+
+/// Everything a source currently knows: a complete, consistent set of valid objects.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Model {
+    /// Services by name.
+    pub services: BTreeMap<ObjectName, Service>,
+    /// EndpointSlices by name.
+    pub endpoint_slices: BTreeMap<ObjectName, EndpointSlice>,
+    /// Pods by name.
+    pub pods: BTreeMap<ObjectName, Pod>,
+    /// ResiliencePolicies by name.
+    pub resilience_policies: BTreeMap<ObjectName, ResiliencePolicy>,
+    /// RateLimitPolicies by name.
+    pub rate_limit_policies: BTreeMap<ObjectName, RateLimitPolicy>,
+}
+
+impl Model {
+    /// Adds or replaces an object.
+    pub fn insert(&mut self, object: Object) {
+        match object {
+            Object::Service(o) => {
+                self.services.insert(o.name.clone(), o);
+            }
+            Object::EndpointSlice(o) => {
+                self.endpoint_slices.insert(o.name.clone(), o);
+            }
+            Object::Pod(o) => {
+                self.pods.insert(o.name.clone(), o);
+            }
+            Object::ResiliencePolicy(o) => {
+                self.resilience_policies.insert(o.name.clone(), *o);
+            }
+            Object::RateLimitPolicy(o) => {
+                self.rate_limit_policies.insert(o.name.clone(), o);
+            }
+        }
+    }
+
+    /// How many objects of a kind the model holds.
+    pub fn count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Service => self.services.len(),
+            Kind::EndpointSlice => self.endpoint_slices.len(),
+            Kind::Pod => self.pods.len(),
+            Kind::ResiliencePolicy => self.resilience_policies.len(),
+            Kind::RateLimitPolicy => self.rate_limit_policies.len(),
+        }
+    }
+}
+
+impl FromIterator<Object> for Model {
+    fn from_iter<I: IntoIterator<Item = Object>>(iter: I) -> Self {
+        let mut model = Model::default();
+        for object in iter {
+            model.insert(object);
+        }
+        model
+    }
+}
+
+/// A transport protocol of a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP, the default; the only protocol the agent proxies.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+/// A Service: a name, a pod selector and ports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    /// Namespace and name.
+    pub name: ObjectName,
+    /// `spec.selector`; `None` for a service without one (its endpoints are managed by hand).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Cluster IPs (none for headless services).
+    pub cluster_ips: Vec<IpAddr>,
+    /// Ports, in manifest order.
+    pub ports: Vec<ServicePort>,
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePort {
+    /// The port's name (empty for an unnamed single port).
+    pub name: String,
+    /// The port clients connect to.
+    pub port: u16,
+    /// The port on the pods.
+    pub target_port: TargetPort,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// The `appProtocol` hint, if any.
+    pub app_protocol: Option<String>,
+}
+
+/// A Service's `targetPort`: a number, or the name of a container port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A port number on the pod.
+    Number(u16),
+    /// A named container port, resolved through the EndpointSlices.
+    Name(String),
+}
+
+/// An EndpointSlice: some endpoints of one Service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointSlice {
+    /// Namespace and name.
+    pub name: ObjectName,
+    /// The Service it belongs to (label `kubernetes.io/service-name`), same namespace.
+    pub service: String,
+    /// The ports every endpoint of the slice serves.
+    pub ports: Vec<EndpointPort>,
+    /// The endpoints, in manifest order.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A named port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointPort {
+    /// Matches the Service port of the same name.
+    pub name: String,
+    /// The port number on the endpoints.
+    pub port: u16,
+    /// Transport protocol.
+    pub protocol: Protocol,
+}
+
+/// One endpoint (pod) of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The endpoint's address (the first of `addresses`, which Kubernetes treats as fungible).
+    pub address: IpAddr,
+    /// `conditions.ready`, absent read as ready.
+    pub ready: bool,
+    /// The pod behind it, from `targetRef`, if it names a Pod.
+    pub pod: Option<ObjectName>,
+}
+
+/// A Pod, for the labels of the endpoints it backs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// Namespace and name.
+    pub name: ObjectName,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `status.podIP` and `status.podIPs`.
+    pub ips: Vec<IpAddr>,
+}
+
+/// When an object was created, for ordering conflicting policies (oldest wins).
+pub type CreationTime = Option<Timestamp>;

@@ -1,0 +1,102 @@
+//! Domain policies to wire (proto) messages. Values are exact: defaults were applied
+//! when the policy was validated, so nothing here invents a value.
+
+use std::time::Duration;
+
+use bulwark_proto::v1 as proto;
+use proto::load_balancer::Strategy as ProtoStrategy;
+use proto::rate_limit_key::Kind as ProtoKeyKind;
+
+use crate::model::ObjectName;
+use crate::model::policy::{self, LimitKey, Strategy};
+
+/// A `google.protobuf.Duration`.
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        // Always below 1e9, so it fits.
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The wire form of a ResiliencePolicy.
+pub fn resilience(p: &policy::ResiliencePolicy) -> proto::ResiliencePolicy {
+    proto::ResiliencePolicy {
+        source: p.name.to_string(),
+        timeouts: p.timeout.map(|t| proto::Timeouts {
+            request: t.request.map(duration),
+            connect: t.connect.map(duration),
+        }),
+        retry: p.retry.as_ref().map(|r| proto::Retry {
+            attempts: r.attempts,
+            per_try_timeout: r.per_try_timeout.map(duration),
+            backoff: Some(proto::Backoff {
+                base: Some(duration(r.backoff.base)),
+                max: Some(duration(r.backoff.max)),
+            }),
+            retry_on: r.retry_on.iter().map(|c| c.as_str().to_owned()).collect(),
+            status_codes: r.status_codes.iter().copied().map(u32::from).collect(),
+            grpc_codes: r.grpc_codes.clone(),
+            non_idempotent: r.non_idempotent,
+            budget: Some(proto::RetryBudget {
+                ratio: r.budget.ratio,
+                min_per_second: r.budget.min_per_second,
+                window: Some(duration(r.budget.window)),
+            }),
+            max_body_bytes: r.max_body_bytes,
+        }),
+        circuit_breaker: p.circuit_breaker.map(|c| proto::CircuitBreaker {
+            consecutive_failures: c.consecutive_failures,
+            failure_ratio: c.failure_ratio.map(|f| proto::FailureRatio {
+                threshold: f.threshold,
+                min_requests: f.min_requests,
+                window: Some(duration(f.window)),
+            }),
+            open_duration: Some(duration(c.open_duration)),
+            max_open_duration: Some(duration(c.max_open_duration)),
+            half_open_probes: c.half_open_probes,
+        }),
+        bulkhead: p.bulkhead.map(|b| proto::Bulkhead {
+            max_concurrent_requests: b.max_concurrent_requests,
+            max_pending: b.max_pending,
+            queue_timeout: Some(duration(b.queue_timeout)),
+            max_connections: b.max_connections,
+        }),
+        load_balancer: p.load_balancer.map(|lb| proto::LoadBalancer {
+            strategy: match lb.strategy {
+                Strategy::LeastRequest => ProtoStrategy::LeastRequest,
+                Strategy::RoundRobin => ProtoStrategy::RoundRobin,
+            }
+            .into(),
+        }),
+    }
+}
+
+/// The wire form of one limit of a RateLimitPolicy, for the given local ports.
+pub fn rate_limit(policy: &ObjectName, limit: &policy::Limit, ports: Vec<u32>) -> proto::RateLimit {
+    let key = match &limit.key {
+        LimitKey::None => ProtoKeyKind::None(proto::Empty {}),
+        LimitKey::ClientAddress => ProtoKeyKind::ClientAddress(proto::Empty {}),
+        LimitKey::Header(name) => ProtoKeyKind::Header(name.clone()),
+    };
+    proto::RateLimit {
+        source: policy.to_string(),
+        name: limit.name.clone(),
+        ports,
+        key: Some(proto::RateLimitKey { kind: Some(key) }),
+        requests: limit.requests,
+        period: Some(duration(limit.per)),
+        burst: limit.burst,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_keep_subsecond_precision() {
+        let d = duration(Duration::from_millis(1_250));
+        assert_eq!((d.seconds, d.nanos), (1, 250_000_000));
+    }
+}

@@ -1,0 +1,583 @@
+//! The control plane end to end: a real tonic client over loopback against
+//! `ControlPlane::start` on a copy of the example mesh, and its admin endpoints.
+// Helpers outside #[test] functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bulwark_control_plane::{ControlPlane, Settings, Source};
+use bulwark_proto::v1::agent_message::Kind;
+use bulwark_proto::v1::discovery_client::DiscoveryClient;
+use bulwark_proto::v1::rate_limit_key::Kind as KeyKind;
+use bulwark_proto::v1::{Ack, AgentMessage, Identity, Nack, Snapshot};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `check` every 20ms until it holds, failing the test after the deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A control plane on a private copy of `examples/`.
+struct Fixture {
+    dir: tempfile::TempDir,
+    cp: ControlPlane,
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for entry in std::fs::read_dir(examples).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let cp = ControlPlane::start(Settings {
+            source: Source::Dir(dir.path().to_owned()),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            debounce: Duration::from_millis(50),
+        })
+        .await
+        .unwrap();
+        Fixture { dir, cp }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.path(file)).unwrap()
+    }
+
+    /// Replaces a file the way editors do: write a hidden temporary file, rename it over.
+    fn write(&self, file: &str, text: &str) {
+        let tmp = self.path(&format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.path(file)).unwrap();
+    }
+
+    async fn agent(&self, pod: &str, labels: &[(&str, &str)]) -> Agent {
+        Agent::connect(self.cp.grpc_addr(), pod, labels).await
+    }
+
+    async fn admin(&self, path: &str) -> (u16, String) {
+        http_get(self.cp.admin_addr(), path).await
+    }
+
+    async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.admin(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// A test agent: a discovery stream and the sending half of its messages.
+struct Agent {
+    tx: mpsc::Sender<AgentMessage>,
+    snapshots: Streaming<Snapshot>,
+}
+
+fn hello(pod: &str, labels: &[(&str, &str)]) -> AgentMessage {
+    AgentMessage {
+        kind: Some(Kind::Hello(Identity {
+            namespace: "demo".into(),
+            pod_name: pod.into(),
+            service_account: "default".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            agent_version: "test".into(),
+            protocol_version: 1,
+        })),
+    }
+}
+
+async fn open(addr: SocketAddr, first: AgentMessage) -> Result<Agent, tonic::Status> {
+    let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(first).await.unwrap();
+    let snapshots = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    Ok(Agent { tx, snapshots })
+}
+
+impl Agent {
+    async fn connect(addr: SocketAddr, pod: &str, labels: &[(&str, &str)]) -> Agent {
+        open(addr, hello(pod, labels)).await.unwrap()
+    }
+
+    async fn next(&mut self) -> Snapshot {
+        tokio::time::timeout(DEADLINE, self.snapshots.message())
+            .await
+            .expect("no snapshot within the deadline")
+            .unwrap()
+            .expect("stream ended")
+    }
+
+    async fn ack(&self, version: u64) {
+        let kind = Kind::Ack(Ack { version });
+        self.tx
+            .send(AgentMessage { kind: Some(kind) })
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, version: u64, error: &str) {
+        let kind = Kind::Nack(Nack {
+            version,
+            error: error.into(),
+        });
+        self.tx
+            .send(AgentMessage { kind: Some(kind) })
+            .await
+            .unwrap();
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+fn service<'a>(snapshot: &'a Snapshot, name: &str) -> &'a bulwark_proto::v1::Service {
+    snapshot
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service {name} in the snapshot"))
+}
+
+fn attempts(snapshot: &Snapshot, name: &str) -> Option<u32> {
+    let port = &service(snapshot, name).ports[0];
+    Some(port.resilience.as_ref()?.retry.as_ref()?.attempts)
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn an_agent_gets_the_mesh_its_limits_and_the_exact_policies() {
+    let fx = Fixture::start().await;
+    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let snapshot = agent.next().await;
+
+    let mut names: Vec<_> = snapshot.services.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["catalog", "frontend", "payments", "reviews"]);
+    let reviews = service(&snapshot, "reviews");
+    assert_eq!(reviews.namespace, "demo");
+    let port = &reviews.ports[0];
+    assert_eq!((port.name.as_str(), port.port), ("http", 80));
+    let endpoints: Vec<_> = port.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(
+        endpoints,
+        ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"],
+        "127.0.0.24 is not ready"
+    );
+
+    let policy = port.resilience.as_ref().unwrap();
+    assert_eq!(policy.source, "demo/reviews");
+    let timeouts = policy.timeouts.unwrap();
+    assert_eq!(timeouts.request.unwrap().seconds, 2);
+    assert_eq!(timeouts.connect.unwrap().nanos, 250_000_000);
+    let retry = policy.retry.as_ref().unwrap();
+    assert_eq!(retry.attempts, 3);
+    assert_eq!(
+        retry.retry_on,
+        ["connect-failure", "reset", "gateway-error"]
+    );
+    assert_eq!(retry.grpc_codes, [14]);
+    assert_eq!(retry.max_body_bytes, 65_536);
+    let breaker = policy.circuit_breaker.unwrap();
+    assert_eq!(breaker.failure_ratio.unwrap().min_requests, 20);
+    assert_eq!(breaker.max_open_duration.unwrap().seconds, 30);
+
+    // Defaults filled in where the example leaves fields out.
+    let payments = service(&snapshot, "payments").ports[0]
+        .resilience
+        .as_ref()
+        .unwrap();
+    let retry = payments.retry.as_ref().unwrap();
+    assert_eq!(retry.attempts, 1);
+    assert_eq!(retry.backoff.unwrap().base.unwrap().nanos, 25_000_000);
+    assert_eq!(retry.budget.unwrap().ratio, 0.2);
+    assert_eq!(payments.circuit_breaker.unwrap().half_open_probes, 1);
+    assert_eq!(payments.bulkhead.unwrap().max_connections, 0);
+    assert!(payments.timeouts.unwrap().connect.is_some());
+    let catalog = service(&snapshot, "catalog").ports[0]
+        .resilience
+        .as_ref()
+        .unwrap();
+    assert!(
+        catalog.timeouts.unwrap().connect.is_none(),
+        "absent field stays unset"
+    );
+    assert!(catalog.circuit_breaker.is_none());
+    assert_eq!(
+        catalog.bulkhead.unwrap().queue_timeout.unwrap().nanos,
+        250_000_000
+    );
+
+    let limits = snapshot.inbound.unwrap().rate_limits;
+    assert_eq!(limits.len(), 2);
+    let per_tenant = limits.iter().find(|l| l.name == "per-tenant").unwrap();
+    assert_eq!(per_tenant.source, "demo/frontend");
+    assert_eq!(per_tenant.ports, [8080]);
+    assert_eq!((per_tenant.requests, per_tenant.burst), (20, 10));
+    assert_eq!(
+        per_tenant.key.as_ref().unwrap().kind,
+        Some(KeyKind::Header("x-tenant-id".into()))
+    );
+
+    // Other pods enforce no limits.
+    let mut catalog_agent = fx.agent("catalog-0", &[("app", "catalog")]).await;
+    let other = catalog_agent.next().await;
+    assert!(other.inbound.unwrap().rate_limits.is_empty());
+    assert_eq!(
+        other.version, snapshot.version,
+        "same content, same revision"
+    );
+    fx.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn acks_and_nacks_show_up_in_agents_and_metrics() {
+    let fx = Fixture::start().await;
+    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let snapshot = agent.next().await;
+    agent.ack(snapshot.version).await;
+    eventually("the ACK in /agents", || async {
+        let agents = fx.admin_json("/agents").await;
+        agents[0]["last_ack"]["version"] == snapshot.version
+    })
+    .await;
+    let agents = fx.admin_json("/agents").await;
+    assert_eq!(agents.as_array().unwrap().len(), 1);
+    let entry = &agents[0];
+    assert_eq!(entry["identity"]["pod_name"], "frontend-0");
+    assert_eq!(entry["identity"]["labels"]["app"], "frontend");
+    assert_eq!(entry["sent_version"], snapshot.version);
+    assert!(entry["connected_since"].is_string());
+    assert!(entry["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(entry["last_nack"].is_null());
+
+    agent
+        .nack(snapshot.version, "unknown retryOn condition")
+        .await;
+    eventually("the NACK in /agents", || async {
+        let agents = fx.admin_json("/agents").await;
+        agents[0]["last_nack"]["error"] == "unknown retryOn condition"
+    })
+    .await;
+    let agents = fx.admin_json("/agents").await;
+    assert_eq!(agents[0]["last_nack"]["version"], snapshot.version);
+
+    let (status, metrics) = fx.admin("/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&metrics, "bulwark_cp_agents_connected"), Some(1.0));
+    assert_eq!(metric(&metrics, "bulwark_cp_acks_total"), Some(1.0));
+    assert_eq!(metric(&metrics, "bulwark_cp_nacks_total"), Some(1.0));
+    assert_eq!(
+        metric(&metrics, "bulwark_cp_snapshots_sent_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&metrics, "bulwark_cp_objects{kind=\"Service\"}"),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(&metrics, "bulwark_cp_revision"),
+        Some(snapshot.version as f64)
+    );
+    assert_eq!(fx.admin("/ready").await.0, 200);
+    assert_eq!(fx.admin("/nothing-here").await.0, 404);
+
+    drop(agent);
+    eventually("the agent to leave /agents", || async {
+        fx.admin_json("/agents")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let (_, metrics) = fx.admin("/metrics").await;
+    assert_eq!(metric(&metrics, "bulwark_cp_agents_connected"), Some(0.0));
+    fx.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn edits_reach_agents_and_invalid_edits_keep_the_last_good_policy() {
+    let fx = Fixture::start().await;
+    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let first = agent.next().await;
+    assert_eq!(attempts(&first, "reviews"), Some(3));
+
+    // A valid edit: a new snapshot, one revision up.
+    let resilience = fx.read("resilience.yaml");
+    fx.write(
+        "resilience.yaml",
+        &resilience.replace("attempts: 3 ", "attempts: 4 "),
+    );
+    let second = agent.next().await;
+    assert_eq!(attempts(&second, "reviews"), Some(4));
+    assert_eq!(second.version, first.version + 1);
+
+    // An invalid edit: rejected, reported with file and path, the old policy stays.
+    fx.write(
+        "resilience.yaml",
+        &resilience.replace("attempts: 3 ", "attempts: 0 "),
+    );
+    eventually("the rejection in /errors", || async {
+        fx.admin_json("/errors")
+            .await
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let errors = fx.admin_json("/errors").await;
+    let rejected = &errors[0];
+    assert!(
+        rejected["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("resilience.yaml")
+    );
+    assert_eq!(rejected["document"], 0);
+    assert_eq!(rejected["path"], "spec.retry.attempts");
+    assert_eq!(rejected["object"], "ResiliencePolicy demo/reviews");
+    assert_eq!(rejected["kept_previous"], true);
+    let (_, metrics) = fx.admin("/metrics").await;
+    assert_eq!(metric(&metrics, "bulwark_cp_rejected_objects"), Some(1.0));
+
+    // The next change the agent hears of is the next valid one, exactly one revision
+    // later: the invalid edit changed nothing anywhere.
+    let ratelimit = fx.read("ratelimit.yaml");
+    fx.write(
+        "ratelimit.yaml",
+        &ratelimit.replace("requests: 200", "requests: 300"),
+    );
+    let third = agent.next().await;
+    assert_eq!(third.version, second.version + 1);
+    assert_eq!(
+        attempts(&third, "reviews"),
+        Some(4),
+        "last good version in force"
+    );
+    let total = third
+        .inbound
+        .as_ref()
+        .unwrap()
+        .rate_limits
+        .iter()
+        .find(|l| l.name == "total")
+        .cloned();
+    assert_eq!(total.unwrap().requests, 300);
+
+    // Fixing the document clears the error.
+    fx.write("resilience.yaml", &resilience);
+    let fourth = agent.next().await;
+    assert_eq!(attempts(&fourth, "reviews"), Some(3));
+    assert!(
+        fx.admin_json("/errors")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    fx.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn deleting_a_file_removes_its_objects() {
+    let fx = Fixture::start().await;
+    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let first = agent.next().await;
+    assert_eq!(first.inbound.unwrap().rate_limits.len(), 2);
+
+    std::fs::remove_file(fx.path("ratelimit.yaml")).unwrap();
+    let second = agent.next().await;
+    assert!(second.version > first.version);
+    assert!(second.inbound.unwrap().rate_limits.is_empty());
+
+    std::fs::remove_file(fx.path("resilience.yaml")).unwrap();
+    let third = agent.next().await;
+    assert!(
+        third
+            .services
+            .iter()
+            .all(|s| s.ports.iter().all(|p| p.resilience.is_none()))
+    );
+    fx.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_change_only_reaches_the_agents_it_affects() {
+    let fx = Fixture::start().await;
+    let mut frontend = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let mut catalog = fx.agent("catalog-0", &[("app", "catalog")]).await;
+    let start = frontend.next().await.version;
+    assert_eq!(catalog.next().await.version, start);
+
+    // A rate-limit edit for frontend's pods: frontend hears of it...
+    let ratelimit = fx.read("ratelimit.yaml");
+    fx.write(
+        "ratelimit.yaml",
+        &ratelimit.replace("burst: 100", "burst: 150"),
+    );
+    assert_eq!(frontend.next().await.version, start + 1);
+
+    // ...catalog does not: the next thing it receives is the later, global change.
+    let resilience = fx.read("resilience.yaml");
+    fx.write(
+        "resilience.yaml",
+        &resilience.replace("attempts: 3 ", "attempts: 5 "),
+    );
+    let next = catalog.next().await;
+    assert_eq!(next.version, start + 2);
+    assert_eq!(attempts(&next, "reviews"), Some(5));
+    assert_eq!(frontend.next().await.version, start + 2);
+    fx.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_first_message_must_be_hello() {
+    let fx = Fixture::start().await;
+    let ack = AgentMessage {
+        kind: Some(Kind::Ack(Ack { version: 1 })),
+    };
+    let status = match open(fx.cp.grpc_addr(), ack).await {
+        Ok(mut agent) => agent.snapshots.message().await.unwrap_err(),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("first message must be hello"),
+        "{status:?}"
+    );
+
+    let mut nameless = hello("x", &[]);
+    if let Some(Kind::Hello(identity)) = &mut nameless.kind {
+        identity.namespace.clear();
+    }
+    let status = match open(fx.cp.grpc_addr(), nameless).await {
+        Ok(mut agent) => agent.snapshots.message().await.unwrap_err(),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("hello.namespace is empty"),
+        "{status:?}"
+    );
+
+    // hello is only the first message.
+    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    agent.next().await;
+    agent.tx.send(hello("frontend-0", &[])).await.unwrap();
+    let status = tokio::time::timeout(DEADLINE, agent.snapshots.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    eventually("rejected agents to leave /agents", || async {
+        fx.admin_json("/agents")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    fx.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_agent_streams_with_unavailable() {
+    let fx = Fixture::start().await;
+    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    agent.next().await;
+    let Fixture { dir: _dir, cp } = fx;
+    let stopping = tokio::spawn(cp.shutdown());
+    let status = tokio::time::timeout(DEADLINE, agent.snapshots.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    drop(agent);
+    tokio::time::timeout(DEADLINE, stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn start_fails_on_a_missing_folder_but_not_on_invalid_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = |path: PathBuf| Settings {
+        source: Source::Dir(path),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        debounce: Duration::from_millis(50),
+    };
+    let err = ControlPlane::start(settings(dir.path().join("missing")))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot read the source folder"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "apiVersion: v1\nkind: Service\n",
+    )
+    .unwrap();
+    let cp = ControlPlane::start(settings(dir.path().to_owned()))
+        .await
+        .unwrap();
+    let (status, body) = http_get(cp.admin_addr(), "/errors").await;
+    assert_eq!(status, 200);
+    let errors: Vec<HashMap<String, serde_json::Value>> = serde_json::from_str(&body).unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["path"], "metadata.name");
+    cp.shutdown().await;
+}

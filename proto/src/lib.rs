@@ -1,0 +1,15 @@
+//! Bulwark's agent <-> control-plane API, generated from `proto/bulwark/mesh/v1/discovery.proto`.
+
+/// Version 1 of the mesh discovery API.
+pub mod mesh {
+    /// Messages and the `Discovery` service.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("bulwark.mesh.v1");
+    }
+}
+
+pub use mesh::v1;
+
+/// The highest API revision this build understands.
+pub const PROTOCOL_VERSION: u32 = 1;
