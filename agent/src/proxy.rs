@@ -76,6 +76,36 @@ pub fn local_response(
     rsp
 }
 
+/// Sends `req` unchanged but for its target (`authority`) and hop-by-hop
+/// headers: the path for traffic without policy (passthrough, inbound to the app).
+pub async fn send_plain(
+    upstream: &upstream::Upstream,
+    req: http::Request<hyper::body::Incoming>,
+    authority: http::uri::Authority,
+) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+    let http2 = parts.version == http::Version::HTTP_2;
+    let req = http::Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    let (mut head, body) = upstream.send(req, http2).await?.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    Ok(Response::from_parts(
+        head,
+        body.map_err(Into::into).boxed_unsync(),
+    ))
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
 const HOP_BY_HOP: [http::HeaderName; 7] = [
     http::header::CONNECTION,

@@ -6,15 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::upstream::Upstream;
-use super::{ProxyBody, local_response, reason, strip_hop_by_hop};
+use super::{ProxyBody, local_response, reason, send_plain};
 use crate::config::Config;
 use crate::metrics::{Direction, DstMetrics, Metrics};
 
@@ -79,27 +78,8 @@ impl Inbound {
     }
 
     async fn to_app(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.app.clone());
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        parts.uri = Uri::from_parts(uri).unwrap_or_default();
-        let http2 = parts.version == http::Version::HTTP_2;
-        let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-        match self.upstream.send(req, http2).await {
-            Ok(rsp) => {
-                let (mut head, body) = rsp.into_parts();
-                strip_hop_by_hop(&mut head.headers);
-                Response::from_parts(head, body.map_err(Into::into).boxed_unsync())
-            }
+        match send_plain(&self.upstream, req, self.app.clone()).await {
+            Ok(rsp) => rsp,
             Err(error) => {
                 debug!(app = %self.app, %error, "local app did not answer");
                 self.dst.local_response(reason::CONNECT_FAILED);

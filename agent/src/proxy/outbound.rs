@@ -6,16 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, info_span};
 
 use super::target::{self, Target};
 use super::upstream::Upstream;
-use super::{ProxyBody, forward, local_response, reason, strip_hop_by_hop};
+use super::{ProxyBody, forward, local_response, reason, send_plain};
 use crate::config::Config;
 use crate::metrics::{Direction, DstMetrics, Metrics};
 use crate::telemetry::Propagation;
@@ -120,27 +119,8 @@ impl Outbound {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         self.metrics.passthrough();
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(authority);
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        parts.uri = Uri::from_parts(uri).unwrap_or_default();
-        let http2 = parts.version == http::Version::HTTP_2;
-        let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-        let rsp = match self.passthrough.send(req, http2).await {
-            Ok(rsp) => {
-                let (mut head, body) = rsp.into_parts();
-                strip_hop_by_hop(&mut head.headers);
-                Response::from_parts(head, body.map_err(Into::into).boxed_unsync())
-            }
+        let rsp = match send_plain(&self.passthrough, req, authority).await {
+            Ok(rsp) => rsp,
             Err(error) => {
                 debug!(%error, "passthrough request failed");
                 self.passthrough_metrics
