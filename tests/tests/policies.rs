@@ -468,3 +468,47 @@ async fn grpc_status_in_trailers_is_retried_over_http2() {
     assert!(unavailable.stats().total >= 2);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn connect_tunnels_pass_through_and_https_proxy_form_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let outside = upstream("outside", Knobs::healthy()).await;
+    let h = Harness::start(Mesh::new().unwrap()).await;
+
+    let mut tcp = tokio::net::TcpStream::connect(h.agent.outbound_addr())
+        .await
+        .unwrap();
+    let target = outside.addr();
+    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "tunnel established: {head}"
+    );
+    // Anything may flow through the tunnel; here, plain HTTP to the upstream.
+    tcp.write_all(b"GET /through HTTP/1.1\r\nHost: outside\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tcp.read_to_end(&mut reply).await.unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("x-upstream: outside"),
+        "{reply}"
+    );
+
+    let rsp = h.client.get("https://reviews.test/", &[]).await.unwrap();
+    assert_eq!(
+        rsp.status, 400,
+        "https in proxy form would be plaintext to a TLS port"
+    );
+    let m = h.metrics().await;
+    assert_eq!(m.get("bulwark_passthrough_requests_total", &[]), 1.0);
+    h.shutdown().await;
+}

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::uri::Authority;
-use http::{Request, Response, StatusCode};
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, info_span};
 
@@ -61,6 +63,15 @@ impl Outbound {
         mut req: Request<Incoming>,
         _peer: SocketAddr,
     ) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT {
+            return self.tunnel(req).await;
+        }
+        if req.uri().scheme() == Some(&Scheme::HTTPS) {
+            // An https:// URI in proxy form would have us speak plaintext to a TLS
+            // port; clients tunnel TLS with CONNECT instead.
+            debug!(uri = %req.uri(), "https URI in proxy form refused");
+            return local_response(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, None);
+        }
         let (dst, passthrough) = {
             let (host, port) = match target::authority(&req) {
                 Ok(hp) => hp,
@@ -109,6 +120,59 @@ impl Outbound {
             }
             Target::Name { .. } => false,
         }
+    }
+
+    /// Answers `CONNECT host:port` and relays bytes both ways (e.g. TLS to an
+    /// external API through `HTTPS_PROXY`). Tunnels carry no HTTP policy.
+    async fn tunnel(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(authority) = req.uri().authority().cloned() else {
+            return local_response(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, None);
+        };
+        let target = (
+            authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            authority.port_u16().unwrap_or(443),
+        );
+        if target::classify(&target.0, target.1).is_some_and(|t| self.is_self(t)) {
+            return local_response(StatusCode::LOOP_DETECTED, reason::LOOP_DETECTED, None);
+        }
+        self.metrics.passthrough();
+        let upstream = match tokio::time::timeout(
+            PASSTHROUGH_CONNECT_TIMEOUT,
+            TcpStream::connect((target.0.as_str(), target.1)),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                debug!(%authority, %error, "CONNECT target refused");
+                self.passthrough_metrics
+                    .local_response(reason::CONNECT_FAILED);
+                return local_response(StatusCode::BAD_GATEWAY, reason::CONNECT_FAILED, None);
+            }
+            Err(_) => {
+                self.passthrough_metrics.local_response(reason::TIMEOUT);
+                return local_response(StatusCode::GATEWAY_TIMEOUT, reason::TIMEOUT, None);
+            }
+        };
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    let mut client = TokioIo::new(upgraded);
+                    let mut upstream = upstream;
+                    if let Err(error) =
+                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        debug!(%authority, %error, "tunnel closed with an error");
+                    }
+                }
+                Err(error) => debug!(%authority, %error, "CONNECT upgrade failed"),
+            }
+        });
+        Response::new(super::full(bytes::Bytes::new()))
     }
 
     /// Forwards a request for a destination outside the mesh, untouched by policy.

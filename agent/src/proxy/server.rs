@@ -54,7 +54,10 @@ pub async fn serve<H, F>(
                     let rsp = handler(req, peer);
                     async move { Ok::<_, Infallible>(rsp.await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                // Upgrades are on so that CONNECT tunnels work on the outbound listener.
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(error) = conn.await {
