@@ -47,6 +47,8 @@ pub struct Inputs<'a> {
     pub observations: &'a Observations,
     /// The agent's metrics at the end.
     pub metrics: Option<&'a Metrics>,
+    /// The control plane's metrics at the end.
+    pub control_plane: Option<&'a Metrics>,
     /// The test upstreams.
     pub upstreams: &'a [UpstreamReport],
     /// The per-tenant bucket of the example policy, if it could be read.
@@ -97,6 +99,23 @@ pub fn render(inputs: &Inputs<'_>) -> String {
     timeouts(&mut out, inputs);
     rate_limit(&mut out, inputs);
     config(&mut out, inputs);
+    let skipped: u64 = [
+        inputs.reviews,
+        inputs.catalog,
+        inputs.payments,
+        inputs.acme,
+        inputs.globex,
+    ]
+    .iter()
+    .map(|run| run.skipped)
+    .sum();
+    if skipped > 0 {
+        let _ = writeln!(
+            out,
+            "\n(the demo skipped {} sends because too many requests were waiting for an answer)",
+            count(skipped)
+        );
+    }
     match inputs.metrics {
         None => {
             let _ = writeln!(out, "\n(n/a: the agent's metrics could not be read)");
@@ -175,24 +194,31 @@ fn breakers(out: &mut String, inputs: &Inputs<'_>) {
             describe_timeline(events)
         );
     }
-    let fast: Vec<&Outcome> = all_outbound(inputs)
-        .filter(|o| o.has_reason("circuit-open"))
-        .collect();
-    let latency = Latencies::new(fast.iter().map(|o| o.latency));
-    let _ = writeln!(
-        out,
-        "  {} requests failed fast (503 circuit-open){}; the agent counted {}",
-        count(fast.len() as u64),
-        latency
-            .quantile(0.99)
-            .map(|p99| format!(", p99 {}", ms(p99)))
-            .unwrap_or_default(),
-        metric_count(
-            inputs,
-            "bulwark_local_responses_total",
-            &[("reason", "circuit-open")]
-        ),
-    );
+    for (dst, run) in outbound_runs(inputs) {
+        let fast: Vec<&Outcome> = run
+            .outcomes
+            .iter()
+            .filter(|o| o.has_reason("circuit-open"))
+            .collect();
+        if fast.is_empty() {
+            continue;
+        }
+        let latency = Latencies::new(fast.iter().map(|o| o.latency));
+        let _ = writeln!(
+            out,
+            "  {dst}: {} failed fast (503 circuit-open: every endpoint open){}; the agent counted {}",
+            requests(fast.len()),
+            latency
+                .quantile(0.99)
+                .map(|p99| format!(", p99 {}", ms(p99)))
+                .unwrap_or_default(),
+            metric_count(
+                inputs,
+                "bulwark_local_responses_total",
+                &[("dst", dst), ("reason", "circuit-open")]
+            ),
+        );
+    }
     if inputs.observations.failed_scrapes > 0 {
         let _ = writeln!(
             out,
@@ -303,8 +329,8 @@ fn timeouts(out: &mut String, inputs: &Inputs<'_>) {
         (Some(mean), Some(min), Some(max)) => {
             let _ = writeln!(
                 out,
-                "  {} payments requests answered 504 (timeout) after {:.2} s on average ({:.2}-{:.2} s)",
-                count(timed_out.len() as u64),
+                "  payments.demo:80: {} answered 504 (timeout) after {:.2} s on average ({:.2}-{:.2} s)",
+                requests(timed_out.len()),
                 mean.as_secs_f64(),
                 min.as_secs_f64(),
                 max.as_secs_f64(),
@@ -381,7 +407,7 @@ fn config(out: &mut String, inputs: &Inputs<'_>) {
     let version = metric(inputs, "bulwark_config_version", &[]);
     let _ = writeln!(
         out,
-        "  version {} acknowledged ({} updates acked, {} nacked)",
+        "  agent: version {} in force; updates acked: {}, nacked: {}",
         version.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}")),
         metric_count(inputs, "bulwark_config_updates_total", &[("result", "ack")]),
         metric_count(
@@ -390,15 +416,41 @@ fn config(out: &mut String, inputs: &Inputs<'_>) {
             &[("result", "nack")]
         ),
     );
+    let _ = match inputs.control_plane {
+        Some(cp) => {
+            let value = |name: &str| {
+                if cp.has(name) {
+                    count(cp.get(name, &[]).round() as u64)
+                } else {
+                    "n/a".to_owned()
+                }
+            };
+            writeln!(
+                out,
+                "  control plane: agents connected: {}, snapshots sent: {}, ACKs: {}, NACKs: {}, rejected documents: {}",
+                value("bulwark_cp_agents_connected"),
+                value("bulwark_cp_snapshots_sent_total"),
+                value("bulwark_cp_acks_total"),
+                value("bulwark_cp_nacks_total"),
+                value("bulwark_cp_rejected_objects"),
+            )
+        }
+        None => writeln!(out, "  control plane: metrics unavailable"),
+    };
+}
+
+fn outbound_runs<'a>(inputs: &'a Inputs<'_>) -> [(&'static str, &'a Run); 3] {
+    [
+        ("reviews.demo:80", inputs.reviews),
+        ("catalog.demo:80", inputs.catalog),
+        ("payments.demo:80", inputs.payments),
+    ]
 }
 
 fn all_outbound<'a>(inputs: &'a Inputs<'_>) -> impl Iterator<Item = &'a Outcome> {
-    inputs
-        .reviews
-        .outcomes
-        .iter()
-        .chain(&inputs.catalog.outcomes)
-        .chain(&inputs.payments.outcomes)
+    outbound_runs(inputs)
+        .into_iter()
+        .flat_map(|(_, run)| run.outcomes.iter())
 }
 
 /// ", 2 not: 1 x 503 no-endpoints, 1 x no answer" or "".
@@ -435,6 +487,15 @@ fn join_and(items: &[String]) -> String {
         [] => String::new(),
         [one] => one.clone(),
         [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// `1 request`, `1,204 requests`.
+pub fn requests(n: usize) -> String {
+    if n == 1 {
+        "1 request".to_owned()
+    } else {
+        format!("{} requests", count(n as u64))
     }
 }
 
@@ -561,6 +622,13 @@ mod tests {
              bulwark_config_updates_total{result=\"ack\"} 1\n",
         )
         .unwrap();
+        let control_plane = Metrics::parse(
+            "bulwark_cp_agents_connected 1\n\
+             bulwark_cp_snapshots_sent_total 1\n\
+             bulwark_cp_acks_total 1\n\
+             bulwark_cp_rejected_objects 0\n",
+        )
+        .unwrap();
         let observations = Observations::default();
         let upstreams = [UpstreamReport {
             name: "reviews-1".into(),
@@ -582,6 +650,7 @@ mod tests {
             globex: &globex,
             observations: &observations,
             metrics: Some(&metrics),
+            control_plane: Some(&control_plane),
             upstreams: &upstreams,
             bucket: Some(Bucket {
                 burst: 10.0,
@@ -592,14 +661,15 @@ mod tests {
             "3 requests sent, 2 answered 2xx, 1 not: 1 x 503 no-endpoints",
             "412 failed tries retried, 398 recovered; budget exhausted 0 times",
             "127.0.0.21:8080 (flaky: 30% 503): 1,500 tries, 450 failed",
-            "1 requests failed fast (503 circuit-open), p99 0.00 ms; the agent counted n/a",
+            "payments.demo:80: 1 request failed fast (503 circuit-open: every endpoint open), p99 0.00 ms; the agent counted n/a",
             "1 of 3 requests rejected (503 bulkhead-full)",
             "catalog.demo:80: p50 1.00 ms / p99 2.00 ms before, p50 1.00 ms / p99 2.00 ms while payments",
-            "1 payments requests answered 504 (timeout) after 1.00 s",
+            "payments.demo:80: 1 request answered 504 (timeout) after 1.00 s",
             "acme: 30 sent at 50/s, 12 allowed, 18 answered 429 (Retry-After: 1)",
             "expected: burst 10 + 20/s x 0.58 s = 22 allowed",
             "globex: 1 sent at 0/s, 1 allowed, 0 answered 429",
-            "version 17 acknowledged (1 updates acked, 0 nacked)",
+            "agent: version 17 in force; updates acked: 1, nacked: 0",
+            "control plane: agents connected: 1, snapshots sent: 1, ACKs: 1, NACKs: n/a, rejected documents: 0",
             "(n/a: the agent does not export bulwark_breaker_state, bulwark_breaker_trips_total, bulwark_local_responses_total,",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");

@@ -64,6 +64,8 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
+            // Logs go to files: no colour codes in them.
+            .env("NO_COLOR", "1")
             // The last resort if the demo unwinds without reaching `shutdown`.
             .kill_on_drop(true)
             .spawn()

@@ -150,3 +150,78 @@ pub async fn send(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bulwark_tests::{Knobs, Upstream};
+
+    use super::*;
+
+    fn steady(client: HttpClient, max_in_flight: usize) -> Steady {
+        Steady {
+            client,
+            method: Method::GET,
+            url: "/".to_owned(),
+            headers: vec![("x-tenant-id".to_owned(), "acme".to_owned())],
+            body: Bytes::new(),
+            rate: 200.0,
+            from: Duration::from_millis(20),
+            until: Duration::from_millis(120),
+            max_in_flight,
+        }
+    }
+
+    #[tokio::test]
+    async fn sends_within_its_window_and_records_each_answer() {
+        let upstream = Upstream::start(
+            "127.0.0.1:0".parse().unwrap(),
+            "up",
+            Knobs::failing(1.0, 500),
+        )
+        .await
+        .unwrap();
+        let start = Instant::now();
+        let run = steady(HttpClient::direct(upstream.addr()), 64)
+            .run(start)
+            .await;
+        assert!(!run.outcomes.is_empty());
+        assert!(
+            run.outcomes.len() <= 21,
+            "{} requests in 100 ms at 200/s",
+            run.outcomes.len()
+        );
+        assert_eq!(
+            upstream.stats().total,
+            run.outcomes.len() as u64,
+            "every send is recorded"
+        );
+        for outcome in &run.outcomes {
+            assert_eq!(outcome.status, Some(500));
+            assert!(!outcome.is_success());
+            assert!(
+                outcome.at >= Duration::from_millis(20) && outcome.at < Duration::from_millis(120)
+            );
+        }
+        assert!(
+            run.outcomes.windows(2).all(|w| w[0].at <= w[1].at),
+            "sorted by time"
+        );
+    }
+
+    #[tokio::test]
+    async fn never_has_more_than_max_in_flight_waiting() {
+        let upstream = Upstream::start("127.0.0.1:0".parse().unwrap(), "hang", Knobs::hanging())
+            .await
+            .unwrap();
+        let client = HttpClient::direct(upstream.addr()).with_timeout(Duration::from_millis(300));
+        let run = steady(client, 2).run(Instant::now()).await;
+        // Both requests hang past the end of the window; every later tick is skipped.
+        assert_eq!(run.outcomes.len(), 2);
+        assert!(run.skipped >= 1);
+        assert!(
+            run.outcomes
+                .iter()
+                .all(|o| o.status.is_none() && o.error.is_some())
+        );
+    }
+}

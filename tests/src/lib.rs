@@ -13,9 +13,6 @@
 //!     .is_ok_and(|m| m.get("bulwark_retries_total", &[("dst", "reviews.test:80")]) > 0.0));
 //! ```
 
-// Tests may unwrap: a panic is how they fail.
-#![cfg_attr(test, allow(clippy::unwrap_used))]
-
 pub mod client;
 pub mod eventually;
 pub mod grpc;
