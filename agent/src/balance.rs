@@ -159,12 +159,7 @@ impl Balancer {
             .map(|ep| ep.breaker.retry_after().unwrap_or(Duration::ZERO))
             .min()
             .unwrap_or(Duration::ZERO);
-        tracing::debug!(
-            reason = "circuit-open",
-            endpoints = self.endpoints.len(),
-            ?retry_after,
-            "every endpoint's circuit breaker is open"
-        );
+        // The caller logs the decision, with the destination it concerns.
         Err(PickError::AllOpen { retry_after })
     }
 

@@ -234,14 +234,8 @@ impl Bulkhead {
     }
 
     fn reject(&self, why: BulkheadFull) -> BulkheadFull {
+        // The caller logs the decision, with the destination it concerns.
         self.shared.rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(
-            reason = "bulkhead-full",
-            cause = why.as_str(),
-            in_flight = self.in_flight(),
-            queued = self.queued(),
-            "bulkhead rejected request"
-        );
         why
     }
 }

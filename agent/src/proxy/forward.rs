@@ -148,7 +148,14 @@ async fn send(dst: &Destination, req: Request<Incoming>, start: Instant) -> Resp
         let slot = match slot {
             Ok(slot) => slot,
             Err(full) => {
-                debug!(dst = %dst.name, reason = reason::BULKHEAD_FULL, %full, "request rejected");
+                debug!(
+                    dst = %dst.name,
+                    reason = reason::BULKHEAD_FULL,
+                    cause = full.as_str(),
+                    in_flight = dst.bulkhead.in_flight(),
+                    queued = dst.bulkhead.queued(),
+                    "request rejected"
+                );
                 return last.unwrap_or_else(|| {
                     local(dst, StatusCode::SERVICE_UNAVAILABLE, reason::BULKHEAD_FULL)
                 });
@@ -162,7 +169,13 @@ async fn send(dst: &Destination, req: Request<Incoming>, start: Instant) -> Resp
                 return local(dst, StatusCode::SERVICE_UNAVAILABLE, reason::NO_ENDPOINTS);
             }
             Err(PickError::AllOpen { retry_after }) => {
-                debug!(dst = %dst.name, reason = reason::CIRCUIT_OPEN, "every endpoint's breaker is open");
+                debug!(
+                    dst = %dst.name,
+                    reason = reason::CIRCUIT_OPEN,
+                    endpoints = dst.balancer.endpoints().len(),
+                    ?retry_after,
+                    "every endpoint's breaker is open"
+                );
                 if let Some(last) = last {
                     return last;
                 }

@@ -62,7 +62,7 @@ impl Inbound {
             .check(self.app_port, peer.ip(), req.headers());
         let rsp = match limited {
             Err(limited) => {
-                debug!(client = %peer.ip(), policy = %limited.source, limit = %limited.name, reason = reason::RATE_LIMITED, "request refused");
+                // The rate limiter logs the refusal with the client, policy and limit.
                 self.metrics.rate_limited(&limited.source, &limited.name);
                 self.dst.local_response(reason::RATE_LIMITED);
                 local_response(
