@@ -512,3 +512,188 @@ async fn connect_tunnels_pass_through_and_https_proxy_form_is_refused() {
     assert_eq!(m.get("bulwark_passthrough_requests_total", &[]), 1.0);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_retry_prefers_an_endpoint_the_request_has_not_tried() {
+    // Two bad endpoints and one good, three tries: only the preference for
+    // untried endpoints guarantees that the last try reaches the good one
+    // (least request alone would sometimes go back to a bad endpoint whose
+    // earlier try has finished).
+    let bad1 = upstream("reviews-bad-1", Knobs::failing(1.0, 503)).await;
+    let bad2 = upstream("reviews-bad-2", Knobs::failing(1.0, 503)).await;
+    let good = upstream("reviews-good", Knobs::healthy()).await;
+    let mesh =
+        Mesh::with_services([("reviews", vec![bad1.addr(), bad2.addr(), good.addr()])]).unwrap();
+    mesh.write_policy(
+        "policy.yaml",
+        &resilience_policy(
+            "reviews",
+            "reviews",
+            "  retry:\n    attempts: 3\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n    budget:\n      ratio: 10\n      minPerSecond: 1000\n      window: 10s\n  loadBalancer:\n    strategy: LeastRequest\n",
+        ),
+    )
+    .unwrap();
+    let h = Harness::start(mesh).await;
+    for _ in 0..60 {
+        let rsp = h.client.get(REVIEWS, &[]).await.unwrap();
+        assert_eq!(rsp.status, 200, "a retry went to an endpoint not tried yet");
+    }
+    let bad = bad1.stats().total + bad2.stats().total;
+    assert!(bad >= 20, "bad endpoints were picked first often: {bad}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn resets_are_retried_only_when_the_policy_says_so() {
+    let resetting = upstream(
+        "reviews-reset",
+        Knobs {
+            reset: true,
+            ..Knobs::healthy()
+        },
+    )
+    .await;
+    let good = upstream("reviews-good", Knobs::healthy()).await;
+    let mesh = Mesh::with_services([("reviews", vec![resetting.addr(), good.addr()])]).unwrap();
+    let policy = |retry_on: &str| {
+        resilience_policy(
+            "reviews",
+            "reviews",
+            &format!(
+                "  retry:\n    attempts: 2\n    retryOn: [{retry_on}]\n    backoff:\n      base: 1ms\n      max: 1ms\n  loadBalancer:\n    strategy: RoundRobin\n"
+            ),
+        )
+    };
+    mesh.write_policy("policy.yaml", &policy("reset")).unwrap();
+    let h = Harness::start(mesh).await;
+    for _ in 0..10 {
+        let rsp = h.client.get(REVIEWS, &[]).await.unwrap();
+        assert_eq!(rsp.status, 200);
+        assert_eq!(rsp.upstream(), Some("reviews-good"));
+    }
+    assert!(
+        resetting.stats().resets >= 4,
+        "round robin sent tries to the resetting endpoint"
+    );
+
+    let version = h.config_version().await;
+    h.mesh
+        .write_policy("policy.yaml", &policy("connect-failure"))
+        .unwrap();
+    h.wait_version_above(version).await;
+    let reasons: Vec<Option<String>> = futures_join(&h, 10).await;
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.as_deref() == Some("upstream-reset")),
+        "without `reset` in retryOn the reset comes back as 502 upstream-reset: {reasons:?}"
+    );
+    h.shutdown().await;
+}
+
+/// Sends `n` GETs one after another; returns each response's `x-bulwark-reason`.
+async fn futures_join(h: &Harness, n: usize) -> Vec<Option<String>> {
+    let mut reasons = Vec::with_capacity(n);
+    for _ in 0..n {
+        let rsp = h.client.get(REVIEWS, &[]).await.unwrap();
+        reasons.push(rsp.reason().map(str::to_owned));
+    }
+    reasons
+}
+
+#[tokio::test]
+async fn bodies_are_replayed_up_to_the_limit_and_larger_ones_sent_once() {
+    let bad = upstream("reviews-bad", Knobs::failing(1.0, 503)).await;
+    let good = upstream("reviews-good", Knobs::healthy()).await;
+    let mesh = Mesh::with_services([
+        ("reviews", vec![bad.addr()]),
+        ("ratings", vec![bad.addr(), good.addr()]),
+    ])
+    .unwrap();
+    let spec = "  retry:\n    attempts: 2\n    retryOn: [gateway-error]\n    maxBodyBytes: 1024\n    backoff:\n      base: 1ms\n      max: 1ms\n  loadBalancer:\n    strategy: RoundRobin\n";
+    mesh.write_policy(
+        "reviews.yaml",
+        &resilience_policy("reviews", "reviews", spec),
+    )
+    .unwrap();
+    mesh.write_policy(
+        "ratings.yaml",
+        &resilience_policy("ratings", "ratings", spec),
+    )
+    .unwrap();
+    let h = Harness::start(mesh).await;
+
+    let _ = h
+        .client
+        .request(Method::PUT, REVIEWS, &[], vec![b'x'; 100])
+        .await
+        .unwrap();
+    assert_eq!(bad.stats().total, 2, "a small body is replayed");
+    let _ = h
+        .client
+        .request(Method::PUT, REVIEWS, &[], vec![b'x'; 4096])
+        .await
+        .unwrap();
+    assert_eq!(
+        bad.stats().total,
+        3,
+        "a body over maxBodyBytes is sent once"
+    );
+
+    // The replayed body arrives whole at the endpoint that answers.
+    for _ in 0..4 {
+        let rsp = h
+            .client
+            .request(Method::PUT, "http://ratings.test/", &[], vec![b'y'; 700])
+            .await
+            .unwrap();
+        assert_eq!(rsp.status, 200);
+        let reply: bulwark_tests::upstream::Reply = rsp.json().unwrap();
+        assert_eq!(reply.body_len, 700);
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_connections_caps_connections_to_the_service() {
+    let slow = upstream(
+        "catalog-0",
+        Knobs {
+            latency: Duration::from_millis(50),
+            ..Knobs::healthy()
+        },
+    )
+    .await;
+    let mesh = Mesh::with_services([("catalog", vec![slow.addr()])]).unwrap();
+    mesh.write_policy(
+        "policy.yaml",
+        &resilience_policy(
+            "catalog",
+            "catalog",
+            "  bulkhead:\n    maxConcurrentRequests: 10\n    maxConnections: 1\n",
+        ),
+    )
+    .unwrap();
+    let h = Harness::start(mesh).await;
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let client = HttpClient::proxy(h.agent.outbound_addr());
+        calls.push(tokio::spawn(async move {
+            client.get("http://catalog.test/", &[]).await
+        }));
+    }
+    for call in calls {
+        assert_eq!(
+            call.await.unwrap().unwrap().status,
+            200,
+            "requests wait for the one connection"
+        );
+    }
+    let stats = slow.stats();
+    assert_eq!(stats.total, 4);
+    assert_eq!(
+        stats.max_in_flight, 1,
+        "one HTTP/1.1 connection carries one request at a time"
+    );
+    h.shutdown().await;
+}

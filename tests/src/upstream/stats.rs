@@ -17,6 +17,9 @@ pub struct Stats {
     pub by_method: BTreeMap<String, u64>,
     /// Requests being handled now (hanging ones included).
     pub in_flight: u64,
+    /// The most requests ever in flight at once.
+    #[serde(default)]
+    pub max_in_flight: u64,
     /// Requests answered with an injected failure (`fail_ratio` or `grpc_status`).
     pub failures: u64,
     /// Connections reset because of the `reset` knob.
@@ -28,6 +31,7 @@ pub struct Stats {
 pub(super) struct Counters {
     total: AtomicU64,
     in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     failures: AtomicU64,
     resets: AtomicU64,
     // A map keyed by method is simplest; the lock is held for one insert and
@@ -39,7 +43,8 @@ impl Counters {
     /// Counts one request as received and in flight until the guard drops.
     pub(super) fn begin(&self, method: &http::Method) -> InFlight<'_> {
         self.total.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::Relaxed);
         let mut by_method = self
             .by_method
             .lock()
@@ -73,6 +78,7 @@ impl Counters {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .clone(),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             resets: self.resets.load(Ordering::Relaxed),
         }
