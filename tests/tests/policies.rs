@@ -581,7 +581,7 @@ async fn resets_are_retried_only_when_the_policy_says_so() {
         .write_policy("policy.yaml", &policy("connect-failure"))
         .unwrap();
     h.wait_version_above(version).await;
-    let reasons: Vec<Option<String>> = futures_join(&h, 10).await;
+    let reasons: Vec<Option<String>> = reasons_of(&h, 10).await;
     assert!(
         reasons
             .iter()
@@ -592,10 +592,10 @@ async fn resets_are_retried_only_when_the_policy_says_so() {
 }
 
 /// Sends `n` GETs one after another; returns each response's `x-bulwark-reason`.
-async fn futures_join(h: &Harness, n: usize) -> Vec<Option<String>> {
+async fn reasons_of(h: &Harness, n: usize) -> Vec<Option<String>> {
     let mut reasons = Vec::with_capacity(n);
     for _ in 0..n {
-        let rsp = h.client.get(REVIEWS, &[]).await.unwrap();
+        let rsp = h.client.get(REVIEWS, &[]).await.expect("the agent answers");
         reasons.push(rsp.reason().map(str::to_owned));
     }
     reasons
