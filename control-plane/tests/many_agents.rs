@@ -1,0 +1,355 @@
+//! The control plane under thousands of agents: 2,000 real discovery streams over
+//! loopback, a change that concerns half of them, then one that concerns all.
+//!
+//! The agents share 20 HTTP/2 connections (100 streams each), so the test holds about 40
+//! sockets (under 60 open files in all), far below any usual `ulimit -n`; a deployment with one connection
+//! per agent needs one descriptor per agent on the control plane's side instead. No
+//! concurrency limit needs raising: tonic's server advertises no
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` (it passes `None` over hyper's default of 200) and
+//! sets no per-connection concurrency limit, and tonic's `Channel` has no concurrency
+//! limit by default. Were the server to cap streams per connection below 100, the streams
+//! over the cap would wait for a free slot and the test would fail on its deadline.
+// Helpers outside #[test] functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bulwark_control_plane::{ControlPlane, Settings, Source};
+use bulwark_proto::v1::agent_message::Kind;
+use bulwark_proto::v1::discovery_client::DiscoveryClient;
+use bulwark_proto::v1::{Ack, AgentMessage, Identity, Snapshot};
+use bytes::Bytes;
+use futures::future::join_all;
+use http_body_util::{BodyExt, Empty};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+
+const AGENTS: usize = 2_000;
+const CHANNELS: usize = 20;
+/// Generous: it bounds a failing run, it is not a speed requirement.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Far below one per agent; the runtime, the file watcher and tokio's blocking pool fit.
+const MAX_THREADS: usize = 100;
+/// Both ends of each connection, the listeners, the watcher: far below one per agent.
+const MAX_FILES: usize = 200;
+
+/// Polls `check` every 50ms until it holds, failing the test after the deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A control plane on a private copy of `examples/`.
+struct Fixture {
+    dir: tempfile::TempDir,
+    cp: ControlPlane,
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for entry in std::fs::read_dir(examples).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let cp = ControlPlane::start(Settings {
+            source: Source::Dir(dir.path().to_owned()),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            debounce: Duration::from_millis(50),
+        })
+        .await
+        .unwrap();
+        Fixture { dir, cp }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Edits a file the way editors do: write a hidden temporary file, rename it over.
+    fn replace(&self, file: &str, from: &str, to: &str) {
+        let text = std::fs::read_to_string(self.path(file)).unwrap();
+        assert!(text.contains(from), "{file} has no {from:?}");
+        let tmp = self.path(&format!(".{file}.tmp"));
+        std::fs::write(&tmp, text.replace(from, to)).unwrap();
+        std::fs::rename(&tmp, self.path(file)).unwrap();
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let (status, text) = http_get(self.cp.admin_addr(), "/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    }
+
+    /// Waits until `/metrics` shows `connected` agents and `acks` ACKs in all.
+    async fn wait_for_acks(&self, connected: usize, acks: usize) {
+        eventually(&format!("{connected} agents and {acks} ACKs"), || async {
+            self.metric("bulwark_cp_agents_connected").await == connected as f64
+                && self.metric("bulwark_cp_acks_total").await == acks as f64
+        })
+        .await;
+    }
+
+    async fn agents(&self) -> Vec<serde_json::Value> {
+        let (status, body) = http_get(self.cp.admin_addr(), "/agents").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// A test agent: a discovery stream and the sending half of its messages.
+struct Agent {
+    frontend: bool,
+    tx: mpsc::Sender<AgentMessage>,
+    snapshots: Streaming<Snapshot>,
+}
+
+impl Agent {
+    /// Even agents are frontend pods, odd ones are not.
+    async fn connect(channel: Channel, n: usize) -> Agent {
+        let frontend = n.is_multiple_of(2);
+        let app = if frontend { "frontend" } else { "other" };
+        let hello = Identity {
+            namespace: "demo".into(),
+            pod_name: format!("{app}-{n}"),
+            service_account: "default".into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            agent_version: "test".into(),
+            protocol_version: 1,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(AgentMessage {
+            kind: Some(Kind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let snapshots = DiscoveryClient::new(channel)
+            .stream(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Agent {
+            frontend,
+            tx,
+            snapshots,
+        }
+    }
+
+    /// Receives the next snapshot and ACKs it.
+    async fn next_and_ack(&mut self) -> Snapshot {
+        let snapshot = tokio::time::timeout(DEADLINE, self.snapshots.message())
+            .await
+            .expect("no snapshot within the deadline")
+            .unwrap()
+            .expect("stream ended");
+        let ack = Kind::Ack(Ack {
+            version: snapshot.version,
+        });
+        self.tx
+            .send(AgentMessage { kind: Some(ack) })
+            .await
+            .unwrap();
+        snapshot
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+fn reviews_attempts(snapshot: &Snapshot) -> Option<u32> {
+    let reviews = snapshot.services.iter().find(|s| s.name == "reviews")?;
+    Some(
+        reviews.ports[0]
+            .resilience
+            .as_ref()?
+            .retry
+            .as_ref()?
+            .attempts,
+    )
+}
+
+/// The `requests` of each inbound rate limit, by name.
+fn limits(snapshot: &Snapshot) -> Vec<(String, u32)> {
+    let inbound = snapshot.inbound.as_ref().unwrap();
+    inbound
+        .rate_limits
+        .iter()
+        .map(|l| (l.name.clone(), l.requests))
+        .collect()
+}
+
+/// The one version every snapshot carries: views with the same content agree on it.
+fn one_version<'a>(snapshots: impl IntoIterator<Item = &'a Snapshot>) -> u64 {
+    let versions: BTreeSet<u64> = snapshots.into_iter().map(|s| s.version).collect();
+    assert_eq!(versions.len(), 1, "versions: {versions:?}");
+    versions.into_iter().next().unwrap()
+}
+
+/// What `/agents` says of each group, frontend pods first: for every agent, the version
+/// last sent, the version last ACKed and how many snapshots it got.
+async fn check_agents(fx: &Fixture, frontend: (u64, u64), other: (u64, u64)) {
+    let agents = fx.agents().await;
+    assert_eq!(agents.len(), AGENTS);
+    let mut frontends = 0;
+    for agent in &agents {
+        let (version, sent) = match agent["identity"]["labels"]["app"].as_str() {
+            Some("frontend") => {
+                frontends += 1;
+                frontend
+            }
+            Some("other") => other,
+            app => panic!("unexpected app label {app:?} in {agent}"),
+        };
+        assert_eq!(agent["sent_version"], version, "{agent}");
+        assert_eq!(agent["last_ack"]["version"], version, "{agent}");
+        assert_eq!(agent["snapshots_sent"], sent, "{agent}");
+        assert_eq!(agent["acks"], sent, "{agent}");
+        assert!(agent["last_nack"].is_null(), "{agent}");
+    }
+    assert_eq!(frontends, AGENTS / 2);
+}
+
+/// Threads and open file descriptors of this process, where the OS shows them (Linux).
+fn threads_and_files() -> Option<(usize, usize)> {
+    let count = |dir| Some(std::fs::read_dir(dir).ok()?.count());
+    Some((count("/proc/self/task")?, count("/proc/self/fd")?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_agents_get_only_the_changes_that_concern_them() {
+    let started = Instant::now();
+    let fx = Fixture::start().await;
+    let endpoint = Endpoint::from_shared(format!("http://{}", fx.cp.grpc_addr())).unwrap();
+    let channels = join_all((0..CHANNELS).map(|_| endpoint.connect())).await;
+    let channels: Vec<Channel> = channels.into_iter().map(Result::unwrap).collect();
+    let mut agents =
+        join_all((0..AGENTS).map(|n| Agent::connect(channels[n % CHANNELS].clone(), n))).await;
+
+    // Everyone gets the mesh and ACKs it.
+    let first = join_all(agents.iter_mut().map(Agent::next_and_ack)).await;
+    let v1 = one_version(&first);
+    for (agent, snapshot) in agents.iter().zip(&first) {
+        assert_eq!(snapshot.services.len(), 4);
+        let expected = if agent.frontend { 2 } else { 0 };
+        assert_eq!(
+            limits(snapshot).len(),
+            expected,
+            "frontend: {}",
+            agent.frontend
+        );
+    }
+    fx.wait_for_acks(AGENTS, AGENTS).await;
+    check_agents(&fx, (v1, 1), (v1, 1)).await;
+    // Both ends of the 20 connections live in this process, and this file holds this one
+    // test only: a thread, a socket or a file per agent would show here.
+    if let Some((threads, files)) = threads_and_files() {
+        eprintln!("{threads} threads and {files} open files for {AGENTS} agents");
+        assert!(
+            threads < MAX_THREADS,
+            "{threads} threads: is there a thread per agent?"
+        );
+        assert!(
+            files < MAX_FILES,
+            "{files} open files: is there one per agent?"
+        );
+    }
+    eprintln!(
+        "{AGENTS} agents connected and ACKed in {:?}",
+        started.elapsed()
+    );
+
+    // A rate-limit edit reaches the frontend pods...
+    let phase = Instant::now();
+    fx.replace("ratelimit.yaml", "requests: 200", "requests: 300");
+    let frontends = agents.iter_mut().filter(|a| a.frontend);
+    let second = join_all(frontends.map(Agent::next_and_ack)).await;
+    let v2 = one_version(&second);
+    assert!(v2 > v1, "{v2} > {v1}");
+    for snapshot in &second {
+        assert_eq!(
+            limits(snapshot),
+            [("per-tenant".to_owned(), 20), ("total".to_owned(), 300)]
+        );
+    }
+    fx.wait_for_acks(AGENTS, AGENTS + AGENTS / 2).await;
+    check_agents(&fx, (v2, 2), (v1, 1)).await;
+    eprintln!(
+        "a rate-limit edit reached {} frontends in {:?}",
+        AGENTS / 2,
+        phase.elapsed()
+    );
+
+    // ...and no other pod: the next thing each of them hears of is a later change that
+    // concerns every agent.
+    let phase = Instant::now();
+    fx.replace("resilience.yaml", "attempts: 3 ", "attempts: 5 ");
+    let third = join_all(agents.iter_mut().map(Agent::next_and_ack)).await;
+    let v3 = one_version(&third);
+    assert!(v3 > v2, "{v3} > {v2}");
+    for (agent, snapshot) in agents.iter().zip(&third) {
+        assert_eq!(reviews_attempts(snapshot), Some(5));
+        let expected = if agent.frontend { 2 } else { 0 };
+        assert_eq!(
+            limits(snapshot).len(),
+            expected,
+            "frontend: {}",
+            agent.frontend
+        );
+    }
+    fx.wait_for_acks(AGENTS, 2 * AGENTS + AGENTS / 2).await;
+    check_agents(&fx, (v3, 3), (v3, 2)).await;
+    assert_eq!(
+        fx.metric("bulwark_cp_snapshots_sent_total").await,
+        (2 * AGENTS + AGENTS / 2) as f64,
+        "one snapshot per agent per change that concerns it, and no more"
+    );
+    eprintln!(
+        "a resilience edit reached all {AGENTS} agents in {:?}",
+        phase.elapsed()
+    );
+
+    // Agents that go away leave nothing behind.
+    drop(agents);
+    eventually("every agent to leave", || async {
+        fx.metric("bulwark_cp_agents_connected").await == 0.0
+    })
+    .await;
+    assert!(fx.agents().await.is_empty());
+    fx.cp.shutdown().await;
+    eprintln!("done in {:?}", started.elapsed());
+}
