@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bulwark_control_plane::{ControlPlane, Settings, Source};
@@ -14,85 +14,29 @@ use bulwark_proto::v1::agent_message::Kind;
 use bulwark_proto::v1::discovery_client::DiscoveryClient;
 use bulwark_proto::v1::rate_limit_key::Kind as KeyKind;
 use bulwark_proto::v1::{Ack, AgentMessage, Identity, Nack, Snapshot};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// Polls `check` every 20ms until it holds, failing the test after the deadline.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+#[path = "support/fixture.rs"]
+mod fixture;
+
+use fixture::{Fixture, http_get};
+
+/// Polls `check` until it holds, failing the test after [`DEADLINE`].
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    fixture::eventually(what, DEADLINE, check).await;
 }
 
-/// A control plane on a private copy of `examples/`.
-struct Fixture {
-    dir: tempfile::TempDir,
-    cp: ControlPlane,
-}
-
-impl Fixture {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        for entry in std::fs::read_dir(examples).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-            }
-        }
-        let cp = ControlPlane::start(Settings {
-            source: Source::Dir(dir.path().to_owned()),
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            debounce: Duration::from_millis(50),
-        })
-        .await
-        .unwrap();
-        Fixture { dir, cp }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn read(&self, file: &str) -> String {
-        std::fs::read_to_string(self.path(file)).unwrap()
-    }
-
-    /// Replaces a file the way editors do: write a hidden temporary file, rename it over.
-    fn write(&self, file: &str, text: &str) {
-        let tmp = self.path(&format!(".{file}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.path(file)).unwrap();
-    }
-
-    async fn agent(&self, pod: &str, labels: &[(&str, &str)]) -> Agent {
-        Agent::connect(self.cp.grpc_addr(), pod, labels).await
-    }
-
-    async fn admin(&self, path: &str) -> (u16, String) {
-        http_get(self.cp.admin_addr(), path).await
-    }
-
-    async fn admin_json(&self, path: &str) -> serde_json::Value {
-        let (status, body) = self.admin(path).await;
-        assert_eq!(status, 200, "{path}: {body}");
-        serde_json::from_str(&body).unwrap()
-    }
+/// Connects a test agent to the fixture's control plane.
+async fn connect_agent(fx: &Fixture, pod: &str, labels: &[(&str, &str)]) -> Agent {
+    Agent::connect(fx.cp.grpc_addr(), pod, labels).await
 }
 
 /// A test agent: a discovery stream and the sending half of its messages.
@@ -160,23 +104,6 @@ impl Agent {
     }
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header(http::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
-}
-
 fn service<'a>(snapshot: &'a Snapshot, name: &str) -> &'a bulwark_proto::v1::Service {
     snapshot
         .services
@@ -198,7 +125,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 #[tokio::test]
 async fn an_agent_gets_the_mesh_its_limits_and_the_exact_policies() {
     let fx = Fixture::start().await;
-    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let mut agent = connect_agent(&fx, "frontend-0", &[("app", "frontend")]).await;
     let snapshot = agent.next().await;
 
     let mut names: Vec<_> = snapshot.services.iter().map(|s| s.name.as_str()).collect();
@@ -270,7 +197,7 @@ async fn an_agent_gets_the_mesh_its_limits_and_the_exact_policies() {
     );
 
     // Other pods enforce no limits.
-    let mut catalog_agent = fx.agent("catalog-0", &[("app", "catalog")]).await;
+    let mut catalog_agent = connect_agent(&fx, "catalog-0", &[("app", "catalog")]).await;
     let other = catalog_agent.next().await;
     assert!(other.inbound.unwrap().rate_limits.is_empty());
     assert_eq!(
@@ -283,7 +210,7 @@ async fn an_agent_gets_the_mesh_its_limits_and_the_exact_policies() {
 #[tokio::test]
 async fn acks_and_nacks_show_up_in_agents_and_metrics() {
     let fx = Fixture::start().await;
-    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let mut agent = connect_agent(&fx, "frontend-0", &[("app", "frontend")]).await;
     let snapshot = agent.next().await;
     agent.ack(snapshot.version).await;
     eventually("the ACK in /agents", || async {
@@ -349,7 +276,7 @@ async fn acks_and_nacks_show_up_in_agents_and_metrics() {
 #[tokio::test]
 async fn edits_reach_agents_and_invalid_edits_keep_the_last_good_policy() {
     let fx = Fixture::start().await;
-    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let mut agent = connect_agent(&fx, "frontend-0", &[("app", "frontend")]).await;
     let first = agent.next().await;
     assert_eq!(attempts(&first, "reviews"), Some(3));
 
@@ -431,7 +358,7 @@ async fn edits_reach_agents_and_invalid_edits_keep_the_last_good_policy() {
 #[tokio::test]
 async fn deleting_a_file_removes_its_objects() {
     let fx = Fixture::start().await;
-    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let mut agent = connect_agent(&fx, "frontend-0", &[("app", "frontend")]).await;
     let first = agent.next().await;
     assert_eq!(first.inbound.unwrap().rate_limits.len(), 2);
 
@@ -454,8 +381,8 @@ async fn deleting_a_file_removes_its_objects() {
 #[tokio::test]
 async fn a_change_only_reaches_the_agents_it_affects() {
     let fx = Fixture::start().await;
-    let mut frontend = fx.agent("frontend-0", &[("app", "frontend")]).await;
-    let mut catalog = fx.agent("catalog-0", &[("app", "catalog")]).await;
+    let mut frontend = connect_agent(&fx, "frontend-0", &[("app", "frontend")]).await;
+    let mut catalog = connect_agent(&fx, "catalog-0", &[("app", "catalog")]).await;
     let start = frontend.next().await.version;
     assert_eq!(catalog.next().await.version, start);
 
@@ -511,7 +438,7 @@ async fn the_first_message_must_be_hello() {
     );
 
     // hello is only the first message.
-    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let mut agent = connect_agent(&fx, "frontend-0", &[("app", "frontend")]).await;
     agent.next().await;
     agent.tx.send(hello("frontend-0", &[])).await.unwrap();
     let status = tokio::time::timeout(DEADLINE, agent.snapshots.message())
@@ -533,7 +460,7 @@ async fn the_first_message_must_be_hello() {
 #[tokio::test]
 async fn shutdown_ends_agent_streams_with_unavailable() {
     let fx = Fixture::start().await;
-    let mut agent = fx.agent("frontend-0", &[("app", "frontend")]).await;
+    let mut agent = connect_agent(&fx, "frontend-0", &[("app", "frontend")]).await;
     agent.next().await;
     let Fixture { dir: _dir, cp } = fx;
     let stopping = tokio::spawn(cp.shutdown());

@@ -13,17 +13,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bulwark_control_plane::{ControlPlane, Settings, Source};
 use bulwark_proto::v1::agent_message::Kind;
 use bulwark_proto::v1::discovery_client::DiscoveryClient;
 use bulwark_proto::v1::{Ack, AgentMessage, Identity, Snapshot};
-use bytes::Bytes;
 use futures::future::join_all;
-use http_body_util::{BodyExt, Empty};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -38,84 +33,42 @@ const MAX_THREADS: usize = 100;
 /// Both ends of each connection, the listeners, the watcher: far below one per agent.
 const MAX_FILES: usize = 200;
 
-/// Polls `check` every 50ms until it holds, failing the test after the deadline.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+#[path = "support/fixture.rs"]
+mod fixture;
+
+use fixture::Fixture;
+
+/// Polls `check` until it holds, failing the test after [`DEADLINE`].
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    fixture::eventually(what, DEADLINE, check).await;
 }
 
-/// A control plane on a private copy of `examples/`.
-struct Fixture {
-    dir: tempfile::TempDir,
-    cp: ControlPlane,
+/// A metric without labels from the control plane's `/metrics`.
+async fn metric(fx: &Fixture, name: &str) -> f64 {
+    let (status, text) = fx.admin("/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
-impl Fixture {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        for entry in std::fs::read_dir(examples).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-            }
-        }
-        let cp = ControlPlane::start(Settings {
-            source: Source::Dir(dir.path().to_owned()),
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            debounce: Duration::from_millis(50),
-        })
-        .await
-        .unwrap();
-        Fixture { dir, cp }
-    }
+/// Waits until `/metrics` shows `connected` agents and `acks` ACKs in all.
+async fn wait_for_acks(fx: &Fixture, connected: usize, acks: usize) {
+    eventually(&format!("{connected} agents and {acks} ACKs"), || async {
+        metric(fx, "bulwark_cp_agents_connected").await == connected as f64
+            && metric(fx, "bulwark_cp_acks_total").await == acks as f64
+    })
+    .await;
+}
 
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    /// Edits a file the way editors do: write a hidden temporary file, rename it over.
-    fn replace(&self, file: &str, from: &str, to: &str) {
-        let text = std::fs::read_to_string(self.path(file)).unwrap();
-        assert!(text.contains(from), "{file} has no {from:?}");
-        let tmp = self.path(&format!(".{file}.tmp"));
-        std::fs::write(&tmp, text.replace(from, to)).unwrap();
-        std::fs::rename(&tmp, self.path(file)).unwrap();
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let (status, text) = http_get(self.cp.admin_addr(), "/metrics").await;
-        assert_eq!(status, 200, "{text}");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics"))
-    }
-
-    /// Waits until `/metrics` shows `connected` agents and `acks` ACKs in all.
-    async fn wait_for_acks(&self, connected: usize, acks: usize) {
-        eventually(&format!("{connected} agents and {acks} ACKs"), || async {
-            self.metric("bulwark_cp_agents_connected").await == connected as f64
-                && self.metric("bulwark_cp_acks_total").await == acks as f64
-        })
-        .await;
-    }
-
-    async fn agents(&self) -> Vec<serde_json::Value> {
-        let (status, body) = http_get(self.cp.admin_addr(), "/agents").await;
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
+/// The control plane's `/agents` list.
+async fn listed_agents(fx: &Fixture) -> Vec<serde_json::Value> {
+    let value = fx.admin_json("/agents").await;
+    value.as_array().cloned().unwrap_or_default()
 }
 
 /// A test agent: a discovery stream and the sending half of its messages.
@@ -173,24 +126,6 @@ impl Agent {
         snapshot
     }
 }
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header(http::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
-}
-
 fn reviews_attempts(snapshot: &Snapshot) -> Option<u32> {
     let reviews = snapshot.services.iter().find(|s| s.name == "reviews")?;
     Some(
@@ -223,7 +158,7 @@ fn one_version<'a>(snapshots: impl IntoIterator<Item = &'a Snapshot>) -> u64 {
 /// What `/agents` says of each group, frontend pods first: for every agent, the version
 /// last sent, the version last ACKed and how many snapshots it got.
 async fn check_agents(fx: &Fixture, frontend: (u64, u64), other: (u64, u64)) {
-    let agents = fx.agents().await;
+    let agents = listed_agents(fx).await;
     assert_eq!(agents.len(), AGENTS);
     let mut frontends = 0;
     for agent in &agents {
@@ -273,7 +208,7 @@ async fn two_thousand_agents_get_only_the_changes_that_concern_them() {
             agent.frontend
         );
     }
-    fx.wait_for_acks(AGENTS, AGENTS).await;
+    wait_for_acks(&fx, AGENTS, AGENTS).await;
     check_agents(&fx, (v1, 1), (v1, 1)).await;
     // Both ends of the 20 connections live in this process, and this file holds this one
     // test only: a thread, a socket or a file per agent would show here.
@@ -306,7 +241,7 @@ async fn two_thousand_agents_get_only_the_changes_that_concern_them() {
             [("per-tenant".to_owned(), 20), ("total".to_owned(), 300)]
         );
     }
-    fx.wait_for_acks(AGENTS, AGENTS + AGENTS / 2).await;
+    wait_for_acks(&fx, AGENTS, AGENTS + AGENTS / 2).await;
     check_agents(&fx, (v2, 2), (v1, 1)).await;
     eprintln!(
         "a rate-limit edit reached {} frontends in {:?}",
@@ -331,10 +266,10 @@ async fn two_thousand_agents_get_only_the_changes_that_concern_them() {
             agent.frontend
         );
     }
-    fx.wait_for_acks(AGENTS, 2 * AGENTS + AGENTS / 2).await;
+    wait_for_acks(&fx, AGENTS, 2 * AGENTS + AGENTS / 2).await;
     check_agents(&fx, (v3, 3), (v3, 2)).await;
     assert_eq!(
-        fx.metric("bulwark_cp_snapshots_sent_total").await,
+        metric(&fx, "bulwark_cp_snapshots_sent_total").await,
         (2 * AGENTS + AGENTS / 2) as f64,
         "one snapshot per agent per change that concerns it, and no more"
     );
@@ -346,10 +281,10 @@ async fn two_thousand_agents_get_only_the_changes_that_concern_them() {
     // Agents that go away leave nothing behind.
     drop(agents);
     eventually("every agent to leave", || async {
-        fx.metric("bulwark_cp_agents_connected").await == 0.0
+        metric(&fx, "bulwark_cp_agents_connected").await == 0.0
     })
     .await;
-    assert!(fx.agents().await.is_empty());
+    assert!(listed_agents(&fx).await.is_empty());
     fx.cp.shutdown().await;
     eprintln!("done in {:?}", started.elapsed());
 }
