@@ -98,7 +98,7 @@ impl Steady {
                         (self.method.clone(), self.url.clone(), self.headers.clone(), self.body.clone());
                     in_flight.spawn(async move {
                         let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                        send(&client, method, &url, &pairs, body, start).await
+                        send(&client, method, &url, &pairs, body, start, tick).await
                     });
                 }
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
@@ -118,7 +118,10 @@ impl Steady {
     }
 }
 
-/// Sends one request and records what happened.
+/// Sends one request that was due at `scheduled` and records what happened.
+/// Its time and latency count from when it was due, not from when its task got
+/// to run, so a busy machine shows up as latency instead of shifting the schedule
+/// (no coordinated omission).
 pub async fn send(
     client: &HttpClient,
     method: Method,
@@ -126,11 +129,11 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: Bytes,
     start: Instant,
+    scheduled: Instant,
 ) -> Outcome {
-    let sent = Instant::now();
     let result = client.request(method, url, headers, body).await;
-    let latency = sent.elapsed();
-    let at = sent.duration_since(start);
+    let latency = scheduled.elapsed();
+    let at = scheduled.saturating_duration_since(start);
     match result {
         Ok(response) => Outcome {
             at,

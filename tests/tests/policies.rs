@@ -27,7 +27,7 @@ async fn breaker_opens_after_n_failures_fails_fast_and_closes_after_one_probe() 
         &resilience_policy(
             "reviews",
             "reviews",
-            "  circuitBreaker:\n    consecutiveFailures: 3\n    openDuration: 300ms\n    maxOpenDuration: 10s\n",
+            "  circuitBreaker:\n    consecutiveFailures: 3\n    openDuration: 1s\n    maxOpenDuration: 10s\n",
         ),
     )
     .unwrap();
@@ -85,7 +85,7 @@ async fn failed_probe_reopens_the_breaker() {
         &resilience_policy(
             "reviews",
             "reviews",
-            "  circuitBreaker:\n    consecutiveFailures: 2\n    openDuration: 200ms\n    maxOpenDuration: 10s\n",
+            "  circuitBreaker:\n    consecutiveFailures: 2\n    openDuration: 500ms\n    maxOpenDuration: 10s\n",
         ),
     )
     .unwrap();
@@ -365,7 +365,7 @@ async fn per_try_timeout_moves_the_retry_to_another_endpoint() {
         &resilience_policy(
             "reviews",
             "reviews",
-            "  timeout:\n    request: 5s\n  retry:\n    attempts: 2\n    perTryTimeout: 100ms\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n  loadBalancer:\n    strategy: RoundRobin\n",
+            "  timeout:\n    request: 5s\n  retry:\n    attempts: 2\n    perTryTimeout: 500ms\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n  loadBalancer:\n    strategy: RoundRobin\n",
         ),
     )
     .unwrap();
