@@ -18,20 +18,19 @@ async fn upstream(name: &str, knobs: Knobs) -> Upstream {
 
 const REVIEWS: &str = "http://reviews.test/";
 
+/// Starts a control plane and an agent over `mesh` with a ResiliencePolicy on
+/// `service` whose `spec` is given as YAML lines below `spec:`.
+async fn start_with_policy(mesh: Mesh, service: &str, spec: &str) -> Harness {
+    mesh.write_policy("policy.yaml", &resilience_policy(service, service, spec))
+        .expect("the mesh folder is writable");
+    Harness::start(mesh).await
+}
+
 #[tokio::test]
 async fn breaker_opens_after_n_failures_fails_fast_and_closes_after_one_probe() {
     let up = upstream("reviews-0", Knobs::failing(1.0, 500)).await;
     let mesh = Mesh::with_services([("reviews", vec![up.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "reviews",
-            "reviews",
-            "  circuitBreaker:\n    consecutiveFailures: 3\n    openDuration: 1s\n    maxOpenDuration: 10s\n",
-        ),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "reviews", "  circuitBreaker:\n    consecutiveFailures: 3\n    openDuration: 1s\n    maxOpenDuration: 10s\n").await;
 
     for _ in 0..3 {
         let rsp = h.client.get(REVIEWS, &[]).await.unwrap();
@@ -80,16 +79,7 @@ async fn breaker_opens_after_n_failures_fails_fast_and_closes_after_one_probe() 
 async fn failed_probe_reopens_the_breaker() {
     let up = upstream("reviews-0", Knobs::failing(1.0, 500)).await;
     let mesh = Mesh::with_services([("reviews", vec![up.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "reviews",
-            "reviews",
-            "  circuitBreaker:\n    consecutiveFailures: 2\n    openDuration: 500ms\n    maxOpenDuration: 10s\n",
-        ),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "reviews", "  circuitBreaker:\n    consecutiveFailures: 2\n    openDuration: 500ms\n    maxOpenDuration: 10s\n").await;
     for _ in 0..2 {
         assert_eq!(h.client.get(REVIEWS, &[]).await.unwrap().status, 500);
     }
@@ -116,16 +106,7 @@ async fn all_endpoints_open_fails_fast_and_one_open_endpoint_is_skipped() {
     let bad = upstream("reviews-bad", Knobs::failing(1.0, 500)).await;
     let good = upstream("reviews-good", Knobs::healthy()).await;
     let mesh = Mesh::with_services([("reviews", vec![bad.addr(), good.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "reviews",
-            "reviews",
-            "  circuitBreaker:\n    consecutiveFailures: 2\n    openDuration: 1m\n    maxOpenDuration: 1m\n  loadBalancer:\n    strategy: RoundRobin\n",
-        ),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "reviews", "  circuitBreaker:\n    consecutiveFailures: 2\n    openDuration: 1m\n    maxOpenDuration: 1m\n  loadBalancer:\n    strategy: RoundRobin\n").await;
     // Round robin sends every other request to the bad endpoint until it trips.
     for _ in 0..6 {
         let _ = h.client.get(REVIEWS, &[]).await.unwrap();
@@ -148,16 +129,7 @@ async fn retries_land_on_a_healthy_endpoint() {
     let bad = upstream("reviews-bad", Knobs::failing(1.0, 503)).await;
     let good = upstream("reviews-good", Knobs::healthy()).await;
     let mesh = Mesh::with_services([("reviews", vec![bad.addr(), good.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "reviews",
-            "reviews",
-            "  retry:\n    attempts: 2\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 5ms\n  loadBalancer:\n    strategy: RoundRobin\n",
-        ),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "reviews", "  retry:\n    attempts: 2\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 5ms\n  loadBalancer:\n    strategy: RoundRobin\n").await;
     for _ in 0..20 {
         let rsp = h.client.get(REVIEWS, &[]).await.unwrap();
         assert_eq!(
@@ -192,16 +164,7 @@ async fn the_retry_budget_caps_retries_during_an_outage() {
     let bad = upstream("reviews-bad", Knobs::failing(1.0, 503)).await;
     let mesh = Mesh::with_services([("reviews", vec![bad.addr()])]).unwrap();
     // No ratio, 1 retry per second of floor over a 10s window: 10 retries at most.
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "reviews",
-            "reviews",
-            "  retry:\n    attempts: 3\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n    budget:\n      ratio: 0\n      minPerSecond: 1\n      window: 10s\n",
-        ),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "reviews", "  retry:\n    attempts: 3\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n    budget:\n      ratio: 0\n      minPerSecond: 1\n      window: 10s\n").await;
     for _ in 0..40 {
         assert_eq!(h.client.get(REVIEWS, &[]).await.unwrap().status, 503);
     }
@@ -284,16 +247,12 @@ async fn the_bulkhead_keeps_a_hanging_service_from_starving_a_healthy_one() {
         ("catalog", vec![healthy.addr()]),
     ])
     .unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "payments",
-            "payments",
-            "  bulkhead:\n    maxConcurrentRequests: 4\n    maxPending: 2\n    queueTimeout: 50ms\n",
-        ),
+    let h = start_with_policy(
+        mesh,
+        "payments",
+        "  bulkhead:\n    maxConcurrentRequests: 4\n    maxPending: 2\n    queueTimeout: 50ms\n",
     )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    .await;
 
     // Twenty concurrent calls to the hanging service: four hold the slots,
     // two queue and time out, the rest are rejected at once.
@@ -343,12 +302,7 @@ async fn the_bulkhead_keeps_a_hanging_service_from_starving_a_healthy_one() {
 async fn request_timeout_answers_504() {
     let hanging = upstream("payments-0", Knobs::hanging()).await;
     let mesh = Mesh::with_services([("payments", vec![hanging.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy("payments", "payments", "  timeout:\n    request: 200ms\n"),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "payments", "  timeout:\n    request: 200ms\n").await;
     let rsp = h.client.get("http://payments.test/", &[]).await.unwrap();
     assert_eq!(rsp.status, 504);
     assert_eq!(rsp.reason(), Some("timeout"));
@@ -360,16 +314,7 @@ async fn per_try_timeout_moves_the_retry_to_another_endpoint() {
     let hanging = upstream("reviews-hang", Knobs::hanging()).await;
     let good = upstream("reviews-good", Knobs::healthy()).await;
     let mesh = Mesh::with_services([("reviews", vec![hanging.addr(), good.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "reviews",
-            "reviews",
-            "  timeout:\n    request: 5s\n  retry:\n    attempts: 2\n    perTryTimeout: 500ms\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n  loadBalancer:\n    strategy: RoundRobin\n",
-        ),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "reviews", "  timeout:\n    request: 5s\n  retry:\n    attempts: 2\n    perTryTimeout: 500ms\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n  loadBalancer:\n    strategy: RoundRobin\n").await;
     for _ in 0..4 {
         let rsp = h.client.get(REVIEWS, &[]).await.unwrap();
         assert_eq!(rsp.status, 200);
@@ -396,6 +341,29 @@ async fn agent_made_errors_say_why() {
     let rsp = h.client.get("http://empty.test/", &[]).await.unwrap();
     assert_eq!(rsp.status, 503);
     assert_eq!(rsp.reason(), Some("no-endpoints"));
+
+    // A request back to the agent's own listener, by address or as localhost,
+    // and a tunnel to it, are loops.
+    let port = h.agent.outbound_addr().port();
+    for url in [
+        format!("http://{}/", h.agent.outbound_addr()),
+        format!("http://localhost:{port}/"),
+    ] {
+        let rsp = h.client.get(&url, &[]).await.unwrap();
+        assert_eq!(rsp.status, 508, "{url}");
+        assert_eq!(rsp.reason(), Some("loop-detected"));
+    }
+    let rsp = h
+        .client
+        .request(
+            Method::CONNECT,
+            &format!("http://localhost:{port}"),
+            &[],
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(rsp.status, 508, "a CONNECT to itself");
 
     // Malformed: an origin-form request without a Host header.
     let direct = HttpClient::direct(h.agent.outbound_addr());
@@ -436,16 +404,7 @@ async fn grpc_status_in_trailers_is_retried_over_http2() {
     )
     .await;
     let mesh = Mesh::with_services([("greeter", vec![unavailable.addr(), good.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "greeter",
-            "greeter",
-            "  retry:\n    attempts: 2\n    retryOn: []\n    grpcCodes: [unavailable]\n    nonIdempotent: true\n    backoff:\n      base: 1ms\n      max: 1ms\n  loadBalancer:\n    strategy: RoundRobin\n",
-        ),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "greeter", "  retry:\n    attempts: 2\n    retryOn: []\n    grpcCodes: [unavailable]\n    nonIdempotent: true\n    backoff:\n      base: 1ms\n      max: 1ms\n  loadBalancer:\n    strategy: RoundRobin\n").await;
     // A gRPC client speaks HTTP/2 to the outbound listener.
     let grpc = HttpClient::h2(h.agent.outbound_addr());
     for _ in 0..6 {
@@ -524,16 +483,7 @@ async fn a_retry_prefers_an_endpoint_the_request_has_not_tried() {
     let good = upstream("reviews-good", Knobs::healthy()).await;
     let mesh =
         Mesh::with_services([("reviews", vec![bad1.addr(), bad2.addr(), good.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "reviews",
-            "reviews",
-            "  retry:\n    attempts: 3\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n    budget:\n      ratio: 10\n      minPerSecond: 1000\n      window: 10s\n  loadBalancer:\n    strategy: LeastRequest\n",
-        ),
-    )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    let h = start_with_policy(mesh, "reviews", "  retry:\n    attempts: 3\n    retryOn: [gateway-error]\n    backoff:\n      base: 1ms\n      max: 1ms\n    budget:\n      ratio: 10\n      minPerSecond: 1000\n      window: 10s\n  loadBalancer:\n    strategy: LeastRequest\n").await;
     for _ in 0..60 {
         let rsp = h.client.get(REVIEWS, &[]).await.unwrap();
         assert_eq!(rsp.status, 200, "a retry went to an endpoint not tried yet");
@@ -665,16 +615,12 @@ async fn max_connections_caps_connections_to_the_service() {
     )
     .await;
     let mesh = Mesh::with_services([("catalog", vec![slow.addr()])]).unwrap();
-    mesh.write_policy(
-        "policy.yaml",
-        &resilience_policy(
-            "catalog",
-            "catalog",
-            "  bulkhead:\n    maxConcurrentRequests: 10\n    maxConnections: 1\n",
-        ),
+    let h = start_with_policy(
+        mesh,
+        "catalog",
+        "  bulkhead:\n    maxConcurrentRequests: 10\n    maxConnections: 1\n",
     )
-    .unwrap();
-    let h = Harness::start(mesh).await;
+    .await;
     let mut calls = Vec::new();
     for _ in 0..4 {
         let client = HttpClient::proxy(h.agent.outbound_addr());

@@ -81,9 +81,7 @@ impl Outbound {
                 }
             };
             let target = target::classify(host, port);
-            if target.is_some_and(|t| self.is_self(t))
-                || host.eq_ignore_ascii_case("localhost") && port == self.listen.port()
-            {
+            if target.is_some_and(|t| self.is_self(t)) {
                 return local_response(StatusCode::LOOP_DETECTED, reason::LOOP_DETECTED, None);
             }
             let config = self.config.load();
@@ -118,6 +116,11 @@ impl Outbound {
                         || (self.listen.ip().is_unspecified() || self.listen.ip().is_loopback())
                             && addr.ip().is_loopback())
             }
+            Target::Name {
+                name,
+                namespace: None,
+                port,
+            } => name.eq_ignore_ascii_case("localhost") && port == self.listen.port(),
             Target::Name { .. } => false,
         }
     }
@@ -128,21 +131,18 @@ impl Outbound {
         let Some(authority) = req.uri().authority().cloned() else {
             return local_response(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, None);
         };
-        let target = (
-            authority
-                .host()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            authority.port_u16().unwrap_or(443),
-        );
-        if target::classify(&target.0, target.1).is_some_and(|t| self.is_self(t)) {
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(443);
+        if target::classify(host, port).is_some_and(|t| self.is_self(t)) {
             return local_response(StatusCode::LOOP_DETECTED, reason::LOOP_DETECTED, None);
         }
         self.metrics.passthrough();
         let upstream = match tokio::time::timeout(
             PASSTHROUGH_CONNECT_TIMEOUT,
-            TcpStream::connect((target.0.as_str(), target.1)),
+            TcpStream::connect((host, port)),
         )
         .await
         {
