@@ -163,6 +163,19 @@ impl Balancer {
         Err(PickError::AllOpen { retry_after })
     }
 
+    /// Picks the endpoint at `addr` (a connection to a pod's own address keeps
+    /// going to that pod), if it is one of this balancer's and its breaker admits.
+    pub fn pick_addr(&self, addr: SocketAddr) -> Result<Picked, PickError> {
+        let endpoint = self
+            .endpoints
+            .iter()
+            .find(|ep| ep.addr == addr)
+            .ok_or(PickError::NoEndpoints)?;
+        self.admit(endpoint).ok_or_else(|| PickError::AllOpen {
+            retry_after: endpoint.breaker.retry_after().unwrap_or(Duration::ZERO),
+        })
+    }
+
     /// The endpoints, in the order given.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints

@@ -64,6 +64,7 @@ pub struct Config {
     destinations: Vec<Arc<Destination>>,
     by_name: ByName,
     by_addr: HashMap<SocketAddr, Arc<Destination>>,
+    by_endpoint: HashMap<SocketAddr, Arc<Destination>>,
     /// Inbound rate limits.
     pub inbound: RateLimits,
     limiters: Vec<Arc<RateLimiter>>,
@@ -110,6 +111,13 @@ impl Config {
                     config
                         .by_addr
                         .insert(SocketAddr::new(*ip, number), Arc::clone(&dst));
+                }
+                // A pod address belongs to the first service port that lists it.
+                for ep in dst.balancer.endpoints() {
+                    config
+                        .by_endpoint
+                        .entry(ep.addr)
+                        .or_insert_with(|| Arc::clone(&dst));
                 }
                 config
                     .by_name
@@ -174,6 +182,18 @@ impl Config {
         }
     }
 
+    /// The destination of a redirected connection's original address: a
+    /// Service's cluster IP and port, or one of its endpoints (a pod's address,
+    /// returned as the endpoint to pin the connection to).
+    pub fn lookup_original(&self, addr: SocketAddr) -> Option<(Arc<Destination>, Option<SocketAddr>)> {
+        if let Some(dst) = self.by_addr.get(&addr) {
+            return Some((Arc::clone(dst), None));
+        }
+        self.by_endpoint
+            .get(&addr)
+            .map(|dst| (Arc::clone(dst), Some(addr)))
+    }
+
     /// The config as JSON for the admin `/config` page.
     pub fn to_json(&self) -> Value {
         let destinations: Vec<Value> = self
@@ -184,6 +204,7 @@ impl Config {
                 json!({
                     "name": d.name.as_ref(),
                     "http2": d.http2,
+                    "protocol": format!("{:?}", d.hint),
                     "policy": p.source,
                     "timeouts": p.timeouts,
                     "retry": p.retry.as_ref().map(|r| json!({

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bulwark_proto::v1;
 use serde::Serialize;
 
+use crate::proxy::protocol::Hint;
 use crate::balance::{Balancer, Strategy};
 use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::budget::RetryBudget;
@@ -125,6 +126,8 @@ pub struct Destination {
     pub name: Arc<str>,
     /// Use HTTP/2 to the endpoints even for HTTP/1 clients (appProtocol h2c/grpc/http2).
     pub http2: bool,
+    /// The protocol the port declares (`appProtocol`), for redirected connections.
+    pub hint: Hint,
     /// The validated policy.
     pub policy: Policy,
     /// Picks endpoints; each endpoint carries its breaker.
@@ -222,6 +225,7 @@ impl Destination {
         Ok(Self {
             name: name.into(),
             http2,
+            hint: Hint::from_app_protocol(&port.app_protocol),
             balancer: Balancer::new(policy.strategy, endpoints),
             bulkhead,
             budget,

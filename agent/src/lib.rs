@@ -13,6 +13,7 @@ pub mod bulkhead;
 pub mod config;
 pub mod destination;
 pub mod endpoint;
+pub mod init;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
@@ -51,6 +52,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Agent {
     outbound_addr: SocketAddr,
+    inbound_transparent_addr: Option<SocketAddr>,
     inbound_addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -90,6 +92,22 @@ impl Agent {
             inbound_listeners.push((listener, addr, spec.app_port));
         }
         let (admin_listener, admin_addr) = bind("admin", settings.admin_addr).await?;
+        let transparent_listener = match settings.inbound_transparent {
+            Some(addr) => Some(bind("inbound-transparent", addr).await?),
+            None => None,
+        };
+        let interception = proxy::transparent::Interception {
+            detect_timeout: settings.detect_timeout,
+            opaque_ports: Arc::new(settings.opaque_ports.iter().copied().collect()),
+            tcp_idle_timeout: settings.tcp_idle_timeout,
+        };
+        let inbound_options = proxy::inbound::InboundOptions {
+            max_concurrency: settings
+                .inbound_max_concurrency
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+            forwarded_for: settings.forwarded_for,
+            tcp_idle_timeout: settings.tcp_idle_timeout,
+        };
 
         let outbound = Arc::new(proxy::outbound::Outbound::new(
             Arc::clone(&config),
@@ -98,21 +116,31 @@ impl Agent {
             outbound_addr,
             propagation,
         ));
-        tasks.push(tokio::spawn(proxy::server::serve(
+        let outbound_interception = interception.clone();
+        tasks.push(tokio::spawn(proxy::server::serve_connections(
             outbound_listener,
             "outbound",
             shutdown_rx.clone(),
             drain,
-            move |req, peer| Arc::clone(&outbound).handle(req, peer),
+            move |stream, peer, conn| {
+                proxy::transparent::outbound(
+                    Arc::clone(&outbound),
+                    outbound_interception.clone(),
+                    stream,
+                    peer,
+                    conn,
+                )
+            },
         )));
 
         let mut inbound_addrs = Vec::with_capacity(inbound_listeners.len());
         for (listener, addr, app_port) in inbound_listeners {
             let app = SocketAddr::new(settings.app_host, app_port);
-            let inbound = Arc::new(proxy::inbound::Inbound::new(
+            let inbound = Arc::new(proxy::inbound::Inbound::with_options(
                 Arc::clone(&config),
                 Arc::clone(&metrics),
                 app,
+                inbound_options.clone(),
             ));
             tasks.push(tokio::spawn(proxy::server::serve(
                 listener,
@@ -122,6 +150,25 @@ impl Agent {
                 move |req, peer| Arc::clone(&inbound).handle(req, peer),
             )));
             inbound_addrs.push(addr);
+        }
+
+        let mut inbound_transparent_addr = None;
+        if let Some((listener, addr)) = transparent_listener {
+            let ports = Arc::new(proxy::transparent::InboundPorts::new(
+                Arc::clone(&config),
+                Arc::clone(&metrics),
+                settings.app_host,
+                inbound_options,
+                interception,
+            ));
+            tasks.push(tokio::spawn(proxy::server::serve_connections(
+                listener,
+                "inbound-transparent",
+                shutdown_rx.clone(),
+                drain,
+                move |stream, peer, conn| Arc::clone(&ports).serve(stream, peer, conn),
+            )));
+            inbound_transparent_addr = Some(addr);
         }
 
         let admin = Arc::new(admin::Admin::new(
@@ -148,12 +195,14 @@ impl Agent {
         tracing::info!(
             outbound = %outbound_addr,
             inbound = ?inbound_addrs,
+            inbound_transparent = ?inbound_transparent_addr,
             admin = %admin_addr,
             control_plane = %settings.control_plane,
             "agent started"
         );
         Ok(Self {
             outbound_addr,
+            inbound_transparent_addr,
             inbound_addrs,
             admin_addr,
             shutdown,
@@ -169,6 +218,11 @@ impl Agent {
     /// The inbound listeners' addresses, in the order of `Settings::inbounds`.
     pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
         self.inbound_addrs.clone()
+    }
+
+    /// The transparent inbound listener's address, if one was configured.
+    pub fn inbound_transparent_addr(&self) -> Option<SocketAddr> {
+        self.inbound_transparent_addr
     }
 
     /// The admin listener's address.

@@ -5,14 +5,85 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use bulwark_agent::init::{self, BackendChoice, Cidr, InitOptions};
+use bulwark_agent::settings::{DEFAULT_OPAQUE_PORTS, DEFAULT_TCP_IDLE_TIMEOUT};
 use bulwark_agent::telemetry::{self, LogFormat};
 use bulwark_agent::{Agent, Identity, InboundSpec, Settings};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Bulwark's per-pod agent: enforces timeouts, retries, circuit breaking,
 /// bulkheads and rate limits on the pod's traffic.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install the pod's iptables redirect rules (the sidecar's init step; needs NET_ADMIN).
+    Init(InitArgs),
+}
+
+/// Flags of `bulwark-agent init`.
+#[derive(Debug, clap::Args)]
+struct InitArgs {
+    /// The agent's UID: its own traffic is never redirected.
+    #[arg(long, env = "BULWARK_AGENT_UID", default_value_t = init::DEFAULT_AGENT_UID)]
+    agent_uid: u32,
+    /// The agent's GID: traffic of processes in this group is never redirected.
+    #[arg(long, env = "BULWARK_AGENT_GID", default_value_t = init::DEFAULT_AGENT_UID)]
+    agent_gid: u32,
+    /// The agent's outbound listener port (outbound TCP is redirected here).
+    #[arg(long, default_value_t = 4140)]
+    outbound_port: u16,
+    /// The agent's transparent inbound listener port (inbound TCP is redirected here).
+    #[arg(long, default_value_t = 4143)]
+    inbound_port: u16,
+    /// Other agent ports reached directly, never redirected (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "4191")]
+    agent_ports: Vec<u16>,
+    /// Inbound destination ports to leave alone (comma-separated).
+    #[arg(long, env = "BULWARK_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports to leave alone (comma-separated).
+    #[arg(long, env = "BULWARK_EXCLUDE_OUTBOUND_PORTS", value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination ranges to leave alone, e.g. 169.254.169.254/32,fd00::/8.
+    #[arg(long, env = "BULWARK_EXCLUDE_OUTBOUND_CIDRS", value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<Cidr>,
+    /// Install the IPv6 (ip6tables) rules too.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ipv6: bool,
+    /// Which iptables backend to use; `auto` picks the one that already holds rules.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    iptables_backend: BackendChoice,
+    /// Print the commands and rules instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl InitArgs {
+    fn options(&self) -> InitOptions {
+        InitOptions {
+            agent_uid: self.agent_uid,
+            agent_gid: self.agent_gid,
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            agent_ports: self.agent_ports.clone(),
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
+            ipv6: self.ipv6,
+        }
+    }
+}
+
+/// Flags of the agent itself.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// The control plane's gRPC address.
     #[arg(
@@ -39,6 +110,26 @@ struct Args {
     /// An inbound listener and the app port it forwards to, LISTEN=APP_PORT; repeat for more.
     #[arg(long = "inbound", value_name = "LISTEN=APP_PORT")]
     inbounds: Vec<InboundSpec>,
+    /// The transparent inbound listener: iptables (`bulwark-agent init`) redirects
+    /// the pod's inbound TCP here, and each connection goes to the app port its client dialled.
+    #[arg(long, env = "BULWARK_INBOUND_TRANSPARENT", value_name = "ADDR")]
+    inbound_transparent: Option<SocketAddr>,
+    /// How long to wait for a redirected client's first bytes before treating
+    /// the connection as opaque TCP, in milliseconds.
+    #[arg(long, env = "BULWARK_DETECT_TIMEOUT_MS", default_value_t = 200)]
+    detect_timeout_ms: u64,
+    /// Ports whose redirected connections are opaque TCP, without detection (comma-separated).
+    #[arg(long, env = "BULWARK_OPAQUE_PORTS", value_delimiter = ',', default_values_t = DEFAULT_OPAQUE_PORTS)]
+    opaque_ports: Vec<u16>,
+    /// How long an opaque TCP connection may stay silent both ways, in seconds.
+    #[arg(long, default_value_t = DEFAULT_TCP_IDLE_TIMEOUT.as_secs())]
+    tcp_idle_timeout_secs: u64,
+    /// Inbound requests and connections in the app at once; more get 503 bulkhead-full.
+    #[arg(long, env = "BULWARK_INBOUND_MAX_CONCURRENCY")]
+    inbound_max_concurrency: Option<usize>,
+    /// Append the client's address to X-Forwarded-For on inbound HTTP requests.
+    #[arg(long)]
+    forwarded_for: bool,
     /// Where the local app listens.
     #[arg(long, env = "BULWARK_APP_HOST", default_value = "127.0.0.1")]
     app_host: IpAddr,
@@ -69,7 +160,38 @@ fn parse_labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Init(init)) => run_init(&init),
+        None => run(cli.run).await,
+    }
+}
+
+fn run_init(args: &InitArgs) -> anyhow::Result<()> {
+    let options = args.options();
+    if args.dry_run {
+        let backend = match args.iptables_backend {
+            BackendChoice::Legacy => init::Backend::Legacy,
+            BackendChoice::Nft => init::Backend::Nft,
+            // A dry run changes nothing; detect when the tools are there, else show nft.
+            BackendChoice::Auto => init::iptables::detect(BackendChoice::Auto).unwrap_or(init::Backend::Nft),
+        };
+        print!("{}", init::render_plan(&options, backend));
+        return Ok(());
+    }
+    init::iptables::check_capability()?;
+    let backend = init::iptables::detect(args.iptables_backend)?;
+    init::apply(&options, backend)?;
+    eprintln!(
+        "bulwark-agent init: redirect rules installed ({} backend): outbound TCP to port {}, inbound TCP to port {}",
+        backend.as_str(),
+        options.outbound_port,
+        options.inbound_port
+    );
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let telemetry = telemetry::init("bulwark-agent", args.log_format, args.otlp_endpoint)
         .context("setting up logs and traces")?;
     let identity = Identity {
@@ -84,6 +206,12 @@ async fn main() -> anyhow::Result<()> {
     settings.app_host = args.app_host;
     settings.admin_addr = args.admin_addr;
     settings.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
+    settings.inbound_transparent = args.inbound_transparent;
+    settings.detect_timeout = Duration::from_millis(args.detect_timeout_ms);
+    settings.opaque_ports = args.opaque_ports;
+    settings.tcp_idle_timeout = Duration::from_secs(args.tcp_idle_timeout_secs);
+    settings.inbound_max_concurrency = args.inbound_max_concurrency;
+    settings.forwarded_for = args.forwarded_for;
     let agent = Agent::start_with(settings, telemetry.propagation())
         .await
         .context("starting the agent")?;

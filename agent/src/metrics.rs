@@ -59,6 +59,8 @@ pub struct Metrics {
     bulkhead_rejected: Family<Labels, Counter>,
     rate_limited: Family<Labels, Counter>,
     passthrough: Counter,
+    tcp_connections: Family<Labels, Counter>,
+    passthrough_connections: Counter,
     config_version: Gauge,
     config_updates: Family<Labels, Counter>,
 }
@@ -86,6 +88,8 @@ impl Metrics {
         let bulkhead_rejected = Family::<Labels, Counter>::default();
         let rate_limited = Family::<Labels, Counter>::default();
         let passthrough = Counter::default();
+        let tcp_connections = Family::<Labels, Counter>::default();
+        let passthrough_connections = Counter::default();
         let config_version = Gauge::default();
         let config_updates = Family::<Labels, Counter>::default();
         registry.register(
@@ -134,6 +138,16 @@ impl Metrics {
             passthrough.clone(),
         );
         registry.register(
+            "bulwark_tcp_connections",
+            "Opaque TCP connections proxied, by direction and destination",
+            tcp_connections.clone(),
+        );
+        registry.register(
+            "bulwark_passthrough_connections",
+            "Redirected connections to destinations outside the mesh, relayed without policy",
+            passthrough_connections.clone(),
+        );
+        registry.register(
             "bulwark_config_version",
             "Version of the config in force",
             config_version.clone(),
@@ -155,6 +169,8 @@ impl Metrics {
             bulkhead_rejected,
             rate_limited,
             passthrough,
+            tcp_connections,
+            passthrough_connections,
             config_version,
             config_updates,
         }
@@ -190,6 +206,7 @@ impl Metrics {
             budget_exhausted: self.budget_exhausted.get_or_create(&dst_only()).clone(),
             bulkhead_rejected: self.bulkhead_rejected.get_or_create(&dst_only()).clone(),
             local_responses: self.local_responses.clone(),
+            tcp_connections: self.tcp_connections.get_or_create(&base()).clone(),
         }
     }
 
@@ -206,6 +223,11 @@ impl Metrics {
     /// Counts a request proxied without policy.
     pub fn passthrough(&self) {
         self.passthrough.inc();
+    }
+
+    /// Counts a redirected connection relayed without policy.
+    pub fn passthrough_connection(&self) {
+        self.passthrough_connections.inc();
     }
 
     /// Records the outcome of applying a snapshot.
@@ -242,9 +264,15 @@ pub struct DstMetrics {
     budget_exhausted: Counter,
     bulkhead_rejected: Counter,
     local_responses: Family<Labels, Counter>,
+    tcp_connections: Counter,
 }
 
 impl DstMetrics {
+    /// Counts an opaque TCP connection proxied to this destination.
+    pub fn tcp_connection(&self) {
+        self.tcp_connections.inc();
+    }
+
     /// The destination label (`reviews.demo:80`).
     pub fn dst(&self) -> &Arc<str> {
         &self.dst

@@ -4,9 +4,14 @@ pub mod body;
 pub mod connector;
 pub mod forward;
 pub mod inbound;
+pub mod orig_dst;
 pub mod outbound;
+pub mod prefixed;
+pub mod protocol;
 pub mod server;
 pub mod target;
+pub mod tcp;
+pub mod transparent;
 pub mod upstream;
 
 use std::time::Duration;

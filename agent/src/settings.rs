@@ -12,6 +12,16 @@ pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LO
 /// Default admin listener (`/metrics`, `/ready`, `/config`).
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4191);
 
+/// Default time to wait for a redirected client's first bytes before treating
+/// the connection as opaque TCP (a server-speaks-first protocol).
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// Default idle timeout of opaque TCP connections.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Ports of well-known server-speaks-first protocols, opaque by default (as in
+/// Linkerd): SMTP 25 and 587, MySQL 3306, Galera 4444, PostgreSQL 5432, Redis
+/// 6379, Elasticsearch transport 9300, memcached 11211.
+pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
 /// The pod this agent serves, as told to the control plane.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Identity {
@@ -70,6 +80,21 @@ pub struct Settings {
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_ms")]
     pub drain_timeout: Duration,
+    /// The transparent inbound listener (iptables redirects the pod's inbound
+    /// TCP here); the app port is the port each client dialled.
+    pub inbound_transparent: Option<SocketAddr>,
+    /// How long to wait for a redirected client's first bytes (protocol detection).
+    #[serde(with = "humantime_ms")]
+    pub detect_timeout: Duration,
+    /// Ports whose redirected connections are opaque TCP, never detected.
+    pub opaque_ports: Vec<u16>,
+    /// How long an opaque TCP connection may stay silent both ways.
+    #[serde(with = "humantime_ms")]
+    pub tcp_idle_timeout: Duration,
+    /// Inbound requests and connections in the app at once (none: unlimited).
+    pub inbound_max_concurrency: Option<usize>,
+    /// Append the client's address to `X-Forwarded-For` on inbound HTTP requests.
+    pub forwarded_for: bool,
 }
 
 impl Settings {
@@ -83,6 +108,12 @@ impl Settings {
             admin_addr: DEFAULT_ADMIN,
             app_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             drain_timeout: Duration::from_secs(5),
+            inbound_transparent: None,
+            detect_timeout: DEFAULT_DETECT_TIMEOUT,
+            opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
+            tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            inbound_max_concurrency: None,
+            forwarded_for: false,
         }
     }
 }

@@ -42,8 +42,18 @@ impl Body {
 
 /// Forwards `req` to `dst` and records the outcome in `dst`'s metrics.
 pub async fn forward(dst: Arc<Destination>, req: Request<Incoming>) -> Response<ProxyBody> {
+    forward_to(dst, None, req).await
+}
+
+/// Like [`forward`]; with `pinned`, every try goes to that endpoint (a
+/// redirected connection to one pod's address) instead of a balanced pick.
+pub async fn forward_to(
+    dst: Arc<Destination>,
+    pinned: Option<SocketAddr>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
-    let rsp = send(&dst, req, start).await;
+    let rsp = send(&dst, pinned, req, start).await;
     dst.metrics.response(rsp.status(), start.elapsed());
     rsp
 }
@@ -89,7 +99,12 @@ fn uri_for(path: &PathAndQuery, addr: SocketAddr) -> Uri {
     Uri::from_parts(uri).unwrap_or_default()
 }
 
-async fn send(dst: &Destination, req: Request<Incoming>, start: Instant) -> Response<ProxyBody> {
+async fn send(
+    dst: &Destination,
+    pinned: Option<SocketAddr>,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let http2 = dst.http2 || parts.version == http::Version::HTTP_2;
@@ -163,7 +178,11 @@ async fn send(dst: &Destination, req: Request<Incoming>, start: Instant) -> Resp
         };
 
         // Balancer + breaker.
-        let picked = match dst.balancer.pick(&avoid) {
+        let picked = match pinned {
+            Some(addr) => dst.balancer.pick_addr(addr),
+            None => dst.balancer.pick(&avoid),
+        };
+        let picked = match picked {
             Ok(picked) => picked,
             Err(PickError::NoEndpoints) => {
                 return local(dst, StatusCode::SERVICE_UNAVAILABLE, reason::NO_ENDPOINTS);

@@ -1,39 +1,69 @@
-//! The inbound listener: mesh → app. Enforces the pod's rate limits, then
-//! forwards to the local app port.
+//! The inbound listener: mesh → app. Enforces the pod's rate limits and its
+//! server-side concurrency limit, then forwards to the local app port.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::tcp::{self, RelayEnd};
 use super::upstream::Upstream;
 use super::{ProxyBody, local_response, reason, send_plain};
 use crate::config::Config;
 use crate::metrics::{Direction, DstMetrics, Metrics};
 
 /// Connect timeout to the local app.
-const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// State shared by the connections of one inbound listener.
+/// `X-Forwarded-For`.
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+
+/// Inbound behaviour shared by every app port of the agent.
+#[derive(Clone, Debug, Default)]
+pub struct InboundOptions {
+    /// Requests (HTTP) and connections (opaque TCP) in the app at once, across
+    /// every inbound port; more are answered 503 `bulkhead-full` (HTTP) or closed (TCP).
+    pub max_concurrency: Option<Arc<Semaphore>>,
+    /// Append the client's address to `X-Forwarded-For` on HTTP requests.
+    pub forwarded_for: bool,
+    /// How long an opaque connection may stay silent both ways.
+    pub tcp_idle_timeout: Duration,
+}
+
+/// State shared by the connections of one inbound app port.
 #[derive(Debug)]
 pub struct Inbound {
     config: Arc<ArcSwap<Config>>,
     metrics: Arc<Metrics>,
     dst: DstMetrics,
     app: Authority,
+    app_addr: SocketAddr,
     app_port: u16,
     upstream: Upstream,
+    options: InboundOptions,
 }
 
 impl Inbound {
     /// Inbound state forwarding to the app at `app`.
     pub fn new(config: Arc<ArcSwap<Config>>, metrics: Arc<Metrics>, app: SocketAddr) -> Self {
+        Self::with_options(config, metrics, app, InboundOptions::default())
+    }
+
+    /// Inbound state forwarding to the app at `app`, with `options`.
+    pub fn with_options(
+        config: Arc<ArcSwap<Config>>,
+        metrics: Arc<Metrics>,
+        app: SocketAddr,
+        options: InboundOptions,
+    ) -> Self {
         let label = format!("localhost:{}", app.port());
         let dst = metrics.destination(Direction::Inbound, &label);
         Self {
@@ -43,15 +73,25 @@ impl Inbound {
             // A SocketAddr always renders as a valid authority.
             app: Authority::try_from(app.to_string())
                 .unwrap_or_else(|_| Authority::from_static("127.0.0.1")),
+            app_addr: app,
             app_port: app.port(),
             upstream: Upstream::new(APP_CONNECT_TIMEOUT, None),
+            options,
+        }
+    }
+
+    /// A slot in the concurrency limit, or `None` when it is full; `Some(None)` when unlimited.
+    fn admit(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        match &self.options.max_concurrency {
+            Some(limit) => Arc::clone(limit).try_acquire_owned().ok().map(Some),
+            None => Some(None),
         }
     }
 
     /// Handles one request from the mesh.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
@@ -71,7 +111,28 @@ impl Inbound {
                     Some(limited.retry_after),
                 )
             }
-            Ok(()) => self.to_app(req).await,
+            Ok(()) => match self.admit() {
+                None => {
+                    debug!(app_port = self.app_port, reason = reason::BULKHEAD_FULL, client = %peer.ip(), "inbound concurrency limit reached");
+                    self.dst.local_response(reason::BULKHEAD_FULL);
+                    local_response(StatusCode::SERVICE_UNAVAILABLE, reason::BULKHEAD_FULL, None)
+                }
+                Some(slot) => {
+                    if self.options.forwarded_for {
+                        append_forwarded_for(req.headers_mut(), peer.ip());
+                    }
+                    let rsp = self.to_app(req).await;
+                    // The slot lasts as long as the response body.
+                    let (head, body) = rsp.into_parts();
+                    let body = http_body_util::BodyExt::boxed_unsync(
+                        http_body_util::BodyExt::map_frame(body, move |f| {
+                            let _ = &slot;
+                            f
+                        }),
+                    );
+                    Response::from_parts(head, body)
+                }
+            },
         };
         self.dst.response(rsp.status(), start.elapsed());
         rsp
@@ -86,5 +147,78 @@ impl Inbound {
                 local_response(StatusCode::BAD_GATEWAY, reason::CONNECT_FAILED, None)
             }
         }
+    }
+
+    /// Relays an opaque TCP connection from `peer` to the app. Rate limits apply
+    /// per connection (a header-keyed limit sees no headers: one shared bucket);
+    /// the concurrency limit holds a slot for the connection's life.
+    pub async fn relay<C>(&self, client: C, peer: SocketAddr)
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    {
+        let headers = http::HeaderMap::new();
+        if let Err(limited) = self
+            .config
+            .load()
+            .inbound
+            .check(self.app_port, peer.ip(), &headers)
+        {
+            self.metrics.rate_limited(&limited.source, &limited.name);
+            self.dst.local_response(reason::RATE_LIMITED);
+            return;
+        }
+        let Some(_slot) = self.admit() else {
+            debug!(app_port = self.app_port, reason = reason::BULKHEAD_FULL, client = %peer.ip(), "inbound concurrency limit reached");
+            self.dst.local_response(reason::BULKHEAD_FULL);
+            return;
+        };
+        let app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.app_addr)).await {
+            Ok(Ok(app)) => app,
+            Ok(Err(error)) => {
+                debug!(app = %self.app_addr, %error, "local app refused the connection");
+                self.dst.local_response(reason::CONNECT_FAILED);
+                return;
+            }
+            Err(_) => {
+                self.dst.local_response(reason::TIMEOUT);
+                return;
+            }
+        };
+        self.dst.tcp_connection();
+        match tcp::relay(client, app, self.options.tcp_idle_timeout).await {
+            Ok(done) if done.end == RelayEnd::Idle => {
+                debug!(app = %self.app_addr, client = %peer, "idle connection closed");
+            }
+            Ok(_) => {}
+            Err(error) => debug!(app = %self.app_addr, client = %peer, %error, "connection ended with an error"),
+        }
+    }
+}
+
+/// Appends `client` to `X-Forwarded-For` (RFC 7239's predecessor, as proxies write it).
+fn append_forwarded_for(headers: &mut http::HeaderMap, client: IpAddr) {
+    let value = match headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client}"),
+        _ => client.to_string(),
+    };
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_the_client_to_forwarded_for() {
+        let mut h = http::HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1");
+        append_forwarded_for(&mut h, "fd00::2".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, fd00::2");
     }
 }

@@ -18,11 +18,12 @@ use super::target::{self, Target};
 use super::upstream::Upstream;
 use super::{ProxyBody, forward, local_response, reason, send_plain};
 use crate::config::Config;
+use crate::destination::Destination;
 use crate::metrics::{Direction, DstMetrics, Metrics};
 use crate::telemetry::Propagation;
 
 /// Connect timeout for destinations outside the mesh.
-const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// State shared by every outbound connection.
 #[derive(Debug)]
@@ -60,7 +61,7 @@ impl Outbound {
     /// Handles one request from the local app.
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         _peer: SocketAddr,
     ) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
@@ -91,21 +92,64 @@ impl Outbound {
             }
         };
         if let Some(dst) = dst {
-            // A span per request only when spans are exported: it is what
-            // carries the trace to the upstream. Decision logs carry `dst` anyway.
-            let span = if self.propagation.enabled() {
-                let span = info_span!("outbound", dst = %dst.name);
-                self.propagation.propagate(&span, req.headers_mut());
-                span
-            } else {
-                Span::none()
-            };
-            return forward::forward(dst, req).instrument(span).await;
+            return self.to_destination(dst, None, req).await;
         }
         match passthrough {
             Some(authority) => self.passthrough(req, authority).await,
             None => local_response(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, None),
         }
+    }
+
+    /// Handles one request on a redirected connection: the destination is where
+    /// the connection was going (`orig`), whatever the request's Host says, so
+    /// that a redirected app reaches exactly the address it dialled.
+    pub async fn handle_redirected(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        orig: SocketAddr,
+    ) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT {
+            return self.tunnel(req).await;
+        }
+        let found = self.config.load().lookup_original(orig);
+        match found {
+            Some((dst, pinned)) => self.to_destination(dst, pinned, req).await,
+            None => {
+                // A SocketAddr always renders as a valid authority.
+                match Authority::try_from(orig.to_string()) {
+                    Ok(authority) => self.passthrough(req, authority).await,
+                    Err(_) => local_response(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, None),
+                }
+            }
+        }
+    }
+
+    async fn to_destination(
+        &self,
+        dst: Arc<Destination>,
+        pinned: Option<SocketAddr>,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        // A span per request only when spans are exported: it is what
+        // carries the trace to the upstream. Decision logs carry `dst` anyway.
+        let span = if self.propagation.enabled() {
+            let span = info_span!("outbound", dst = %dst.name);
+            self.propagation.propagate(&span, req.headers_mut());
+            span
+        } else {
+            Span::none()
+        };
+        forward::forward_to(dst, pinned, req).instrument(span).await
+    }
+
+    /// The metrics of the outbound side (for opaque connections).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &Arc<ArcSwap<Config>> {
+        &self.config
     }
 
     fn is_self(&self, target: Target<'_>) -> bool {

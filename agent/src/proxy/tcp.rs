@@ -1,0 +1,207 @@
+//! Opaque TCP: bytes relayed both ways, with connection-level policy for mesh
+//! destinations (connect timeout, max connections, per-endpoint breaker on
+//! connect failures, balancing) and an idle timeout for every connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::reason;
+use crate::balance::PickError;
+use crate::destination::Destination;
+use crate::retry::Failure;
+
+/// Copy buffer per direction.
+const BUF_SIZE: usize = 16 * 1024;
+
+/// How a relay ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides closed their sending half.
+    Closed,
+    /// No byte moved either way for the idle timeout.
+    Idle,
+}
+
+/// Bytes each way once a relay ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Relayed {
+    /// Client to server.
+    pub sent: u64,
+    /// Server to client.
+    pub received: u64,
+    /// Why it ended.
+    pub end: RelayEnd,
+}
+
+/// Relays bytes between `client` and `server` until both have closed their
+/// sending side, each close passed on as a half-close (FIN) to the other, or
+/// until nothing moves for `idle`.
+pub async fn relay<C, S>(client: C, server: S, idle: Duration) -> io::Result<Relayed>
+where
+    C: AsyncRead + AsyncWrite,
+    S: AsyncRead + AsyncWrite,
+{
+    let start = Instant::now();
+    // Milliseconds since `start` of the last byte moved, shared by both directions.
+    let last = AtomicU64::new(0);
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut server_rd, mut server_wr) = tokio::io::split(server);
+    let up = copy_half(&mut client_rd, &mut server_wr, &last, start);
+    let down = copy_half(&mut server_rd, &mut client_wr, &last, start);
+    let watchdog = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let due = start + since + idle;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
+    tokio::select! {
+        both = async { tokio::try_join!(up, down) } => {
+            let (sent, received) = both?;
+            Ok(Relayed { sent, received, end: RelayEnd::Closed })
+        }
+        () = watchdog => Ok(Relayed { sent: 0, received: 0, end: RelayEnd::Idle }),
+    }
+}
+
+async fn copy_half<R, W>(rd: &mut R, wr: &mut W, last: &AtomicU64, start: Instant) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut total = 0u64;
+    loop {
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            // Pass the half-close on; the other direction keeps flowing.
+            wr.shutdown().await?;
+            return Ok(total);
+        }
+        wr.write_all(&buf[..n]).await?;
+        total += n as u64;
+        let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last.store(now, Ordering::Relaxed);
+    }
+}
+
+/// Why an opaque connection to a mesh destination was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused(pub &'static str);
+
+/// Connects to an endpoint of `dst` under its connection policy: the
+/// connection limit, the balancer (or `pinned`, for a connection to one pod's
+/// address), each endpoint's breaker (connect failures count), the connect
+/// timeout, and connect-failure retries to other endpoints when the retry
+/// policy allows them. The returned permit holds a connection slot.
+pub async fn connect(
+    dst: &Destination,
+    pinned: Option<SocketAddr>,
+) -> Result<(TcpStream, Option<tokio::sync::OwnedSemaphorePermit>), Refused> {
+    let slot = match dst.bulkhead.connection_limit() {
+        Some(limit) => match limit.try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                debug!(dst = %dst.name, reason = reason::BULKHEAD_FULL, "connection refused: maxConnections reached");
+                return Err(Refused(reason::BULKHEAD_FULL));
+            }
+        },
+        None => None,
+    };
+    let attempts = match (&dst.policy.retry, pinned) {
+        (Some(r), None) if r.retries_failure(Failure::Connect) => r.attempts.max(1),
+        _ => 1,
+    };
+    let mut avoid = Vec::new();
+    let mut last = Refused(reason::CONNECT_FAILED);
+    for attempt in 0..attempts {
+        let picked = match pinned {
+            Some(addr) => dst.balancer.pick_addr(addr),
+            None => dst.balancer.pick(&avoid),
+        };
+        let picked = match picked {
+            Ok(p) => p,
+            Err(PickError::NoEndpoints) => return Err(Refused(reason::NO_ENDPOINTS)),
+            Err(PickError::AllOpen { .. }) if attempt == 0 => {
+                debug!(dst = %dst.name, reason = reason::CIRCUIT_OPEN, "connection refused: every endpoint's breaker is open");
+                return Err(Refused(reason::CIRCUIT_OPEN));
+            }
+            Err(PickError::AllOpen { .. }) => return Err(last),
+        };
+        let (endpoint, permit, _load) = picked.into_parts();
+        let addr = endpoint.addr;
+        match tokio::time::timeout(dst.policy.timeouts.connect, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                permit.success();
+                if let Err(error) = stream.set_nodelay(true) {
+                    debug!(%error, "cannot set TCP_NODELAY");
+                }
+                return Ok((stream, slot));
+            }
+            Ok(Err(error)) => {
+                debug!(dst = %dst.name, endpoint = %addr, %error, attempt, "connect failed");
+                permit.failure();
+                last = Refused(reason::CONNECT_FAILED);
+            }
+            Err(_) => {
+                debug!(dst = %dst.name, endpoint = %addr, attempt, "connect timed out");
+                permit.failure();
+                last = Refused(reason::TIMEOUT);
+            }
+        }
+        avoid.push(addr);
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn half_close_passes_through_and_the_other_way_keeps_flowing() {
+        let (mut client, client_side) = tokio::io::duplex(1024);
+        let (server_side, mut server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(relay(client_side, server_side, Duration::from_secs(60)));
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request", "the server sees the client's FIN");
+        server.write_all(b"late reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"late reply");
+        let done = relay.await.unwrap().unwrap();
+        assert_eq!(done.end, RelayEnd::Closed);
+        assert_eq!((done.sent, done.received), (7, 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_and_activity_postpones_it() {
+        let (mut client, client_side) = tokio::io::duplex(1024);
+        let (server_side, mut server) = tokio::io::duplex(1024);
+        let start = Instant::now();
+        let relay = tokio::spawn(relay(client_side, server_side, Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+        let done = relay.await.unwrap().unwrap();
+        assert_eq!(done.end, RelayEnd::Idle);
+        assert_eq!(start.elapsed(), Duration::from_secs(16), "10 s after the last byte");
+    }
+}

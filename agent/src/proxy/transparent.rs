@@ -1,0 +1,193 @@
+//! Redirected connections: recover where each was going, choose its protocol,
+//! and serve it as HTTP (with the destination's request policy) or as opaque
+//! TCP (with its connection policy).
+//!
+//! The outbound listener takes both kinds of client: an app that uses it as
+//! an explicit HTTP proxy (no original destination) and an app whose
+//! connections iptables redirected (see `bulwark-agent init`).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::inbound::{Inbound, InboundOptions};
+use super::orig_dst::original_dst;
+use super::outbound::{Outbound, PASSTHROUGH_CONNECT_TIMEOUT};
+use super::prefixed::Prefixed;
+use super::protocol::{self, Hint, Protocol};
+use super::server::Conn;
+use super::tcp::{self, RelayEnd};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// How redirected connections are classified and relayed.
+#[derive(Clone, Debug)]
+pub struct Interception {
+    /// How long to wait for a client's first bytes before treating it as opaque.
+    pub detect_timeout: Duration,
+    /// Ports that are always opaque TCP (no detection), both directions.
+    pub opaque_ports: Arc<HashSet<u16>>,
+    /// How long an opaque connection may stay silent both ways.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Interception {
+    fn hint(&self, port: u16, declared: Option<Hint>) -> Hint {
+        if self.opaque_ports.contains(&port) {
+            Hint::Opaque
+        } else {
+            declared.unwrap_or_default()
+        }
+    }
+
+    /// Chooses the protocol of `stream`: declared, or detected from its first
+    /// bytes (returned for replay).
+    async fn protocol(&self, stream: &mut TcpStream, hint: Hint) -> Option<(Protocol, Bytes)> {
+        match hint {
+            Hint::Opaque => Some((Protocol::Opaque, Bytes::new())),
+            // hyper's server tells HTTP/1 from an HTTP/2 preface itself.
+            Hint::Http => Some((Protocol::Http1, Bytes::new())),
+            Hint::Http2 => Some((Protocol::Http2, Bytes::new())),
+            Hint::Detect => match protocol::detect(stream, self.detect_timeout).await {
+                Ok(found) => Some(found),
+                Err(error) => {
+                    debug!(%error, "connection failed during protocol detection");
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Serves one connection accepted by the outbound listener.
+pub async fn outbound(
+    outbound: Arc<Outbound>,
+    interception: Interception,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    conn: Conn,
+) {
+    let Some(orig) = original_dst(&stream) else {
+        // Not redirected: an app using the listener as its HTTP proxy.
+        let handler = move |req, peer| Arc::clone(&outbound).handle(req, peer);
+        return conn.serve_http(stream, peer, handler).await;
+    };
+    let found = outbound.config().load().lookup_original(orig);
+    let hint = interception.hint(orig.port(), found.as_ref().map(|(d, _)| d.hint));
+    let Some((protocol, prefix)) = interception.protocol(&mut stream, hint).await else {
+        return;
+    };
+    debug!(%peer, %orig, dst = found.as_ref().map(|(d, _)| d.name.as_ref()), ?protocol, "redirected outbound connection");
+    let io = Prefixed::new(prefix, stream);
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            let handler = move |req, _peer| Arc::clone(&outbound).handle_redirected(req, orig);
+            conn.serve_http(io, peer, handler).await;
+        }
+        Protocol::Opaque => match found {
+            Some((dst, pinned)) => match tcp::connect(&dst, pinned).await {
+                Ok((upstream, _slot)) => {
+                    dst.metrics.tcp_connection();
+                    log_relay(tcp::relay(io, upstream, interception.tcp_idle_timeout).await, orig);
+                }
+                Err(refused) => {
+                    dst.metrics.local_response(refused.0);
+                    debug!(dst = %dst.name, reason = refused.0, %peer, "opaque connection refused");
+                }
+            },
+            None => {
+                outbound.metrics().passthrough_connection();
+                match tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect(orig)).await {
+                    Ok(Ok(upstream)) => {
+                        log_relay(tcp::relay(io, upstream, interception.tcp_idle_timeout).await, orig);
+                    }
+                    Ok(Err(error)) => debug!(%orig, %error, "passthrough connect failed"),
+                    Err(_) => debug!(%orig, "passthrough connect timed out"),
+                }
+            }
+        },
+    }
+}
+
+fn log_relay(result: std::io::Result<tcp::Relayed>, dst: SocketAddr) {
+    match result {
+        Ok(done) if done.end == RelayEnd::Idle => debug!(%dst, "idle connection closed"),
+        Ok(done) => debug!(%dst, sent = done.sent, received = done.received, "connection closed"),
+        Err(error) => debug!(%dst, %error, "connection ended with an error"),
+    }
+}
+
+/// The transparent inbound listener's state: one [`Inbound`] per app port,
+/// made on the first connection to that port.
+#[derive(Debug)]
+pub struct InboundPorts {
+    config: Arc<ArcSwapConfig>,
+    metrics: Arc<Metrics>,
+    app_host: std::net::IpAddr,
+    options: InboundOptions,
+    interception: Interception,
+    ports: Mutex<HashMap<u16, Arc<Inbound>>>,
+}
+
+type ArcSwapConfig = arc_swap::ArcSwap<Config>;
+
+impl InboundPorts {
+    /// Inbound state for every app port on `app_host`.
+    pub fn new(
+        config: Arc<ArcSwapConfig>,
+        metrics: Arc<Metrics>,
+        app_host: std::net::IpAddr,
+        options: InboundOptions,
+        interception: Interception,
+    ) -> Self {
+        Self {
+            config,
+            metrics,
+            app_host,
+            options,
+            interception,
+            ports: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn port(&self, port: u16) -> Arc<Inbound> {
+        let mut ports = self.ports.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(ports.entry(port).or_insert_with(|| {
+            Arc::new(Inbound::with_options(
+                Arc::clone(&self.config),
+                Arc::clone(&self.metrics),
+                SocketAddr::new(self.app_host, port),
+                self.options.clone(),
+            ))
+        }))
+    }
+
+    /// Serves one connection redirected to the inbound listener: to the app on
+    /// the port the client dialled.
+    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, conn: Conn) {
+        let Some(orig) = original_dst(&stream) else {
+            debug!(%peer, "inbound connection was not redirected: no app port to send it to; closing");
+            return;
+        };
+        let inbound = self.port(orig.port());
+        let declared = self.config.load().lookup_original(orig).map(|(d, _)| d.hint);
+        let hint = self.interception.hint(orig.port(), declared);
+        let Some((protocol, prefix)) = self.interception.protocol(&mut stream, hint).await else {
+            return;
+        };
+        debug!(%peer, %orig, ?protocol, "redirected inbound connection");
+        let io = Prefixed::new(prefix, stream);
+        match protocol {
+            Protocol::Http1 | Protocol::Http2 => {
+                conn.serve_http(io, peer, move |req, peer| Arc::clone(&inbound).handle(req, peer))
+                    .await;
+            }
+            Protocol::Opaque => inbound.relay(io, peer).await,
+        }
+    }
+}
