@@ -19,6 +19,8 @@ pub mod grpc;
 pub mod harness;
 pub mod mesh;
 pub mod metrics;
+#[cfg(target_os = "linux")]
+pub mod netns;
 pub mod upstream;
 
 pub use client::{
