@@ -185,7 +185,10 @@ impl Config {
     /// The destination of a redirected connection's original address: a
     /// Service's cluster IP and port, or one of its endpoints (a pod's address,
     /// returned as the endpoint to pin the connection to).
-    pub fn lookup_original(&self, addr: SocketAddr) -> Option<(Arc<Destination>, Option<SocketAddr>)> {
+    pub fn lookup_original(
+        &self,
+        addr: SocketAddr,
+    ) -> Option<(Arc<Destination>, Option<SocketAddr>)> {
         if let Some(dst) = self.by_addr.get(&addr) {
             return Some((Arc::clone(dst), None));
         }

@@ -7,13 +7,13 @@ use std::time::Duration;
 use bulwark_proto::v1;
 use serde::Serialize;
 
-use crate::proxy::protocol::Hint;
 use crate::balance::{Balancer, Strategy};
 use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::budget::RetryBudget;
 use crate::bulkhead::{Bulkhead, BulkheadConfig};
 use crate::endpoint::Endpoint;
 use crate::metrics::{Direction, DstMetrics, Metrics};
+use crate::proxy::protocol::Hint;
 use crate::proxy::upstream::Upstream;
 use crate::retry::RetryPolicy;
 

@@ -268,16 +268,32 @@ impl RuleSet {
         for port in inbound_skip {
             rules.push(Rule::new(chain::INBOUND, vec![DstPort(port)], Return));
         }
-        rules.push(Rule::new(chain::INBOUND, vec![Tcp], Jump(chain::IN_REDIRECT)));
+        rules.push(Rule::new(
+            chain::INBOUND,
+            vec![Tcp],
+            Jump(chain::IN_REDIRECT),
+        ));
 
         // Outbound: the agent's own connections (to endpoints, the control plane,
         // the local app) must not come back to it; loopback stays local, so the
         // app can still reach the agent's outbound listener as an explicit proxy
         // and its own sidecars on localhost.
-        rules.push(Rule::new(chain::OUTPUT, vec![UidOwner(options.agent_uid)], Return));
-        rules.push(Rule::new(chain::OUTPUT, vec![GidOwner(options.agent_gid)], Return));
+        rules.push(Rule::new(
+            chain::OUTPUT,
+            vec![UidOwner(options.agent_uid)],
+            Return,
+        ));
+        rules.push(Rule::new(
+            chain::OUTPUT,
+            vec![GidOwner(options.agent_gid)],
+            Return,
+        ));
         rules.push(Rule::new(chain::OUTPUT, vec![OutIface("lo")], Return));
-        rules.push(Rule::new(chain::OUTPUT, vec![Dst(family.loopback())], Return));
+        rules.push(Rule::new(
+            chain::OUTPUT,
+            vec![Dst(family.loopback())],
+            Return,
+        ));
         let mut outbound_skip = options.exclude_outbound_ports.clone();
         dedup_in_order(&mut outbound_skip);
         for port in outbound_skip {
@@ -290,7 +306,11 @@ impl RuleSet {
         {
             rules.push(Rule::new(chain::OUTPUT, vec![Dst(*cidr)], Return));
         }
-        rules.push(Rule::new(chain::OUTPUT, vec![Tcp], Jump(chain::OUT_REDIRECT)));
+        rules.push(Rule::new(
+            chain::OUTPUT,
+            vec![Tcp],
+            Jump(chain::OUT_REDIRECT),
+        ));
 
         rules.push(Rule::new("PREROUTING", vec![Tcp], Jump(chain::INBOUND)));
         rules.push(Rule::new("OUTPUT", vec![Tcp], Jump(chain::OUTPUT)));

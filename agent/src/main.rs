@@ -174,7 +174,9 @@ fn run_init(args: &InitArgs) -> anyhow::Result<()> {
             BackendChoice::Legacy => init::Backend::Legacy,
             BackendChoice::Nft => init::Backend::Nft,
             // A dry run changes nothing; detect when the tools are there, else show nft.
-            BackendChoice::Auto => init::iptables::detect(BackendChoice::Auto).unwrap_or(init::Backend::Nft),
+            BackendChoice::Auto => {
+                init::iptables::detect(BackendChoice::Auto).unwrap_or(init::Backend::Nft)
+            }
         };
         print!("{}", init::render_plan(&options, backend));
         return Ok(());

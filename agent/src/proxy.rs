@@ -3,6 +3,7 @@
 pub mod body;
 pub mod connector;
 pub mod forward;
+pub mod grpc;
 pub mod inbound;
 pub mod orig_dst;
 pub mod outbound;

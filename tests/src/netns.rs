@@ -250,11 +250,16 @@ impl Topology {
 
         // root <-> node.
         let (root_if, node_if) = (format!("bw{id}r"), format!("bw{id}n"));
-        ip(&["link", "add", &root_if, "type", "veth", "peer", "name", &node_if])?;
+        ip(&[
+            "link", "add", &root_if, "type", "veth", "peer", "name", &node_if,
+        ])?;
         ip(&["link", "set", &node_if, "netns", node.name()])?;
         ip(&["addr", "add", &format!("{}/30", addr(1)), "dev", &root_if])?;
         ip(&["link", "set", &root_if, "up"])?;
-        node.exec("ip", &["addr", "add", &format!("{}/30", addr(2)), "dev", &node_if])?;
+        node.exec(
+            "ip",
+            &["addr", "add", &format!("{}/30", addr(2)), "dev", &node_if],
+        )?;
         node.exec("ip", &["link", "set", &node_if, "up"])?;
         let route = format!("{}.{}.{}.0/24", net[0], net[1], net[2]);
         ip(&["route", "add", &route, "via", &addr(2).to_string()])?;
@@ -270,14 +275,25 @@ impl Topology {
             let (pod_if, peer_if) = (format!("bw{id}p{index}"), format!("bw{id}q{index}"));
             node.exec(
                 "ip",
-                &["link", "add", &peer_if, "type", "veth", "peer", "name", &pod_if],
+                &[
+                    "link", "add", &peer_if, "type", "veth", "peer", "name", &pod_if,
+                ],
             )?;
             node.exec("ip", &["link", "set", &pod_if, "netns", netns.name()])?;
-            node.exec("ip", &["addr", "add", &format!("{gateway}/30"), "dev", &peer_if])?;
+            node.exec(
+                "ip",
+                &["addr", "add", &format!("{gateway}/30"), "dev", &peer_if],
+            )?;
             node.exec("ip", &["link", "set", &peer_if, "up"])?;
-            netns.exec("ip", &["addr", "add", &format!("{pod_ip}/30"), "dev", &pod_if])?;
+            netns.exec(
+                "ip",
+                &["addr", "add", &format!("{pod_ip}/30"), "dev", &pod_if],
+            )?;
             netns.exec("ip", &["link", "set", &pod_if, "up"])?;
-            netns.exec("ip", &["route", "add", "default", "via", &gateway.to_string()])?;
+            netns.exec(
+                "ip",
+                &["route", "add", "default", "via", &gateway.to_string()],
+            )?;
             pods.push(Pod {
                 name: (*name).to_owned(),
                 ip: pod_ip,
@@ -346,12 +362,17 @@ pub fn binary(package: &str, name: &str) -> io::Result<PathBuf> {
     }
     let status = build.status()?;
     if !status.success() {
-        return Err(io::Error::other(format!("cargo build -p {package} --bin {name} failed")));
+        return Err(io::Error::other(format!(
+            "cargo build -p {package} --bin {name} failed"
+        )));
     }
     let path = profile_dir.join(name);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(io::Error::other(format!("{} was not built", path.display())))
+        Err(io::Error::other(format!(
+            "{} was not built",
+            path.display()
+        )))
     }
 }

@@ -96,12 +96,16 @@ impl Cluster {
     /// Builds the pods, installs the rules, starts the control plane and both
     /// agents (with `extra` agent flags), and waits until both are ready.
     async fn start(extra: &[&str]) -> Cluster {
-        let agent_bin = netns::binary("bulwark-agent", "bulwark-agent").expect("bulwark-agent builds");
+        let agent_bin =
+            netns::binary("bulwark-agent", "bulwark-agent").expect("bulwark-agent builds");
         let topology = Topology::new(&["client", "server"]).expect("namespaces and veths");
         let server_ip = IpAddr::V4(topology.pod("server").ip);
         let mesh = Mesh::new().expect("mesh folder");
-        mesh.write("service-server.yaml", &server_yaml(IpAddr::V4(cluster_ip(&topology)), server_ip))
-            .expect("service written");
+        mesh.write(
+            "service-server.yaml",
+            &server_yaml(IpAddr::V4(cluster_ip(&topology)), server_ip),
+        )
+        .expect("service written");
         let control_plane = ControlPlane::start(bulwark_control_plane::Settings {
             source: Source::Dir(mesh.path().to_path_buf()),
             grpc_addr: SocketAddr::new(IpAddr::V4(topology.root_ip), 0),
@@ -129,10 +133,20 @@ impl Cluster {
         for pod in &cluster.topology.pods {
             let admin = HttpClient::direct(SocketAddr::new(IpAddr::V4(pod.ip), ADMIN_PORT));
             let logs = cluster.topology.logs.path().display().to_string();
-            poll_until(DEADLINE, &format!("agent of {} is ready (logs in {logs})", pod.name), || {
-                let admin = admin.clone();
-                async move { admin.get("/ready", &[]).await.ok().filter(|r| r.status == 200) }
-            })
+            poll_until(
+                DEADLINE,
+                &format!("agent of {} is ready (logs in {logs})", pod.name),
+                || {
+                    let admin = admin.clone();
+                    async move {
+                        admin
+                            .get("/ready", &[])
+                            .await
+                            .ok()
+                            .filter(|r| r.status == 200)
+                    }
+                },
+            )
             .await
             .expect("agent ready");
         }
@@ -141,21 +155,40 @@ impl Cluster {
 
     fn spawn_agent(&self, index: usize, extra: &[&str]) -> Child {
         let pod = &self.topology.pods[index];
-        let cp = self.control_plane.as_ref().expect("control plane running").grpc_addr();
-        let (log, _) = self.topology.log_file(&format!("agent-{}", pod.name)).expect("log file");
+        let cp = self
+            .control_plane
+            .as_ref()
+            .expect("control plane running")
+            .grpc_addr();
+        let (log, _) = self
+            .topology
+            .log_file(&format!("agent-{}", pod.name))
+            .expect("log file");
         let mut cmd = pod.netns.command("setpriv");
-        cmd.args(["--reuid", AGENT_UID, "--regid", AGENT_UID, "--clear-groups", "--"])
-            .arg(&self.agent_bin)
-            .args(["--control-plane", &format!("http://{cp}")])
-            .args(["--namespace", NAMESPACE, "--pod-name", &format!("{}-0", pod.name)])
-            .args(["--label", &format!("app={}", pod.name)])
-            .args(["--outbound-addr", "127.0.0.1:4140"])
-            .args(["--inbound-transparent", "0.0.0.0:4143"])
-            .args(["--admin-addr", &format!("0.0.0.0:{ADMIN_PORT}")])
-            .args(extra)
-            .env("RUST_LOG", "info,bulwark_agent=debug")
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.args([
+            "--reuid",
+            AGENT_UID,
+            "--regid",
+            AGENT_UID,
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&self.agent_bin)
+        .args(["--control-plane", &format!("http://{cp}")])
+        .args([
+            "--namespace",
+            NAMESPACE,
+            "--pod-name",
+            &format!("{}-0", pod.name),
+        ])
+        .args(["--label", &format!("app={}", pod.name)])
+        .args(["--outbound-addr", "127.0.0.1:4140"])
+        .args(["--inbound-transparent", "0.0.0.0:4143"])
+        .args(["--admin-addr", &format!("0.0.0.0:{ADMIN_PORT}")])
+        .args(extra)
+        .env("RUST_LOG", "info,bulwark_agent=debug")
+        .stdout(Stdio::null())
+        .stderr(log);
         cmd.spawn().expect("agent starts")
     }
 
@@ -168,14 +201,18 @@ impl Cluster {
     }
 
     async fn metrics(&self, pod: &str) -> Metrics {
-        Metrics::scrape(self.addr(pod, ADMIN_PORT)).await.expect("agent metrics")
+        Metrics::scrape(self.addr(pod, ADMIN_PORT))
+            .await
+            .expect("agent metrics")
     }
 
     /// Waits until both agents have a config that includes the newest mesh files.
     async fn wait_for_version_above(&self, pod: &str, version: f64) {
-        eventually_named(DEADLINE, "a newer config reaches the agent", || async move {
-            self.metrics(pod).await.get("bulwark_config_version", &[]) > version
-        })
+        eventually_named(
+            DEADLINE,
+            "a newer config reaches the agent",
+            || async move { self.metrics(pod).await.get("bulwark_config_version", &[]) > version },
+        )
         .await;
     }
 }
@@ -197,7 +234,11 @@ async fn http_from_a_plain_client_goes_through_both_agents() {
     let server_rt = cluster.pod("server").netns.runtime().unwrap();
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
     let _upstream = server_rt
-        .run(Upstream::start(SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)), "server-0", Knobs::default()))
+        .run(Upstream::start(
+            SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)),
+            "server-0",
+            Knobs::default(),
+        ))
         .await
         .unwrap();
 
@@ -215,27 +256,56 @@ async fn http_from_a_plain_client_goes_through_both_agents() {
     }
 
     let client = cluster.metrics("client").await;
-    let outbound = [("direction", "outbound"), ("dst", "server.test:8080"), ("status_class", "2xx")];
-    assert_eq!(client.get("bulwark_requests_total", &outbound), 2.0, "the client's agent proxied both calls");
+    let outbound = [
+        ("direction", "outbound"),
+        ("dst", "server.test:8080"),
+        ("status_class", "2xx"),
+    ];
+    assert_eq!(
+        client.get("bulwark_requests_total", &outbound),
+        2.0,
+        "the client's agent proxied both calls"
+    );
     let server = cluster.metrics("server").await;
-    let inbound = [("direction", "inbound"), ("dst", "localhost:8080"), ("status_class", "2xx")];
-    assert_eq!(server.get("bulwark_requests_total", &inbound), 2.0, "the server's agent took both calls in");
+    let inbound = [
+        ("direction", "inbound"),
+        ("dst", "localhost:8080"),
+        ("status_class", "2xx"),
+    ];
+    assert_eq!(
+        server.get("bulwark_requests_total", &inbound),
+        2.0,
+        "the server's agent took both calls in"
+    );
     // The agents' own connections (to the control plane, to each other) were not
     // redirected into themselves: nothing went out as passthrough.
     assert_eq!(client.get("bulwark_passthrough_requests_total", &[]), 0.0);
-    assert_eq!(client.get("bulwark_passthrough_connections_total", &[]), 0.0);
+    assert_eq!(
+        client.get("bulwark_passthrough_connections_total", &[]),
+        0.0
+    );
 
     // A destination outside the mesh (the root namespace) is passed through untouched, and counted.
-    let outside = Upstream::start(SocketAddr::new(IpAddr::V4(cluster.topology.root_ip), 0), "outside", Knobs::default())
-        .await
-        .unwrap();
+    let outside = Upstream::start(
+        SocketAddr::new(IpAddr::V4(cluster.topology.root_ip), 0),
+        "outside",
+        Knobs::default(),
+    )
+    .await
+    .unwrap();
     let outside_addr = outside.addr();
     let rsp = client_rt
         .run(async move { HttpClient::direct(outside_addr).get("/", &[]).await })
         .await
         .unwrap();
     assert_eq!(rsp.upstream(), Some("outside"));
-    assert_eq!(cluster.metrics("client").await.get("bulwark_passthrough_requests_total", &[]), 1.0);
+    assert_eq!(
+        cluster
+            .metrics("client")
+            .await
+            .get("bulwark_passthrough_requests_total", &[]),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +314,10 @@ async fn a_breaker_trips_on_a_pod_address() {
         return;
     }
     let cluster = Cluster::start(&[]).await;
-    let before = cluster.metrics("client").await.get("bulwark_config_version", &[]);
+    let before = cluster
+        .metrics("client")
+        .await
+        .get("bulwark_config_version", &[]);
     cluster
         .mesh
         .write(
@@ -260,7 +333,11 @@ async fn a_breaker_trips_on_a_pod_address() {
     let server_rt = cluster.pod("server").netns.runtime().unwrap();
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
     let _upstream = server_rt
-        .run(Upstream::start(SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)), "server-0", Knobs::failing(1.0, 500)))
+        .run(Upstream::start(
+            SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)),
+            "server-0",
+            Knobs::failing(1.0, 500),
+        ))
         .await
         .unwrap();
     let target = cluster.addr("server", HTTP_PORT);
@@ -275,11 +352,25 @@ async fn a_breaker_trips_on_a_pod_address() {
             seen
         })
         .await;
-    assert_eq!(&statuses[..3], &[(500, None), (500, None), (500, None)], "{statuses:?}");
-    assert_eq!(statuses[3], (503, Some("circuit-open".to_owned())), "{statuses:?}");
+    assert_eq!(
+        &statuses[..3],
+        &[(500, None), (500, None), (500, None)],
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses[3],
+        (503, Some("circuit-open".to_owned())),
+        "{statuses:?}"
+    );
     let client = cluster.metrics("client").await;
     assert_eq!(
-        client.get("bulwark_breaker_trips_total", &[("dst", "server.test:8080"), ("endpoint", &target.to_string())]),
+        client.get(
+            "bulwark_breaker_trips_total",
+            &[
+                ("dst", "server.test:8080"),
+                ("endpoint", &target.to_string())
+            ]
+        ),
         1.0
     );
 }
@@ -290,7 +381,10 @@ async fn the_servers_agent_answers_429_over_its_rate_limit() {
         return;
     }
     let cluster = Cluster::start(&[]).await;
-    let before = cluster.metrics("server").await.get("bulwark_config_version", &[]);
+    let before = cluster
+        .metrics("server")
+        .await
+        .get("bulwark_config_version", &[]);
     cluster
         .mesh
         .write(
@@ -321,7 +415,11 @@ spec:
     let server_rt = cluster.pod("server").netns.runtime().unwrap();
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
     let _upstream = server_rt
-        .run(Upstream::start(SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)), "server-0", Knobs::default()))
+        .run(Upstream::start(
+            SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)),
+            "server-0",
+            Knobs::default(),
+        ))
         .await
         .unwrap();
     let target = cluster.addr("server", HTTP_PORT);
@@ -338,12 +436,19 @@ spec:
         .await;
     assert_eq!(
         statuses,
-        vec![(200, None), (200, None), (429, Some("rate-limited".to_owned()))],
+        vec![
+            (200, None),
+            (200, None),
+            (429, Some("rate-limited".to_owned()))
+        ],
         "the bucket is keyed on the client pod's own address, which the redirect keeps"
     );
     let server = cluster.metrics("server").await;
     assert_eq!(
-        server.get("bulwark_rate_limited_total", &[("policy", "test/server"), ("limit", "per-client")]),
+        server.get(
+            "bulwark_rate_limited_total",
+            &[("policy", "test/server"), ("limit", "per-client")]
+        ),
         1.0
     );
 }
@@ -381,7 +486,9 @@ async fn a_server_first_protocol_on_an_opaque_port_is_not_held_by_detection() {
             let mut greeting = [0u8; 20];
             tokio::time::timeout(Duration::from_secs(20), conn.read_exact(&mut greeting))
                 .await
-                .map_err(|_| std::io::Error::other("no greeting within 20 s: held by protocol detection?"))??;
+                .map_err(|_| {
+                    std::io::Error::other("no greeting within 20 s: held by protocol detection?")
+                })??;
             conn.write_all(b"QUIT\r\n").await?;
             // Half-close: the server sees our FIN and still answers.
             conn.shutdown().await?;
@@ -395,12 +502,18 @@ async fn a_server_first_protocol_on_an_opaque_port_is_not_held_by_detection() {
     assert_eq!(echoed, b"QUIT\r\n");
     let client = cluster.metrics("client").await;
     assert_eq!(
-        client.get("bulwark_tcp_connections_total", &[("direction", "outbound"), ("dst", "server.test:7000")]),
+        client.get(
+            "bulwark_tcp_connections_total",
+            &[("direction", "outbound"), ("dst", "server.test:7000")]
+        ),
         1.0
     );
     let server = cluster.metrics("server").await;
     assert_eq!(
-        server.get("bulwark_tcp_connections_total", &[("direction", "inbound"), ("dst", "localhost:7000")]),
+        server.get(
+            "bulwark_tcp_connections_total",
+            &[("direction", "inbound"), ("dst", "localhost:7000")]
+        ),
         1.0
     );
 }
@@ -413,13 +526,21 @@ async fn grpc_works_end_to_end() {
     let cluster = Cluster::start(&[]).await;
     let server_rt = cluster.pod("server").netns.runtime().unwrap();
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
-    let _upstream = server_rt
-        .run(Upstream::start(SocketAddr::from(([0, 0, 0, 0], GRPC_PORT)), "server-0", Knobs::default()))
+    let upstream = server_rt
+        .run(Upstream::start(
+            SocketAddr::from(([0, 0, 0, 0], GRPC_PORT)),
+            "server-0",
+            Knobs::default(),
+        ))
         .await
         .unwrap();
     let target = cluster.addr("server", GRPC_PORT);
     let rsp = client_rt
-        .run(async move { HttpClient::h2(target).grpc("/demo.Echo/Say", &[], b"hello").await })
+        .run(async move {
+            HttpClient::h2(target)
+                .grpc("/demo.Echo/Say", &[], b"hello")
+                .await
+        })
         .await
         .unwrap();
     assert_eq!(rsp.status, 200);
@@ -427,14 +548,50 @@ async fn grpc_works_end_to_end() {
     assert_eq!(rsp.upstream(), Some("server-0"));
     let client = cluster.metrics("client").await;
     assert_eq!(
-        client.get("bulwark_requests_total", &[("direction", "outbound"), ("dst", "server.test:9090"), ("status_class", "2xx")]),
+        client.get(
+            "bulwark_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("dst", "server.test:9090"),
+                ("status_class", "2xx")
+            ]
+        ),
         1.0
     );
     let server = cluster.metrics("server").await;
     assert_eq!(
-        server.get("bulwark_requests_total", &[("direction", "inbound"), ("dst", "localhost:9090"), ("status_class", "2xx")]),
+        server.get(
+            "bulwark_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("dst", "localhost:9090"),
+                ("status_class", "2xx")
+            ]
+        ),
         1.0
     );
+
+    // The caller's grpc-timeout is the deadline; the agent answers a gRPC
+    // client with a gRPC status, not a bare 504.
+    upstream.set_knobs(Knobs {
+        hang: true,
+        ..Knobs::default()
+    });
+    let rsp = client_rt
+        .run(async move {
+            HttpClient::h2(target)
+                .grpc("/demo.Echo/Say", &[("grpc-timeout", "300m")], b"hello")
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(rsp.status, 200, "{rsp:?}");
+    assert_eq!(
+        rsp.header("grpc-status"),
+        Some("4"),
+        "DEADLINE_EXCEEDED: {rsp:?}"
+    );
+    assert_eq!(rsp.reason(), Some("timeout"));
 }
 
 #[tokio::test]
@@ -452,21 +609,50 @@ async fn init_is_idempotent_and_says_when_it_lacks_net_admin() {
         String::from_utf8(out.stdout).unwrap()
     };
     let agent_str = agent.to_string_lossy().to_string();
-    ns.exec(&agent_str, &["init", "--exclude-outbound-ports", "5432"]).unwrap();
+    ns.exec(&agent_str, &["init", "--exclude-outbound-ports", "5432"])
+        .unwrap();
     let first = save("iptables-save");
-    ns.exec(&agent_str, &["init", "--exclude-outbound-ports", "5432"]).unwrap();
+    ns.exec(&agent_str, &["init", "--exclude-outbound-ports", "5432"])
+        .unwrap();
     let second = save("iptables-save");
-    let rules = |s: &str| s.lines().filter(|l| l.starts_with("-A")).map(str::to_owned).collect::<Vec<_>>();
-    assert_eq!(rules(&first), rules(&second), "a second run leaves the same rules");
+    let rules = |s: &str| {
+        s.lines()
+            .filter(|l| l.starts_with("-A"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
-        rules(&second).iter().filter(|l| *l == "-A OUTPUT -p tcp -j BULWARK_OUTPUT").count(),
+        rules(&first),
+        rules(&second),
+        "a second run leaves the same rules"
+    );
+    assert_eq!(
+        rules(&second)
+            .iter()
+            .filter(|l| *l == "-A OUTPUT -p tcp -j BULWARK_OUTPUT")
+            .count(),
         1
     );
     assert!(second.contains("--dport 5432 -j RETURN"));
-    assert!(rules(&save("ip6tables-save")).iter().any(|l| l.contains("-d ::1/128 -j RETURN")));
+    assert!(
+        rules(&save("ip6tables-save"))
+            .iter()
+            .any(|l| l.contains("-d ::1/128 -j RETURN"))
+    );
 
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns.name(), "setpriv", "--reuid", AGENT_UID, "--regid", AGENT_UID, "--clear-groups", "--"])
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "setpriv",
+            "--reuid",
+            AGENT_UID,
+            "--regid",
+            AGENT_UID,
+            "--clear-groups",
+            "--",
+        ])
         .arg(&agent)
         .arg("init")
         .env("RUST_BACKTRACE", "0")
@@ -474,5 +660,8 @@ async fn init_is_idempotent_and_says_when_it_lacks_net_admin() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("needs the NET_ADMIN capability"), "{stderr}");
+    assert!(
+        stderr.contains("needs the NET_ADMIN capability"),
+        "{stderr}"
+    );
 }

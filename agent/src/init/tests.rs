@@ -26,7 +26,10 @@ fn golden(name: &str, actual: &str) {
 fn default_rules_for_both_backends() {
     let options = InitOptions::default();
     golden("defaults-nft.txt", &render_plan(&options, Backend::Nft));
-    golden("defaults-legacy.txt", &render_plan(&options, Backend::Legacy));
+    golden(
+        "defaults-legacy.txt",
+        &render_plan(&options, Backend::Legacy),
+    );
 }
 
 #[test]
@@ -95,7 +98,10 @@ fn parses_cidrs() {
         "10.0.0.0/8".parse::<Cidr>().unwrap().to_string(),
         "10.0.0.0/8"
     );
-    assert_eq!("10.1.2.3".parse::<Cidr>().unwrap().to_string(), "10.1.2.3/32");
+    assert_eq!(
+        "10.1.2.3".parse::<Cidr>().unwrap().to_string(),
+        "10.1.2.3/32"
+    );
     assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
     assert!("10.0.0.0/33".parse::<Cidr>().is_err());
     assert!("nonsense/8".parse::<Cidr>().is_err());

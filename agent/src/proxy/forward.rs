@@ -109,7 +109,13 @@ async fn send(
     strip_hop_by_hop(&mut parts.headers);
     let http2 = dst.http2 || parts.version == http::Version::HTTP_2;
     let grpc = retry::is_grpc(&parts.headers);
-    let deadline = dst.policy.timeouts.request.map(|t| start + t);
+    // The client's own deadline (`grpc-timeout`) bounds the request too.
+    let client_deadline = if grpc {
+        super::grpc::timeout(&parts.headers)
+    } else {
+        None
+    };
+    let deadline = min_opt(dst.policy.timeouts.request, client_deadline).map(|t| start + t);
     let policy: Option<&RetryPolicy> = dst
         .policy
         .retry

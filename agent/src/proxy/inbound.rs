@@ -95,6 +95,7 @@ impl Inbound {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
+        let grpc = crate::retry::is_grpc(req.headers());
         let limited = self
             .config
             .load()
@@ -135,7 +136,11 @@ impl Inbound {
             },
         };
         self.dst.response(rsp.status(), start.elapsed());
-        rsp
+        if grpc {
+            super::grpc::local_to_grpc(rsp)
+        } else {
+            rsp
+        }
     }
 
     async fn to_app(&self, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -172,7 +177,9 @@ impl Inbound {
             self.dst.local_response(reason::BULKHEAD_FULL);
             return;
         };
-        let app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.app_addr)).await {
+        let app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.app_addr))
+            .await
+        {
             Ok(Ok(app)) => app,
             Ok(Err(error)) => {
                 debug!(app = %self.app_addr, %error, "local app refused the connection");
@@ -190,17 +197,16 @@ impl Inbound {
                 debug!(app = %self.app_addr, client = %peer, "idle connection closed");
             }
             Ok(_) => {}
-            Err(error) => debug!(app = %self.app_addr, client = %peer, %error, "connection ended with an error"),
+            Err(error) => {
+                debug!(app = %self.app_addr, client = %peer, %error, "connection ended with an error")
+            }
         }
     }
 }
 
 /// Appends `client` to `X-Forwarded-For` (RFC 7239's predecessor, as proxies write it).
 fn append_forwarded_for(headers: &mut http::HeaderMap, client: IpAddr) {
-    let value = match headers
-        .get(X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
+    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client}"),
         _ => client.to_string(),
     };

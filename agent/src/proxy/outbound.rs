@@ -62,6 +62,20 @@ impl Outbound {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let grpc = crate::retry::is_grpc(req.headers());
+        let rsp = self.handle_explicit(req, peer).await;
+        if grpc {
+            super::grpc::local_to_grpc(rsp)
+        } else {
+            rsp
+        }
+    }
+
+    async fn handle_explicit(
+        self: Arc<Self>,
+        req: Request<Incoming>,
         _peer: SocketAddr,
     ) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
@@ -104,6 +118,20 @@ impl Outbound {
     /// the connection was going (`orig`), whatever the request's Host says, so
     /// that a redirected app reaches exactly the address it dialled.
     pub async fn handle_redirected(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        orig: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let grpc = crate::retry::is_grpc(req.headers());
+        let rsp = self.redirected(req, orig).await;
+        if grpc {
+            super::grpc::local_to_grpc(rsp)
+        } else {
+            rsp
+        }
+    }
+
+    async fn redirected(
         self: Arc<Self>,
         req: Request<Incoming>,
         orig: SocketAddr,

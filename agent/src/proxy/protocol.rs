@@ -137,17 +137,32 @@ mod tests {
 
     #[test]
     fn classifies_first_bytes() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Verdict::Known(Protocol::Http1));
-        assert_eq!(classify(b"OPTIONS * HTTP/1.1"), Verdict::Known(Protocol::Http1));
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\n"),
+            Verdict::Known(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"OPTIONS * HTTP/1.1"),
+            Verdict::Known(Protocol::Http1)
+        );
         assert_eq!(classify(H2_PREFACE), Verdict::Known(Protocol::Http2));
         assert_eq!(classify(b"PRI * HT"), Verdict::NeedMore);
         assert_eq!(classify(b"PO"), Verdict::NeedMore);
         assert_eq!(classify(b"P"), Verdict::NeedMore);
         assert_eq!(classify(b""), Verdict::NeedMore);
         // A Redis command, a TLS ClientHello, a lower-case method.
-        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Verdict::Known(Protocol::Opaque));
-        assert_eq!(classify(&[0x16, 0x03, 0x01]), Verdict::Known(Protocol::Opaque));
-        assert_eq!(classify(b"get / HTTP/1.1"), Verdict::Known(Protocol::Opaque));
+        assert_eq!(
+            classify(b"*1\r\n$4\r\nPING\r\n"),
+            Verdict::Known(Protocol::Opaque)
+        );
+        assert_eq!(
+            classify(&[0x16, 0x03, 0x01]),
+            Verdict::Known(Protocol::Opaque)
+        );
+        assert_eq!(
+            classify(b"get / HTTP/1.1"),
+            Verdict::Known(Protocol::Opaque)
+        );
         assert_eq!(classify(b"GETX"), Verdict::Known(Protocol::Opaque));
     }
 
@@ -166,7 +181,9 @@ mod tests {
     async fn a_silent_client_is_opaque_after_the_timeout() {
         let (mut client, mut server) = tokio::io::duplex(64);
         let start = Instant::now();
-        let (protocol, read) = detect(&mut server, Duration::from_millis(200)).await.unwrap();
+        let (protocol, read) = detect(&mut server, Duration::from_millis(200))
+            .await
+            .unwrap();
         assert_eq!(protocol, Protocol::Opaque);
         assert!(read.is_empty());
         assert_eq!(start.elapsed(), Duration::from_millis(200));
@@ -183,9 +200,14 @@ mod tests {
             client.write_all(b"\0\0\0\x04").await.unwrap();
             client
         });
-        let (protocol, read) = detect(&mut server, Duration::from_millis(200)).await.unwrap();
+        let (protocol, read) = detect(&mut server, Duration::from_millis(200))
+            .await
+            .unwrap();
         assert_eq!(protocol, Protocol::Http2);
-        assert!(read.starts_with(H2_PREFACE), "every byte read is kept for replay");
+        assert!(
+            read.starts_with(H2_PREFACE),
+            "every byte read is kept for replay"
+        );
         drop(writer.await.unwrap());
     }
 
@@ -193,7 +215,9 @@ mod tests {
     async fn a_partial_method_that_stalls_is_opaque_with_its_bytes() {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"PO").await.unwrap();
-        let (protocol, read) = detect(&mut server, Duration::from_millis(100)).await.unwrap();
+        let (protocol, read) = detect(&mut server, Duration::from_millis(100))
+            .await
+            .unwrap();
         assert_eq!(protocol, Protocol::Opaque);
         assert_eq!(&read[..], b"PO");
     }

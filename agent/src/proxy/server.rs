@@ -118,8 +118,12 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    serve_connections(listener, name, shutdown, drain, move |stream, peer, conn| {
-        conn.serve_http(stream, peer, handler.clone())
-    })
+    serve_connections(
+        listener,
+        name,
+        shutdown,
+        drain,
+        move |stream, peer, conn| conn.serve_http(stream, peer, handler.clone()),
+    )
     .await;
 }

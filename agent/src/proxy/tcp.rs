@@ -74,7 +74,12 @@ where
     }
 }
 
-async fn copy_half<R, W>(rd: &mut R, wr: &mut W, last: &AtomicU64, start: Instant) -> io::Result<u64>
+async fn copy_half<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    last: &AtomicU64,
+    start: Instant,
+) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -202,6 +207,10 @@ mod tests {
         server.read_exact(&mut buf).await.unwrap();
         let done = relay.await.unwrap().unwrap();
         assert_eq!(done.end, RelayEnd::Idle);
-        assert_eq!(start.elapsed(), Duration::from_secs(16), "10 s after the last byte");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(16),
+            "10 s after the last byte"
+        );
     }
 }

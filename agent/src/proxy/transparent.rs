@@ -93,7 +93,10 @@ pub async fn outbound(
             Some((dst, pinned)) => match tcp::connect(&dst, pinned).await {
                 Ok((upstream, _slot)) => {
                     dst.metrics.tcp_connection();
-                    log_relay(tcp::relay(io, upstream, interception.tcp_idle_timeout).await, orig);
+                    log_relay(
+                        tcp::relay(io, upstream, interception.tcp_idle_timeout).await,
+                        orig,
+                    );
                 }
                 Err(refused) => {
                     dst.metrics.local_response(refused.0);
@@ -102,9 +105,14 @@ pub async fn outbound(
             },
             None => {
                 outbound.metrics().passthrough_connection();
-                match tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect(orig)).await {
+                match tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect(orig))
+                    .await
+                {
                     Ok(Ok(upstream)) => {
-                        log_relay(tcp::relay(io, upstream, interception.tcp_idle_timeout).await, orig);
+                        log_relay(
+                            tcp::relay(io, upstream, interception.tcp_idle_timeout).await,
+                            orig,
+                        );
                     }
                     Ok(Err(error)) => debug!(%orig, %error, "passthrough connect failed"),
                     Err(_) => debug!(%orig, "passthrough connect timed out"),
@@ -156,7 +164,10 @@ impl InboundPorts {
     }
 
     fn port(&self, port: u16) -> Arc<Inbound> {
-        let mut ports = self.ports.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut ports = self
+            .ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         Arc::clone(ports.entry(port).or_insert_with(|| {
             Arc::new(Inbound::with_options(
                 Arc::clone(&self.config),
@@ -175,7 +186,11 @@ impl InboundPorts {
             return;
         };
         let inbound = self.port(orig.port());
-        let declared = self.config.load().lookup_original(orig).map(|(d, _)| d.hint);
+        let declared = self
+            .config
+            .load()
+            .lookup_original(orig)
+            .map(|(d, _)| d.hint);
         let hint = self.interception.hint(orig.port(), declared);
         let Some((protocol, prefix)) = self.interception.protocol(&mut stream, hint).await else {
             return;
@@ -184,8 +199,10 @@ impl InboundPorts {
         let io = Prefixed::new(prefix, stream);
         match protocol {
             Protocol::Http1 | Protocol::Http2 => {
-                conn.serve_http(io, peer, move |req, peer| Arc::clone(&inbound).handle(req, peer))
-                    .await;
+                conn.serve_http(io, peer, move |req, peer| {
+                    Arc::clone(&inbound).handle(req, peer)
+                })
+                .await;
             }
             Protocol::Opaque => inbound.relay(io, peer).await,
         }

@@ -1,0 +1,156 @@
+//! gRPC specifics of the request path: the `grpc-timeout` deadline, and the
+//! agent's own responses turned into gRPC statuses for gRPC clients.
+//!
+//! A gRPC client reads the outcome of a call from `grpc-status`, not from the
+//! HTTP status, so an agent-made 503 would reach it as a confusing protocol
+//! error. It gets a trailers-only response instead (HTTP 200, `grpc-status`,
+//! `grpc-message`), keeping `x-bulwark-reason` and `Retry-After`.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+
+use super::{ProxyBody, REASON_HEADER, full, reason};
+
+/// gRPC status codes the agent uses.
+pub mod code {
+    /// The deadline expired.
+    pub const DEADLINE_EXCEEDED: u32 = 4;
+    /// A quota or a capacity limit was hit.
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    /// An internal error (a request the agent could not route).
+    pub const INTERNAL: u32 = 13;
+    /// The service is unavailable for now; clients may retry.
+    pub const UNAVAILABLE: u32 = 14;
+}
+
+/// Reads `grpc-timeout` (`<1-8 digits><H|M|S|m|u|n>`); `None` when absent or malformed.
+pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?.trim();
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The gRPC status for an `x-bulwark-reason`.
+pub fn status_for(why: &str) -> u32 {
+    match why {
+        reason::TIMEOUT => code::DEADLINE_EXCEEDED,
+        reason::RATE_LIMITED | reason::BULKHEAD_FULL => code::RESOURCE_EXHAUSTED,
+        reason::BAD_REQUEST | reason::LOOP_DETECTED => code::INTERNAL,
+        // circuit-open, no-endpoints, connect-failed, upstream-reset.
+        _ => code::UNAVAILABLE,
+    }
+}
+
+/// Turns a response the agent made itself (it has `x-bulwark-reason`) into a
+/// trailers-only gRPC response; any other response is returned unchanged.
+pub fn local_to_grpc(rsp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let Some(why) = rsp
+        .headers()
+        .get(REASON_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return rsp;
+    };
+    let (mut head, _) = rsp.into_parts();
+    head.status = StatusCode::OK;
+    head.headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    head.headers
+        .insert("grpc-status", HeaderValue::from(status_for(&why)));
+    if let Ok(message) = HeaderValue::try_from(format!("bulwark: {why}")) {
+        head.headers.insert("grpc-message", message);
+    }
+    head.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(head, full(bytes::Bytes::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::local_response;
+
+    fn headers(timeout: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-timeout", HeaderValue::from_str(timeout).unwrap());
+        h
+    }
+
+    #[test]
+    fn reads_grpc_timeouts() {
+        assert_eq!(timeout(&headers("250m")), Some(Duration::from_millis(250)));
+        assert_eq!(timeout(&headers("3S")), Some(Duration::from_secs(3)));
+        assert_eq!(timeout(&headers("1H")), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout(&headers("2M")), Some(Duration::from_secs(120)));
+        assert_eq!(timeout(&headers("100u")), Some(Duration::from_micros(100)));
+        assert_eq!(
+            timeout(&headers("99999999n")),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        assert_eq!(timeout(&headers("123456789S")), None, "at most 8 digits");
+        assert_eq!(timeout(&headers("10")), None);
+        assert_eq!(timeout(&headers("S")), None);
+        assert_eq!(timeout(&headers("-1S")), None);
+        assert_eq!(timeout(&headers("1x")), None);
+        assert_eq!(timeout(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn agent_made_errors_become_grpc_statuses() {
+        let rsp = local_to_grpc(local_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            reason::RATE_LIMITED,
+            Some(Duration::from_secs(2)),
+        ));
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.headers()["grpc-status"], "8");
+        assert_eq!(rsp.headers()["content-type"], "application/grpc");
+        assert_eq!(rsp.headers()[REASON_HEADER], "rate-limited");
+        assert_eq!(rsp.headers()[http::header::RETRY_AFTER], "2");
+        let timeout = local_to_grpc(local_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            reason::TIMEOUT,
+            None,
+        ));
+        assert_eq!(timeout.headers()["grpc-status"], "4");
+        let open = local_to_grpc(local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            reason::CIRCUIT_OPEN,
+            None,
+        ));
+        assert_eq!(open.headers()["grpc-status"], "14");
+        let full = local_to_grpc(local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            reason::BULKHEAD_FULL,
+            None,
+        ));
+        assert_eq!(full.headers()["grpc-status"], "8");
+    }
+
+    #[test]
+    fn upstream_responses_are_left_alone() {
+        let mut rsp = Response::new(full("x"));
+        *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let rsp = local_to_grpc(rsp);
+        assert_eq!(rsp.status(), 503);
+        assert!(rsp.headers().get("grpc-status").is_none());
+    }
+}
