@@ -171,9 +171,136 @@ pub async fn connect(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use bulwark_proto::v1;
     use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
 
     use super::*;
+    use crate::breaker::BreakerState;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    fn secs(s: i64) -> Option<prost_types::Duration> {
+        Some(prost_types::Duration {
+            seconds: s,
+            nanos: 0,
+        })
+    }
+
+    /// A destination over `endpoints` that trips after 2 connect failures, may
+    /// retry a connect failure once, and holds at most `max_connections`.
+    fn destination(endpoints: &[SocketAddr], max_connections: u32) -> Destination {
+        let metrics = Metrics::new(Arc::new(arc_swap::ArcSwap::from_pointee(Config::default())));
+        let port = v1::ServicePort {
+            port: 7000,
+            app_protocol: "tcp".into(),
+            endpoints: endpoints
+                .iter()
+                .map(|a| v1::Endpoint {
+                    address: a.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            resilience: Some(v1::ResiliencePolicy {
+                retry: Some(v1::Retry {
+                    attempts: 2,
+                    retry_on: vec!["connect-failure".into()],
+                    ..Default::default()
+                }),
+                circuit_breaker: Some(v1::CircuitBreaker {
+                    consecutive_failures: 2,
+                    open_duration: secs(60),
+                    max_open_duration: secs(60),
+                    half_open_probes: 1,
+                    ..Default::default()
+                }),
+                bulkhead: Some(v1::Bulkhead {
+                    max_connections,
+                    ..Default::default()
+                }),
+                load_balancer: Some(v1::LoadBalancer { strategy: 1 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Destination::build("db.test:7000", &port, None, &metrics).unwrap()
+    }
+
+    /// An address where nothing listens (connections are refused at once).
+    async fn closed_port() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn connect_failures_go_to_another_endpoint_and_trip_the_breaker() {
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closed_port().await;
+        let dst = destination(&[dead, live.local_addr().unwrap()], 0);
+        // Round robin starts at the dead endpoint: each connect fails there and is
+        // retried on the live one.
+        for _ in 0..2 {
+            let (stream, _) = connect(&dst, None).await.unwrap();
+            assert_eq!(stream.peer_addr().unwrap(), live.local_addr().unwrap());
+        }
+        let dead_ep = dst
+            .balancer
+            .endpoints()
+            .iter()
+            .find(|e| e.addr == dead)
+            .unwrap();
+        assert_eq!(
+            dead_ep.breaker.state(),
+            BreakerState::Open,
+            "two connect failures trip it"
+        );
+        // With its breaker open the dead endpoint gets no more connection attempts.
+        for _ in 0..3 {
+            let (stream, _) = connect(&dst, None).await.unwrap();
+            assert_eq!(stream.peer_addr().unwrap(), live.local_addr().unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pinned_dead_endpoint_is_refused_then_circuit_open() {
+        let dead = closed_port().await;
+        let dst = destination(&[dead], 0);
+        assert_eq!(
+            connect(&dst, Some(dead)).await.unwrap_err(),
+            Refused(reason::CONNECT_FAILED)
+        );
+        assert_eq!(
+            connect(&dst, Some(dead)).await.unwrap_err(),
+            Refused(reason::CONNECT_FAILED)
+        );
+        assert_eq!(
+            connect(&dst, Some(dead)).await.unwrap_err(),
+            Refused(reason::CIRCUIT_OPEN)
+        );
+        let empty = destination(&[], 0);
+        assert_eq!(
+            connect(&empty, None).await.unwrap_err(),
+            Refused(reason::NO_ENDPOINTS)
+        );
+    }
+
+    #[tokio::test]
+    async fn max_connections_is_a_bulkhead_on_open_connections() {
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = destination(&[live.local_addr().unwrap()], 1);
+        let first = connect(&dst, None).await.unwrap();
+        assert_eq!(
+            connect(&dst, None).await.unwrap_err(),
+            Refused(reason::BULKHEAD_FULL)
+        );
+        drop(first);
+        assert!(
+            connect(&dst, None).await.is_ok(),
+            "the slot is free once the connection closes"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn half_close_passes_through_and_the_other_way_keeps_flowing() {
