@@ -409,6 +409,7 @@ async fn handle(
         query: parts.uri.query().map(str::to_owned),
         tenant_id: header_text(&parts.headers, "x-tenant-id"),
         traceparent: header_text(&parts.headers, "traceparent"),
+        forwarded_for: header_text(&parts.headers, "x-forwarded-for"),
         body_len,
         failed,
     };

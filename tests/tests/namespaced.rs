@@ -26,6 +26,8 @@ const HTTP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9090;
 /// A server-speaks-first protocol, declared `appProtocol: tcp`.
 const GREETING_PORT: u16 = 7000;
+/// The same protocol on a port that declares nothing: found by detection's timeout.
+const UNDECLARED_PORT: u16 = 7001;
 const ADMIN_PORT: u16 = 4191;
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -54,6 +56,9 @@ spec:
       port: {GREETING_PORT}
       targetPort: {GREETING_PORT}
       appProtocol: tcp
+    - name: undeclared
+      port: {UNDECLARED_PORT}
+      targetPort: {UNDECLARED_PORT}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -70,6 +75,8 @@ ports:
     port: {GRPC_PORT}
   - name: greeting
     port: {GREETING_PORT}
+  - name: undeclared
+    port: {UNDECLARED_PORT}
 endpoints:
   - addresses: [\"{pod_ip}\"]
     conditions:
@@ -463,41 +470,9 @@ async fn a_server_first_protocol_on_an_opaque_port_is_not_held_by_detection() {
     let cluster = Cluster::start(&["--detect-timeout-ms", "60000"]).await;
     let server_rt = cluster.pod("server").netns.runtime().unwrap();
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
-    let listener = server_rt
-        .run(async { TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], GREETING_PORT))).await })
-        .await
-        .unwrap();
-    // An SMTP-like server: greets first, then echoes one line, then closes its side.
-    let _server = server_rt.spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                conn.write_all(b"220 greeting ready\r\n").await?;
-                let mut line = Vec::new();
-                conn.read_to_end(&mut line).await?;
-                conn.write_all(&line).await?;
-                conn.shutdown().await
-            });
-        }
-    });
+    serve_greeting(&server_rt, GREETING_PORT).await;
     let target = cluster.addr("server", GREETING_PORT);
-    let (greeting, echoed) = client_rt
-        .run(async move {
-            let mut conn = TcpStream::connect(target).await?;
-            let mut greeting = [0u8; 20];
-            tokio::time::timeout(Duration::from_secs(20), conn.read_exact(&mut greeting))
-                .await
-                .map_err(|_| {
-                    std::io::Error::other("no greeting within 20 s: held by protocol detection?")
-                })??;
-            conn.write_all(b"QUIT\r\n").await?;
-            // Half-close: the server sees our FIN and still answers.
-            conn.shutdown().await?;
-            let mut echoed = Vec::new();
-            conn.read_to_end(&mut echoed).await?;
-            Ok::<_, std::io::Error>((greeting.to_vec(), echoed))
-        })
-        .await
-        .unwrap();
+    let (greeting, echoed) = greet(&client_rt, target).await;
     assert_eq!(greeting, b"220 greeting ready\r\n");
     assert_eq!(echoed, b"QUIT\r\n");
     let client = cluster.metrics("client").await;
@@ -515,6 +490,72 @@ async fn a_server_first_protocol_on_an_opaque_port_is_not_held_by_detection() {
             &[("direction", "inbound"), ("dst", "localhost:7000")]
         ),
         1.0
+    );
+}
+
+/// An SMTP-like server on `port` in the namespace of `rt`: greets first, then
+/// echoes what the client sent once the client has closed its side.
+async fn serve_greeting(rt: &netns::NsRuntime, port: u16) {
+    let listener = rt
+        .run(async move { TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await })
+        .await
+        .unwrap();
+    rt.spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                conn.write_all(b"220 greeting ready\r\n").await?;
+                let mut line = Vec::new();
+                conn.read_to_end(&mut line).await?;
+                conn.write_all(&line).await?;
+                conn.shutdown().await
+            });
+        }
+    });
+}
+
+/// Connects from the namespace of `rt`, waits for the greeting (20 s at most),
+/// sends a line, half-closes, and reads the echo.
+async fn greet(rt: &netns::NsRuntime, target: SocketAddr) -> (Vec<u8>, Vec<u8>) {
+    rt.run(async move {
+        let mut conn = TcpStream::connect(target).await?;
+        let mut greeting = [0u8; 20];
+        tokio::time::timeout(Duration::from_secs(20), conn.read_exact(&mut greeting))
+            .await
+            .map_err(|_| {
+                std::io::Error::other("no greeting within 20 s: held by protocol detection?")
+            })??;
+        conn.write_all(b"QUIT\r\n").await?;
+        // Half-close: the server sees our FIN and still answers.
+        conn.shutdown().await?;
+        let mut echoed = Vec::new();
+        conn.read_to_end(&mut echoed).await?;
+        Ok::<_, std::io::Error>((greeting.to_vec(), echoed))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_first_protocol_on_an_undeclared_port_works_after_detection_gives_up() {
+    if skip("a_server_first_protocol_on_an_undeclared_port_works_after_detection_gives_up") {
+        return;
+    }
+    // The default detection timeout (well under a second) on both agents.
+    let cluster = Cluster::start(&[]).await;
+    let server_rt = cluster.pod("server").netns.runtime().unwrap();
+    let client_rt = cluster.pod("client").netns.runtime().unwrap();
+    serve_greeting(&server_rt, UNDECLARED_PORT).await;
+    let (greeting, echoed) = greet(&client_rt, cluster.addr("server", UNDECLARED_PORT)).await;
+    assert_eq!(greeting, b"220 greeting ready\r\n");
+    assert_eq!(echoed, b"QUIT\r\n");
+    let client = cluster.metrics("client").await;
+    assert_eq!(
+        client.get(
+            "bulwark_tcp_connections_total",
+            &[("direction", "outbound"), ("dst", "server.test:7001")]
+        ),
+        1.0,
+        "detected as opaque TCP and proxied under the service's connection policy"
     );
 }
 

@@ -29,6 +29,9 @@ pub struct Reply {
     /// The request's `traceparent` header, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The request's `x-forwarded-for` header, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_for: Option<String>,
     /// The length of the request's body in bytes.
     pub body_len: u64,
     /// Whether this answer is an injected failure.

@@ -123,6 +123,7 @@ async fn replies_describe_the_request() {
             query: Some("full=1".into()),
             tenant_id: Some("acme".into()),
             traceparent: Some(headers[1].1.into()),
+            forwarded_for: None,
             body_len: 5,
             failed: false,
         }

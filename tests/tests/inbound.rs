@@ -1,0 +1,125 @@
+//! The inbound side's server-side concurrency limit and X-Forwarded-For, end
+//! to end: mesh → the agent's inbound listener → the local app.
+
+use std::time::Duration;
+
+use bulwark_agent::Agent;
+use bulwark_control_plane::ControlPlane;
+use bulwark_tests::client::HttpClient;
+use bulwark_tests::harness::{CONFIG_DEADLINE, agent_settings, control_plane_settings, loopback};
+use bulwark_tests::mesh::Mesh;
+use bulwark_tests::upstream::{Knobs, Reply, Upstream};
+use bulwark_tests::{Metrics, eventually_named, poll_until};
+
+async fn start(
+    app: &Upstream,
+    max_concurrency: Option<usize>,
+    forwarded_for: bool,
+) -> (ControlPlane, Agent) {
+    let mesh = Mesh::with_services([("frontend", vec![app.addr()])]).unwrap();
+    let cp = ControlPlane::start(control_plane_settings(&mesh, loopback()))
+        .await
+        .unwrap();
+    let mut settings = agent_settings(cp.grpc_addr(), "frontend", Some(app.addr().port()));
+    settings.inbound_max_concurrency = max_concurrency;
+    settings.forwarded_for = forwarded_for;
+    let agent = Agent::start(settings).await.unwrap();
+    let admin = HttpClient::direct(agent.admin_addr());
+    poll_until(CONFIG_DEADLINE, "the agent is ready", || {
+        let admin = admin.clone();
+        async move {
+            admin
+                .get("/ready", &[])
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        }
+    })
+    .await
+    .unwrap();
+    // The mesh folder may go: the control plane has read it.
+    drop(mesh);
+    (cp, agent)
+}
+
+#[tokio::test]
+async fn the_app_sees_the_client_in_x_forwarded_for_when_configured() {
+    let app = Upstream::start(loopback(), "frontend-app", Knobs::healthy())
+        .await
+        .unwrap();
+    let (_cp, agent) = start(&app, None, true).await;
+    let inbound = HttpClient::direct(agent.inbound_addrs()[0]);
+    let rsp = inbound.get("/", &[]).await.unwrap();
+    let reply: Reply = rsp.json().unwrap();
+    assert_eq!(reply.forwarded_for.as_deref(), Some("127.0.0.1"));
+    let rsp = inbound
+        .get("/", &[("x-forwarded-for", "203.0.113.7")])
+        .await
+        .unwrap();
+    let reply: Reply = rsp.json().unwrap();
+    assert_eq!(
+        reply.forwarded_for.as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+
+    let (_cp2, plain) = start(&app, None, false).await;
+    let rsp = HttpClient::direct(plain.inbound_addrs()[0])
+        .get("/", &[])
+        .await
+        .unwrap();
+    let reply: Reply = rsp.json().unwrap();
+    assert_eq!(reply.forwarded_for, None, "off unless configured");
+}
+
+#[tokio::test]
+async fn the_inbound_concurrency_limit_answers_503_when_the_app_is_full() {
+    let app = Upstream::start(
+        loopback(),
+        "frontend-app",
+        Knobs {
+            hang: true,
+            ..Knobs::healthy()
+        },
+    )
+    .await
+    .unwrap();
+    let (_cp, agent) = start(&app, Some(1), false).await;
+    let inbound =
+        HttpClient::direct(agent.inbound_addrs()[0]).with_timeout(Duration::from_secs(30));
+    let hanging = tokio::spawn({
+        let inbound = inbound.clone();
+        async move { inbound.get("/slow", &[]).await }
+    });
+    eventually_named(
+        CONFIG_DEADLINE,
+        "the first request reaches the app",
+        || async { app.stats().in_flight == 1 },
+    )
+    .await;
+    let rsp = inbound.get("/", &[]).await.unwrap();
+    assert_eq!(rsp.status, 503);
+    assert_eq!(rsp.reason(), Some("bulkhead-full"));
+    let port = app.addr().port().to_string();
+    let dst = format!("localhost:{port}");
+    let metrics = Metrics::scrape(agent.admin_addr()).await.unwrap();
+    assert_eq!(
+        metrics.get(
+            "bulwark_local_responses_total",
+            &[
+                ("direction", "inbound"),
+                ("dst", &dst),
+                ("reason", "bulkhead-full")
+            ]
+        ),
+        1.0
+    );
+    // Once the slow request is gone (its client gave up), the slot is free again.
+    app.set_knobs(Knobs::healthy());
+    hanging.abort();
+    eventually_named(
+        CONFIG_DEADLINE,
+        "a request is admitted once the slot is free",
+        || async { inbound.get("/", &[]).await.is_ok_and(|r| r.status == 200) },
+    )
+    .await;
+}
