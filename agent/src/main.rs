@@ -118,9 +118,10 @@ struct Args {
     /// the connection as opaque TCP, in milliseconds.
     #[arg(long, env = "BULWARK_DETECT_TIMEOUT_MS", default_value_t = 200)]
     detect_timeout_ms: u64,
-    /// Ports whose redirected connections are opaque TCP, without detection (comma-separated).
-    #[arg(long, env = "BULWARK_OPAQUE_PORTS", value_delimiter = ',', default_values_t = DEFAULT_OPAQUE_PORTS)]
-    opaque_ports: Vec<u16>,
+    /// Ports whose redirected connections are opaque TCP, without detection
+    /// (comma-separated; empty for none).
+    #[arg(long, env = "BULWARK_OPAQUE_PORTS", default_value_t = Ports(DEFAULT_OPAQUE_PORTS.to_vec()))]
+    opaque_ports: Ports,
     /// How long an opaque TCP connection may stay silent both ways, in seconds.
     #[arg(long, default_value_t = DEFAULT_TCP_IDLE_TIMEOUT.as_secs())]
     tcp_idle_timeout_secs: u64,
@@ -145,6 +146,33 @@ struct Args {
     /// Where to send spans over OTLP/gRPC; unset: no spans are exported.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+}
+
+/// A comma-separated list of ports, possibly empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Ports(Vec<u16>);
+
+impl std::str::FromStr for Ports {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse()
+                    .map_err(|_| format!("{p:?} is not a port number (1-65535)"))
+            })
+            .collect::<Result<_, _>>()
+            .map(Ports)
+    }
+}
+
+impl std::fmt::Display for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list: Vec<String> = self.0.iter().map(u16::to_string).collect();
+        f.write_str(&list.join(","))
+    }
 }
 
 fn parse_labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -210,7 +238,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     settings.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
     settings.inbound_transparent = args.inbound_transparent;
     settings.detect_timeout = Duration::from_millis(args.detect_timeout_ms);
-    settings.opaque_ports = args.opaque_ports;
+    settings.opaque_ports = args.opaque_ports.0;
     settings.tcp_idle_timeout = Duration::from_secs(args.tcp_idle_timeout_secs);
     settings.inbound_max_concurrency = args.inbound_max_concurrency;
     settings.forwarded_for = args.forwarded_for;
