@@ -16,14 +16,14 @@ async fn start(
     max_concurrency: Option<usize>,
     forwarded_for: bool,
 ) -> (ControlPlane, Agent) {
-    let mesh = Mesh::with_services([("frontend", vec![app.addr()])]).unwrap();
+    let mesh = Mesh::with_services([("frontend", vec![app.addr()])]).expect("mesh folder");
     let cp = ControlPlane::start(control_plane_settings(&mesh, loopback()))
         .await
-        .unwrap();
+        .expect("control plane starts");
     let mut settings = agent_settings(cp.grpc_addr(), "frontend", Some(app.addr().port()));
     settings.inbound_max_concurrency = max_concurrency;
     settings.forwarded_for = forwarded_for;
-    let agent = Agent::start(settings).await.unwrap();
+    let agent = Agent::start(settings).await.expect("agent starts");
     let admin = HttpClient::direct(agent.admin_addr());
     poll_until(CONFIG_DEADLINE, "the agent is ready", || {
         let admin = admin.clone();
@@ -36,7 +36,7 @@ async fn start(
         }
     })
     .await
-    .unwrap();
+    .expect("agent ready");
     // The mesh folder may go: the control plane has read it.
     drop(mesh);
     (cp, agent)

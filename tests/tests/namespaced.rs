@@ -499,7 +499,7 @@ async fn serve_greeting(rt: &netns::NsRuntime, port: u16) {
     let listener = rt
         .run(async move { TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await })
         .await
-        .unwrap();
+        .expect("greeting server binds");
     rt.spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -532,7 +532,7 @@ async fn greet(rt: &netns::NsRuntime, target: SocketAddr) -> (Vec<u8>, Vec<u8>) 
         Ok::<_, std::io::Error>((greeting.to_vec(), echoed))
     })
     .await
-    .unwrap()
+    .expect("greeting, then the echo after a half-close")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
