@@ -86,6 +86,10 @@ impl Agent {
         let mut tasks = Vec::new();
 
         let (outbound_listener, outbound_addr) = bind("outbound", settings.outbound_addr).await?;
+        let outbound_v6 = match settings.outbound_addr_v6 {
+            Some(addr) => Some(bind("outbound-v6", addr).await?),
+            None => None,
+        };
         let mut inbound_listeners = Vec::with_capacity(settings.inbounds.len());
         for spec in &settings.inbounds {
             let (listener, addr) = bind("inbound", spec.listen).await?;
@@ -116,22 +120,27 @@ impl Agent {
             outbound_addr,
             propagation,
         ));
-        let outbound_interception = interception.clone();
-        tasks.push(tokio::spawn(proxy::server::serve_connections(
-            outbound_listener,
-            "outbound",
-            shutdown_rx.clone(),
-            drain,
-            move |stream, peer, conn| {
-                proxy::transparent::outbound(
-                    Arc::clone(&outbound),
-                    outbound_interception.clone(),
-                    stream,
-                    peer,
-                    conn,
-                )
-            },
-        )));
+        for (listener, name) in std::iter::once((outbound_listener, "outbound"))
+            .chain(outbound_v6.map(|(listener, _)| (listener, "outbound-v6")))
+        {
+            let outbound = Arc::clone(&outbound);
+            let interception = interception.clone();
+            tasks.push(tokio::spawn(proxy::server::serve_connections(
+                listener,
+                name,
+                shutdown_rx.clone(),
+                drain,
+                move |stream, peer, conn| {
+                    proxy::transparent::outbound(
+                        Arc::clone(&outbound),
+                        interception.clone(),
+                        stream,
+                        peer,
+                        conn,
+                    )
+                },
+            )));
+        }
 
         let mut inbound_addrs = Vec::with_capacity(inbound_listeners.len());
         for (listener, addr, app_port) in inbound_listeners {

@@ -107,6 +107,10 @@ struct Args {
     /// The outbound listener (point the app's HTTP_PROXY here).
     #[arg(long, env = "BULWARK_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
     outbound_addr: SocketAddr,
+    /// A second outbound listener for IPv6, e.g. [::1]:4140 (ip6tables redirects
+    /// a pod's outbound IPv6 TCP to ::1 on the outbound port).
+    #[arg(long, env = "BULWARK_OUTBOUND_ADDR_V6")]
+    outbound_addr_v6: Option<SocketAddr>,
     /// An inbound listener and the app port it forwards to, LISTEN=APP_PORT; repeat for more.
     #[arg(long = "inbound", value_name = "LISTEN=APP_PORT")]
     inbounds: Vec<InboundSpec>,
@@ -232,6 +236,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut settings = Settings::new(args.control_plane, identity);
     settings.outbound_addr = args.outbound_addr;
+    settings.outbound_addr_v6 = args.outbound_addr_v6;
     settings.inbounds = args.inbounds;
     settings.app_host = args.app_host;
     settings.admin_addr = args.admin_addr;

@@ -71,6 +71,9 @@ pub struct Settings {
     pub identity: Identity,
     /// The outbound (app → mesh) listener.
     pub outbound_addr: SocketAddr,
+    /// A second outbound listener for IPv6 (e.g. `[::1]:4140`): `ip6tables`
+    /// redirects a pod's outbound IPv6 TCP to `::1`.
+    pub outbound_addr_v6: Option<SocketAddr>,
     /// Inbound (mesh → app) listeners.
     pub inbounds: Vec<InboundSpec>,
     /// The admin listener.
@@ -104,6 +107,7 @@ impl Settings {
             control_plane: control_plane.into(),
             identity,
             outbound_addr: DEFAULT_OUTBOUND,
+            outbound_addr_v6: None,
             inbounds: Vec::new(),
             admin_addr: DEFAULT_ADMIN,
             app_host: IpAddr::V4(Ipv4Addr::LOCALHOST),

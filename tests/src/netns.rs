@@ -17,7 +17,7 @@
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -219,6 +219,8 @@ pub struct Pod {
     pub name: String,
     /// The pod's IP address.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, in a [`Topology::dual_stack`] topology.
+    pub ip6: Option<Ipv6Addr>,
     /// The pod's namespace.
     pub netns: Netns,
 }
@@ -241,12 +243,26 @@ impl Topology {
     /// Builds the node and one pod per name, each pod with a default route
     /// through the node, and a route from the root namespace to the pods.
     pub fn new(pod_names: &[&str]) -> io::Result<Topology> {
+        Self::build(pod_names, false)
+    }
+
+    /// Like [`Topology::new`], with IPv6 between the pods too: each pod also gets
+    /// an address in a ULA /48 and an IPv6 default route through the node.
+    pub fn dual_stack(pod_names: &[&str]) -> io::Result<Topology> {
+        Self::build(pod_names, true)
+    }
+
+    fn build(pod_names: &[&str], ipv6: bool) -> io::Result<Topology> {
         let id = format!("{:06x}", fastrand::u32(..0x100_0000));
         // 10.X.Y.0/24 for the whole topology: root link .0/30, pod i link .(4i+4)/30.
         let net = [10, 200 + fastrand::u8(..50), fastrand::u8(..)];
         let addr = |host: u8| Ipv4Addr::new(net[0], net[1], net[2], host);
         let node = Netns::create(&format!("bw-{id}-node"))?;
         node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let prefix6 = format!("fd00:{:x}:{:x}", net[1], net[2]);
+        if ipv6 {
+            node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        }
 
         // root <-> node.
         let (root_if, node_if) = (format!("bw{id}r"), format!("bw{id}n"));
@@ -280,6 +296,19 @@ impl Topology {
                 ],
             )?;
             node.exec("ip", &["link", "set", &pod_if, "netns", netns.name()])?;
+            if ipv6 {
+                // No duplicate address detection: a tentative link-local address
+                // would hold up neighbour discovery (and so every IPv6 packet)
+                // for the first second or two.
+                node.exec(
+                    "sysctl",
+                    &["-qw", &format!("net.ipv6.conf.{peer_if}.accept_dad=0")],
+                )?;
+                netns.exec(
+                    "sysctl",
+                    &["-qw", &format!("net.ipv6.conf.{pod_if}.accept_dad=0")],
+                )?;
+            }
             node.exec(
                 "ip",
                 &["addr", "add", &format!("{gateway}/30"), "dev", &peer_if],
@@ -294,9 +323,46 @@ impl Topology {
                 "ip",
                 &["route", "add", "default", "via", &gateway.to_string()],
             )?;
+            let ip6 = if ipv6 {
+                let link = format!("{prefix6}:{:x}", index + 1);
+                let (gateway6, pod_ip6) = (format!("{link}::1"), format!("{link}::2"));
+                node.exec(
+                    "ip",
+                    &[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{gateway6}/64"),
+                        "dev",
+                        &peer_if,
+                        "nodad",
+                    ],
+                )?;
+                netns.exec(
+                    "ip",
+                    &[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{pod_ip6}/64"),
+                        "dev",
+                        &pod_if,
+                        "nodad",
+                    ],
+                )?;
+                netns.exec("ip", &["-6", "route", "add", "default", "via", &gateway6])?;
+                Some(
+                    pod_ip6
+                        .parse()
+                        .map_err(|_| io::Error::other(format!("bad IPv6 address {pod_ip6}")))?,
+                )
+            } else {
+                None
+            };
             pods.push(Pod {
                 name: (*name).to_owned(),
                 ip: pod_ip,
+                ip6,
                 netns,
             });
         }

@@ -33,8 +33,8 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Service `server` (pod B) with an HTTP port left to detection, a gRPC port and
 /// an opaque port, and a cluster IP that only the redirect rules give meaning to.
-fn server_yaml(cluster_ip: IpAddr, pod_ip: IpAddr) -> String {
-    format!(
+fn server_yaml(cluster_ip: IpAddr, pod_ip: IpAddr, pod_ip6: Option<IpAddr>) -> String {
+    let mut yaml = format!(
         "apiVersion: v1
 kind: Service
 metadata:
@@ -86,7 +86,33 @@ endpoints:
       name: server-0
       namespace: {NAMESPACE}
 "
-    )
+    );
+    if let Some(ip6) = pod_ip6 {
+        yaml.push_str(&format!(
+            "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: server-0-v6
+  namespace: {NAMESPACE}
+  labels:
+    kubernetes.io/service-name: server
+addressType: IPv6
+ports:
+  - name: http
+    port: {HTTP_PORT}
+endpoints:
+  - addresses: [\"{ip6}\"]
+    conditions:
+      ready: true
+    targetRef:
+      kind: Pod
+      name: server-0
+      namespace: {NAMESPACE}
+"
+        ));
+    }
+    yaml
 }
 
 /// Two pods (client, server) with rules and agents, and a control plane.
@@ -103,14 +129,27 @@ impl Cluster {
     /// Builds the pods, installs the rules, starts the control plane and both
     /// agents (with `extra` agent flags), and waits until both are ready.
     async fn start(extra: &[&str]) -> Cluster {
+        Self::start_with(extra, false).await
+    }
+
+    /// Like [`Cluster::start`]; with `dual_stack`, the pods have IPv6 addresses
+    /// too and the agents listen for redirected IPv6 connections.
+    async fn start_with(extra: &[&str], dual_stack: bool) -> Cluster {
         let agent_bin =
             netns::binary("bulwark-agent", "bulwark-agent").expect("bulwark-agent builds");
-        let topology = Topology::new(&["client", "server"]).expect("namespaces and veths");
+        let names = ["client", "server"];
+        let topology = if dual_stack {
+            Topology::dual_stack(&names)
+        } else {
+            Topology::new(&names)
+        }
+        .expect("namespaces and veths");
         let server_ip = IpAddr::V4(topology.pod("server").ip);
+        let server_ip6 = topology.pod("server").ip6.map(IpAddr::V6);
         let mesh = Mesh::new().expect("mesh folder");
         mesh.write(
             "service-server.yaml",
-            &server_yaml(IpAddr::V4(cluster_ip(&topology)), server_ip),
+            &server_yaml(IpAddr::V4(cluster_ip(&topology)), server_ip, server_ip6),
         )
         .expect("service written");
         let control_plane = ControlPlane::start(bulwark_control_plane::Settings {
@@ -134,7 +173,15 @@ impl Cluster {
                 .expect("bulwark-agent init installs the rules");
         }
         for index in 0..cluster.topology.pods.len() {
-            let child = cluster.spawn_agent(index, extra);
+            let mut flags = extra.to_vec();
+            if dual_stack {
+                // `[::]` takes IPv4 clients too (as mapped addresses).
+                flags.extend(["--outbound-addr-v6", "[::1]:4140"]);
+                flags.extend(["--inbound-transparent", "[::]:4143"]);
+            } else {
+                flags.extend(["--inbound-transparent", "0.0.0.0:4143"]);
+            }
+            let child = cluster.spawn_agent(index, &flags);
             cluster.agents.push(child);
         }
         for pod in &cluster.topology.pods {
@@ -190,7 +237,6 @@ impl Cluster {
         ])
         .args(["--label", &format!("app={}", pod.name)])
         .args(["--outbound-addr", "127.0.0.1:4140"])
-        .args(["--inbound-transparent", "0.0.0.0:4143"])
         .args(["--admin-addr", &format!("0.0.0.0:{ADMIN_PORT}")])
         .args(extra)
         .env("RUST_LOG", "info,bulwark_agent=debug")
@@ -221,6 +267,28 @@ impl Cluster {
             || async move { self.metrics(pod).await.get("bulwark_config_version", &[]) > version },
         )
         .await;
+    }
+}
+
+impl Drop for Cluster {
+    /// A failing test shows the end of each agent's log.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.topology.logs.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last lines of {} ---\n{}",
+                entry.path().display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -312,6 +380,60 @@ async fn http_from_a_plain_client_goes_through_both_agents() {
             .await
             .get("bulwark_passthrough_requests_total", &[]),
         1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_from_a_plain_client_goes_through_both_agents() {
+    if skip("ipv6_from_a_plain_client_goes_through_both_agents") {
+        return;
+    }
+    let cluster = Cluster::start_with(&[], true).await;
+    let server_rt = cluster.pod("server").netns.runtime().unwrap();
+    let client_rt = cluster.pod("client").netns.runtime().unwrap();
+    let _upstream = server_rt
+        .run(Upstream::start(
+            SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)),
+            "server-0",
+            Knobs::default(),
+        ))
+        .await
+        .unwrap();
+    let v6 = SocketAddr::new(IpAddr::V6(cluster.pod("server").ip6.unwrap()), HTTP_PORT);
+    // Over IPv6 (ip6tables rules, IP6T_SO_ORIGINAL_DST), and over IPv4 to the
+    // same dual-stack listeners (an IPv4 conntrack entry behind a [::] socket).
+    for target in [v6, cluster.addr("server", HTTP_PORT)] {
+        let rsp = client_rt
+            .run(async move { HttpClient::direct(target).get("/", &[]).await })
+            .await
+            .unwrap();
+        assert_eq!(rsp.status, 200, "{target}: {}", rsp.text());
+        assert_eq!(rsp.upstream(), Some("server-0"));
+    }
+    let client = cluster.metrics("client").await;
+    assert_eq!(
+        client.get(
+            "bulwark_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("dst", "server.test:8080"),
+                ("status_class", "2xx")
+            ]
+        ),
+        2.0,
+        "the IPv6 pod address maps to the service like the IPv4 one"
+    );
+    let server = cluster.metrics("server").await;
+    assert_eq!(
+        server.get(
+            "bulwark_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("dst", "localhost:8080"),
+                ("status_class", "2xx")
+            ]
+        ),
+        2.0
     );
 }
 

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
     let orig = read(stream, local)?;
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
     // Without NAT, conntrack reports the address the socket is bound to.
     (orig != local).then_some(orig)
 }
@@ -18,9 +19,10 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
 #[cfg(target_os = "linux")]
 fn read(stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
+    // An IPv4 client of a dual-stack (`[::]`) listener has an IPv4 conntrack entry.
     let addr = match local {
-        SocketAddr::V4(_) => sock.original_dst_v4(),
-        SocketAddr::V6(_) => sock.original_dst_v6(),
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => sock.original_dst_v6(),
+        _ => sock.original_dst_v4(),
     };
     let addr = addr.ok()?.as_socket()?;
     // An IPv4 connection on a dual-stack socket reports a mapped address.

@@ -78,7 +78,9 @@ pub async fn serve_connections<D, F>(
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
+                    // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d;
+                    // policy (rate limit keys, X-Forwarded-For) wants a.b.c.d.
+                    Ok((stream, peer)) => (stream, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
                     Err(error) => {
                         warn!(listener = name, %error, "accept failed");
                         tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
