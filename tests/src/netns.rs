@@ -410,9 +410,11 @@ impl Drop for Topology {
     }
 }
 
-/// The path of a workspace binary next to the running test's target folder,
-/// built first (cargo only builds other packages' binaries for `--workspace` runs).
-pub fn binary(package: &str, name: &str) -> io::Result<PathBuf> {
+/// The path of a workspace binary in the running test's target folder, after
+/// `cargo build --workspace --all-targets` (what `make test` has just built, so
+/// a no-op there; a `-p bulwark-tests` run would otherwise use a stale binary, and
+/// building only `-p PACKAGE` would compile it again with other features).
+pub fn binary(name: &str) -> io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test>-<hash>
     let profile_dir = exe
@@ -422,15 +424,15 @@ pub fn binary(package: &str, name: &str) -> io::Result<PathBuf> {
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", package, "--bin", name]);
+    build.args(["build", "--quiet", "--workspace", "--all-targets"]);
     if release {
         build.arg("--release");
     }
     let status = build.status()?;
     if !status.success() {
-        return Err(io::Error::other(format!(
-            "cargo build -p {package} --bin {name} failed"
-        )));
+        return Err(io::Error::other(
+            "cargo build --workspace --all-targets failed",
+        ));
     }
     let path = profile_dir.join(name);
     if path.is_file() {

@@ -135,8 +135,7 @@ impl Cluster {
     /// Like [`Cluster::start`]; with `dual_stack`, the pods have IPv6 addresses
     /// too and the agents listen for redirected IPv6 connections.
     async fn start_with(extra: &[&str], dual_stack: bool) -> Cluster {
-        let agent_bin =
-            netns::binary("bulwark-agent", "bulwark-agent").expect("bulwark-agent builds");
+        let agent_bin = netns::binary("bulwark-agent").expect("bulwark-agent builds");
         let names = ["client", "server"];
         let topology = if dual_stack {
             Topology::dual_stack(&names)
@@ -762,7 +761,7 @@ async fn init_is_idempotent_and_says_when_it_lacks_net_admin() {
     if skip("init_is_idempotent_and_says_when_it_lacks_net_admin") {
         return;
     }
-    let agent = netns::binary("bulwark-agent", "bulwark-agent").unwrap();
+    let agent = netns::binary("bulwark-agent").unwrap();
     let ns = netns::Netns::create(&format!("bw-{:06x}-init", fastrand::u32(..0x100_0000))).unwrap();
     let save = |program: &str| {
         let out = std::process::Command::new("ip")

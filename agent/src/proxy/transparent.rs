@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -134,7 +135,7 @@ fn log_relay(result: std::io::Result<tcp::Relayed>, dst: SocketAddr) {
 /// made on the first connection to that port.
 #[derive(Debug)]
 pub struct InboundPorts {
-    config: Arc<ArcSwapConfig>,
+    config: Arc<ArcSwap<Config>>,
     metrics: Arc<Metrics>,
     app_host: std::net::IpAddr,
     options: InboundOptions,
@@ -142,12 +143,10 @@ pub struct InboundPorts {
     ports: Mutex<HashMap<u16, Arc<Inbound>>>,
 }
 
-type ArcSwapConfig = arc_swap::ArcSwap<Config>;
-
 impl InboundPorts {
     /// Inbound state for every app port on `app_host`.
     pub fn new(
-        config: Arc<ArcSwapConfig>,
+        config: Arc<ArcSwap<Config>>,
         metrics: Arc<Metrics>,
         app_host: std::net::IpAddr,
         options: InboundOptions,
