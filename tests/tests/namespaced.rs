@@ -827,3 +827,57 @@ async fn init_is_idempotent_and_says_when_it_lacks_net_admin() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn init_writes_to_the_backend_the_host_already_uses() {
+    if skip("init_writes_to_the_backend_the_host_already_uses") {
+        return;
+    }
+    let agent = netns::binary("bulwark-agent").unwrap();
+    let agent = agent.to_string_lossy().to_string();
+    let rules_in = |ns: &netns::Netns, save: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), save, "-t", "nat"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("-A") && l.contains("BULWARK"))
+            .count()
+    };
+
+    // A host whose other rules (kube-proxy, CNI) are in legacy iptables.
+    let legacy =
+        netns::Netns::create(&format!("bw-{:06x}-leg", fastrand::u32(..0x100_0000))).unwrap();
+    legacy
+        .exec(
+            "iptables-legacy",
+            &[
+                "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT",
+            ],
+        )
+        .unwrap();
+    legacy.exec(&agent, &["init", "--ipv6", "false"]).unwrap();
+    assert!(
+        rules_in(&legacy, "iptables-legacy-save") > 0,
+        "the rules go where the host's are"
+    );
+    assert_eq!(rules_in(&legacy, "iptables-nft-save"), 0);
+
+    // A fresh namespace: nft. And the flag overrides detection.
+    let fresh =
+        netns::Netns::create(&format!("bw-{:06x}-nft", fastrand::u32(..0x100_0000))).unwrap();
+    fresh.exec(&agent, &["init", "--ipv6", "false"]).unwrap();
+    assert!(rules_in(&fresh, "iptables-nft-save") > 0);
+    assert_eq!(rules_in(&fresh, "iptables-legacy-save"), 0);
+    let forced =
+        netns::Netns::create(&format!("bw-{:06x}-frc", fastrand::u32(..0x100_0000))).unwrap();
+    forced
+        .exec(
+            &agent,
+            &["init", "--ipv6", "false", "--iptables-backend", "legacy"],
+        )
+        .unwrap();
+    assert!(rules_in(&forced, "iptables-legacy-save") > 0);
+}
