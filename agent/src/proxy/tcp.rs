@@ -51,10 +51,12 @@ where
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, shared by both directions.
     let last = AtomicU64::new(0);
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let (mut server_rd, mut server_wr) = tokio::io::split(server);
-    let up = copy_half(&mut client_rd, &mut server_wr, &last, start);
-    let down = copy_half(&mut server_rd, &mut client_wr, &last, start);
+    let activity = Activity { last: &last, start };
+    let up = copy_half(&mut client_rd, &mut server_wr, activity, &sent);
+    let down = copy_half(&mut server_rd, &mut client_wr, activity, &received);
     let watchdog = async {
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
@@ -65,38 +67,58 @@ where
             tokio::time::sleep_until(due).await;
         }
     };
-    tokio::select! {
+    let end = tokio::select! {
         both = async { tokio::try_join!(up, down) } => {
-            let (sent, received) = both?;
-            Ok(Relayed { sent, received, end: RelayEnd::Closed })
+            both?;
+            RelayEnd::Closed
         }
-        () = watchdog => Ok(Relayed { sent: 0, received: 0, end: RelayEnd::Idle }),
+        () = watchdog => RelayEnd::Idle,
+    };
+    Ok(Relayed {
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+        end,
+    })
+}
+
+/// When a relay last moved a byte (either way), for its idle timeout.
+#[derive(Clone, Copy)]
+struct Activity<'a> {
+    last: &'a AtomicU64,
+    start: Instant,
+}
+
+impl Activity<'_> {
+    fn touch(self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
     }
 }
 
+/// Copies one direction until EOF, then half-closes the writer.
 async fn copy_half<R, W>(
     rd: &mut R,
     wr: &mut W,
-    last: &AtomicU64,
-    start: Instant,
-) -> io::Result<u64>
+    activity: Activity<'_>,
+    total: &AtomicU64,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF_SIZE];
-    let mut total = 0u64;
     loop {
         let n = rd.read(&mut buf).await?;
         if n == 0 {
             // Pass the half-close on; the other direction keeps flowing.
             wr.shutdown().await?;
-            return Ok(total);
+            return Ok(());
         }
+        // Bytes read count as activity even while the write waits for a slow reader.
+        activity.touch();
         wr.write_all(&buf[..n]).await?;
-        total += n as u64;
-        let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        last.store(now, Ordering::Relaxed);
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
     }
 }
 
@@ -334,6 +356,7 @@ mod tests {
         server.read_exact(&mut buf).await.unwrap();
         let done = relay.await.unwrap().unwrap();
         assert_eq!(done.end, RelayEnd::Idle);
+        assert_eq!((done.sent, done.received), (4, 0));
         assert_eq!(
             start.elapsed(),
             Duration::from_secs(16),
