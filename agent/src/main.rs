@@ -194,7 +194,12 @@ fn parse_labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Init(init)) => run_init(&init),
+        // One line for the operator (no backtrace even with RUST_BACKTRACE set):
+        // init runs as an init container whose log is read in `kubectl describe`.
+        Some(Command::Init(init)) => run_init(&init).map_err(|error| {
+            eprintln!("Error: {error:#}");
+            std::process::exit(1)
+        }),
         None => run(cli.run).await,
     }
 }
