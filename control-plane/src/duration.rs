@@ -188,6 +188,8 @@ impl schemars::JsonSchema for Duration {
         schemars::json_schema!({
             "type": "string",
             "pattern": PATTERN,
+            // Bounds the API server's CEL cost estimate for rules that parse it.
+            "maxLength": 32,
         })
     }
 }

@@ -29,8 +29,9 @@ fn committed_files_match_the_types() {
 }
 
 fn committed(name: &str) -> CustomResourceDefinition {
-    let text = std::fs::read_to_string(root().join(crds::CRD_DIR).join(name)).unwrap();
-    serde_yaml_ng::from_str(&text).unwrap()
+    let text = std::fs::read_to_string(root().join(crds::CRD_DIR).join(name))
+        .expect("the CRD is committed; run `make crds`");
+    serde_yaml_ng::from_str(&text).expect("the committed CRD parses as a CustomResourceDefinition")
 }
 
 /// Paths of schema properties without a description.

@@ -14,7 +14,7 @@ use crate::duration::Duration;
 use crate::model::shard as model;
 
 /// Most shards a topology may list.
-pub const MAX_SHARDS: usize = 1024;
+pub const MAX_SHARDS: usize = 256;
 /// Default virtual nodes per shard of a consistent-hash ring.
 pub const DEFAULT_VIRTUAL_NODES: u32 = 100;
 /// Default read methods.
@@ -66,11 +66,13 @@ pub struct ShardTopologyDocument {
         "fieldPath": ".strategy.ranges",
     },
     {
-        "rule": "!has(self.strategy) || !has(self.strategy.directory) || !has(self.shards) || (self.strategy.directory.entries.all(k, self.shards.exists(s, s.name == self.strategy.directory.entries[k])) && (!has(self.strategy.directory.defaultShard) || self.shards.exists(s, s.name == self.strategy.directory.defaultShard)))",
-        "message": "every directory entry and the default must name a shard",
-        "fieldPath": ".strategy.directory",
+        "rule": "!has(self.strategy) || !has(self.strategy.directory) || !has(self.strategy.directory.defaultShard) || !has(self.shards) || self.shards.exists(s, s.name == self.strategy.directory.defaultShard)",
+        "message": "directory.defaultShard must name a shard",
+        "fieldPath": ".strategy.directory.defaultShard",
     },
 ]))]
+// Directory entries naming missing shards are caught by the control plane only: checking
+// up to 10,000 entries against the shard list in CEL exceeds the API server's cost budget.
 pub struct ShardTopologySpec {
     /// The Service (or services) this topology describes, in its namespace.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,7 +92,7 @@ pub struct ShardTopologySpec {
     /// key to a position in this list, so append new shards at the end. Required.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(
-        length(min = 1, max = 1024),
+        length(min = 1, max = 256),
         extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
     )]
     pub shards: Option<Vec<ShardSpec>>,
@@ -172,6 +174,7 @@ pub struct MissingKeySpec {
     pub action: Option<MissingKeyAction>,
     /// For DefaultShard: the shard that gets requests without a key.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub shard: Option<String>,
 }
 
@@ -218,7 +221,7 @@ pub struct StrategySpec {
     pub virtual_nodes: Option<u32>,
     /// For Range: non-overlapping ranges of keys, compared byte by byte.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = 256))]
     pub ranges: Option<Vec<RangeSpec>>,
     /// For Directory: the table.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -251,12 +254,15 @@ pub enum StrategyType {
 pub struct RangeSpec {
     /// Inclusive lower bound. Default: from the smallest key.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub start: Option<String>,
     /// Exclusive upper bound. Default: to the largest key.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub end: Option<String>,
     /// The shard of these keys. Required.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub shard: Option<String>,
 }
 
@@ -264,13 +270,14 @@ pub struct RangeSpec {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DirectorySpec {
-    /// Key to shard name, e.g. acme: "3".
+    /// Key to shard name, e.g. acme: "3"; every shard must be in spec.shards.
     #[serde(default)]
     #[schemars(extend("maxProperties" = 10000))]
     pub entries: BTreeMap<String, String>,
     /// The shard of keys not in the table. Default: such requests are treated as
     /// having no key (see missingKey).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub default_shard: Option<String>,
 }
 

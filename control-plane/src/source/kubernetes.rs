@@ -430,3 +430,94 @@ pub fn spawn(
         observed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str, attempts: u32, generation: i64) -> DynamicObject {
+        let mut object = DynamicObject::new(name, &resource(Kind::ResiliencePolicy))
+            .within("demo")
+            .data(serde_json::json!({
+                "spec": {
+                    "targetRefs": [{"kind": "Service", "name": "reviews"}],
+                    "retry": {"attempts": attempts},
+                },
+            }));
+        object.metadata.generation = Some(generation);
+        object
+    }
+
+    fn attempts(cache: &Cache, name: &str) -> Option<u32> {
+        let (model, _, _) = cache.snapshot();
+        model
+            .resilience_policies
+            .get(&ObjectName::new("demo", name))
+            .and_then(|p| p.retry.as_ref())
+            .map(|r| r.attempts)
+    }
+
+    #[test]
+    fn an_invalid_version_keeps_the_last_valid_one_and_is_reported() {
+        let mut cache = Cache::default();
+        assert!(cache.apply(Kind::ResiliencePolicy, Event::Apply(policy("a", 2, 1))));
+        cache.apply(Kind::ResiliencePolicy, Event::Apply(policy("a", 11, 2)));
+        assert_eq!(attempts(&cache, "a"), Some(2));
+        let (_, rejected, policies) = cache.snapshot();
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].path, "spec.retry.attempts");
+        assert!(rejected[0].kept_previous);
+        let observation = &policies[&ObjectKey {
+            kind: Kind::ResiliencePolicy,
+            name: ObjectName::new("demo", "a"),
+        }];
+        assert_eq!(observation.generation, Some(2));
+        assert!(observation.error.is_some());
+
+        cache.apply(Kind::ResiliencePolicy, Event::Apply(policy("a", 3, 3)));
+        assert_eq!(attempts(&cache, "a"), Some(3));
+        assert!(cache.snapshot().1.is_empty(), "fixed: no longer rejected");
+    }
+
+    #[test]
+    fn a_relist_replaces_what_a_kind_held_and_sync_needs_every_kind() {
+        let mut cache = Cache::default();
+        for kind in Kind::ALL {
+            cache.apply(kind, Event::Init);
+            assert!(!cache.synced());
+            cache.apply(kind, Event::InitDone);
+        }
+        assert!(cache.synced());
+        cache.apply(Kind::ResiliencePolicy, Event::Apply(policy("gone", 2, 1)));
+        cache.apply(Kind::ResiliencePolicy, Event::Apply(policy("kept", 2, 1)));
+        // A relist after a 410 lists only what still exists.
+        cache.apply(Kind::ResiliencePolicy, Event::Init);
+        cache.apply(
+            Kind::ResiliencePolicy,
+            Event::InitApply(policy("kept", 4, 2)),
+        );
+        assert_eq!(
+            attempts(&cache, "gone"),
+            Some(2),
+            "the old state holds until the relist is done"
+        );
+        assert!(cache.apply(Kind::ResiliencePolicy, Event::InitDone));
+        assert_eq!(attempts(&cache, "gone"), None);
+        assert_eq!(attempts(&cache, "kept"), Some(4));
+        assert!(cache.apply(Kind::ResiliencePolicy, Event::Delete(policy("kept", 4, 2))));
+        assert_eq!(attempts(&cache, "kept"), None);
+    }
+
+    #[test]
+    fn an_object_that_does_not_deserialize_is_skipped_not_fatal() {
+        let mut cache = Cache::default();
+        let broken = DynamicObject::new("web", &resource(Kind::Service))
+            .within("demo")
+            .data(serde_json::json!({"spec": {"ports": 3}}));
+        cache.apply(Kind::Service, Event::Apply(broken));
+        let (model, rejected, _) = cache.snapshot();
+        assert!(model.services.is_empty());
+        assert_eq!(rejected[0].object.as_deref(), Some("Service demo/web"));
+        assert_eq!(rejected[0].path, "spec.ports");
+    }
+}
