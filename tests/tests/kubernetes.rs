@@ -270,6 +270,31 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
     )
     .await;
 
+    // The other kinds get their status too.
+    server.apply(&format!(
+        "apiVersion: bulwark.io/v1alpha1\nkind: RateLimitPolicy\n\
+         metadata: {{name: reviews, namespace: {NAMESPACE}}}\n\
+         spec:\n  targetRefs: [{{kind: Service, name: reviews}}]\n\
+         \x20 limits: [{{name: total, rate: {{requests: 10, per: 1s}}}}]\n"
+    ));
+    server.apply(&format!(
+        "apiVersion: bulwark.io/v1alpha1\nkind: ShardTopology\n\
+         metadata: {{name: reviews, namespace: {NAMESPACE}}}\n\
+         spec:\n  targetRefs: [{{kind: Service, name: reviews}}]\n\
+         \x20 key: {{type: Header, name: x-user}}\n  strategy: {{type: Hash}}\n\
+         \x20 shards: [{{name: a, primary: {{matchLabels: {{app: reviews}}}}}}]\n"
+    ));
+    for kind in ["RateLimitPolicy", "ShardTopology"] {
+        wait_for_condition(
+            &server,
+            kind,
+            "reviews",
+            &format!("the {kind} accepted"),
+            |c| c.1 == "Accepted" && c.0 == "True",
+        )
+        .await;
+    }
+
     // The old winner is deleted: the younger policy takes over, at the agent and in status.
     assert!(server.delete("ResiliencePolicy", NAMESPACE, "reviews"));
     wait_for_agent(&agent, "the younger policy's 7 attempts", |c| {
@@ -314,6 +339,21 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
                 r.content_type.as_deref(),
                 Some("application/merge-patch+json")
             );
+        }
+    }
+    // ... and every rule is needed: nothing is granted that the control plane never uses.
+    for rule in bulwark_control_plane::crds::RBAC_RULES {
+        for group in rule.api_groups {
+            for resource in rule.resources {
+                for verb in rule.verbs {
+                    assert!(
+                        requests.iter().any(|r| r.group == *group
+                            && r.resource == *resource
+                            && r.verb == *verb),
+                        "the RBAC rules grant {verb} on {resource} in group {group:?}, which the control plane never used"
+                    );
+                }
+            }
         }
     }
 
@@ -409,18 +449,20 @@ async fn an_outage_and_an_expired_watch_lose_nothing() {
         (attempts(c) == Some(6)).then_some(())
     })
     .await;
-    let errors: Value = HttpClient::direct(cp.admin_addr())
-        .get("/errors", &[])
-        .await
-        .expect("admin answers")
-        .json()
-        .expect("/errors is JSON");
-    assert!(
-        errors
-            .to_string()
-            .contains(&format!("Service {NAMESPACE}/broken")),
-        "{errors}"
-    );
+    // Watches of different kinds are separate streams: the Service may come a little later.
+    let admin = HttpClient::direct(cp.admin_addr());
+    poll_until(
+        DEADLINE,
+        "the broken Service is listed at /errors",
+        || async {
+            let errors = admin.get("/errors", &[]).await.ok()?.text();
+            errors
+                .contains(&format!("Service {NAMESPACE}/broken"))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
 
     agent.shutdown().await;
     cp.shutdown().await;
