@@ -57,7 +57,7 @@ pub struct RateLimitPolicySpec {
     #[schemars(
         length(min = 1, max = 16),
         extend("x-kubernetes-validations" = [{
-            "rule": "self.all(a, self.exists_one(b, b.name == a.name))",
+            "rule": "self.all(a, !has(a.name) || self.exists_one(b, has(b.name) && b.name == a.name))",
             "message": "limit names must be unique within a policy",
         }])
     )]
@@ -68,8 +68,8 @@ pub struct RateLimitPolicySpec {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.name)", "message": "name is required", "fieldPath": ".name"},
-    {"rule": "has(self.rate)", "message": "rate is required", "fieldPath": ".rate"},
+    {"rule": "has(self.name)", "message": "name is required"},
+    {"rule": "has(self.rate)", "message": "rate is required"},
 ]))]
 pub struct LimitSpec {
     /// The limit's name, unique within the policy; a metric label. Required.
@@ -95,7 +95,6 @@ pub struct LimitSpec {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.type) && self.type == 'Header' ? has(self.header) : !has(self.header)",
     "message": "header is required when type is Header, and only allowed then",
-    "fieldPath": ".header",
 }]))]
 pub struct KeySpec {
     /// None (one bucket for all), ClientAddress (one per client IP) or Header (one per
@@ -111,7 +110,8 @@ pub struct KeySpec {
     pub header: Option<String>,
 }
 
-/// `spec.limits[].key.type`.
+/// `spec.limits[].key.type`: None (one bucket for all, the default), ClientAddress
+/// (one per client IP) or Header (one per value of `header`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum KeyType {
     /// One bucket for everyone.
@@ -126,8 +126,8 @@ pub enum KeyType {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.requests)", "message": "requests is required", "fieldPath": ".requests"},
-    {"rule": "has(self.per)", "message": "per is required", "fieldPath": ".per"},
+    {"rule": "has(self.requests)", "message": "requests is required"},
+    {"rule": "has(self.per)", "message": "per is required"},
 ]))]
 pub struct RateSpec {
     /// Tokens (requests) added per period, at least 1. Required.

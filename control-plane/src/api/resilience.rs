@@ -170,7 +170,7 @@ pub struct RetrySpec {
     pub max_body_bytes: Option<u32>,
 }
 
-/// A `retryOn` condition.
+/// A `retryOn` condition: connect-failure, reset, gateway-error or 5xx.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum RetryOnSpec {
     /// The connection to the endpoint failed.
@@ -204,7 +204,6 @@ impl From<RetryOnSpec> for RetryOn {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!has(self.base) || !has(self.max) || duration(self.base) <= duration(self.max)",
     "message": "base must not exceed max",
-    "fieldPath": ".base",
 }]))]
 pub struct BackoffSpec {
     /// The first wait's upper bound (a duration, more than 0). Default 25ms, or max if
@@ -243,12 +242,10 @@ pub struct BudgetSpec {
     {
         "rule": "!has(self.openDuration) || !has(self.maxOpenDuration) || duration(self.openDuration) <= duration(self.maxOpenDuration)",
         "message": "openDuration must not exceed maxOpenDuration",
-        "fieldPath": ".openDuration",
     },
     {
         "rule": "!has(self.consecutiveFailures) || self.consecutiveFailures > 0 || has(self.failureRatio)",
         "message": "consecutiveFailures 0 disables the consecutive trigger; it needs a failureRatio",
-        "fieldPath": ".consecutiveFailures",
     },
 ]))]
 pub struct CircuitBreakerSpec {
@@ -283,12 +280,10 @@ pub struct CircuitBreakerSpec {
     {
         "rule": "has(self.threshold)",
         "message": "threshold is required",
-        "fieldPath": ".threshold",
     },
     {
         "rule": "!has(self.threshold) || (self.threshold > 0.0 && self.threshold <= 1.0)",
         "message": "threshold must be more than 0 and at most 1",
-        "fieldPath": ".threshold",
     },
 ]))]
 pub struct FailureRatioSpec {
@@ -340,7 +335,8 @@ pub struct LoadBalancerSpec {
     pub strategy: Option<StrategySpec>,
 }
 
-/// `spec.loadBalancer.strategy`.
+/// `spec.loadBalancer.strategy`: LeastRequest (power of two choices on requests in
+/// flight, the default) or RoundRobin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum StrategySpec {
     /// Power of two choices on in-flight requests.

@@ -52,23 +52,20 @@ pub struct ShardTopologyDocument {
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.key)", "message": "key is required", "fieldPath": ".key"},
-    {"rule": "has(self.strategy)", "message": "strategy is required", "fieldPath": ".strategy"},
-    {"rule": "has(self.shards)", "message": "shards is required", "fieldPath": ".shards"},
+    {"rule": "has(self.key)", "message": "key is required"},
+    {"rule": "has(self.strategy)", "message": "strategy is required"},
+    {"rule": "has(self.shards)", "message": "shards is required"},
     {
         "rule": "!has(self.missingKey) || !has(self.missingKey.shard) || !has(self.shards) || self.shards.exists(s, s.name == self.missingKey.shard)",
         "message": "missingKey.shard must name a shard",
-        "fieldPath": ".missingKey.shard",
     },
     {
-        "rule": "!has(self.strategy) || !has(self.strategy.ranges) || !has(self.shards) || self.strategy.ranges.all(r, self.shards.exists(s, s.name == r.shard))",
+        "rule": "!has(self.strategy) || !has(self.strategy.ranges) || !has(self.shards) || self.strategy.ranges.all(r, !has(r.shard) || self.shards.exists(s, s.name == r.shard))",
         "message": "every range must name a shard",
-        "fieldPath": ".strategy.ranges",
     },
     {
         "rule": "!has(self.strategy) || !has(self.strategy.directory) || !has(self.strategy.directory.defaultShard) || !has(self.shards) || self.shards.exists(s, s.name == self.strategy.directory.defaultShard)",
         "message": "directory.defaultShard must name a shard",
-        "fieldPath": ".strategy.directory.defaultShard",
     },
 ]))]
 // Directory entries naming missing shards are caught by the control plane only: checking
@@ -110,11 +107,10 @@ pub struct ShardTopologySpec {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.type)", "message": "type is required", "fieldPath": ".type"},
+    {"rule": "has(self.type)", "message": "type is required"},
     {
         "rule": "!has(self.type) || (self.type in ['Header', 'Query', 'GrpcMetadata'] ? has(self.name) : !has(self.name))",
         "message": "name is required for Header, Query and GrpcMetadata keys, and only allowed then",
-        "fieldPath": ".name",
     },
     {
         "rule": "!has(self.type) || self.type != 'Path' || (has(self.segment) != has(self.pattern))",
@@ -146,7 +142,7 @@ pub struct ShardKeySpec {
     pub pattern: Option<String>,
 }
 
-/// `spec.key.type`.
+/// `spec.key.type`: Header, Path, Query or GrpcMetadata.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum ShardKeyType {
     /// A request header.
@@ -165,7 +161,6 @@ pub enum ShardKeyType {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.action) && self.action == 'DefaultShard' ? has(self.shard) : !has(self.shard)",
     "message": "shard is required for DefaultShard, and only allowed then",
-    "fieldPath": ".shard",
 }]))]
 pub struct MissingKeySpec {
     /// Reject (400 shard-key-missing) or DefaultShard. Default Reject.
@@ -178,7 +173,8 @@ pub struct MissingKeySpec {
     pub shard: Option<String>,
 }
 
-/// `spec.missingKey.action`.
+/// `spec.missingKey.action`: Reject (400 shard-key-missing, the default) or
+/// DefaultShard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum MissingKeyAction {
     /// Answer 400 with x-bulwark-reason shard-key-missing.
@@ -191,21 +187,18 @@ pub enum MissingKeyAction {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.type)", "message": "type is required", "fieldPath": ".type"},
+    {"rule": "has(self.type)", "message": "type is required"},
     {
         "rule": "!has(self.type) || (self.type == 'Range') == has(self.ranges)",
         "message": "ranges is required for Range, and only allowed then",
-        "fieldPath": ".ranges",
     },
     {
         "rule": "!has(self.type) || (self.type == 'Directory') == has(self.directory)",
         "message": "directory is required for Directory, and only allowed then",
-        "fieldPath": ".directory",
     },
     {
         "rule": "!has(self.virtualNodes) || (has(self.type) && self.type == 'ConsistentHash')",
         "message": "virtualNodes is only allowed for ConsistentHash",
-        "fieldPath": ".virtualNodes",
     },
 ]))]
 pub struct StrategySpec {
@@ -228,7 +221,7 @@ pub struct StrategySpec {
     pub directory: Option<DirectorySpec>,
 }
 
-/// `spec.strategy.type`.
+/// `spec.strategy.type`: Hash, ConsistentHash, Range or Directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum StrategyType {
     /// Hash modulo the number of shards.
@@ -245,7 +238,7 @@ pub enum StrategyType {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.shard)", "message": "shard is required", "fieldPath": ".shard"},
+    {"rule": "has(self.shard)", "message": "shard is required"},
     {
         "rule": "!has(self.start) || !has(self.end) || self.start < self.end",
         "message": "start must be less than end",
@@ -285,7 +278,7 @@ pub struct DirectorySpec {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.primary)", "message": "primary is required", "fieldPath": ".primary"},
+    {"rule": "has(self.primary)", "message": "primary is required"},
 ]))]
 pub struct ShardSpec {
     /// The shard's name, unique in the topology.

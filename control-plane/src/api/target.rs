@@ -11,8 +11,8 @@ use crate::model;
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.kind)", "message": "kind is required (Service)", "fieldPath": ".kind"},
-    {"rule": "has(self.name)", "message": "name is required", "fieldPath": ".name"},
+    {"rule": "has(self.kind)", "message": "kind is required (Service)"},
+    {"rule": "has(self.name)", "message": "name is required"},
 ]))]
 pub struct TargetRef {
     /// The API group of the target: "" (the core group of Service). Default "".
