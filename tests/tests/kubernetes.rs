@@ -554,3 +554,79 @@ async fn only_the_lease_holder_writes_status_and_a_standby_takes_over() {
     agent.shutdown().await;
     second.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_holder_went_silent_is_taken_after_its_duration() {
+    let server = ApiServer::start().await;
+    for manifest in service("reviews", "127.0.0.21") {
+        server.apply(&manifest);
+    }
+    server.apply(&policy(
+        "reviews",
+        "reviews",
+        "2024-01-01T00:00:00Z",
+        "  retry: {attempts: 2}\n",
+    ));
+    // A replica that crashed holding the lease: it never renews again.
+    server.apply(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\n\
+         metadata: {name: bulwark-control-plane, namespace: bulwark-system}\n\
+         spec: {holderIdentity: crashed, leaseDurationSeconds: 3, renewTime: '2024-01-01T00:00:00.000000Z'}\n",
+    );
+    let cp = ControlPlane::start(settings(server.kubeconfig("cp-1"), "cp-1"))
+        .await
+        .expect("the control plane starts");
+    // Renew times are the holder's clock; a replica waits a whole lease duration of its
+    // own before taking over, so nobody writes status at first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        status_patches(&server, "reviews"),
+        0,
+        "status written without the lease"
+    );
+    wait_for_condition(
+        &server,
+        "ResiliencePolicy",
+        "reviews",
+        "Accepted once the lease expired",
+        |c| c.1 == "Accepted",
+    )
+    .await;
+    let lease = server
+        .get("Lease", "bulwark-system", "bulwark-control-plane")
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "cp-1");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_waits_for_an_api_server_that_is_down_at_start() {
+    let mut server = ApiServer::start().await;
+    for manifest in service("reviews", "127.0.0.21") {
+        server.apply(&manifest);
+    }
+    server.stop().await;
+    let kubeconfig = server.kubeconfig("cp-1");
+    let starting = tokio::spawn(ControlPlane::start(settings(kubeconfig, "cp-1")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !starting.is_finished(),
+        "the control plane must not serve before it has listed the cluster"
+    );
+    server.restart().await;
+    let cp = tokio::time::timeout(DEADLINE, starting)
+        .await
+        .expect("the control plane starts once the API server is back")
+        .unwrap()
+        .expect("and starts cleanly");
+    let agent = Agent::start(agent_settings(cp.grpc_addr(), "client", None))
+        .await
+        .expect("the agent starts");
+    wait_for_agent(&agent, "the agent knows reviews", |c| {
+        destination(c, &format!("reviews.{NAMESPACE}:80")).map(|_| ())
+    })
+    .await;
+    agent.shutdown().await;
+    cp.shutdown().await;
+}
