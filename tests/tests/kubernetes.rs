@@ -578,7 +578,7 @@ async fn a_lease_whose_holder_went_silent_is_taken_after_its_duration() {
         .expect("the control plane starts");
     // Renew times are the holder's clock; a replica waits a whole lease duration of its
     // own before taking over, so nobody writes status at first.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         status_patches(&server, "reviews"),
         0,
