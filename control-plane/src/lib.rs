@@ -159,7 +159,8 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::new());
         let publisher = Publisher::new(Arc::clone(&metrics));
         let (shutdown, stop) = watch::channel(false);
-        let mut tasks = start_source(&settings, publisher.clone(), &stop).await?;
+        let mut tasks =
+            start_source(&settings, publisher.clone(), Arc::clone(&metrics), &stop).await?;
         let mut models = publisher.models();
         let model = Arc::clone(&models.borrow_and_update());
         let index = Index::new(unix_millis(), &model, Arc::clone(&metrics));
@@ -260,6 +261,7 @@ const SYNC_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 async fn start_source(
     settings: &Settings,
     publisher: Publisher,
+    metrics: Arc<Metrics>,
     stop: &watch::Receiver<bool>,
 ) -> Result<Vec<(&'static str, JoinHandle<()>)>, Error> {
     match &settings.source {
@@ -320,7 +322,7 @@ async fn start_source(
             tasks.push(("lease", lease));
             tasks.push((
                 "status",
-                status::spawn(client, source.observed, leader, stop.clone()),
+                status::spawn(client, source.observed, leader, metrics, stop.clone()),
             ));
             Ok(tasks)
         }

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::status::{ACCEPTED, Reason};
 use crate::index::{self, Diagnostic};
+use crate::metrics::Metrics;
 use crate::model::{Kind, Model, ObjectKey, ObjectName, TargetRef};
 use crate::source::kubernetes::{Observed, PolicyObservation, resource};
 
@@ -237,6 +238,7 @@ pub fn spawn(
     client: Client,
     mut observed: watch::Receiver<Arc<Observed>>,
     mut leader: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -249,7 +251,9 @@ pub fn spawn(
                 changed = leader.changed() => if changed.is_err() { break },
                 _ = tokio::time::sleep(RESYNC) => written.clear(),
             }
-            if !*leader.borrow_and_update() {
+            let leading = *leader.borrow_and_update();
+            metrics.status_leader.set(i64::from(leading));
+            if !leading {
                 written.clear();
                 continue;
             }
@@ -287,12 +291,14 @@ pub fn spawn(
                             message = %verdict.message,
                             "status written"
                         );
+                        metrics.status_writes.inc();
                         written.insert(key.clone(), pending);
                     }
                     Err(kube::Error::Api(e)) if e.code == 404 => {
                         debug!(policy = %key, "the policy went away before its status was written");
                     }
                     Err(error) => {
+                        metrics.status_write_errors.inc();
                         warn!(policy = %key, %error, "cannot write the policy's status; retrying later");
                     }
                 }

@@ -310,6 +310,12 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
     )
     .await;
 
+    let metrics = bulwark_tests::Metrics::scrape(cp.admin_addr())
+        .await
+        .expect("control plane metrics");
+    assert_eq!(metrics.get("bulwark_cp_status_leader", &[]), 1.0);
+    assert!(metrics.get("bulwark_cp_status_writes_total", &[]) >= 6.0);
+
     // Status is written only when it changes: once settled, no more patches.
     let settled = status_patches(&server, "reviews-late");
     tokio::time::sleep(Duration::from_secs(2)).await;
