@@ -296,6 +296,8 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// `status.podIP` and `status.podIPs`.
     pub ips: Vec<IpAddr>,
+    /// `spec.serviceAccountName` (`default` when absent): the agent's identity.
+    pub service_account: String,
 }
 
 /// When an object was created, for ordering conflicting policies (oldest wins).

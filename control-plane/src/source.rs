@@ -276,6 +276,7 @@ mod tests {
             name: crate::model::ObjectName::new("a", "b"),
             labels: Default::default(),
             ips: Vec::new(),
+            service_account: "default".into(),
         }));
         publisher.publish(model, Vec::new());
         assert!(models.has_changed().unwrap());
