@@ -11,7 +11,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # sockets and start servers); plain `cargo test` does the same job without it.
 NEXTEST := $(shell command -v cargo-nextest 2>/dev/null)
 
-.PHONY: help setup build test lint fmt demo clean
+.PHONY: help setup build test lint fmt demo clean crds e2e-k8s
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -43,3 +43,9 @@ demo: setup ## build release binaries, run the control plane, agent and upstream
 
 clean: ## remove build output and demo logs
 	$(CARGO) clean
+
+crds: ## regenerate the CRDs and RBAC rules in charts/bulwark/ from the Rust types
+	$(CARGO) run --quiet -p bulwark-control-plane --bin bulwark-crds -- .
+
+e2e-k8s: ## run the Kubernetes scenarios against the cluster in KUBECONFIG (not part of make test)
+	@hack/e2e-k8s.sh

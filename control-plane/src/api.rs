@@ -19,6 +19,8 @@ pub mod pod;
 pub mod ratelimit;
 pub mod resilience;
 pub mod service;
+pub mod shard;
+pub mod status;
 pub mod target;
 
 /// The API group and version of Bulwark's policy kinds.
@@ -155,12 +157,15 @@ pub fn decode(value: Value) -> Result<Decoded, DecodeError> {
         Kind::Pod => typed::<pod::Pod>(value)
             .and_then(TryInto::try_into)
             .map(Object::Pod),
-        Kind::ResiliencePolicy => typed::<resilience::ResiliencePolicy>(value)
+        Kind::ResiliencePolicy => typed::<resilience::ResiliencePolicyDocument>(value)
             .and_then(TryInto::try_into)
             .map(|policy| Object::ResiliencePolicy(Box::new(policy))),
-        Kind::RateLimitPolicy => typed::<ratelimit::RateLimitPolicy>(value)
+        Kind::RateLimitPolicy => typed::<ratelimit::RateLimitPolicyDocument>(value)
             .and_then(TryInto::try_into)
             .map(Object::RateLimitPolicy),
+        Kind::ShardTopology => typed::<shard::ShardTopologyDocument>(value)
+            .and_then(TryInto::try_into)
+            .map(|topology| Object::ShardTopology(Box::new(topology))),
     };
     object
         .map(Decoded::Object)
@@ -175,6 +180,7 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Option<Kind>, DecodeError> {
         ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
         (POLICY_API_VERSION, "ResiliencePolicy") => Some(Kind::ResiliencePolicy),
         (POLICY_API_VERSION, "RateLimitPolicy") => Some(Kind::RateLimitPolicy),
+        (POLICY_API_VERSION, "ShardTopology") => Some(Kind::ShardTopology),
         _ => None,
     };
     // Our own group is never "someone else's manifest": a typo there must be reported.
@@ -185,7 +191,7 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Option<Kind>, DecodeError> {
                 "",
                 format!(
                     "unsupported kind {kind} in {api_version}: this control plane understands \
-                     ResiliencePolicy and RateLimitPolicy in {POLICY_API_VERSION}"
+                     ResiliencePolicy, RateLimitPolicy and ShardTopology in {POLICY_API_VERSION}"
                 ),
             ),
         });

@@ -171,6 +171,29 @@ impl Serialize for Duration {
     }
 }
 
+/// The CRD regex of a duration, the same one Gateway API uses (GEP-2257).
+pub const PATTERN: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
+
+/// In a CRD: a string matching [`PATTERN`].
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": PATTERN,
+            // Bounds the API server's CEL cost estimate for rules that parse it.
+            "maxLength": 32,
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct DurationVisitor;

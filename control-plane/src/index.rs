@@ -197,6 +197,16 @@ impl<'a> Topology<'a> {
     }
 }
 
+/// What attaching the policies of `model` finds (conflicts, missing targets), without
+/// building a state: the status writer judges each policy by it.
+pub fn diagnose(model: &Model) -> BTreeSet<Diagnostic> {
+    let mut diagnostics = BTreeSet::new();
+    let topology = Topology::new(model);
+    outbound::services(model, &topology, &mut diagnostics);
+    inbound::limits(model, &topology, &mut diagnostics);
+    diagnostics
+}
+
 /// The index: owns the current state and publishes every new one.
 #[derive(Debug)]
 pub struct Index {

@@ -25,12 +25,15 @@ use tracing::{info, warn};
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod crds;
 pub mod duration;
 pub mod grpc;
 pub mod index;
+pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod status;
 pub mod timestamp;
 pub mod view;
 pub mod wire;
@@ -140,8 +143,6 @@ impl ControlPlane {
         if settings.debounce.is_zero() {
             return Err(Error::Settings("debounce must be more than zero"));
         }
-        let Source::Dir(dir) = &settings.source;
-
         let bind = |what, addr| async move {
             let listener = TcpListener::bind(addr)
                 .await
@@ -156,33 +157,16 @@ impl ControlPlane {
         let (admin_listener, admin_addr) = bind("admin HTTP", settings.admin_addr).await?;
 
         let metrics = Arc::new(Metrics::new());
-        let source = DirSource::open(dir)?;
-        // Watch before the first load, so that no change after it is missed.
-        let watcher = DirWatcher::start(source.dir(), settings.debounce)?;
-        let (source, loaded) = tokio::task::spawn_blocking(move || {
-            let mut source = source;
-            let loaded = source.load();
-            (source, loaded)
-        })
-        .await
-        .map_err(Error::Task)?;
-        let loaded = loaded?;
-        info!(
-            source = %settings.source,
-            objects = ?model::Kind::ALL.map(|k| (k.as_str(), loaded.model.count(k))),
-            rejected = loaded.rejected.len(),
-            "source loaded"
-        );
-
         let publisher = Publisher::new(Arc::clone(&metrics));
-        publisher.publish(loaded.model, loaded.rejected);
+        let (shutdown, stop) = watch::channel(false);
+        let mut tasks =
+            start_source(&settings, publisher.clone(), Arc::clone(&metrics), &stop).await?;
         let mut models = publisher.models();
         let model = Arc::clone(&models.borrow_and_update());
         let index = Index::new(unix_millis(), &model, Arc::clone(&metrics));
         let state = index.subscribe();
         let ready = Arc::new(AtomicBool::new(false));
 
-        let (shutdown, stop) = watch::channel(false);
         let (failed, failures) = mpsc::channel(4);
         let agents = Arc::new(AgentRegistry::new(Arc::clone(&metrics)));
         let admin_state = Arc::new(AdminState {
@@ -192,14 +176,13 @@ impl ControlPlane {
             ready: Arc::clone(&ready),
         });
 
-        let mut tasks = vec![
-            ("source", watcher.spawn(source, publisher, stop.clone())),
+        tasks.extend([
             ("index", index.spawn(models, stop.clone())),
             (
                 "admin",
                 tokio::spawn(admin::serve(admin_listener, admin_state, stop.clone())),
             ),
-        ];
+        ]);
 
         let discovery = DiscoveryService::new(state, agents, metrics, stop.clone());
         let incoming = TcpIncoming::from(grpc_listener)
@@ -267,6 +250,82 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.shutdown.send_replace(true);
+    }
+}
+
+/// How often start-up reports that it still waits for the cluster.
+const SYNC_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Loads the source once (the folder, or a first complete list of the cluster) and
+/// starts the tasks that follow it. Kubernetes also gets the status writer and its Lease.
+async fn start_source(
+    settings: &Settings,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<(&'static str, JoinHandle<()>)>, Error> {
+    match &settings.source {
+        Source::Dir(dir) => {
+            let source = DirSource::open(dir)?;
+            // Watch before the first load, so that no change after it is missed.
+            let watcher = DirWatcher::start(source.dir(), settings.debounce)?;
+            let (source, loaded) = tokio::task::spawn_blocking(move || {
+                let mut source = source;
+                let loaded = source.load();
+                (source, loaded)
+            })
+            .await
+            .map_err(Error::Task)?;
+            let loaded = loaded?;
+            info!(
+                source = %settings.source,
+                objects = ?model::Kind::ALL.map(|k| (k.as_str(), loaded.model.count(k))),
+                rejected = loaded.rejected.len(),
+                "source loaded"
+            );
+            publisher.publish(loaded.model, loaded.rejected);
+            Ok(vec![(
+                "source",
+                watcher.spawn(source, publisher, stop.clone()),
+            )])
+        }
+        Source::Kubernetes(kube_settings) => {
+            let client = source::kubernetes::client(kube_settings)
+                .await
+                .map_err(source::Error::from)?;
+            let source =
+                source::kubernetes::spawn(&client, publisher.clone(), settings.debounce, stop);
+            let mut synced = source.synced.clone();
+            // Serving before the first complete list would hand agents an empty mesh.
+            loop {
+                tokio::select! {
+                    result = synced.wait_for(|s| *s) => {
+                        if result.is_err() {
+                            return Err(Error::Settings("the Kubernetes source stopped before its first list"));
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(SYNC_REPORT_INTERVAL) => {
+                        warn!("still waiting for a first complete list of every watched kind from the API server");
+                    }
+                }
+            }
+            let model = Arc::clone(&publisher.models().borrow());
+            info!(
+                source = %settings.source,
+                objects = ?model::Kind::ALL.map(|k| (k.as_str(), model.count(k))),
+                "cluster listed"
+            );
+            let mut tasks = source.tasks;
+            let (lease, leader) =
+                lease::spawn(client.clone(), kube_settings.lease.clone(), stop.clone());
+            tasks.push(("lease", lease));
+            tasks.push((
+                "status",
+                status::spawn(client, source.observed, leader, metrics, stop.clone()),
+            ));
+            Ok(tasks)
+        }
     }
 }
 

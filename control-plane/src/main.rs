@@ -1,4 +1,5 @@
-//! `bulwark-control-plane`: serves agents their configuration from a folder of YAML.
+//! `bulwark-control-plane`: serves agents their configuration from a cluster or a folder
+//! of YAML.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,10 +14,20 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "bulwark-control-plane", version, about)]
 struct Args {
-    /// Where configuration comes from: `dir:PATH`, a folder of Kubernetes-shaped YAML
-    /// (re-read on change).
+    /// Where configuration comes from: `kubernetes` (in-cluster config, or KUBECONFIG),
+    /// `kubernetes:KUBECONFIG`, or `dir:PATH`, a folder of Kubernetes-shaped YAML
+    /// (re-read on change). Default: `kubernetes` inside a pod.
     #[arg(long, env = "BULWARK_CP_SOURCE")]
-    source: Source,
+    source: Option<Source>,
+
+    /// Namespace of the Lease that elects the replica writing policy status (Kubernetes
+    /// source); default: the pod's namespace (POD_NAMESPACE), else `default`.
+    #[arg(long, env = "BULWARK_CP_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+
+    /// This replica's identity in the Lease; default: POD_NAME, else the host name.
+    #[arg(long, env = "BULWARK_CP_IDENTITY")]
+    identity: Option<String>,
 
     /// gRPC listen address for agents.
     #[arg(long, env = "BULWARK_CP_GRPC_ADDR", default_value = "0.0.0.0:9990")]
@@ -80,8 +91,35 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
+    let source = match args.source {
+        Some(source) => source,
+        // The Kubernetes service environment is set in every pod.
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => Source::kubernetes(
+            None,
+            bulwark_control_plane::api::DEFAULT_NAMESPACE,
+            "bulwark",
+        ),
+        None => anyhow::bail!(
+            "--source is required outside a pod: kubernetes, kubernetes:KUBECONFIG or dir:PATH"
+        ),
+    };
+    let source = match source {
+        Source::Kubernetes(mut k) => {
+            let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+            if let Some(ns) = args.lease_namespace.or_else(|| env("POD_NAMESPACE")) {
+                k.lease.namespace = ns;
+            }
+            k.lease.identity = args
+                .identity
+                .or_else(|| env("POD_NAME"))
+                .or_else(|| env("HOSTNAME"))
+                .unwrap_or_else(|| format!("bulwark-control-plane-{}", std::process::id()));
+            Source::Kubernetes(k)
+        }
+        other => other,
+    };
     let settings = Settings {
-        source: args.source,
+        source,
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         debounce: args.debounce,

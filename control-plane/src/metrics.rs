@@ -33,6 +33,12 @@ pub struct Metrics {
     pub rejected_objects: Gauge,
     /// `bulwark_cp_revision`: the index's revision.
     pub revision: Gauge,
+    /// `bulwark_cp_status_leader`: 1 while this replica holds the status Lease.
+    pub status_leader: Gauge,
+    /// `bulwark_cp_status_writes_total`: policy status patches that succeeded.
+    pub status_writes: Counter,
+    /// `bulwark_cp_status_write_errors_total`: policy status patches that failed.
+    pub status_write_errors: Counter,
 }
 
 impl Metrics {
@@ -46,6 +52,9 @@ impl Metrics {
         let objects = Family::<KindLabels, Gauge>::default();
         let rejected_objects = Gauge::default();
         let revision = Gauge::default();
+        let status_leader = Gauge::default();
+        let status_writes = Counter::default();
+        let status_write_errors = Counter::default();
         registry.register(
             "bulwark_cp_agents_connected",
             "Agents with an open discovery stream",
@@ -81,6 +90,21 @@ impl Metrics {
             "Revision of the index (unix milliseconds at start, +1 per change)",
             revision.clone(),
         );
+        registry.register(
+            "bulwark_cp_status_leader",
+            "1 while this replica holds the status Lease and writes policy status (Kubernetes source)",
+            status_leader.clone(),
+        );
+        registry.register(
+            "bulwark_cp_status_writes",
+            "Policy status patches that succeeded",
+            status_writes.clone(),
+        );
+        registry.register(
+            "bulwark_cp_status_write_errors",
+            "Policy status patches that failed (retried later)",
+            status_write_errors.clone(),
+        );
         for kind in Kind::ALL {
             objects
                 .get_or_create(&KindLabels {
@@ -97,6 +121,9 @@ impl Metrics {
             objects,
             rejected_objects,
             revision,
+            status_leader,
+            status_writes,
+            status_write_errors,
         }
     }
 
@@ -151,6 +178,9 @@ mod tests {
             "bulwark_cp_objects{kind=\"ResiliencePolicy\"} 0",
             "bulwark_cp_rejected_objects 0",
             "bulwark_cp_revision 1700000000000",
+            "bulwark_cp_status_leader 0",
+            "bulwark_cp_status_writes_total 0",
+            "bulwark_cp_status_write_errors_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

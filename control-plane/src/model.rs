@@ -11,8 +11,10 @@ use serde::Serialize;
 use crate::timestamp::Timestamp;
 
 pub mod policy;
+pub mod shard;
 
 pub use policy::{RateLimitPolicy, ResiliencePolicy, TargetRef};
+pub use shard::ShardTopology;
 
 /// A namespaced object name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -53,16 +55,19 @@ pub enum Kind {
     ResiliencePolicy,
     /// `bulwark.io/v1alpha1/RateLimitPolicy`.
     RateLimitPolicy,
+    /// `bulwark.io/v1alpha1/ShardTopology` (validated; routing comes with issue 6).
+    ShardTopology,
 }
 
 impl Kind {
     /// Every kind, for metrics that report zero counts too.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::ResiliencePolicy,
         Kind::RateLimitPolicy,
+        Kind::ShardTopology,
     ];
 
     /// The Kubernetes kind name.
@@ -73,6 +78,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::ResiliencePolicy => "ResiliencePolicy",
             Kind::RateLimitPolicy => "RateLimitPolicy",
+            Kind::ShardTopology => "ShardTopology",
         }
     }
 }
@@ -111,6 +117,8 @@ pub enum Object {
     ResiliencePolicy(Box<ResiliencePolicy>),
     /// A RateLimitPolicy.
     RateLimitPolicy(RateLimitPolicy),
+    /// A ShardTopology (boxed: it is large).
+    ShardTopology(Box<ShardTopology>),
 }
 
 impl Object {
@@ -122,6 +130,7 @@ impl Object {
             Object::Pod(o) => (Kind::Pod, &o.name),
             Object::ResiliencePolicy(o) => (Kind::ResiliencePolicy, &o.name),
             Object::RateLimitPolicy(o) => (Kind::RateLimitPolicy, &o.name),
+            Object::ShardTopology(o) => (Kind::ShardTopology, &o.name),
         };
         ObjectKey {
             kind,
@@ -143,6 +152,8 @@ pub struct Model {
     pub resilience_policies: BTreeMap<ObjectName, ResiliencePolicy>,
     /// RateLimitPolicies by name.
     pub rate_limit_policies: BTreeMap<ObjectName, RateLimitPolicy>,
+    /// ShardTopologies by name.
+    pub shard_topologies: BTreeMap<ObjectName, ShardTopology>,
 }
 
 impl Model {
@@ -164,6 +175,9 @@ impl Model {
             Object::RateLimitPolicy(o) => {
                 self.rate_limit_policies.insert(o.name.clone(), o);
             }
+            Object::ShardTopology(o) => {
+                self.shard_topologies.insert(o.name.clone(), *o);
+            }
         }
     }
 
@@ -175,6 +189,7 @@ impl Model {
             Kind::Pod => self.pods.len(),
             Kind::ResiliencePolicy => self.resilience_policies.len(),
             Kind::RateLimitPolicy => self.rate_limit_policies.len(),
+            Kind::ShardTopology => self.shard_topologies.len(),
         }
     }
 }
@@ -281,6 +296,8 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// `status.podIP` and `status.podIPs`.
     pub ips: Vec<IpAddr>,
+    /// `spec.serviceAccountName` (`default` when absent): the agent's identity.
+    pub service_account: String,
 }
 
 /// When an object was created, for ordering conflicting policies (oldest wins).

@@ -1,7 +1,7 @@
 //! Sources of configuration. A source turns the outside world into a complete
 //! [`Model`] after every change, and keeps a list of the documents it rejected.
-//! Only the local folder source exists today; the Kubernetes source comes later and
-//! feeds the same index through the same [`Publisher`].
+//! The local folder source and the Kubernetes source feed the same index through the
+//! same [`Publisher`].
 
 use std::fmt;
 use std::path::PathBuf;
@@ -17,12 +17,26 @@ use crate::timestamp::Timestamp;
 
 pub mod dir;
 pub mod documents;
+pub mod kubernetes;
 
 /// Where the control plane reads its configuration from (`--source`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     /// `dir:PATH`: a folder of Kubernetes-shaped YAML files, re-read on change.
     Dir(PathBuf),
+    /// `kubernetes` or `kubernetes:KUBECONFIG`: watch a cluster.
+    Kubernetes(kubernetes::KubernetesSettings),
+}
+
+impl Source {
+    /// The Kubernetes source with the default Lease (`bulwark-control-plane` in
+    /// `namespace`, held as `identity`).
+    pub fn kubernetes(kubeconfig: Option<PathBuf>, namespace: &str, identity: &str) -> Self {
+        Source::Kubernetes(kubernetes::KubernetesSettings {
+            kubeconfig,
+            lease: crate::lease::LeaseSettings::new(namespace, identity),
+        })
+    }
 }
 
 /// A `--source` value that cannot be used.
@@ -47,12 +61,28 @@ impl FromStr for Source {
             }
             return Ok(Source::Dir(PathBuf::from(path)));
         }
-        if value == "kubernetes" || value.starts_with("kubernetes:") {
-            return Err(error(
-                "the kubernetes source is not available in this version; use dir:PATH",
+        if value == "kubernetes" {
+            return Ok(Source::kubernetes(
+                None,
+                crate::api::DEFAULT_NAMESPACE,
+                "bulwark",
             ));
         }
-        Err(error("expected dir:PATH (a folder of YAML manifests)"))
+        if let Some(path) = value.strip_prefix("kubernetes:") {
+            if path.is_empty() {
+                return Err(error(
+                    "kubernetes: needs a kubeconfig file, or say just kubernetes",
+                ));
+            }
+            return Ok(Source::kubernetes(
+                Some(PathBuf::from(path)),
+                crate::api::DEFAULT_NAMESPACE,
+                "bulwark",
+            ));
+        }
+        Err(error(
+            "expected dir:PATH (a folder of YAML manifests), kubernetes, or kubernetes:KUBECONFIG",
+        ))
     }
 }
 
@@ -60,6 +90,10 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Dir(path) => write!(f, "dir:{}", path.display()),
+            Source::Kubernetes(k) => match &k.kubeconfig {
+                None => f.write_str("kubernetes"),
+                Some(path) => write!(f, "kubernetes:{}", path.display()),
+            },
         }
     }
 }
@@ -84,6 +118,9 @@ pub enum Error {
         /// The path.
         path: PathBuf,
     },
+    /// The Kubernetes client cannot be set up.
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubeError),
     /// The file watcher could not be set up.
     #[error(
         "cannot watch the source folder {path} for changes: {source}; check the inotify limits \
@@ -214,8 +251,14 @@ mod tests {
             "dir:/etc/bulwark".parse::<Source>().unwrap().to_string(),
             "dir:/etc/bulwark"
         );
-        let err = "kubernetes".parse::<Source>().unwrap_err().to_string();
-        assert!(err.contains("not available in this version"), "{err}");
+        assert!(matches!(
+            "kubernetes".parse::<Source>().unwrap(),
+            Source::Kubernetes(k) if k.kubeconfig.is_none()
+        ));
+        assert_eq!(
+            "kubernetes:/tmp/kc".parse::<Source>().unwrap().to_string(),
+            "kubernetes:/tmp/kc"
+        );
         let err = "examples".parse::<Source>().unwrap_err().to_string();
         assert!(err.contains("expected dir:PATH"), "{err}");
         assert!("dir:".parse::<Source>().is_err());
@@ -233,6 +276,7 @@ mod tests {
             name: crate::model::ObjectName::new("a", "b"),
             labels: Default::default(),
             ips: Vec::new(),
+            service_account: "default".into(),
         }));
         publisher.publish(model, Vec::new());
         assert!(models.has_changed().unwrap());

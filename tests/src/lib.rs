@@ -13,6 +13,7 @@
 //!     .is_ok_and(|m| m.get("bulwark_retries_total", &[("dst", "reviews.test:80")]) > 0.0));
 //! ```
 
+pub mod apiserver;
 pub mod client;
 pub mod eventually;
 pub mod grpc;

@@ -27,6 +27,33 @@ const NAMES: [&str; 17] = [
     "unauthenticated",
 ];
 
+/// In a CRD: a name or a number (`x-kubernetes-int-or-string`).
+impl schemars::JsonSchema for GrpcCode {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "GrpcCode".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "x-kubernetes-int-or-string": true,
+        })
+    }
+}
+
+/// Serialized as its kebab-case name.
+impl serde::Serialize for GrpcCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match NAMES.get(self.0 as usize) {
+            Some(name) => serializer.serialize_str(name),
+            None => serializer.serialize_u32(self.0),
+        }
+    }
+}
+
 /// A gRPC status code, 0..=16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GrpcCode(u32);

@@ -8,14 +8,24 @@ use super::meta::ObjectMeta;
 use super::{FieldError, item};
 use crate::model;
 
-/// A `Pod` object (its `spec` is ignored).
+/// A `Pod` object (of its `spec`, only the service account is read).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Pod {
     /// `metadata`.
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// `spec`.
+    pub spec: Option<PodSpec>,
     /// `status`.
     pub status: Option<PodStatus>,
+}
+
+/// `spec` of a Pod.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    /// `spec.serviceAccountName`; `default` when absent.
+    pub service_account_name: Option<String>,
 }
 
 /// `status` of a Pod.
@@ -65,6 +75,11 @@ impl TryFrom<Pod> for model::Pod {
             name,
             labels: pod.metadata.labels.unwrap_or_default(),
             ips,
+            service_account: pod
+                .spec
+                .and_then(|s| s.service_account_name)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
         })
     }
 }
@@ -85,6 +100,15 @@ mod tests {
         assert_eq!(pod.name.to_string(), "default/web-0");
         assert_eq!(pod.labels["app"], "web");
         assert_eq!(pod.ips.len(), 2);
+        assert_eq!(pod.service_account, "default");
+
+        let pod: Pod = serde_yaml_ng::from_str(
+            "metadata: {name: web-1}
+spec: {serviceAccountName: web}
+",
+        )
+        .unwrap();
+        assert_eq!(model::Pod::try_from(pod).unwrap().service_account, "web");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use std::str::FromStr;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::meta::ObjectMeta;
 use super::resilience::positive;
@@ -14,9 +15,10 @@ use crate::model::policy as model;
 /// Longest limit name (it becomes a metric label).
 pub const MAX_LIMIT_NAME_LEN: usize = 63;
 
-/// A `RateLimitPolicy` object.
+/// A `RateLimitPolicy` document as the folder source reads it: metadata and an
+/// optional spec, so that a missing spec is reported as `spec: required`.
 #[derive(Clone, Debug, Deserialize)]
-pub struct RateLimitPolicy {
+pub struct RateLimitPolicyDocument {
     /// `metadata`.
     #[serde(default)]
     pub metadata: ObjectMeta,
@@ -24,43 +26,93 @@ pub struct RateLimitPolicy {
     pub spec: Option<RateLimitPolicySpec>,
 }
 
-/// `spec` of a RateLimitPolicy.
-#[derive(Clone, Debug, Deserialize)]
+/// What a service's pods accept: token buckets enforced by the agents of the target
+/// Service's pods on inbound requests. A request must pass every limit; one that does
+/// not is answered 429 rate-limited with Retry-After.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, kube::CustomResource)]
+#[kube(
+    group = "bulwark.io",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    plural = "ratelimitpolicies",
+    namespaced,
+    doc = "A RateLimitPolicy: token-bucket rate limits that the pods of the target Services enforce on inbound requests.",
+    status = "super::status::PolicyStatus",
+    shortname = "rlp",
+    category = "bulwark",
+    printcolumn = r#"{"name":"Targets","type":"string","jsonPath":".spec.targetRefs[*].name","description":"the Services the policy attaches to"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type=='Accepted')].status","description":"whether the control plane applies the policy"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type=='Accepted')].reason","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitPolicySpec {
-    /// The Services (or ports) whose pods enforce the limits.
+    /// The Services (or single ports of them, with `sectionName`) whose pods enforce
+    /// the limits, in the policy's namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
     pub target_refs: Option<Vec<target::TargetRef>>,
-    /// The limits; a request must pass every one.
+    /// The limits; a request must pass every one. At least one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 16),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.all(a, !has(a.name) || self.exists_one(b, has(b.name) && b.name == a.name))",
+            "message": "limit names must be unique within a policy",
+        }])
+    )]
     pub limits: Option<Vec<LimitSpec>>,
 }
 
-/// One entry of `spec.limits`.
-#[derive(Clone, Debug, Deserialize)]
+/// One entry of `spec.limits`: a token bucket.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.name)", "message": "name is required"},
+    {"rule": "has(self.rate)", "message": "rate is required"},
+]))]
 pub struct LimitSpec {
-    /// Unique within the policy.
+    /// The limit's name, unique within the policy; a metric label. Required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub name: Option<String>,
-    /// What gets its own bucket; one shared bucket when absent.
+    /// What gets its own bucket. Default: one bucket shared by all requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<KeySpec>,
-    /// Refill rate, required.
+    /// How fast tokens come back. Required.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<RateSpec>,
-    /// Bucket size; `rate.requests` when absent.
+    /// Bucket size in requests: how many are allowed at once after a quiet period (at
+    /// least 1). Default rate.requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub burst: Option<u32>,
 }
 
-/// `spec.limits[].key`.
-#[derive(Clone, Debug, Deserialize)]
+/// `spec.limits[].key`: which requests share a bucket.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.type) && self.type == 'Header' ? has(self.header) : !has(self.header)",
+    "message": "header is required when type is Header, and only allowed then",
+}]))]
 pub struct KeySpec {
-    /// `None`, `ClientAddress` or `Header`; `None` when absent.
+    /// None (one bucket for all), ClientAddress (one per client IP) or Header (one per
+    /// value of `header`). Default None.
     #[serde(rename = "type")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = "None"))]
     pub kind: Option<KeyType>,
-    /// The header, for `type: Header`.
+    /// The request header (lower case) whose value picks the bucket, for type Header,
+    /// e.g. x-tenant-id; requests without it share one bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[!#$%&'*+.^_`|~0-9a-z-]+$"), length(max = 256))]
     pub header: Option<String>,
 }
 
-/// `spec.limits[].key.type`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// `spec.limits[].key.type`: None (one bucket for all, the default), ClientAddress
+/// (one per client IP) or Header (one per value of `header`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum KeyType {
     /// One bucket for everyone.
     None,
@@ -70,22 +122,41 @@ pub enum KeyType {
     Header,
 }
 
-/// `spec.limits[].rate`.
-#[derive(Clone, Debug, Deserialize)]
+/// `spec.limits[].rate`: `requests` tokens added per `per`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.requests)", "message": "requests is required"},
+    {"rule": "has(self.per)", "message": "per is required"},
+]))]
 pub struct RateSpec {
-    /// Tokens added per `per`, at least 1.
+    /// Tokens (requests) added per period, at least 1. Required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub requests: Option<u32>,
-    /// The period, more than zero.
+    /// The period (a duration such as 1s or 1m, more than 0). Required.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub per: Option<Duration>,
 }
 
-impl TryFrom<RateLimitPolicy> for model::RateLimitPolicy {
+impl TryFrom<RateLimitPolicyDocument> for model::RateLimitPolicy {
     type Error = FieldError;
 
-    fn try_from(policy: RateLimitPolicy) -> Result<Self, FieldError> {
+    fn try_from(policy: RateLimitPolicyDocument) -> Result<Self, FieldError> {
         let name = policy.metadata.object_name()?;
         let spec = policy.spec.ok_or_else(|| FieldError::required("spec"))?;
+        spec.validate(name, policy.metadata.creation_timestamp)
+    }
+}
+
+impl RateLimitPolicySpec {
+    /// Checks the spec (every rule, CEL ones included) and applies the defaults.
+    pub fn validate(
+        self,
+        name: crate::model::ObjectName,
+        created: Option<crate::timestamp::Timestamp>,
+    ) -> Result<model::RateLimitPolicy, FieldError> {
+        let spec = self;
         let targets = target::validate(spec.target_refs, "spec.targetRefs")?;
         let limits = spec.limits.unwrap_or_default();
         if limits.is_empty() {
@@ -111,7 +182,7 @@ impl TryFrom<RateLimitPolicy> for model::RateLimitPolicy {
         }
         Ok(model::RateLimitPolicy {
             name,
-            created: policy.metadata.creation_timestamp,
+            created,
             targets,
             limits: validated,
         })
@@ -205,7 +276,7 @@ mod tests {
              spec:\n  targetRefs: [{{kind: Service, name: frontend}}]\n{spec}"
         );
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
-        let typed: RateLimitPolicy = serde_path_to_error::deserialize(value)
+        let typed: RateLimitPolicyDocument = serde_path_to_error::deserialize(value)
             .map_err(|e| FieldError::new(e.path().to_string(), e.into_inner().to_string()))?;
         typed.try_into()
     }

@@ -3,7 +3,8 @@
 
 use std::time::Duration as StdDuration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::grpc_code::GrpcCode;
 use super::meta::ObjectMeta;
@@ -56,9 +57,10 @@ pub const DEFAULT_QUEUE_TIMEOUT: StdDuration = StdDuration::from_millis(250);
 /// Default `bulkhead.maxConnections` (0: unlimited).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 0;
 
-/// A `ResiliencePolicy` object.
+/// A `ResiliencePolicy` document as the folder source reads it: metadata and an
+/// optional spec, so that a missing spec is reported as `spec: required`.
 #[derive(Clone, Debug, Deserialize)]
-pub struct ResiliencePolicy {
+pub struct ResiliencePolicyDocument {
     /// `metadata`.
     #[serde(default)]
     pub metadata: ObjectMeta,
@@ -66,60 +68,110 @@ pub struct ResiliencePolicy {
     pub spec: Option<ResiliencePolicySpec>,
 }
 
-/// `spec` of a ResiliencePolicy.
-#[derive(Clone, Debug, Deserialize)]
+/// How callers treat a service: timeouts, retries, a circuit breaker per endpoint, a
+/// bulkhead and the load balancer. An absent section turns its mechanism off.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, kube::CustomResource)]
+#[kube(
+    group = "bulwark.io",
+    version = "v1alpha1",
+    kind = "ResiliencePolicy",
+    plural = "resiliencepolicies",
+    namespaced,
+    doc = "A ResiliencePolicy: how callers treat the target Services (timeouts, retries, circuit breakers, bulkheads, load balancing).",
+    status = "super::status::PolicyStatus",
+    shortname = "rp",
+    category = "bulwark",
+    printcolumn = r#"{"name":"Targets","type":"string","jsonPath":".spec.targetRefs[*].name","description":"the Services the policy attaches to"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type=='Accepted')].status","description":"whether the control plane applies the policy"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type=='Accepted')].reason","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResiliencePolicySpec {
-    /// The Services (or ports) the policy applies to.
+    /// The Services (or single ports of them, with `sectionName`) the policy applies to,
+    /// in the policy's namespace. A port-level policy wins over a whole-service one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
     pub target_refs: Option<Vec<target::TargetRef>>,
     /// Request and connect timeouts.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<TimeoutSpec>,
-    /// Retries.
+    /// Retries of failed tries; absent: never retry.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
-    /// Per-endpoint circuit breaker.
+    /// A circuit breaker per endpoint; absent: no breaker.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerSpec>,
-    /// Per-destination concurrency limit.
+    /// A concurrency limit per destination service port; absent: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bulkhead: Option<BulkheadSpec>,
-    /// Endpoint selection.
+    /// How an endpoint is picked for each try.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
 }
 
 /// `spec.timeout`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TimeoutSpec {
-    /// The whole request, every try and backoff included. Absent: no limit.
+    /// Budget for the whole request, every try and backoff included, until the response
+    /// headers (a duration such as 2s or 1m30s; more than 0). The agent answers 504
+    /// `timeout` when it runs out. Absent: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub request: Option<Duration>,
-    /// TCP connect to one endpoint. Absent: 1s.
+    /// TCP connect timeout to one endpoint (a duration, more than 0). Default 1s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = "1s"))]
     pub connect: Option<Duration>,
 }
 
 /// `spec.retry`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetrySpec {
-    /// Tries in all, the first included.
+    /// Tries in all, the first included (1: never retry). Default 3.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10), extend("default" = 3))]
     pub attempts: Option<u32>,
-    /// Limit for each try.
+    /// Time limit of each try (a duration, more than 0); a try that runs out counts as
+    /// a failure of its endpoint. Absent: only the request timeout applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_try_timeout: Option<Duration>,
-    /// Backoff between tries.
+    /// The wait before each retry (full jitter, exponential).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff: Option<BackoffSpec>,
-    /// Conditions that are retried.
+    /// Failures that are retried: connect-failure (no connection), reset (connection
+    /// closed before a response), gateway-error (502, 503, 504, connect failures and
+    /// per-try timeouts), 5xx (any 5xx, resets, connect failures, per-try timeouts).
+    /// Default [connect-failure, reset, gateway-error].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub retry_on: Option<Vec<RetryOnSpec>>,
-    /// HTTP statuses that are retried too.
+    /// More HTTP statuses (100..599) to retry. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(range(min = 100, max = 599)))]
     pub status_codes: Option<Vec<u32>>,
-    /// gRPC statuses that are retried.
+    /// gRPC statuses to retry, by name (unavailable, resource-exhausted, ...; kebab or
+    /// snake case) or number 1..16, read from grpc-status. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
     pub grpc_codes: Option<Vec<GrpcCode>>,
-    /// Retry POST, PATCH and other non-idempotent methods too.
+    /// Also retry POST, PATCH and other non-idempotent methods. Default false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = false))]
     pub non_idempotent: Option<bool>,
-    /// Limits retries relative to live traffic.
+    /// Caps retries relative to live traffic, so retries cannot multiply an outage.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetSpec>,
-    /// Request bodies up to this size are buffered for replay.
+    /// Request bodies up to this many bytes are buffered for replay; larger ones are
+    /// sent once and never retried. Default 65536.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("default" = 65536))]
     pub max_body_bytes: Option<u32>,
 }
 
-/// A `retryOn` condition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// A `retryOn` condition: connect-failure, reset, gateway-error or 5xx.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum RetryOnSpec {
     /// The connection to the endpoint failed.
     #[serde(rename = "connect-failure")]
@@ -146,80 +198,146 @@ impl From<RetryOnSpec> for RetryOn {
     }
 }
 
-/// `spec.retry.backoff`.
-#[derive(Clone, Debug, Deserialize)]
+/// `spec.retry.backoff`: the wait before retry n is uniform in [0, min(max, base*2^n)].
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.base) || !has(self.max) || duration(self.base) <= duration(self.max)",
+    "message": "base must not exceed max",
+}]))]
 pub struct BackoffSpec {
-    /// The first wait's upper bound.
+    /// The first wait's upper bound (a duration, more than 0). Default 25ms, or max if
+    /// that is smaller. (No schema default: it must not contradict an explicit max.)
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base: Option<Duration>,
-    /// The cap on any wait.
+    /// The cap on any wait (a duration, at least base). Default 250ms, or base if larger.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max: Option<Duration>,
 }
 
-/// `spec.retry.budget`.
-#[derive(Clone, Debug, Deserialize)]
+/// `spec.retry.budget`: retries may be at most `ratio` of the requests in the window,
+/// plus `minPerSecond`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BudgetSpec {
-    /// Retries per request over the window.
+    /// Retries allowed per request over the window, 0..1000. Default 0.2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000), extend("default" = 0.2))]
     pub ratio: Option<f64>,
-    /// Retries always allowed per second.
+    /// Retries per second always allowed, so low traffic can still retry. Default 10.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = 10))]
     pub min_per_second: Option<u32>,
-    /// The window the ratio is measured over.
+    /// The sliding window of the budget (a duration, more than 0). Default 10s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = "10s"))]
     pub window: Option<Duration>,
 }
 
-/// `spec.circuitBreaker`.
-#[derive(Clone, Debug, Deserialize)]
+/// `spec.circuitBreaker`: one breaker per endpoint. Failures are connect failures,
+/// resets, timeouts and 5xx responses.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.openDuration) || !has(self.maxOpenDuration) || duration(self.openDuration) <= duration(self.maxOpenDuration)",
+        "message": "openDuration must not exceed maxOpenDuration",
+    },
+    {
+        "rule": "!has(self.consecutiveFailures) || self.consecutiveFailures > 0 || has(self.failureRatio)",
+        "message": "consecutiveFailures 0 disables the consecutive trigger; it needs a failureRatio",
+    },
+]))]
 pub struct CircuitBreakerSpec {
-    /// Trip after this many consecutive failures.
+    /// Open after this many failures in a row (0: off, only with a failureRatio).
+    /// Default 5.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = 5))]
     pub consecutive_failures: Option<u32>,
-    /// Trip on a failure ratio.
+    /// Open on a failure ratio over a sliding window.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_ratio: Option<FailureRatioSpec>,
-    /// First open period.
+    /// How long an open breaker refuses (a duration, more than 0); doubles each time a
+    /// probe fails and resets when the breaker closes. Default 5s, or maxOpenDuration if
+    /// that is smaller.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub open_duration: Option<Duration>,
-    /// Cap of the doubling open period.
+    /// Cap of the doubling open period (a duration, at least openDuration). Default 60s.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_open_duration: Option<Duration>,
-    /// Probes let through after the open period.
+    /// Requests let through when the open period ends; all succeeding closes the
+    /// breaker, one failing reopens it. Default 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("default" = 1))]
     pub half_open_probes: Option<u32>,
 }
 
-/// `spec.circuitBreaker.failureRatio`.
-#[derive(Clone, Debug, Deserialize)]
+/// `spec.circuitBreaker.failureRatio`: open when `threshold` of the requests in the
+/// window failed and at least `minRequests` were seen.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.threshold)",
+        "message": "threshold is required",
+    },
+    {
+        "rule": "!has(self.threshold) || (self.threshold > 0.0 && self.threshold <= 1.0)",
+        "message": "threshold must be more than 0 and at most 1",
+    },
+]))]
 pub struct FailureRatioSpec {
-    /// Trip at this failure ratio, in (0, 1]. Required.
+    /// The failed share of requests that opens the breaker, in (0, 1]. Required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1))]
     pub threshold: Option<f64>,
-    /// Requests needed in the window.
+    /// Requests needed in the window before the ratio counts (at least 1). Default 20.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("default" = 20))]
     pub min_requests: Option<u32>,
-    /// The measuring window.
+    /// The sliding window (a duration, more than 0). Default 10s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = "10s"))]
     pub window: Option<Duration>,
 }
 
-/// `spec.bulkhead`.
-#[derive(Clone, Debug, Deserialize)]
+/// `spec.bulkhead`: a concurrency limit per destination service port.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BulkheadSpec {
-    /// Requests in flight at once (0: unlimited).
+    /// Requests in flight to the service port at once. Default 100.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = 100))]
     pub max_concurrent_requests: Option<u32>,
-    /// Requests waiting for a slot.
+    /// Requests waiting for a slot; more are answered 503 bulkhead-full at once.
+    /// Default 50.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = 50))]
     pub max_pending: Option<u32>,
-    /// How long a request may wait for a slot.
+    /// Longest wait for a slot (a duration; 0s: never wait). Default 250ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = "250ms"))]
     pub queue_timeout: Option<Duration>,
-    /// Upstream connections at once (0: unlimited).
+    /// Upstream TCP connections to the service at once (0: unlimited). Default 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = 0))]
     pub max_connections: Option<u32>,
 }
 
 /// `spec.loadBalancer`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancerSpec {
-    /// The strategy; `LeastRequest` when absent.
+    /// RoundRobin, or LeastRequest (power of two choices on requests in flight).
+    /// Default LeastRequest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = "LeastRequest"))]
     pub strategy: Option<StrategySpec>,
 }
 
-/// `spec.loadBalancer.strategy`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// `spec.loadBalancer.strategy`: LeastRequest (power of two choices on requests in
+/// flight, the default) or RoundRobin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum StrategySpec {
     /// Power of two choices on in-flight requests.
     LeastRequest,
@@ -227,15 +345,27 @@ pub enum StrategySpec {
     RoundRobin,
 }
 
-impl TryFrom<ResiliencePolicy> for model::ResiliencePolicy {
+impl TryFrom<ResiliencePolicyDocument> for model::ResiliencePolicy {
     type Error = FieldError;
 
-    fn try_from(policy: ResiliencePolicy) -> Result<Self, FieldError> {
+    fn try_from(policy: ResiliencePolicyDocument) -> Result<Self, FieldError> {
         let name = policy.metadata.object_name()?;
         let spec = policy.spec.ok_or_else(|| FieldError::required("spec"))?;
+        spec.validate(name, policy.metadata.creation_timestamp)
+    }
+}
+
+impl ResiliencePolicySpec {
+    /// Checks the spec (every rule, CEL ones included) and applies the defaults.
+    pub fn validate(
+        self,
+        name: crate::model::ObjectName,
+        created: Option<crate::timestamp::Timestamp>,
+    ) -> Result<model::ResiliencePolicy, FieldError> {
+        let spec = self;
         Ok(model::ResiliencePolicy {
             name,
-            created: policy.metadata.creation_timestamp,
+            created,
             targets: target::validate(spec.target_refs, "spec.targetRefs")?,
             timeout: spec
                 .timeout
@@ -542,7 +672,7 @@ mod tests {
     fn policy(spec: &str) -> Result<model::ResiliencePolicy, FieldError> {
         let yaml = format!("{HEAD}spec:\n  targetRefs: [{{kind: Service, name: reviews}}]\n{spec}");
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
-        let typed: ResiliencePolicy = serde_path_to_error::deserialize(value)
+        let typed: ResiliencePolicyDocument = serde_path_to_error::deserialize(value)
             .map_err(|e| FieldError::new(e.path().to_string(), e.into_inner().to_string()))?;
         typed.try_into()
     }
@@ -866,14 +996,14 @@ mod tests {
     #[test]
     fn spec_and_name_are_required() {
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(HEAD).unwrap();
-        let p: ResiliencePolicy = serde_yaml_ng::from_value(value).unwrap();
+        let p: ResiliencePolicyDocument = serde_yaml_ng::from_value(value).unwrap();
         assert_eq!(
             model::ResiliencePolicy::try_from(p)
                 .unwrap_err()
                 .to_string(),
             "spec: required"
         );
-        let p: ResiliencePolicy =
+        let p: ResiliencePolicyDocument =
             serde_yaml_ng::from_str("metadata: {namespace: demo}\nspec: {}\n").unwrap();
         assert_eq!(
             model::ResiliencePolicy::try_from(p)

@@ -1,21 +1,36 @@
 //! `targetRefs`: how a policy attaches to Services (Gateway API policy attachment).
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::{FieldError, field, item};
 use crate::model;
 
-/// One entry of `spec.targetRefs`: a Service in the policy's namespace.
-#[derive(Clone, Debug, Deserialize)]
+/// One entry of `spec.targetRefs`: a Service in the policy's namespace (Gateway API
+/// policy attachment, LocalPolicyTargetReferenceWithSectionName).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.kind)", "message": "kind is required (Service)"},
+    {"rule": "has(self.name)", "message": "name is required"},
+]))]
 pub struct TargetRef {
-    /// The API group: `""` (core) or absent.
+    /// The API group of the target: "" (the core group of Service). Default "".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^$"), extend("default" = ""))]
     pub group: Option<String>,
-    /// Must be `Service`.
+    /// The kind of the target: Service. Required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^Service$"))]
     pub kind: Option<String>,
-    /// The Service's name.
+    /// The Service's name, in the policy's namespace. Required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub name: Option<String>,
-    /// Narrows the policy to the service port of this name.
+    /// A port name of the Service: the policy applies to that port only. Default: every
+    /// port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub section_name: Option<String>,
 }
 
