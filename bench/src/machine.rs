@@ -36,7 +36,8 @@ pub fn load_average() -> String {
 pub fn describe(haproxy: Option<&std::path::Path>) -> String {
     let unknown = || "unknown".to_owned();
     let mut out = String::new();
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    // `nproc --all`: the runner itself is pinned, so its own view shows fewer CPUs.
+    let cpus = command("nproc", &["--all"]).unwrap_or_else(unknown);
     let _ = writeln!(
         out,
         "- machine: {} ({} CPUs visible), kernel {}",

@@ -99,6 +99,9 @@ struct RunArgs {
     /// CPUs for the upstream; empty: no pinning.
     #[arg(long, env = "BENCH_LOAD_CPUS", default_value = "0")]
     load_cpus: String,
+    /// What to run: `all`, `proxies` or `control-plane`.
+    #[arg(long, env = "BENCH_ONLY", default_value = "all")]
+    only: String,
     /// Where `bulwark-agent` and `bulwark-control-plane` are (default: beside this binary).
     #[arg(long, env = "BENCH_BIN_DIR")]
     bin_dir: Option<PathBuf>,
@@ -137,8 +140,14 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         proxy_cpus: cpus(&args.proxy_cpus),
         load_cpus: cpus(&args.load_cpus),
     };
+    let (proxies, control_plane) = match args.only.as_str() {
+        "all" => (true, true),
+        "proxies" => (true, false),
+        "control-plane" => (false, true),
+        other => anyhow::bail!("BENCH_ONLY={other}: expected all, proxies or control-plane"),
+    };
     let mut scale = Vec::new();
-    for &agents in args.agents.iter().filter(|a| **a > 0) {
+    for &agents in args.agents.iter().filter(|a| control_plane && **a > 0) {
         for &services in &args.cp_services {
             scale.push(Scenario {
                 agents,
@@ -160,6 +169,7 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         many_services: args.many_services,
         haproxy: args.haproxy != 0,
         scale,
+        proxies,
     };
     let load_before = machine::load_average();
     let results = run::run(&layout, &config).await?;

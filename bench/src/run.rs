@@ -39,6 +39,8 @@ pub struct Config {
     pub haproxy: bool,
     /// Control-plane scenarios (empty: skip).
     pub scale: Vec<Scenario>,
+    /// Run the proxy paths (false: only the control-plane scenarios).
+    pub proxies: bool,
 }
 
 /// One fixed-rate run and the proxy's CPU during it.
@@ -228,7 +230,7 @@ const BOTH: [Protocol; 2] = [Protocol::Http1, Protocol::Http2];
 /// Runs every path (and the control-plane scenarios) and returns what they measured.
 pub async fn run(layout: &Layout, config: &Config) -> anyhow::Result<Results> {
     let ticks = procstat::ticks_per_second();
-    let haproxy_binary = if config.haproxy {
+    let haproxy_binary = if config.haproxy && config.proxies {
         Some(sut::haproxy_binary().context(
             "haproxy is not installed: run hack/bench.sh (it installs it with apt-get), \
              or set BENCH_HAPROXY=0 to leave its row out",
@@ -236,8 +238,35 @@ pub async fn run(layout: &Layout, config: &Config) -> anyhow::Result<Results> {
     } else {
         None
     };
-    let mut upstream = Upstream::start(layout).await?;
     let mut paths = Vec::new();
+    if config.proxies {
+        run_proxies(layout, config, ticks, haproxy_binary, &mut paths).await?;
+    }
+    let mut scale = Vec::new();
+    for &scenario in &config.scale {
+        eprintln!(
+            "control plane: {} agents, {} services",
+            scenario.agents, scenario.services
+        );
+        let result = cpscale::run(layout, scenario, layout.proxy_cpus.as_deref()).await?;
+        eprintln!(
+            "  p99 {:?}, max {:?}",
+            Duration::from_nanos(result.propagation.value_at_quantile(0.99)),
+            Duration::from_nanos(result.propagation.max())
+        );
+        scale.push(result);
+    }
+    Ok(Results { paths, scale })
+}
+
+async fn run_proxies(
+    layout: &Layout,
+    config: &Config,
+    ticks: u64,
+    haproxy_binary: Option<std::path::PathBuf>,
+    paths: &mut Vec<PathResult>,
+) -> anyhow::Result<()> {
+    let mut upstream = Upstream::start(layout).await?;
 
     // Direct.
     eprintln!("direct");
@@ -392,20 +421,5 @@ pub async fn run(layout: &Layout, config: &Config) -> anyhow::Result<Results> {
         haproxy.proc.stop().await;
     }
     upstream.proc.stop().await;
-
-    let mut scale = Vec::new();
-    for &scenario in &config.scale {
-        eprintln!(
-            "control plane: {} agents, {} services",
-            scenario.agents, scenario.services
-        );
-        let result = cpscale::run(layout, scenario, layout.proxy_cpus.as_deref()).await?;
-        eprintln!(
-            "  p99 {:?}, max {:?}",
-            Duration::from_nanos(result.propagation.value_at_quantile(0.99)),
-            Duration::from_nanos(result.propagation.max())
-        );
-        scale.push(result);
-    }
-    Ok(Results { paths, scale })
+    Ok(())
 }

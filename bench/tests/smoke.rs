@@ -69,6 +69,7 @@ async fn every_path_starts_and_completes_requests() {
             services: 12,
             agents_per_connection: 7,
         }],
+        proxies: true,
     };
     let results = run::run(&layout, &config).await.unwrap();
 
