@@ -6,11 +6,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bulwark_proto::v1::agent_message::Kind;
-use bulwark_proto::v1::discovery_client::DiscoveryClient;
 use bulwark_proto::v1::{Ack, AgentMessage, Identity};
 use hdrhistogram::Histogram;
 use prost::Message as _;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Status, Streaming};
+
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
@@ -19,6 +22,10 @@ use crate::sut::{ControlPlane, Layout, MeshDir, NAMESPACE, Policies};
 
 /// How long the whole mesh may take to connect, or a change to reach everyone.
 const DEADLINE: Duration = Duration::from_secs(120);
+/// Agents waiting for their first snapshot at once: a rollout, not all pods of the
+/// cluster in the same millisecond (10,000 at once with 1,000 services each overran the
+/// control plane's 10 s hello timeout on a loaded 2-core machine).
+const CONNECTING: usize = 500;
 /// The control plane's debounce of file changes during the bench (part of every figure).
 pub const DEBOUNCE: &str = "20ms";
 
@@ -101,27 +108,99 @@ spec:
     yaml
 }
 
+/// What a simulated agent reads of a snapshot: its version and size. A real agent
+/// decodes the service list on its own CPU; 10,000 simulated agents decoding it in one
+/// process would measure the simulator rather than the control plane.
+#[derive(Clone, Copy, Debug)]
+struct SnapshotHead {
+    /// `Snapshot.version`.
+    version: u64,
+    /// The encoded size of the whole message.
+    bytes: u64,
+}
+
+/// `Snapshot` with only its version: prost skips the other fields unparsed.
+#[derive(Clone, PartialEq, prost::Message)]
+struct VersionOnly {
+    #[prost(uint64, tag = "1")]
+    version: u64,
+}
+
+/// Sends `AgentMessage`s, reads [`SnapshotHead`]s.
+#[derive(Clone, Copy, Debug, Default)]
+struct HeadCodec;
+
+impl Codec for HeadCodec {
+    type Encode = AgentMessage;
+    type Decode = SnapshotHead;
+    type Encoder = HeadCodec;
+    type Decoder = HeadCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        HeadCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        HeadCodec
+    }
+}
+
+impl Encoder for HeadCodec {
+    type Item = AgentMessage;
+    type Error = Status;
+
+    fn encode(&mut self, item: AgentMessage, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(buf)
+            .map_err(|error| Status::internal(error.to_string()))
+    }
+}
+
+impl Decoder for HeadCodec {
+    type Item = SnapshotHead;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<SnapshotHead>, Status> {
+        use bytes::Buf as _;
+        let bytes = buf.remaining() as u64;
+        let head = VersionOnly::decode(buf).map_err(|error| Status::internal(error.to_string()))?;
+        Ok(Some(SnapshotHead {
+            version: head.version,
+            bytes,
+        }))
+    }
+}
+
+/// Opens a discovery stream that sends what `rx` yields.
+async fn open_stream(
+    channel: Channel,
+    rx: mpsc::Receiver<AgentMessage>,
+) -> anyhow::Result<Streaming<SnapshotHead>> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let path = http::uri::PathAndQuery::from_static("/bulwark.mesh.v1.Discovery/Stream");
+    let request = tonic::Request::new(ReceiverStream::new(rx));
+    Ok(grpc.streaming(request, path, HeadCodec).await?.into_inner())
+}
+
 /// One simulated agent: receives its first snapshot and ACKs it (reported on `ready`),
 /// then waits for a newer one, ACKs it, and reports the delay on `done`. It keeps its
 /// stream open until the runner drops `done`'s receiver.
 async fn agent(
     channel: Channel,
     hello: Identity,
+    connecting: Arc<Semaphore>,
     ready: mpsc::UnboundedSender<anyhow::Result<()>>,
     change: tokio::sync::watch::Receiver<Option<Instant>>,
     done: mpsc::UnboundedSender<anyhow::Result<(Duration, u64)>>,
 ) {
     let (tx, rx) = mpsc::channel(4);
+    let slot = connecting.acquire_owned().await;
     let first = async {
         tx.send(AgentMessage {
             kind: Some(Kind::Hello(hello)),
         })
         .await?;
-        let mut snapshots = DiscoveryClient::new(channel)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .stream(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut snapshots = open_stream(channel, rx).await?;
         let first = snapshots
             .message()
             .await?
@@ -135,6 +214,7 @@ async fn agent(
         Ok::<_, anyhow::Error>((first.version, snapshots))
     }
     .await;
+    drop(slot);
     let (first_version, mut snapshots) = match first {
         Ok(first) => {
             let _ = ready.send(Ok(()));
@@ -161,10 +241,7 @@ async fn agent(
             bail!("version went from {first_version} to {}", next.version);
         }
         let changed_at = (*change.borrow()).context("a snapshot arrived before the change")?;
-        Ok((
-            at.saturating_duration_since(changed_at),
-            next.encoded_len() as u64,
-        ))
+        Ok((at.saturating_duration_since(changed_at), next.bytes))
     }
     .await;
     let _ = done.send(next);
@@ -202,10 +279,12 @@ pub async fn run(
     let (change_tx, change_rx) = tokio::sync::watch::channel(None);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let start = Instant::now();
+    let connecting = Arc::new(Semaphore::new(CONNECTING));
     for n in 0..scenario.agents {
         tokio::spawn(agent(
             channels[n % connections].clone(),
             identity(n, scenario.services),
+            Arc::clone(&connecting),
             ready_tx.clone(),
             change_rx.clone(),
             done_tx.clone(),
