@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use bulwark_bench::cpscale::Scenario;
 use bulwark_bench::run::Config;
 use bulwark_bench::sut::Layout;
-use bulwark_bench::{machine, report, run, sut, upstream};
+use bulwark_bench::{load, machine, report, run, sut, upstream};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -23,6 +23,25 @@ struct Cli {
 enum Cmd {
     /// Measure every path and print the tables.
     Run(RunArgs),
+    /// Send a fixed rate of requests to one address and print the latency (for profiling
+    /// a proxy by hand, e.g. under callgrind).
+    Load {
+        /// Where to connect.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Host / :authority of the requests.
+        #[arg(long, default_value = "bench.bench")]
+        authority: String,
+        /// `h1` or `h2`.
+        #[arg(long, default_value = "h1")]
+        protocol: String,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Seconds.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
     /// Serve 1 KiB answers over HTTP/1.1 and h2c, and discard bytes on a TCP sink.
     Upstream {
         /// The HTTP address.
@@ -217,5 +236,35 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Run(args) => bench(args).await,
         Cmd::Upstream { http, sink } => upstream::run(http, sink).await,
+        Cmd::Load {
+            addr,
+            authority,
+            protocol,
+            rate,
+            duration,
+        } => {
+            let protocol = match protocol.as_str() {
+                "h1" => load::Protocol::Http1,
+                "h2" => load::Protocol::Http2,
+                other => anyhow::bail!("--protocol {other}: expected h1 or h2"),
+            };
+            let target = load::Target {
+                addr,
+                authority,
+                protocol,
+            };
+            let client = std::sync::Arc::new(load::Client::connect(target, 1).await?);
+            let run = load::open_loop(client, rate, seconds(duration)).await;
+            println!(
+                "{} ok, {} errors ({}); p50 {:?} p99 {:?} p99.9 {:?}",
+                run.ok,
+                run.errors,
+                run.first_error.as_deref().unwrap_or("none"),
+                run.quantile(0.5),
+                run.quantile(0.99),
+                run.quantile(0.999)
+            );
+            Ok(())
+        }
     }
 }
