@@ -66,7 +66,7 @@ pub struct ScaleResult {
 }
 
 fn identity(n: usize, services: usize) -> Identity {
-    let app = if n % services == 0 {
+    let app = if n.is_multiple_of(services) {
         "bench".to_owned()
     } else {
         format!("svc-{}", n % services)

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Measure every path and print the tables.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send a fixed rate of requests to one address and print the latency (for profiling
     /// a proxy by hand, e.g. under callgrind).
     Load {
@@ -234,7 +234,7 @@ fn join<T: ToString>(values: &[T]) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Run(args) => bench(args).await,
+        Cmd::Run(args) => bench(*args).await,
         Cmd::Upstream { http, sink } => upstream::run(http, sink).await,
         Cmd::Load {
             addr,

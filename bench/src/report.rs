@@ -24,11 +24,11 @@ fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-fn protocol<'a>(path: &'a PathResult, p: Protocol) -> Option<&'a ProtocolResult> {
+fn protocol(path: &PathResult, p: Protocol) -> Option<&ProtocolResult> {
     path.protocols.iter().find(|r| r.protocol == p)
 }
 
-fn rate<'a>(result: &'a ProtocolResult, rate: u32) -> Option<&'a RateResult> {
+fn rate(result: &ProtocolResult, rate: u32) -> Option<&RateResult> {
     result.rates.iter().find(|r| r.rate == rate)
 }
 
