@@ -127,7 +127,7 @@ struct RunArgs {
     /// Where each process logs.
     #[arg(long, env = "BENCH_LOG_DIR")]
     log_dir: Option<PathBuf>,
-    /// The Markdown file whose results section is replaced (empty: print only).
+    /// The Markdown file whose results section is replaced (`-`: print only).
     #[arg(long, env = "BENCH_OUTPUT", default_value = "docs/benchmarks.md")]
     output: PathBuf,
 }
@@ -214,7 +214,7 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
     ));
     text.push_str(&report::markdown(&results, &config.rates));
     println!("{text}");
-    if !args.output.as_os_str().is_empty() {
+    if args.output.as_os_str() != "-" {
         let doc = std::fs::read_to_string(&args.output).unwrap_or_default();
         std::fs::write(&args.output, report::splice(&doc, &text))
             .with_context(|| format!("writing {}", args.output.display()))?;
