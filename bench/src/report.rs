@@ -56,7 +56,7 @@ pub fn markdown(results: &Results, rates: &[u32]) -> String {
         return out;
     }
     for p in [Protocol::Http1, Protocol::Http2] {
-        let _ = writeln!(out, "#### {} , 1 KiB responses\n", p.name());
+        let _ = writeln!(out, "#### {}, 1 KiB responses\n", p.name());
         let mut header = "| path | max req/s |".to_owned();
         let mut rule = "|---|---:|".to_owned();
         for r in rates {
