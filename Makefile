@@ -11,7 +11,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # sockets and start servers); plain `cargo test` does the same job without it.
 NEXTEST := $(shell command -v cargo-nextest 2>/dev/null)
 
-.PHONY: help setup build test lint fmt demo clean crds e2e-k8s
+.PHONY: help setup build test lint fmt demo bench clean crds e2e-k8s
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ fmt: ## format the code
 demo: setup ## build release binaries, run the control plane, agent and upstreams, print what each policy did
 	$(CARGO) build --release --workspace --bins
 	$(TARGET_DIR)/release/bulwark-demo --examples examples --bin-dir $(TARGET_DIR)/release
+
+bench: setup ## measure the agent, HAProxy and the control plane (installs HAProxy if missing; see docs/benchmarks.md)
+	@hack/bench.sh
 
 clean: ## remove build output and demo logs
 	$(CARGO) clean

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::agents::AgentRegistry;
+use crate::agents::{AgentQuery, AgentRegistry};
 use crate::metrics::Metrics;
 use crate::source::RejectedObject;
 
@@ -103,7 +103,21 @@ pub fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the first load of the source has not finished\n",
         ),
-        "/agents" => json(&state.agents.list()),
+        "/agents" => match agent_query(request.uri().query()) {
+            Ok(query) => {
+                let page = state.agents.page(&query);
+                let mut response = json(&page.agents);
+                response
+                    .headers_mut()
+                    .insert(TOTAL_COUNT, header::HeaderValue::from(page.total));
+                response
+            }
+            Err(message) => with_type(
+                StatusCode::BAD_REQUEST,
+                "text/plain; charset=utf-8",
+                message,
+            ),
+        },
         "/errors" => {
             let rejections = Arc::clone(&state.rejections.borrow());
             json(&*rejections)
@@ -113,6 +127,37 @@ pub fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes
             "not found; try /metrics, /ready, /agents or /errors\n",
         ),
     }
+}
+
+/// The header of `/agents` saying how many agents matched on all pages.
+const TOTAL_COUNT: &str = "x-total-count";
+
+/// Reads `/agents?namespace=NS&offset=N&limit=N`; every parameter is optional.
+fn agent_query(query: Option<&str>) -> Result<AgentQuery, String> {
+    let mut parsed = AgentQuery::default();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| format!("/agents: {key} must be a whole number, got {value:?}\n"))
+        };
+        match key {
+            "namespace" if !value.is_empty() => parsed.namespace = Some(value.to_owned()),
+            "offset" => parsed.offset = number()?,
+            "limit" => parsed.limit = Some(number()?),
+            _ => {
+                return Err(format!(
+                    "/agents: unknown parameter {pair:?}; use namespace=NS, offset=N, limit=N\n"
+                ));
+            }
+        }
+    }
+    Ok(parsed)
 }
 
 fn with_type(
@@ -214,7 +259,47 @@ mod tests {
         assert!(body.contains("bulwark_cp_agents_connected 0"), "{body}");
         assert_eq!(get(&s, "/agents"), (StatusCode::OK, "[]\n".to_owned()));
         assert_eq!(get(&s, "/nope").0, StatusCode::NOT_FOUND);
+        assert_eq!(get(&s, "/agents?limit=ten").0, StatusCode::BAD_REQUEST);
+        assert_eq!(get(&s, "/agents?page=2").0, StatusCode::BAD_REQUEST);
         let post = Request::post("/agents").body(()).unwrap();
         assert_eq!(route(&s, &post).status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn agents_are_paged_and_filtered() {
+        let s = state(true, vec![]);
+        let mut held = Vec::new();
+        for (namespace, pod) in [("demo", "a"), ("demo", "b"), ("demo", "c"), ("prod", "a")] {
+            held.push(s.agents.register(
+                crate::agents::AgentIdentity {
+                    namespace: namespace.into(),
+                    pod_name: pod.into(),
+                    service_account: "sa".into(),
+                    labels: Default::default(),
+                    agent_version: "test".into(),
+                    protocol_version: 1,
+                },
+                None,
+            ));
+        }
+        let request = Request::get("/agents?namespace=demo&offset=1&limit=1")
+            .body(())
+            .unwrap();
+        let response = route(&s, &request);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[TOTAL_COUNT], "3");
+        let (_, body) = get(&s, "/agents?namespace=demo&offset=1&limit=1");
+        let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(page.as_array().unwrap().len(), 1);
+        assert_eq!(page[0]["identity"]["pod_name"], "b");
+        let (_, all) = get(&s, "/agents");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&all)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            4
+        );
     }
 }

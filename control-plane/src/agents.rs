@@ -150,6 +150,27 @@ pub struct AgentInfo {
     pub status: AgentStatus,
 }
 
+/// Which agents the admin `/agents` page lists: a namespace, and a page of the list
+/// sorted by namespace and pod (10,000 agents make a 5 MB page otherwise).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentQuery {
+    /// Only agents in this namespace.
+    pub namespace: Option<String>,
+    /// Skip this many agents.
+    pub offset: usize,
+    /// At most this many agents.
+    pub limit: Option<usize>,
+}
+
+/// A page of agents.
+#[derive(Clone, Debug)]
+pub struct AgentPage {
+    /// How many agents matched, on every page together.
+    pub total: usize,
+    /// The agents of this page.
+    pub agents: Vec<AgentInfo>,
+}
+
 /// Connected agents by stream.
 #[derive(Debug)]
 pub struct AgentRegistry {
@@ -222,8 +243,37 @@ impl AgentRegistry {
 
     /// Every connected agent, by namespace, pod and id.
     pub fn list(&self) -> Vec<AgentInfo> {
-        let entries: Vec<Arc<AgentEntry>> = self.lock().values().cloned().collect();
-        let mut list: Vec<AgentInfo> = entries
+        self.page(&AgentQuery::default()).agents
+    }
+
+    /// The agents `query` selects, by namespace, pod and id, and how many matched in all.
+    /// Only the entries of the page are copied out of the registry.
+    pub fn page(&self, query: &AgentQuery) -> AgentPage {
+        let mut entries: Vec<Arc<AgentEntry>> = self
+            .lock()
+            .values()
+            .filter(|e| {
+                query
+                    .namespace
+                    .as_ref()
+                    .is_none_or(|ns| e.identity.namespace == *ns)
+            })
+            .cloned()
+            .collect();
+        entries.sort_by(|a, b| {
+            (&a.identity.namespace, &a.identity.pod_name, a.id).cmp(&(
+                &b.identity.namespace,
+                &b.identity.pod_name,
+                b.id,
+            ))
+        });
+        let total = entries.len();
+        let entries: Vec<Arc<AgentEntry>> = entries
+            .into_iter()
+            .skip(query.offset)
+            .take(query.limit.unwrap_or(usize::MAX))
+            .collect();
+        let list: Vec<AgentInfo> = entries
             .iter()
             .map(|e| AgentInfo {
                 id: e.id,
@@ -233,14 +283,10 @@ impl AgentRegistry {
                 status: e.status(),
             })
             .collect();
-        list.sort_by(|a, b| {
-            (&a.identity.namespace, &a.identity.pod_name, a.id).cmp(&(
-                &b.identity.namespace,
-                &b.identity.pod_name,
-                b.id,
-            ))
-        });
-        list
+        AgentPage {
+            total,
+            agents: list,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<AgentEntry>>> {
@@ -303,5 +349,42 @@ mod tests {
         assert_eq!(agent["sent_version"], 3);
         assert!(agent["last_ack"].is_null());
         assert!(agent["connected_since"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn pages_filter_by_namespace_and_slice_the_sorted_list() {
+        let registry = Arc::new(AgentRegistry::new(Arc::new(Metrics::new())));
+        let mut held = Vec::new();
+        for pod in ["d", "b", "a", "c"] {
+            held.push(registry.register(identity(pod), None));
+        }
+        let mut other = identity("a");
+        other.namespace = "prod".into();
+        held.push(registry.register(other, None));
+
+        let pods = |page: AgentPage| -> (usize, Vec<String>) {
+            let pods = page
+                .agents
+                .into_iter()
+                .map(|a| a.identity.pod_name)
+                .collect();
+            (page.total, pods)
+        };
+        let query = AgentQuery {
+            namespace: Some("demo".into()),
+            offset: 1,
+            limit: Some(2),
+        };
+        assert_eq!(
+            pods(registry.page(&query)),
+            (4, vec!["b".into(), "c".into()])
+        );
+        let past_the_end = AgentQuery {
+            offset: 10,
+            ..AgentQuery::default()
+        };
+        assert_eq!(pods(registry.page(&past_the_end)), (5, vec![]));
+        assert_eq!(registry.list().len(), 5);
+        assert_eq!(registry.list()[4].identity.namespace, "prod");
     }
 }

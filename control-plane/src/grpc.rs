@@ -1,7 +1,13 @@
 //! The discovery gRPC service: one bidirectional stream per agent. The agent says
 //! `hello`, gets its snapshot, then a new one whenever its view changes, and answers
 //! each with an ACK or a NACK. Each stream is one task that watches the index; no
-//! thread and no copy of the mesh per agent.
+//! thread and no copy of the mesh per agent: what all agents share (the encoded service
+//! list, the limits of a label set) is computed once per index state, in a
+//! [`ViewCache`], and the routing and codec in [`server`] send it as it is.
+
+mod server;
+
+pub use server::DiscoveryServer;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,7 +16,6 @@ use std::time::Duration;
 
 use bulwark_proto::v1 as proto;
 use bulwark_proto::v1::agent_message::Kind;
-use bulwark_proto::v1::discovery_server::{Discovery, DiscoveryServer};
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
@@ -19,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::agents::{AgentIdentity, AgentRegistry, Registration};
 use crate::index::IndexState;
 use crate::metrics::Metrics;
-use crate::view::{AgentView, PendingSnapshot};
+use crate::view::{AgentView, PendingSnapshot, ViewCache};
 
 /// How long an agent may take to send `hello` after opening the stream.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +36,7 @@ pub struct DiscoveryService {
     agents: Arc<AgentRegistry>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    cache: Arc<ViewCache>,
 }
 
 impl DiscoveryService {
@@ -46,11 +52,12 @@ impl DiscoveryService {
             agents,
             metrics,
             shutdown,
+            cache: Arc::new(ViewCache::new()),
         }
     }
 
     /// The tonic server for this service.
-    pub fn into_server(self) -> DiscoveryServer<Self> {
+    pub fn into_server(self) -> DiscoveryServer {
         DiscoveryServer::new(self)
     }
 }
@@ -62,30 +69,30 @@ enum Outgoing {
     End(Status),
 }
 
-/// The response stream of one agent. The wire message is built here, when tonic is
-/// ready to encode it, so a slow agent holds a reference to the shared mesh, not a copy.
+/// The response stream of one agent. It yields snapshots that hold the shared parts by
+/// reference; the codec writes the wire message when tonic is ready to send it, so a slow
+/// agent holds a reference to the shared mesh, not a copy.
 #[derive(Debug)]
 pub struct SnapshotStream {
     rx: mpsc::Receiver<Outgoing>,
 }
 
 impl Stream for SnapshotStream {
-    type Item = Result<proto::Snapshot, Status>;
+    type Item = Result<PendingSnapshot, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.rx.poll_recv(cx).map(|next| {
             next.map(|outgoing| match outgoing {
-                Outgoing::Snapshot(snapshot) => Ok(snapshot.to_snapshot()),
+                Outgoing::Snapshot(snapshot) => Ok(snapshot),
                 Outgoing::End(status) => Err(status),
             })
         })
     }
 }
 
-#[tonic::async_trait]
-impl Discovery for DiscoveryService {
-    type StreamStream = SnapshotStream;
-
+impl DiscoveryService {
+    /// Serves one agent's stream: reads its hello, registers it, and spawns the task that
+    /// sends its snapshots and reads its ACKs.
     async fn stream(
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
@@ -103,7 +110,11 @@ impl Discovery for DiscoveryService {
             peer = ?peer,
             "agent connected"
         );
-        let view = AgentView::new(id.namespace.clone(), id.labels.clone());
+        let view = AgentView::new(
+            id.namespace.clone(),
+            id.labels.clone(),
+            Arc::clone(&self.cache),
+        );
         let (tx, rx) = mpsc::channel(1);
         let stream = AgentStream {
             registration,

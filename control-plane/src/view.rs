@@ -1,30 +1,44 @@
 //! What one agent sees: every service of the mesh (outbound, shared by all agents) and
 //! the rate limits its own pod enforces (inbound). A view only produces a snapshot when
 //! its content changed; its version is the index revision of that change.
+//!
+//! Work shared by all agents is done once per index state, not once per agent: the
+//! outbound part is encoded to protobuf once and every snapshot carries those bytes
+//! (a change to 10,000 agents used to deep-copy and re-encode the whole service list
+//! 10,000 times), and the inbound limits are computed once per namespace and label set
+//! (pods of one Deployment share them). See [`ViewCache`].
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::index::{Inbound, IndexState, Outbound};
 use bulwark_proto::v1 as proto;
+use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::index::{IndexState, Outbound};
+/// The protobuf field numbers of `Snapshot`.
+const VERSION_FIELD: u32 = 1;
+const SERVICES_FIELD: u32 = 2;
+const INBOUND_FIELD: u32 = 3;
 
 /// The view of one connected agent, remembering what it was last sent.
 #[derive(Debug)]
 pub struct AgentView {
     namespace: String,
     labels: BTreeMap<String, String>,
+    cache: Arc<ViewCache>,
     sent: Option<PendingSnapshot>,
 }
 
-/// A snapshot ready to go out. It holds the shared outbound part by reference, so that
-/// agents waiting to receive it cost no copy of the mesh; the wire message is built only
-/// when the stream is ready to encode it.
+/// A snapshot ready to go out. It holds the shared outbound part by reference (the
+/// service list and its encoding), so agents waiting to receive it cost no copy of the
+/// mesh.
 #[derive(Clone, Debug)]
 pub struct PendingSnapshot {
     version: u64,
     outbound: Arc<Outbound>,
-    inbound: Vec<proto::RateLimit>,
+    /// `outbound.services` as `Snapshot.services` fields, shared by every agent.
+    outbound_encoded: Bytes,
+    inbound: Arc<[proto::RateLimit]>,
 }
 
 impl PendingSnapshot {
@@ -38,24 +52,130 @@ impl PendingSnapshot {
         &self.inbound
     }
 
-    /// The wire message.
+    /// The wire message, as a struct (a deep copy of the services: for tests and
+    /// diagnostics; the stream sends [`PendingSnapshot::encode`]'s bytes).
     pub fn to_snapshot(&self) -> proto::Snapshot {
         proto::Snapshot {
             version: self.version,
             services: self.outbound.services.clone(),
-            inbound: Some(proto::Inbound {
-                rate_limits: self.inbound.clone(),
-            }),
+            inbound: Some(self.inbound_message()),
         }
+    }
+
+    fn inbound_message(&self) -> proto::Inbound {
+        proto::Inbound {
+            rate_limits: self.inbound.to_vec(),
+        }
+    }
+
+    /// The length of [`PendingSnapshot::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
+        let version = if self.version == 0 {
+            0
+        } else {
+            prost::encoding::uint64::encoded_len(VERSION_FIELD, &self.version)
+        };
+        version
+            + self.outbound_encoded.len()
+            + prost::encoding::message::encoded_len(INBOUND_FIELD, &self.inbound_message())
+    }
+
+    /// Writes the `Snapshot` message: the same bytes prost would write for
+    /// [`PendingSnapshot::to_snapshot`], with the services copied from the shared
+    /// encoding instead of encoded again.
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        if self.version != 0 {
+            prost::encoding::uint64::encode(VERSION_FIELD, &self.version, buf);
+        }
+        buf.put_slice(&self.outbound_encoded);
+        prost::encoding::message::encode(INBOUND_FIELD, &self.inbound_message(), buf);
+    }
+}
+
+/// What every agent's view shares: the encoding of the current outbound part, and the
+/// inbound limits of each (namespace, labels) for the current inbound part. Each is
+/// computed by the first agent that needs it and reused until the index moves on.
+#[derive(Debug, Default)]
+pub struct ViewCache {
+    outbound: Mutex<Option<(Arc<Outbound>, Bytes)>>,
+    inbound: Mutex<InboundMemo>,
+}
+
+/// Inbound limits by namespace and labels, for one inbound state.
+#[derive(Debug, Default)]
+struct InboundMemo {
+    of: Option<Arc<Inbound>>,
+    #[allow(clippy::type_complexity)]
+    limits: HashMap<String, HashMap<BTreeMap<String, String>, (Arc<[proto::RateLimit]>, u64)>>,
+}
+
+impl ViewCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `outbound.services` encoded as `Snapshot.services` fields, once per outbound state.
+    fn outbound(&self, outbound: &Arc<Outbound>) -> Bytes {
+        let mut cached = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((of, bytes)) = cached.as_ref()
+            && Arc::ptr_eq(of, outbound)
+        {
+            return bytes.clone();
+        }
+        let len = outbound
+            .services
+            .iter()
+            .map(|s| prost::encoding::message::encoded_len(SERVICES_FIELD, s))
+            .sum();
+        let mut buf = BytesMut::with_capacity(len);
+        for service in &outbound.services {
+            prost::encoding::message::encode(SERVICES_FIELD, service, &mut buf);
+        }
+        let bytes = buf.freeze();
+        *cached = Some((Arc::clone(outbound), bytes.clone()));
+        bytes
+    }
+
+    /// The limits of pods with `labels` in `namespace`, once per inbound state and label set.
+    fn inbound(
+        &self,
+        inbound: &Arc<Inbound>,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> (Arc<[proto::RateLimit]>, u64) {
+        let mut memo = self.inbound.lock().unwrap_or_else(PoisonError::into_inner);
+        if !memo.of.as_ref().is_some_and(|of| Arc::ptr_eq(of, inbound)) {
+            memo.of = Some(Arc::clone(inbound));
+            memo.limits.clear();
+        }
+        // Looked up by reference first: the common case (a label set seen before)
+        // allocates nothing.
+        if let Some(found) = memo.limits.get(namespace).and_then(|ns| ns.get(labels)) {
+            return found.clone();
+        }
+        let (limits, changed_at) = inbound.for_agent(namespace, labels);
+        let value: (Arc<[proto::RateLimit]>, u64) = (limits.into(), changed_at);
+        memo.limits
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(labels.clone(), value.clone());
+        value
     }
 }
 
 impl AgentView {
-    /// The view of an agent in `namespace` whose pod has `labels`.
-    pub fn new(namespace: impl Into<String>, labels: BTreeMap<String, String>) -> Self {
+    /// The view of an agent in `namespace` whose pod has `labels`, sharing `cache` with
+    /// the other agents' views.
+    pub fn new(
+        namespace: impl Into<String>,
+        labels: BTreeMap<String, String>,
+        cache: Arc<ViewCache>,
+    ) -> Self {
         AgentView {
             namespace: namespace.into(),
             labels,
+            cache,
             sent: None,
         }
     }
@@ -67,7 +187,9 @@ impl AgentView {
 
     /// The next snapshot for this agent, or `None` when its content is unchanged.
     pub fn update(&mut self, state: &IndexState) -> Option<PendingSnapshot> {
-        let (inbound, inbound_changed_at) = state.inbound.for_agent(&self.namespace, &self.labels);
+        let (inbound, inbound_changed_at) =
+            self.cache
+                .inbound(&state.inbound, &self.namespace, &self.labels);
         if let Some(sent) = &self.sent
             && sent.outbound.changed_at == state.outbound.changed_at
             && sent.inbound == inbound
@@ -85,6 +207,7 @@ impl AgentView {
         let snapshot = PendingSnapshot {
             version,
             outbound: Arc::clone(&state.outbound),
+            outbound_encoded: self.cache.outbound(&state.outbound),
             inbound,
         };
         self.sent = Some(snapshot.clone());
@@ -94,6 +217,8 @@ impl AgentView {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message as _;
+
     use super::*;
     use crate::index::Index;
     use crate::metrics::Metrics;
@@ -109,6 +234,11 @@ mod tests {
             .collect()
     }
 
+    /// A view with a cache of its own.
+    fn view(namespace: &str, labels: BTreeMap<String, String>) -> AgentView {
+        AgentView::new(namespace, labels, Arc::new(ViewCache::new()))
+    }
+
     struct Mesh {
         index: Index,
         frontend: AgentView,
@@ -118,11 +248,16 @@ mod tests {
 
     impl Mesh {
         fn new(model: &Model) -> Self {
+            // The three views share a cache, as every stream of a control plane does.
+            let cache = Arc::new(ViewCache::new());
+            let shared = |namespace: &str, pairs: &[(&str, &str)]| {
+                AgentView::new(namespace, labels(pairs), Arc::clone(&cache))
+            };
             let mut mesh = Mesh {
                 index: Index::new(START, model, Arc::new(Metrics::new())),
-                frontend: AgentView::new("demo", labels(&[("app", "frontend"), ("pod", "a")])),
-                catalog: AgentView::new("demo", labels(&[("app", "catalog")])),
-                other_namespace: AgentView::new("prod", labels(&[("app", "frontend")])),
+                frontend: shared("demo", &[("app", "frontend"), ("pod", "a")]),
+                catalog: shared("demo", &[("app", "catalog")]),
+                other_namespace: shared("prod", &[("app", "frontend")]),
             };
             let state = mesh.index.state();
             for v in mesh.views() {
@@ -149,7 +284,7 @@ mod tests {
 
     #[test]
     fn the_first_view_carries_everything() {
-        let mut view = AgentView::new("demo", labels(&[("app", "frontend")]));
+        let mut view = view("demo", labels(&[("app", "frontend")]));
         let index = Index::new(START, &examples(), Arc::new(Metrics::new()));
         let snapshot = view.update(&index.state()).unwrap().to_snapshot();
         assert_eq!(snapshot.version, START);
@@ -221,9 +356,9 @@ mod tests {
 
         // A fresh view (a reconnecting agent) gets the same version for the same content.
         let state = mesh.index.state();
-        let mut fresh = AgentView::new("demo", labels(&[("app", "frontend")]));
+        let mut fresh = view("demo", labels(&[("app", "frontend")]));
         assert_eq!(fresh.update(&state).unwrap().version(), START + 1);
-        let mut fresh_catalog = AgentView::new("demo", labels(&[("app", "catalog")]));
+        let mut fresh_catalog = view("demo", labels(&[("app", "catalog")]));
         assert_eq!(
             fresh_catalog.update(&state).unwrap().version(),
             START + 1,
@@ -241,10 +376,105 @@ mod tests {
              spec: {ports: [{port: 80}]}\n",
         );
         assert_eq!(mesh.apply(&edited), [Some(START + 1); 3]);
-        let mut fresh = AgentView::new("demo", labels(&[("app", "catalog")]));
+        let mut fresh = view("demo", labels(&[("app", "catalog")]));
         assert_eq!(
             fresh.update(&mesh.index.state()).unwrap().version(),
             START + 1
+        );
+    }
+
+    #[test]
+    fn the_shared_encoding_is_what_prost_writes_for_the_whole_message() {
+        let mut mesh = Mesh::new(&examples());
+        let edited = with_document(
+            examples(),
+            "apiVersion: bulwark.io/v1alpha1\nkind: ResiliencePolicy\n\
+             metadata: {name: reviews, namespace: demo}\n\
+             spec: {targetRefs: [{kind: Service, name: reviews}], retry: {attempts: 4}}\n",
+        );
+        mesh.index.apply(&edited);
+        let state = mesh.index.state();
+        for view in mesh.views() {
+            let fresh = AgentView::new(
+                view.namespace.clone(),
+                view.labels.clone(),
+                Arc::new(ViewCache::new()),
+            );
+            let mut fresh = fresh;
+            for snapshot in [view.update(&state), fresh.update(&state)] {
+                let snapshot = snapshot.expect("a new snapshot");
+                let mut bytes = Vec::new();
+                snapshot.encode(&mut bytes);
+                assert_eq!(bytes, snapshot.to_snapshot().encode_to_vec());
+                assert_eq!(snapshot.encoded_len(), bytes.len());
+                let decoded = proto::Snapshot::decode(bytes.as_slice()).unwrap();
+                assert_eq!(decoded, snapshot.to_snapshot());
+            }
+        }
+    }
+
+    #[test]
+    fn agents_share_one_encoding_of_the_services_per_state() {
+        let mut mesh = Mesh::new(&examples());
+        let edited = with_document(
+            examples(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: demo}\n\
+             spec: {ports: [{port: 80}]}\n",
+        );
+        mesh.index.apply(&edited);
+        let state = mesh.index.state();
+        let a = mesh.frontend.update(&state).unwrap();
+        let b = mesh.other_namespace.update(&state).unwrap();
+        assert_eq!(
+            a.outbound_encoded.as_ptr(),
+            b.outbound_encoded.as_ptr(),
+            "one buffer for every agent"
+        );
+        assert_eq!(a.to_snapshot().services.len(), 5);
+    }
+
+    #[test]
+    fn pods_with_the_same_labels_share_their_limits_and_others_do_not() {
+        let cache = Arc::new(ViewCache::new());
+        let index = Index::new(START, &examples(), Arc::new(Metrics::new()));
+        let state = index.state();
+        let mut views: Vec<AgentView> = [
+            ("demo", "frontend"),
+            ("demo", "frontend"),
+            ("demo", "catalog"),
+            ("prod", "frontend"),
+        ]
+        .iter()
+        .map(|(ns, app)| AgentView::new(*ns, labels(&[("app", app)]), Arc::clone(&cache)))
+        .collect();
+        let limits: Vec<Vec<String>> = views
+            .iter_mut()
+            .map(|v| {
+                let snapshot = v.update(&state).unwrap();
+                snapshot
+                    .rate_limits()
+                    .iter()
+                    .map(|l| l.name.clone())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(limits[0], ["per-tenant", "total"]);
+        assert_eq!(limits[1], limits[0]);
+        assert!(limits[2].is_empty(), "catalog has no limits: {limits:?}");
+        assert!(limits[3].is_empty(), "another namespace: {limits:?}");
+
+        // A new state invalidates the memo: a pod that gains limits sees them.
+        let mut index = index;
+        let mut without = examples();
+        without.rate_limit_policies.clear();
+        index.apply(&without);
+        let mut again = AgentView::new("demo", labels(&[("app", "frontend")]), cache);
+        assert!(
+            again
+                .update(&index.state())
+                .unwrap()
+                .rate_limits()
+                .is_empty()
         );
     }
 }

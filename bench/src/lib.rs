@@ -1,0 +1,19 @@
+//! `make bench`: the agent and the control plane measured side by side with a peer.
+//!
+//! - [`load`]: an open-loop load generator free of coordinated omission, with HDR
+//!   histograms, over HTTP/1.1 and HTTP/2; and a closed loop for saturation.
+//! - [`upstream`]: the fixed upstream (1 KiB answers) and a TCP sink.
+//! - [`sut`]: the paths under test as processes: upstream, control plane + agent, HAProxy.
+//! - [`run`]: the runner that drives each path and samples CPU and memory from `/proc`.
+//! - [`cpscale`]: the control plane under N simulated agents on real gRPC streams.
+//! - [`report`]: the Markdown tables.
+
+pub mod cpscale;
+pub mod load;
+pub mod machine;
+pub mod procstat;
+pub mod report;
+pub mod run;
+pub mod sut;
+pub mod tcp;
+pub mod upstream;

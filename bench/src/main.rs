@@ -1,0 +1,270 @@
+//! `bulwark-bench`: `run` measures every path and prints (and writes) the tables;
+//! `upstream` is the fixed upstream the runner starts as its own process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bulwark_bench::cpscale::Scenario;
+use bulwark_bench::run::Config;
+use bulwark_bench::sut::Layout;
+use bulwark_bench::{load, machine, report, run, sut, upstream};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(about = "Bulwark's benchmarks: the agent beside HAProxy, and the control plane at scale")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Measure every path and print the tables.
+    Run(Box<RunArgs>),
+    /// Send a fixed rate of requests to one address and print the latency (for profiling
+    /// a proxy by hand, e.g. under callgrind).
+    Load {
+        /// Where to connect.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Host / :authority of the requests.
+        #[arg(long, default_value = "bench.bench")]
+        authority: String,
+        /// `h1` or `h2`.
+        #[arg(long, default_value = "h1")]
+        protocol: String,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Seconds.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
+    /// Serve 1 KiB answers over HTTP/1.1 and h2c, and discard bytes on a TCP sink.
+    Upstream {
+        /// The HTTP address.
+        #[arg(long)]
+        http: SocketAddr,
+        /// The TCP sink address.
+        #[arg(long)]
+        sink: SocketAddr,
+    },
+}
+
+#[derive(Parser, Debug)]
+struct RunArgs {
+    /// Fixed request rates, comma separated.
+    #[arg(
+        long,
+        env = "BENCH_RATES",
+        value_delimiter = ',',
+        default_value = "1000,5000"
+    )]
+    rates: Vec<u32>,
+    /// Seconds of each fixed-rate run.
+    #[arg(long, env = "BENCH_DURATION", default_value_t = 5.0)]
+    duration: f64,
+    /// Seconds of warm-up before each protocol's runs.
+    #[arg(long, env = "BENCH_WARMUP", default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds of each saturation run.
+    #[arg(long, env = "BENCH_SATURATION", default_value_t = 3.0)]
+    saturation: f64,
+    /// Requests in flight during saturation.
+    #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections per client.
+    #[arg(long, env = "BENCH_H2_CONNECTIONS", default_value_t = 1)]
+    h2_connections: usize,
+    /// TCP streams in the pass-through runs.
+    #[arg(long, env = "BENCH_TCP_STREAMS", default_value_t = 4)]
+    tcp_streams: usize,
+    /// Seconds of each pass-through run.
+    #[arg(long, env = "BENCH_TCP_DURATION", default_value_t = 3.0)]
+    tcp_duration: f64,
+    /// Services in the agent's view in the main rows.
+    #[arg(long, env = "BENCH_SERVICES", default_value_t = 10)]
+    services: usize,
+    /// Services for the "many services" row (0 leaves it out).
+    #[arg(long, env = "BENCH_MANY_SERVICES", default_value_t = 1000)]
+    many_services: usize,
+    /// Include HAProxy (1) or leave it out (0).
+    #[arg(long, env = "BENCH_HAPROXY", default_value_t = 1)]
+    haproxy: u8,
+    /// Simulated agents for the control-plane scenarios (comma separated; empty skips them).
+    #[arg(
+        long,
+        env = "BENCH_AGENTS",
+        value_delimiter = ',',
+        default_value = "1000"
+    )]
+    agents: Vec<usize>,
+    /// Services in the control-plane scenarios (comma separated).
+    #[arg(
+        long,
+        env = "BENCH_CP_SERVICES",
+        value_delimiter = ',',
+        default_value = "100,1000"
+    )]
+    cp_services: Vec<usize>,
+    /// Simulated agents per HTTP/2 connection.
+    #[arg(long, env = "BENCH_AGENTS_PER_CONNECTION", default_value_t = 10)]
+    agents_per_connection: usize,
+    /// CPUs (a `taskset -c` list) for the proxies and the control plane; empty: no pinning.
+    #[arg(long, env = "BENCH_PROXY_CPUS", default_value = "1")]
+    proxy_cpus: String,
+    /// CPUs for the upstream; empty: no pinning.
+    #[arg(long, env = "BENCH_LOAD_CPUS", default_value = "0")]
+    load_cpus: String,
+    /// What to run: `all`, `proxies` or `control-plane`.
+    #[arg(long, env = "BENCH_ONLY", default_value = "all")]
+    only: String,
+    /// Where `bulwark-agent` and `bulwark-control-plane` are (default: beside this binary).
+    #[arg(long, env = "BENCH_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Where each process logs.
+    #[arg(long, env = "BENCH_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// The Markdown file whose results section is replaced (`-`: print only).
+    #[arg(long, env = "BENCH_OUTPUT", default_value = "docs/benchmarks.md")]
+    output: PathBuf,
+}
+
+fn seconds(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+fn cpus(list: &str) -> Option<String> {
+    let list = list.trim();
+    (!list.is_empty()).then(|| list.to_owned())
+}
+
+async fn bench(args: RunArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let bin_dir = match args.bin_dir.clone() {
+        Some(dir) => dir,
+        None => exe
+            .parent()
+            .context("this binary has a folder")?
+            .to_path_buf(),
+    };
+    let layout = Layout {
+        log_dir: args
+            .log_dir
+            .clone()
+            .unwrap_or_else(|| bin_dir.join("bench-logs")),
+        bin_dir,
+        proxy_cpus: cpus(&args.proxy_cpus),
+        load_cpus: cpus(&args.load_cpus),
+    };
+    let (proxies, control_plane) = match args.only.as_str() {
+        "all" => (true, true),
+        "proxies" => (true, false),
+        "control-plane" => (false, true),
+        other => anyhow::bail!("BENCH_ONLY={other}: expected all, proxies or control-plane"),
+    };
+    let mut scale = Vec::new();
+    for &agents in args.agents.iter().filter(|a| control_plane && **a > 0) {
+        for &services in &args.cp_services {
+            scale.push(Scenario {
+                agents,
+                services: services.max(1),
+                agents_per_connection: args.agents_per_connection,
+            });
+        }
+    }
+    let config = Config {
+        rates: args.rates.clone(),
+        duration: seconds(args.duration),
+        warmup: seconds(args.warmup),
+        saturation: seconds(args.saturation),
+        concurrency: args.concurrency.max(1),
+        h2_connections: args.h2_connections.max(1),
+        tcp_streams: args.tcp_streams.max(1),
+        tcp_duration: seconds(args.tcp_duration),
+        services: args.services.max(1),
+        many_services: args.many_services,
+        haproxy: args.haproxy != 0,
+        scale,
+        proxies,
+    };
+    let load_before = machine::load_average();
+    let results = run::run(&layout, &config).await?;
+    let load_after = machine::load_average();
+    let haproxy = config.haproxy.then(sut::haproxy_binary).flatten();
+    let mut text = String::new();
+    text.push_str(&machine::describe(haproxy.as_deref()));
+    text.push_str(&format!(
+        "- command: `make bench` with BENCH_RATES={} BENCH_DURATION={} BENCH_SATURATION={} \
+         BENCH_CONCURRENCY={} BENCH_AGENTS={} BENCH_CP_SERVICES={} BENCH_PROXY_CPUS={} \
+         BENCH_LOAD_CPUS={}\n",
+        join(&args.rates),
+        args.duration,
+        args.saturation,
+        args.concurrency,
+        join(&args.agents),
+        join(&args.cp_services),
+        args.proxy_cpus,
+        args.load_cpus,
+    ));
+    text.push_str(&format!(
+        "- load average (1, 5, 15 min): {load_before} before, {load_after} after\n\n"
+    ));
+    text.push_str(&report::markdown(&results, &config.rates));
+    println!("{text}");
+    if args.output.as_os_str() != "-" {
+        let doc = std::fs::read_to_string(&args.output).unwrap_or_default();
+        std::fs::write(&args.output, report::splice(&doc, &text))
+            .with_context(|| format!("writing {}", args.output.display()))?;
+        eprintln!("results written to {}", args.output.display());
+    }
+    Ok(())
+}
+
+fn join<T: ToString>(values: &[T]) -> String {
+    values
+        .iter()
+        .map(T::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Run(args) => bench(*args).await,
+        Cmd::Upstream { http, sink } => upstream::run(http, sink).await,
+        Cmd::Load {
+            addr,
+            authority,
+            protocol,
+            rate,
+            duration,
+        } => {
+            let protocol = match protocol.as_str() {
+                "h1" => load::Protocol::Http1,
+                "h2" => load::Protocol::Http2,
+                other => anyhow::bail!("--protocol {other}: expected h1 or h2"),
+            };
+            let target = load::Target {
+                addr,
+                authority,
+                protocol,
+            };
+            let client = std::sync::Arc::new(load::Client::connect(target, 1).await?);
+            let run = load::open_loop(client, rate, seconds(duration)).await;
+            println!(
+                "{} ok, {} errors ({}); p50 {:?} p99 {:?} p99.9 {:?}",
+                run.ok,
+                run.errors,
+                run.first_error.as_deref().unwrap_or("none"),
+                run.quantile(0.5),
+                run.quantile(0.99),
+                run.quantile(0.999)
+            );
+            Ok(())
+        }
+    }
+}

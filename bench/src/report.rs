@@ -1,0 +1,373 @@
+//! The results as Markdown: the tables `make bench` prints and writes into
+//! `docs/benchmarks.md`, the agent/HAProxy ratios, and each target met or missed.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::load::Protocol;
+use crate::run::{PathKind, PathResult, ProtocolResult, RateResult, Results};
+
+/// Where the results go in `docs/benchmarks.md`.
+pub const BEGIN: &str = "<!-- bench:results:begin -->";
+/// The end of the results in `docs/benchmarks.md`.
+pub const END: &str = "<!-- bench:results:end -->";
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+fn signed_ms(d: f64) -> String {
+    format!("{:+.3}", d * 1e3)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn protocol(path: &PathResult, p: Protocol) -> Option<&ProtocolResult> {
+    path.protocols.iter().find(|r| r.protocol == p)
+}
+
+fn rate(result: &ProtocolResult, rate: u32) -> Option<&RateResult> {
+    result.rates.iter().find(|r| r.rate == rate)
+}
+
+/// The latency a path adds over direct at `quantile` and `at` requests per second, seconds.
+fn added(results: &Results, path: &PathResult, p: Protocol, at: u32, quantile: f64) -> Option<f64> {
+    let direct = results.paths.iter().find(|r| r.kind == PathKind::Direct)?;
+    let base = rate(protocol(direct, p)?, at)?.run.quantile(quantile);
+    let this = rate(protocol(path, p)?, at)?.run.quantile(quantile);
+    Some(this.as_secs_f64() - base.as_secs_f64())
+}
+
+fn h1(path: Option<&PathResult>) -> Option<&ProtocolResult> {
+    path.and_then(|p| protocol(p, Protocol::Http1))
+}
+
+fn find(results: &Results, kind: PathKind) -> Option<&PathResult> {
+    results.paths.iter().find(|r| r.kind == kind)
+}
+
+/// The tables, ratios and targets, as Markdown.
+pub fn markdown(results: &Results, rates: &[u32]) -> String {
+    let mut out = String::new();
+    if results.paths.is_empty() {
+        scale(&mut out, results);
+        return out;
+    }
+    for p in [Protocol::Http1, Protocol::Http2] {
+        let _ = writeln!(out, "#### {}, 1 KiB responses\n", p.name());
+        let mut header = "| path | max req/s |".to_owned();
+        let mut rule = "|---|---:|".to_owned();
+        for r in rates {
+            let _ = write!(
+                header,
+                " {r}/s p50 / p99 / p99.9 ms | added p99 @{r}/s ms | CPU s per 1k req @{r}/s |"
+            );
+            rule.push_str("---|---:|---:|");
+        }
+        header.push_str(" RSS after 1st rate / peak MiB |");
+        rule.push_str("---:|");
+        let _ = writeln!(out, "{header}\n{rule}");
+        let mut errors = Vec::new();
+        for path in &results.paths {
+            let Some(result) = protocol(path, p) else {
+                continue;
+            };
+            let _ = write!(
+                out,
+                "| {} | {:.0} |",
+                path.name,
+                result.saturation.throughput()
+            );
+            for r in rates {
+                match rate(result, *r) {
+                    Some(rr) => {
+                        let run = &rr.run;
+                        let added = added(results, path, p, *r, 0.99)
+                            .filter(|_| path.kind != PathKind::Direct)
+                            .map(signed_ms)
+                            .unwrap_or_else(|| "-".to_owned());
+                        let cpu = rr
+                            .cpu_per_1k()
+                            .map(|c| format!("{c:.4}"))
+                            .unwrap_or_else(|| "-".to_owned());
+                        let _ = write!(
+                            out,
+                            " {} / {} / {} | {added} | {cpu} |",
+                            ms(run.quantile(0.5)),
+                            ms(run.quantile(0.99)),
+                            ms(run.quantile(0.999)),
+                        );
+                        if run.errors > 0 {
+                            errors.push(format!(
+                                "{} at {r}/s: {} of {} requests failed ({})",
+                                path.name,
+                                run.errors,
+                                run.ok + run.errors,
+                                run.first_error.as_deref().unwrap_or("lost")
+                            ));
+                        }
+                    }
+                    None => out.push_str(" - | - | - |"),
+                }
+            }
+            let memory = match (result.after_first_rate, path.end) {
+                (Some(first), Some(end)) => {
+                    format!("{} / {}", mib(first.peak_rss_kib), mib(end.peak_rss_kib))
+                }
+                _ => "-".to_owned(),
+            };
+            let _ = writeln!(out, " {memory} |");
+        }
+        for error in errors {
+            let _ = writeln!(out, "\n- errors: {error}");
+        }
+        out.push('\n');
+    }
+
+    // Pass-through.
+    let _ = writeln!(out, "#### TCP pass-through (opaque bytes)\n");
+    let _ = writeln!(
+        out,
+        "| path | route | MB/s | CPU s per GB |\n|---|---|---:|---:|"
+    );
+    for path in &results.paths {
+        if let Some(tcp) = &path.tcp {
+            let per_gb = tcp
+                .cpu
+                .map(|c| format!("{:.3}", c.as_secs_f64() / (tcp.transfer.bytes as f64 / 1e9)))
+                .unwrap_or_else(|| "-".to_owned());
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {per_gb} |",
+                path.name,
+                tcp.route,
+                tcp.transfer.rate() / 1e6
+            );
+        }
+    }
+    out.push('\n');
+
+    ratios_and_targets(&mut out, results, rates);
+    scale(&mut out, results);
+    out
+}
+
+fn ratios_and_targets(out: &mut String, results: &Results, rates: &[u32]) {
+    let (Some(&low), Some(&high)) = (rates.first(), rates.last()) else {
+        return;
+    };
+    let haproxy = find(results, PathKind::Haproxy);
+    let _ = writeln!(out, "#### Agent / HAProxy\n");
+    let _ = writeln!(
+        out,
+        "| agent row | protocol | CPU per request @{high}/s | added p99 @{low}/s | max throughput |\n|---|---|---:|---:|---:|"
+    );
+    for kind in [PathKind::Agent, PathKind::AgentPolicies] {
+        let (Some(agent), Some(haproxy)) = (find(results, kind), haproxy) else {
+            continue;
+        };
+        for p in [Protocol::Http1, Protocol::Http2] {
+            let (Some(a), Some(h)) = (protocol(agent, p), protocol(haproxy, p)) else {
+                continue;
+            };
+            let cpu = rate(a, high)
+                .and_then(RateResult::cpu_per_1k)
+                .zip(rate(h, high).and_then(RateResult::cpu_per_1k))
+                .map(|(a, h)| format!("{:.2}", a / h))
+                .unwrap_or_else(|| "-".to_owned());
+            let p99 = added(results, agent, p, low, 0.99)
+                .zip(added(results, haproxy, p, low, 0.99))
+                .map(|(a, h)| {
+                    if h > 0.0 {
+                        format!("{:.2}", a / h)
+                    } else {
+                        format!("{} vs {} ms", signed_ms(a), signed_ms(h))
+                    }
+                })
+                .unwrap_or_else(|| "-".to_owned());
+            let throughput = a.saturation.throughput() / h.saturation.throughput().max(1e-9);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {cpu} | {p99} | {throughput:.2} |",
+                agent.name,
+                p.name()
+            );
+        }
+    }
+    out.push('\n');
+
+    let _ = writeln!(out, "#### Targets\n");
+    let _ = writeln!(out, "| target | measured | met |\n|---|---|---|");
+    let mut line = |target: &str, measured: String, met: Option<bool>| {
+        let met = match met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measurable",
+        };
+        let _ = writeln!(out, "| {target} | {measured} | {met} |");
+    };
+    let agent = find(results, PathKind::AgentPolicies).or(find(results, PathKind::Agent));
+    let cpu_high = |path: Option<&PathResult>| {
+        h1(path)
+            .and_then(|r| rate(r, high))
+            .and_then(RateResult::cpu_per_1k)
+    };
+    if let Some(a) = cpu_high(agent) {
+        let h = cpu_high(haproxy);
+        line(
+            "agent CPU per request ≤ HAProxy's (HTTP/1.1, every policy)",
+            format!(
+                "{a:.4} vs {} CPU s per 1k req",
+                h.map(|h| format!("{h:.4}"))
+                    .unwrap_or_else(|| "-".to_owned())
+            ),
+            h.map(|h| a <= h),
+        );
+        line(
+            "agent < 0.05 vCPU per 1,000 req/s",
+            format!("{a:.4} vCPU per 1k req/s at {high}/s"),
+            Some(a < 0.05),
+        );
+    }
+    if let Some(agent) = agent {
+        let a = added(results, agent, Protocol::Http1, low, 0.99);
+        let h = haproxy.and_then(|h| added(results, h, Protocol::Http1, low, 0.99));
+        if let Some(a) = a {
+            // A proxied path faster than direct at p99 means the direct run's tail was
+            // noise (other work on the load CPU); the comparison then says nothing.
+            let noisy = a < 0.0 || h.is_some_and(|h| h < 0.0);
+            let note = if noisy {
+                " (below direct: the direct run's tail was noise; not measurable in this run)"
+            } else {
+                ""
+            };
+            line(
+                &format!("agent added p99 @{low}/s ≤ HAProxy's"),
+                format!(
+                    "{} vs {} ms{note}",
+                    signed_ms(a),
+                    h.map(signed_ms).unwrap_or_else(|| "-".to_owned())
+                ),
+                h.filter(|_| !noisy).map(|h| a <= h),
+            );
+            line(
+                &format!("agent added p99 @{low}/s < 0.1 ms"),
+                format!("{} ms{note}", signed_ms(a)),
+                (!noisy).then_some(a < 0.000_1),
+            );
+        }
+        if let Some(first) = h1(Some(agent)).and_then(|r| r.after_first_rate) {
+            line(
+                &format!("agent RSS < 10 MB @{low}/s"),
+                format!("{} MiB peak", mib(first.peak_rss_kib)),
+                Some(first.peak_rss_kib * 1024 < 10_000_000),
+            );
+        }
+    }
+    let few = cpu_high(find(results, PathKind::Agent));
+    let many_path = find(results, PathKind::AgentManyServices);
+    if let (Some(few), Some(many)) = (few, cpu_high(many_path)) {
+        line(
+            "agent cost flat in services in view",
+            format!(
+                "{few:.4} CPU s per 1k req with the main row's services, {many:.4} with {}",
+                many_path.map(|p| p.name.as_str()).unwrap_or_default()
+            ),
+            Some(many <= few * 1.25),
+        );
+    }
+    for s in &results.scale {
+        if s.scenario.agents >= 10_000 {
+            let p99 = Duration::from_nanos(s.propagation.value_at_quantile(0.99));
+            line(
+                &format!(
+                    "control plane: {} agents ACKed < 1 s at p99 ({} services)",
+                    s.scenario.agents, s.scenario.services
+                ),
+                format!("{} ms", ms(p99)),
+                Some(p99 < Duration::from_secs(1)),
+            );
+            line(
+                &format!("control plane RSS < 256 MB ({} agents)", s.scenario.agents),
+                format!("{} MiB peak", mib(s.peak_rss_kib)),
+                Some(s.peak_rss_kib * 1024 < 256_000_000),
+            );
+        }
+    }
+    out.push('\n');
+}
+
+fn scale(out: &mut String, results: &Results) {
+    if results.scale.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "#### Control plane: one policy change to every agent\n"
+    );
+    let _ = writeln!(
+        out,
+        "| agents | services | all connected s | change→ACK p50 / p99 / max ms | all ACKs counted ms | bytes per change (per agent) | CPU s per change | CPU s to connect all | RSS / peak MiB | /agents bytes |\n|---:|---:|---:|---|---:|---|---:|---:|---:|---:|"
+    );
+    for s in &results.scale {
+        let q = |x: f64| ms(Duration::from_nanos(s.propagation.value_at_quantile(x)));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} | {} / {} / {} | {} | {} ({}) | {:.3} | {:.2} | {} / {} | {} |",
+            s.scenario.agents,
+            s.scenario.services,
+            s.connect_all.as_secs_f64(),
+            q(0.5),
+            q(0.99),
+            ms(Duration::from_nanos(s.propagation.max())),
+            s.acked_at_control_plane
+                .map(ms)
+                .unwrap_or_else(|| "-".to_owned()),
+            s.bytes_per_change,
+            s.bytes_per_change / s.scenario.agents.max(1) as u64,
+            s.cpu_per_change.as_secs_f64(),
+            s.cpu_connect.as_secs_f64(),
+            mib(s.rss_kib),
+            mib(s.peak_rss_kib),
+            s.agents_page_bytes
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "-".to_owned()),
+        );
+    }
+    out.push('\n');
+}
+
+/// Replaces the text between [`BEGIN`] and [`END`] in `doc` with `results`, or appends
+/// both markers and the results when the document has none.
+pub fn splice(doc: &str, results: &str) -> String {
+    match (doc.find(BEGIN), doc.find(END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            format!("{}{BEGIN}\n{results}{}", &doc[..begin], &doc[end..])
+        }
+        _ => format!("{doc}\n{BEGIN}\n{results}{END}\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_replace_what_was_between_the_markers() {
+        let doc = format!("# Bench\n\nintro\n\n{BEGIN}\nold table\n{END}\n\n## Analysis\n");
+        let new = splice(&doc, "new table\n");
+        assert_eq!(
+            new,
+            format!("# Bench\n\nintro\n\n{BEGIN}\nnew table\n{END}\n\n## Analysis\n")
+        );
+        assert_eq!(splice(&new, "new table\n"), new, "idempotent");
+    }
+
+    #[test]
+    fn a_document_without_markers_gets_them_at_the_end() {
+        let new = splice("# Bench\n", "t\n");
+        assert_eq!(new, format!("# Bench\n\n{BEGIN}\nt\n{END}\n"));
+    }
+}
