@@ -48,11 +48,19 @@ struct Args {
     webhook_addr: Option<SocketAddr>,
 
     /// Folder holding the webhook's `tls.crt` and `tls.key` (re-read when they change).
-    #[arg(long, env = "BULWARK_CP_WEBHOOK_CERT_DIR", default_value = "/var/run/bulwark/webhook-tls")]
+    #[arg(
+        long,
+        env = "BULWARK_CP_WEBHOOK_CERT_DIR",
+        default_value = "/var/run/bulwark/webhook-tls"
+    )]
     webhook_cert_dir: PathBuf,
 
     /// What the webhook injects (YAML: image, controlPlaneAddress, ports, resources, ...).
-    #[arg(long, env = "BULWARK_CP_WEBHOOK_CONFIG", default_value = "/etc/bulwark/inject.yaml")]
+    #[arg(
+        long,
+        env = "BULWARK_CP_WEBHOOK_CONFIG",
+        default_value = "/etc/bulwark/inject.yaml"
+    )]
     webhook_config: PathBuf,
 
     /// Log format; the level comes from RUST_LOG (default `info`).
@@ -131,6 +139,7 @@ async fn start_webhook(
     let settings = webhook::Settings {
         addr,
         cert_dir,
+        cert_reload: webhook::DEFAULT_CERT_RELOAD,
         inject,
         native,
     };

@@ -42,8 +42,8 @@ pub const DEFAULT_ADDR: &str = "0.0.0.0:9443";
 const MAX_BODY: usize = 8 * 1024 * 1024;
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the certificate folder is re-read.
-const CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+/// Default [`Settings::cert_reload`]: how often the certificate folder is re-read.
+pub const DEFAULT_CERT_RELOAD: Duration = Duration::from_secs(10);
 
 /// How to run the webhook.
 #[derive(Clone, Debug)]
@@ -54,6 +54,8 @@ pub struct Settings {
     pub cert_dir: PathBuf,
     /// What to inject.
     pub inject: InjectConfig,
+    /// How often the certificate folder is re-read; more than zero.
+    pub cert_reload: Duration,
     /// Whether the agent goes in as a native sidecar (decided from `sidecarMode` and
     /// the API server's version by the caller, see [`native_sidecars`]).
     pub native: bool,
@@ -135,7 +137,10 @@ impl Webhook {
             source,
         })?;
         let (shutdown, stop) = watch::channel(false);
-        let reload = tokio::spawn(cert.watch(CERT_RELOAD_INTERVAL, stop.clone()));
+        let reload = tokio::spawn(cert.watch(
+            settings.cert_reload.max(Duration::from_millis(10)),
+            stop.clone(),
+        ));
         let handler = Arc::new(Handler {
             config: settings.inject,
             native: settings.native,
@@ -196,6 +201,19 @@ async fn serve(
             .instrument(info_span!("webhook", %peer)),
         );
     }
+}
+
+/// The review as JSON with its patch base64-encoded, as the API defines `[]byte` fields
+/// (kube-core writes the bytes as a JSON array of numbers).
+fn encode_patch(review: AdmissionReview<DynamicObject>) -> serde_json::Value {
+    use base64::Engine as _;
+    let patch = review.response.as_ref().and_then(|r| r.patch.clone());
+    let mut value = serde_json::to_value(review).unwrap_or_default();
+    if let (Some(patch), Some(response)) = (patch, value.get_mut("response")) {
+        response["patch"] =
+            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
+    }
+    value
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
@@ -277,7 +295,7 @@ impl Handler {
             }
         };
         let response = self.review(&request, namespace_enabled);
-        json(StatusCode::OK, &response.into_review())
+        json(StatusCode::OK, &encode_patch(response.into_review()))
     }
 
     fn review(
@@ -333,7 +351,10 @@ mod tests {
         assert_eq!(native_sidecars(auto, "1", "28"), Some(false));
         assert_eq!(native_sidecars(auto, "2", "0"), Some(true));
         assert_eq!(native_sidecars(auto, "", "x"), None);
-        assert_eq!(native_sidecars(SidecarMode::Container, "1", "31"), Some(false));
+        assert_eq!(
+            native_sidecars(SidecarMode::Container, "1", "31"),
+            Some(false)
+        );
         assert_eq!(native_sidecars(SidecarMode::Native, "1", "20"), Some(true));
     }
 }

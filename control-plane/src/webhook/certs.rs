@@ -70,8 +70,8 @@ fn certified_key(dir: &Path, pems: &Pems) -> Result<CertifiedKey, CertError> {
     if chain.is_empty() {
         return Err(pem_error(CERT_FILE, "no CERTIFICATE block".to_owned()));
     }
-    let key = PrivateKeyDer::from_pem_slice(&pems.key)
-        .map_err(|e| pem_error(KEY_FILE, e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&pems.key).map_err(|e| pem_error(KEY_FILE, e.to_string()))?;
     let key = any_supported_type(&key).map_err(|e| pem_error(KEY_FILE, e.to_string()))?;
     let certified = CertifiedKey::new(chain, key);
     certified

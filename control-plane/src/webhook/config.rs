@@ -220,8 +220,10 @@ mod tests {
         assert!(err.to_string().contains("imagePullPolice"), "{err}");
         let err = InjectConfig::parse(&format!("{base}uid: 0\n")).unwrap_err();
         assert!(err.to_string().contains("non-root"), "{err}");
-        let err = InjectConfig::parse(&format!("{base}ports: {{outbound: 1, inbound: 1, admin: 2}}\n"))
-            .unwrap_err();
+        let err = InjectConfig::parse(&format!(
+            "{base}ports: {{outbound: 1, inbound: 1, admin: 2}}\n"
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("must differ"), "{err}");
         let err = InjectConfig::parse(&format!("{base}sidecarMode: Sometimes\n")).unwrap_err();
         assert!(err.to_string().contains("sidecarMode"), "{err}");

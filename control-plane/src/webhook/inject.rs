@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe,
     ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -106,9 +106,10 @@ pub fn decide(
     let annotations = pod.metadata.annotations.as_ref();
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
     let has_agent = spec.is_some_and(|s| {
-        s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| {
-            c.name == AGENT_CONTAINER || c.name == INIT_CONTAINER
-        })
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .any(|c| c.name == AGENT_CONTAINER || c.name == INIT_CONTAINER)
     });
     if annotation(INJECTED).is_some() || has_agent {
         return Err(Skip::AlreadyInjected);
@@ -137,7 +138,10 @@ pub fn patch(pod: &Pod, config: &InjectConfig, native: bool) -> Result<Patch, In
     }
     if has_init {
         for (i, container) in front.into_iter().enumerate() {
-            ops.push(add(&["spec", "initContainers", &i.to_string()], to_value(container)));
+            ops.push(add(
+                &["spec", "initContainers", &i.to_string()],
+                to_value(container),
+            ));
         }
     } else {
         ops.push(add(&["spec", "initContainers"], to_value(front)));
@@ -366,19 +370,34 @@ fn agent_container(
     }
     let ports = &config.ports;
     let mut env_vars = vec![
-        env("BULWARK_CONTROL_PLANE", config.control_plane_address.clone()),
+        env(
+            "BULWARK_CONTROL_PLANE",
+            config.control_plane_address.clone(),
+        ),
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        env("BULWARK_OUTBOUND_ADDR", format!("127.0.0.1:{}", ports.outbound)),
+        env(
+            "BULWARK_OUTBOUND_ADDR",
+            format!("127.0.0.1:{}", ports.outbound),
+        ),
         env("BULWARK_ADMIN_ADDR", format!("0.0.0.0:{}", ports.admin)),
         env("RUST_LOG", config.log_level.clone()),
     ];
     if config.ipv6 {
-        env_vars.push(env("BULWARK_OUTBOUND_ADDR_V6", format!("[::1]:{}", ports.outbound)));
-        env_vars.push(env("BULWARK_INBOUND_TRANSPARENT", format!("[::]:{}", ports.inbound)));
+        env_vars.push(env(
+            "BULWARK_OUTBOUND_ADDR_V6",
+            format!("[::1]:{}", ports.outbound),
+        ));
+        env_vars.push(env(
+            "BULWARK_INBOUND_TRANSPARENT",
+            format!("[::]:{}", ports.inbound),
+        ));
     } else {
-        env_vars.push(env("BULWARK_INBOUND_TRANSPARENT", format!("0.0.0.0:{}", ports.inbound)));
+        env_vars.push(env(
+            "BULWARK_INBOUND_TRANSPARENT",
+            format!("0.0.0.0:{}", ports.inbound),
+        ));
     }
     // The agent's identity labels: the pod's labels as created (the agent reports them
     // to the control plane, which matches policy targets against them).
