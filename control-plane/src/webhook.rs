@@ -1,11 +1,12 @@
 //! The sidecar-injection webhook: `admission.k8s.io/v1` `AdmissionReview`s over HTTPS
 //! at `/inject`, answered with a JSON patch that adds the agent (see [`inject`]).
 //!
-//! The chart registers two webhooks on the same endpoint: one for namespaces labelled
-//! `bulwark.io/inject=enabled` (path `/inject?namespace=enabled`, failure policy from
+//! The chart registers two webhooks: one for namespaces labelled
+//! `bulwark.io/inject=enabled` (path [`ENABLED_NAMESPACE_PATH`], failure policy from
 //! values, `Fail` by default) and one for every other namespace except the system ones
-//! (path `/inject`, failure policy `Ignore`), where only an annotated pod is injected.
-//! So the webhook needs no access to Namespaces.
+//! (path [`PATH`], failure policy `Ignore`), where only an annotated pod is injected.
+//! So the webhook needs no access to Namespaces. (A webhook path cannot carry a query
+//! string: the API server accepts only DNS-label segments.)
 //!
 //! The serving certificate comes from a folder (the chart's TLS Secret) and is re-read
 //! when it changes ([`certs`]).
@@ -35,6 +36,11 @@ pub mod config;
 pub mod inject;
 
 pub use config::{InjectConfig, SidecarMode};
+
+/// Reviews of pods whose namespace does not carry `bulwark.io/inject=enabled`.
+pub const PATH: &str = "/inject";
+/// Reviews of pods whose namespace carries `bulwark.io/inject=enabled`.
+pub const ENABLED_NAMESPACE_PATH: &str = "/inject/enabled-namespace";
 
 /// Default `--webhook-addr`.
 pub const DEFAULT_ADDR: &str = "0.0.0.0:9443";
@@ -255,18 +261,16 @@ fn invalid(status: StatusCode, reason: String) -> Response<Body> {
 
 impl Handler {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        match (request.method(), request.uri().path()) {
+        let path = request.uri().path();
+        let namespace_enabled = path == ENABLED_NAMESPACE_PATH;
+        match (request.method(), path) {
             (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
-            (&Method::POST, "/inject") => {}
-            (_, "/inject") => {
+            (&Method::POST, PATH | ENABLED_NAMESPACE_PATH) => {}
+            (_, PATH | ENABLED_NAMESPACE_PATH) => {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
             }
             _ => return text(StatusCode::NOT_FOUND, "not found: try POST /inject\n"),
         }
-        let namespace_enabled = request
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|kv| kv == "namespace=enabled"));
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
             Err(error) => {
