@@ -11,7 +11,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 use bulwark_control_plane::crds::RBAC_RULES;
 use bulwark_control_plane::webhook::{self, InjectConfig, Webhook};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -38,32 +37,45 @@ fn helm() -> PathBuf {
     }
     let helm = root().join(".tools/bin/helm");
     if !helm.exists() {
-        let status = Command::new(root().join("hack/install-helm.sh")).status().unwrap();
+        let status = Command::new(root().join("hack/install-helm.sh"))
+            .status()
+            .expect("running hack/install-helm.sh");
         assert!(status.success(), "hack/install-helm.sh failed");
     }
     helm
 }
 
 fn run_helm(args: &[&str]) -> String {
-    let output = Command::new(helm()).args(args).current_dir(root()).output().unwrap();
+    let output = Command::new(helm())
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("running helm");
     assert!(
         output.status.success(),
         "helm {args:?} failed:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout).unwrap()
+    String::from_utf8(output.stdout).expect("running helm")
 }
 
 /// The manifests `helm template` renders with `--set` overrides, CRDs included.
 fn render(sets: &[&str]) -> Vec<Value> {
-    let mut args = vec!["template", "bulwark", "charts/bulwark", "--namespace", NAMESPACE, "--include-crds"];
+    let mut args = vec![
+        "template",
+        "bulwark",
+        "charts/bulwark",
+        "--namespace",
+        NAMESPACE,
+        "--include-crds",
+    ];
     for set in sets {
         args.extend(["--set", set]);
     }
     let text = run_helm(&args);
     serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("helm renders YAML"))
         .filter(|doc: &Value| !doc.is_null())
         .collect()
 }
@@ -72,8 +84,13 @@ fn render(sets: &[&str]) -> Vec<Value> {
 fn typed<T: DeserializeOwned + serde::Serialize>(doc: &Value) -> T {
     let parsed: T = serde_json::from_value(doc.clone())
         .unwrap_or_else(|e| panic!("{} does not parse: {e}\n{doc:#}", name_of(doc)));
-    let back = serde_json::to_value(&parsed).unwrap();
-    assert_eq!(&back, doc, "{} has fields its type does not know", name_of(doc));
+    let back = serde_json::to_value(&parsed).expect("serializing a k8s-openapi value");
+    assert_eq!(
+        &back,
+        doc,
+        "{} has fields its type does not know",
+        name_of(doc)
+    );
     parsed
 }
 
@@ -85,7 +102,10 @@ fn name_of(doc: &Value) -> String {
 fn check_types(docs: &[Value]) -> Vec<String> {
     let mut kinds = Vec::new();
     for doc in docs {
-        let kind = doc["kind"].as_str().unwrap().to_owned();
+        let kind = doc["kind"]
+            .as_str()
+            .expect("a rendered manifest has a kind")
+            .to_owned();
         match kind.as_str() {
             "ServiceAccount" => drop(typed::<ServiceAccount>(doc)),
             "ConfigMap" => drop(typed::<ConfigMap>(doc)),
@@ -107,8 +127,17 @@ fn check_types(docs: &[Value]) -> Vec<String> {
         }
         let labels = &doc["metadata"]["labels"];
         if kind != "CustomResourceDefinition" {
-            for key in ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by", "helm.sh/chart"] {
-                assert!(labels.get(key).is_some(), "{} lacks label {key}", name_of(doc));
+            for key in [
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/managed-by",
+                "helm.sh/chart",
+            ] {
+                assert!(
+                    labels.get(key).is_some(),
+                    "{} lacks label {key}",
+                    name_of(doc)
+                );
             }
         }
         kinds.push(kind);
@@ -126,15 +155,24 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 fn the_chart_lints_clean_with_default_and_overridden_values() {
     run_helm(&["lint", "--strict", "charts/bulwark"]);
     run_helm(&[
-        "lint", "--strict", "charts/bulwark",
-        "--set", "webhook.sidecarMode=Container,controlPlane.replicas=1,metrics.serviceMonitor.enabled=true",
+        "lint",
+        "--strict",
+        "charts/bulwark",
+        "--set",
+        "webhook.sidecarMode=Container,controlPlane.replicas=1,metrics.serviceMonitor.enabled=true",
     ]);
 }
 
 #[test]
 fn values_outside_the_schema_are_refused_with_the_field() {
     let output = Command::new(helm())
-        .args(["template", "bulwark", "charts/bulwark", "--set", "webhook.failurePolicy=Sometimes"])
+        .args([
+            "template",
+            "bulwark",
+            "charts/bulwark",
+            "--set",
+            "webhook.failurePolicy=Sometimes",
+        ])
         .current_dir(root())
         .output()
         .unwrap();
@@ -142,7 +180,13 @@ fn values_outside_the_schema_are_refused_with_the_field() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/webhook/failurePolicy"), "{stderr}");
     let output = Command::new(helm())
-        .args(["template", "bulwark", "charts/bulwark", "--set", "agent.imagee=x"])
+        .args([
+            "template",
+            "bulwark",
+            "charts/bulwark",
+            "--set",
+            "agent.imagee=x",
+        ])
         .current_dir(root())
         .output()
         .unwrap();
@@ -158,9 +202,18 @@ fn default_manifests_parse_into_their_types_with_no_unknown_fields() {
     assert_eq!(
         kinds,
         [
-            "ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition",
-            "CustomResourceDefinition", "CustomResourceDefinition", "Deployment",
-            "MutatingWebhookConfiguration", "PodDisruptionBudget", "Secret", "Service", "Service",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "Deployment",
+            "MutatingWebhookConfiguration",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service",
+            "Service",
             "ServiceAccount",
         ]
     );
@@ -177,23 +230,57 @@ fn default_manifests_parse_into_their_types_with_no_unknown_fields() {
     assert!(container.readiness_probe.is_some() && container.liveness_probe.is_some());
     assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
     let args = container.args.as_ref().unwrap();
-    assert!(args.contains(&"--webhook-addr=0.0.0.0:9443".to_owned()), "{args:?}");
-    assert!(args.contains(&"--grpc-addr=0.0.0.0:9990".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--webhook-addr=0.0.0.0:9443".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--grpc-addr=0.0.0.0:9990".to_owned()),
+        "{args:?}"
+    );
 }
 
 #[test]
 fn overridden_manifests_parse_into_their_types_too() {
     for sets in [
-        &["controlPlane.replicas=1", "metrics.serviceMonitor.enabled=true", "serviceAccount.create=false"][..],
-        &["webhook.sidecarMode=Container", "fullnameOverride=mesh", "controlPlane.ports.grpc=7000", "agent.ipv6=true", "agent.skipOutboundCIDRs={169.254.169.254/32}"][..],
-        &["controlPlane.podAntiAffinity=false", "controlPlane.nodeSelector.disk=ssd", "imagePullSecrets[0].name=regcred", "webhook.failurePolicy=Ignore", "agent.image.pullPolicy=Always"][..],
+        &[
+            "controlPlane.replicas=1",
+            "metrics.serviceMonitor.enabled=true",
+            "serviceAccount.create=false",
+        ][..],
+        &[
+            "webhook.sidecarMode=Container",
+            "fullnameOverride=mesh",
+            "controlPlane.ports.grpc=7000",
+            "agent.ipv6=true",
+            "agent.skipOutboundCIDRs={169.254.169.254/32}",
+        ][..],
+        &[
+            "controlPlane.podAntiAffinity=false",
+            "controlPlane.nodeSelector.disk=ssd",
+            "imagePullSecrets[0].name=regcred",
+            "webhook.failurePolicy=Ignore",
+            "agent.image.pullPolicy=Always",
+        ][..],
     ] {
         let docs = render(sets);
         let kinds = check_types(&docs);
         let single = sets.contains(&"controlPlane.replicas=1");
-        assert_eq!(kinds.contains(&"PodDisruptionBudget".to_owned()), !single, "{sets:?}");
-        assert_eq!(kinds.contains(&"ServiceMonitor".to_owned()), single, "{sets:?}");
-        assert_eq!(kinds.contains(&"ServiceAccount".to_owned()), !single, "{sets:?}");
+        assert_eq!(
+            kinds.contains(&"PodDisruptionBudget".to_owned()),
+            !single,
+            "{sets:?}"
+        );
+        assert_eq!(
+            kinds.contains(&"ServiceMonitor".to_owned()),
+            single,
+            "{sets:?}"
+        );
+        assert_eq!(
+            kinds.contains(&"ServiceAccount".to_owned()),
+            !single,
+            "{sets:?}"
+        );
     }
 }
 
@@ -211,20 +298,32 @@ fn the_cluster_role_is_exactly_the_generated_rules() {
         })
         .collect();
     assert_eq!(role.rules.unwrap(), expected);
-    let binding: ClusterRoleBinding = typed(find(&docs, "ClusterRoleBinding", "bulwark-control-plane"));
+    let binding: ClusterRoleBinding =
+        typed(find(&docs, "ClusterRoleBinding", "bulwark-control-plane"));
     assert_eq!(binding.role_ref.name, "bulwark-control-plane");
     let subject = &binding.subjects.unwrap()[0];
-    assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), ("bulwark-control-plane", Some(NAMESPACE)));
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("bulwark-control-plane", Some(NAMESPACE))
+    );
 }
 
 #[test]
 fn the_injection_settings_point_agents_at_the_rendered_control_plane() {
-    let docs = render(&["controlPlane.ports.grpc=7000", "agent.image.tag=v9", "webhook.sidecarMode=Container", "agent.skipOutboundCIDRs={169.254.169.254/32}"]);
+    let docs = render(&[
+        "controlPlane.ports.grpc=7000",
+        "agent.image.tag=v9",
+        "webhook.sidecarMode=Container",
+        "agent.skipOutboundCIDRs={169.254.169.254/32}",
+    ]);
     let config: ConfigMap = typed(find(&docs, "ConfigMap", "bulwark-inject"));
     let text = &config.data.unwrap()["inject.yaml"];
     let inject = InjectConfig::parse(text).unwrap();
     assert_eq!(inject.image, "ghcr.io/bulwark-mesh/agent:v9");
-    assert_eq!(inject.control_plane_address, "http://bulwark-control-plane.mesh.svc:7000");
+    assert_eq!(
+        inject.control_plane_address,
+        "http://bulwark-control-plane.mesh.svc:7000"
+    );
     assert_eq!(inject.control_plane_namespace, NAMESPACE);
     assert_eq!(inject.sidecar_mode, webhook::SidecarMode::Container);
     assert_eq!(inject.skip_outbound_cidrs, ["169.254.169.254/32"]);
@@ -232,32 +331,66 @@ fn the_injection_settings_point_agents_at_the_rendered_control_plane() {
     // The Service exposes that port to agents.
     let service: Service = typed(find(&docs, "Service", "bulwark-control-plane"));
     let ports = service.spec.unwrap().ports.unwrap();
-    assert!(ports.iter().any(|p| p.port == 7000 && p.name.as_deref() == Some("grpc")));
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.port == 7000 && p.name.as_deref() == Some("grpc"))
+    );
 }
 
 #[test]
 fn the_webhook_configuration_calls_the_webhook_service_and_spares_system_namespaces() {
     let docs = render(&["webhook.annotatedPodsFailurePolicy=Ignore"]);
-    let config: MutatingWebhookConfiguration = typed(find(&docs, "MutatingWebhookConfiguration", "bulwark-webhook"));
+    let config: MutatingWebhookConfiguration = typed(find(
+        &docs,
+        "MutatingWebhookConfiguration",
+        "bulwark-webhook",
+    ));
     let hooks = config.webhooks.unwrap();
     assert_eq!(hooks.len(), 2);
-    let paths: Vec<_> = hooks.iter().map(|h| h.client_config.service.as_ref().unwrap().path.clone().unwrap()).collect();
+    let paths: Vec<_> = hooks
+        .iter()
+        .map(|h| {
+            h.client_config
+                .service
+                .as_ref()
+                .unwrap()
+                .path
+                .clone()
+                .unwrap()
+        })
+        .collect();
     assert_eq!(paths, [webhook::ENABLED_NAMESPACE_PATH, webhook::PATH]);
     assert_eq!(hooks[0].failure_policy.as_deref(), Some("Fail"));
     assert_eq!(hooks[1].failure_policy.as_deref(), Some("Ignore"));
     let service: Service = typed(find(&docs, "Service", "bulwark-webhook"));
     for hook in &hooks {
         let target = hook.client_config.service.as_ref().unwrap();
-        assert_eq!((target.name.as_str(), target.namespace.as_str(), target.port), ("bulwark-webhook", NAMESPACE, Some(443)));
+        assert_eq!(
+            (target.name.as_str(), target.namespace.as_str(), target.port),
+            ("bulwark-webhook", NAMESPACE, Some(443))
+        );
         let rule = &hook.rules.as_ref().unwrap()[0];
         assert_eq!(rule.operations.as_deref(), Some(&["CREATE".to_owned()][..]));
         assert_eq!(rule.resources.as_deref(), Some(&["pods".to_owned()][..]));
-        let selector = hook.namespace_selector.as_ref().unwrap().match_expressions.as_ref().unwrap();
-        let excluded = selector.iter().find(|e| e.key == "kubernetes.io/metadata.name").unwrap();
+        let selector = hook
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_expressions
+            .as_ref()
+            .unwrap();
+        let excluded = selector
+            .iter()
+            .find(|e| e.key == "kubernetes.io/metadata.name")
+            .unwrap();
         assert_eq!(excluded.operator, "NotIn");
         let values = excluded.values.as_ref().unwrap();
         for ns in [NAMESPACE, "kube-system"] {
-            assert!(values.iter().any(|v| v == ns), "{ns} not excluded: {values:?}");
+            assert!(
+                values.iter().any(|v| v == ns),
+                "{ns} not excluded: {values:?}"
+            );
         }
         assert_eq!(hook.side_effects, "None");
     }
@@ -276,8 +409,17 @@ async fn the_generated_certificate_is_trusted_under_the_service_name() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tls.crt"), &data["tls.crt"].0).unwrap();
     std::fs::write(dir.path().join("tls.key"), &data["tls.key"].0).unwrap();
-    let config: MutatingWebhookConfiguration = typed(find(&docs, "MutatingWebhookConfiguration", "bulwark-webhook"));
-    let ca_bundle = config.webhooks.unwrap()[0].client_config.ca_bundle.clone().unwrap().0;
+    let config: MutatingWebhookConfiguration = typed(find(
+        &docs,
+        "MutatingWebhookConfiguration",
+        "bulwark-webhook",
+    ));
+    let ca_bundle = config.webhooks.unwrap()[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .unwrap()
+        .0;
     assert_eq!(ca_bundle, data["ca.crt"].0);
 
     let webhook = Webhook::start(webhook::Settings {
@@ -293,22 +435,35 @@ async fn the_generated_certificate_is_trusted_under_the_service_name() {
     for cert in CertificateDer::pem_slice_iter(&ca_bundle) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    for name in ["bulwark-webhook.mesh.svc", "bulwark-webhook.mesh.svc.cluster.local"] {
-        let tcp = tokio::net::TcpStream::connect(webhook.addr()).await.unwrap();
+    for name in [
+        "bulwark-webhook.mesh.svc",
+        "bulwark-webhook.mesh.svc.cluster.local",
+    ] {
+        let tcp = tokio::net::TcpStream::connect(webhook.addr())
+            .await
+            .unwrap();
         let connect = connector.connect(ServerName::try_from(name).unwrap(), tcp);
         tokio::time::timeout(Duration::from_secs(30), connect)
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
-    let tcp = tokio::net::TcpStream::connect(webhook.addr()).await.unwrap();
-    let wrong = connector.connect(ServerName::try_from("other.mesh.svc").unwrap(), tcp).await;
-    assert!(wrong.is_err(), "a certificate for another name was accepted");
-
+    let tcp = tokio::net::TcpStream::connect(webhook.addr())
+        .await
+        .unwrap();
+    let wrong = connector
+        .connect(ServerName::try_from("other.mesh.svc").unwrap(), tcp)
+        .await;
+    assert!(
+        wrong.is_err(),
+        "a certificate for another name was accepted"
+    );
 }

@@ -28,21 +28,30 @@ const CP_NAMESPACE: &str = "bulwark";
 /// A CA and a serving certificate for `localhost`, written as `tls.crt`/`tls.key`.
 /// Returns the CA's PEM.
 fn write_certs(dir: &Path) -> String {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let ca_key = rcgen::KeyPair::generate().expect("generating test certificates");
+    let mut ca_params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).expect("generating test certificates");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "bulwark-webhook-ca");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca_cert = ca_params
+        .self_signed(&ca_key)
+        .expect("generating test certificates");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.join("tls.crt.tmp"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key.tmp"), key.serialize_pem()).unwrap();
-    std::fs::rename(dir.join("tls.key.tmp"), dir.join("tls.key")).unwrap();
-    std::fs::rename(dir.join("tls.crt.tmp"), dir.join("tls.crt")).unwrap();
+    let key = rcgen::KeyPair::generate().expect("generating test certificates");
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("generating test certificates");
+    let cert = params
+        .signed_by(&key, &issuer)
+        .expect("generating test certificates");
+    std::fs::write(dir.join("tls.crt.tmp"), cert.pem()).expect("generating test certificates");
+    std::fs::write(dir.join("tls.key.tmp"), key.serialize_pem())
+        .expect("generating test certificates");
+    std::fs::rename(dir.join("tls.key.tmp"), dir.join("tls.key"))
+        .expect("generating test certificates");
+    std::fs::rename(dir.join("tls.crt.tmp"), dir.join("tls.crt"))
+        .expect("generating test certificates");
     ca_cert.pem()
 }
 
@@ -53,20 +62,22 @@ struct Running {
 }
 
 async fn start(native: bool, configure: impl FnOnce(&mut InjectConfig)) -> Running {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("starting the webhook under test");
     let ca = write_certs(dir.path());
     let mut inject = InjectConfig::new(IMAGE, CP_ADDR, CP_NAMESPACE);
     inject.version = "0.1.0".to_owned();
     configure(&mut inject);
     let webhook = Webhook::start(webhook::Settings {
-        addr: "127.0.0.1:0".parse().unwrap(),
+        addr: "127.0.0.1:0"
+            .parse()
+            .expect("starting the webhook under test"),
         cert_dir: dir.path().to_owned(),
         cert_reload: Duration::from_millis(100),
         inject,
         native,
     })
     .await
-    .unwrap();
+    .expect("the webhook starts with a test certificate");
     Running { webhook, ca, dir }
 }
 
@@ -80,18 +91,23 @@ async fn send(
 ) -> Result<(StatusCode, Bytes), String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
+        roots
+            .add(cert.expect("building the test request"))
+            .expect("building the test request");
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .unwrap()
+    .expect("ring supports the default TLS versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .connect(
+            ServerName::try_from("localhost").expect("building the test request"),
+            tcp,
+        )
         .await
         .map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -104,13 +120,18 @@ async fn send(
         .header("host", "localhost")
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
-        .unwrap();
+        .expect("a well-formed request");
     let response = sender
         .send_request(request)
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("building the test request")
+        .to_bytes();
     Ok((status, body))
 }
 
@@ -118,8 +139,8 @@ fn fixture(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/webhook")
         .join(name);
-    let text = std::fs::read_to_string(&path).unwrap();
-    serde_yaml_ng::from_str(&text).unwrap()
+    let text = std::fs::read_to_string(&path).expect("reading a webhook fixture");
+    serde_yaml_ng::from_str(&text).expect("reading a webhook fixture")
 }
 
 fn review(pod: &Value, namespace: &str, operation: &str) -> Value {
@@ -151,7 +172,8 @@ async fn admit(running: &Running, pod: &Value, namespace: &str, labelled: bool) 
     } else {
         "/inject"
     };
-    let body = serde_json::to_vec(&review(pod, namespace, "CREATE")).unwrap();
+    let body = serde_json::to_vec(&review(pod, namespace, "CREATE"))
+        .expect("the webhook answers a review");
     let (status, body) = send(
         running.webhook.addr(),
         &running.ca,
@@ -160,9 +182,9 @@ async fn admit(running: &Running, pod: &Value, namespace: &str, labelled: bool) 
         body,
     )
     .await
-    .unwrap();
+    .expect("the webhook answers over HTTPS");
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-    let review: Value = serde_json::from_slice(&body).unwrap();
+    let review: Value = serde_json::from_slice(&body).expect("the webhook answers a review");
     assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(review["kind"], "AdmissionReview");
     let response = review["response"].clone();
@@ -174,14 +196,19 @@ async fn admit(running: &Running, pod: &Value, namespace: &str, labelled: bool) 
 fn apply(pod: &Value, response: &Value) -> (Value, Pod) {
     assert_eq!(response["allowed"], true, "{response}");
     assert_eq!(response["patchType"], "JSONPatch", "{response}");
-    let encoded = response["patch"].as_str().unwrap();
+    let encoded = response["patch"]
+        .as_str()
+        .expect("the webhook returns a valid JSON patch for a valid Pod");
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
-        .unwrap();
-    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        .expect("the patch is base64");
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes)
+        .expect("the webhook returns a valid JSON patch for a valid Pod");
     let mut patched = pod.clone();
-    json_patch::patch(&mut patched, &patch).unwrap();
-    let typed: Pod = serde_json::from_value(patched.clone()).unwrap();
+    json_patch::patch(&mut patched, &patch)
+        .expect("the webhook returns a valid JSON patch for a valid Pod");
+    let typed: Pod = serde_json::from_value(patched.clone())
+        .expect("the webhook returns a valid JSON patch for a valid Pod");
     (patched, typed)
 }
 
