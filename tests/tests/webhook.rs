@@ -168,12 +168,11 @@ fn review(pod: &Value, namespace: &str, operation: &str) -> Value {
 /// The webhook's answer to a review of `pod`.
 async fn admit(running: &Running, pod: &Value, namespace: &str, labelled: bool) -> Value {
     let path = if labelled {
-        "/inject?namespace=enabled"
+        webhook::ENABLED_NAMESPACE_PATH
     } else {
-        "/inject"
+        webhook::PATH
     };
-    let body = serde_json::to_vec(&review(pod, namespace, "CREATE"))
-        .expect("the webhook answers a review");
+    let body = serde_json::to_vec(&review(pod, namespace, "CREATE")).expect("a review serializes");
     let (status, body) = send(
         running.webhook.addr(),
         &running.ca,
