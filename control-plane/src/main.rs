@@ -117,24 +117,14 @@ async fn start_webhook(
     config: &std::path::Path,
 ) -> anyhow::Result<webhook::Webhook> {
     let inject = webhook::InjectConfig::load(config)?;
-    let native = match inject.sidecar_mode {
-        webhook::SidecarMode::Auto => {
+    let native = match webhook::native_sidecars(inject.sidecar_mode, "", "") {
+        Some(native) => native,
+        None => {
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the API server to learn its version (set sidecarMode)")?;
-            let version = client
-                .apiserver_version()
-                .await
-                .context("cannot read the API server's /version (set sidecarMode)")?;
-            webhook::native_sidecars(inject.sidecar_mode, &version.major, &version.minor)
-                .with_context(|| {
-                    format!(
-                        "cannot read the API server's version {:?}.{:?} (set sidecarMode)",
-                        version.major, version.minor
-                    )
-                })?
+            webhook::detect_native(inject.sidecar_mode, &client).await?
         }
-        mode => webhook::native_sidecars(mode, "", "").unwrap_or(true),
     };
     let settings = webhook::Settings {
         addr,

@@ -84,6 +84,11 @@ pub enum Error {
     /// TLS could not be set up.
     #[error("the webhook's TLS settings: {0}")]
     Tls(#[from] rustls::Error),
+    /// The sidecar mode is `Auto` and the API server's version could not be learnt.
+    #[error(
+        "cannot learn the API server's version for sidecarMode Auto (set Native or Container): {0}"
+    )]
+    Version(String),
 }
 
 /// Whether pods get a native sidecar, from the mode and the API server's version
@@ -101,6 +106,30 @@ pub fn native_sidecars(mode: SidecarMode, major: &str, minor: &str) -> Option<bo
             Some(major > 1 || (major == 1 && minor >= 29))
         }
     }
+}
+
+/// Whether pods get a native sidecar: `mode`, or for `Auto` the API server's `/version`.
+pub async fn detect_native(mode: SidecarMode, client: &kube::Client) -> Result<bool, Error> {
+    if let Some(native) = native_sidecars(mode, "", "") {
+        return Ok(native);
+    }
+    let version = client
+        .apiserver_version()
+        .await
+        .map_err(|e| Error::Version(e.to_string()))?;
+    let native = native_sidecars(mode, &version.major, &version.minor).ok_or_else(|| {
+        Error::Version(format!(
+            "unreadable version major {:?} minor {:?}",
+            version.major, version.minor
+        ))
+    })?;
+    info!(
+        major = %version.major,
+        minor = %version.minor,
+        native,
+        "sidecar mode from the API server's version"
+    );
+    Ok(native)
 }
 
 /// A running webhook; dropping it stops it.

@@ -618,3 +618,21 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn auto_mode_picks_native_sidecars_from_the_api_servers_version() {
+    let api = bulwark_tests::apiserver::ApiServer::start().await;
+    let url: http::Uri = format!("http://{}", api.addr()).parse().unwrap();
+    let client = kube::Client::try_from(kube::Config::new(url)).unwrap();
+    for (minor, native) in [("28", false), ("29", true), ("31+", true)] {
+        api.set_version("1", minor);
+        let detected = webhook::detect_native(SidecarMode::Auto, &client).await.unwrap();
+        assert_eq!(detected, native, "1.{minor}");
+    }
+    // A forced mode does not ask.
+    api.set_version("1", "20");
+    assert!(webhook::detect_native(SidecarMode::Native, &client).await.unwrap());
+    api.set_version("1", "x");
+    let error = webhook::detect_native(SidecarMode::Auto, &client).await.unwrap_err();
+    assert!(error.to_string().contains("set Native or Container"), "{error}");
+}
