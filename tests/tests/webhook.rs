@@ -626,13 +626,24 @@ async fn auto_mode_picks_native_sidecars_from_the_api_servers_version() {
     let client = kube::Client::try_from(kube::Config::new(url)).unwrap();
     for (minor, native) in [("28", false), ("29", true), ("31+", true)] {
         api.set_version("1", minor);
-        let detected = webhook::detect_native(SidecarMode::Auto, &client).await.unwrap();
+        let detected = webhook::detect_native(SidecarMode::Auto, &client)
+            .await
+            .unwrap();
         assert_eq!(detected, native, "1.{minor}");
     }
     // A forced mode does not ask.
     api.set_version("1", "20");
-    assert!(webhook::detect_native(SidecarMode::Native, &client).await.unwrap());
+    assert!(
+        webhook::detect_native(SidecarMode::Native, &client)
+            .await
+            .unwrap()
+    );
     api.set_version("1", "x");
-    let error = webhook::detect_native(SidecarMode::Auto, &client).await.unwrap_err();
-    assert!(error.to_string().contains("set Native or Container"), "{error}");
+    let error = webhook::detect_native(SidecarMode::Auto, &client)
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("set Native or Container"),
+        "{error}"
+    );
 }
