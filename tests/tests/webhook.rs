@@ -647,3 +647,82 @@ async fn auto_mode_picks_native_sidecars_from_the_api_servers_version() {
         "{error}"
     );
 }
+
+/// The `bulwark-control-plane` binary with the webhook flags: it serves reviews with the
+/// settings file, and refuses a settings file with an unknown key, naming it.
+#[tokio::test]
+async fn the_binary_serves_the_webhook_from_its_flags() {
+    let binary = bulwark_tests::netns::binary("bulwark-control-plane").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("tls");
+    std::fs::create_dir(&certs).unwrap();
+    let ca = write_certs(&certs);
+    let mesh = dir.path().join("mesh");
+    std::fs::create_dir(&mesh).unwrap();
+    let config = dir.path().join("inject.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "image: {IMAGE}\ncontrolPlaneAddress: {CP_ADDR}\ncontrolPlaneNamespace: {CP_NAMESPACE}\n\
+             sidecarMode: Container\nversion: 0.1.0\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let spawn = |config: &Path| {
+        tokio::process::Command::new(&binary)
+            .arg(format!("--source=dir:{}", mesh.display()))
+            .args(["--grpc-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0"])
+            .arg(format!("--webhook-addr={addr}"))
+            .arg(format!("--webhook-cert-dir={}", certs.display()))
+            .arg(format!("--webhook-config={}", config.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let _child = spawn(&config);
+    let pod = fixture("plain.yaml");
+    let body = serde_json::to_vec(&review(&pod, "shop", "CREATE")).unwrap();
+    let reply = bulwark_tests::poll_until(
+        Duration::from_secs(60),
+        "the binary's webhook answers",
+        || {
+            let (ca, body) = (ca.clone(), body.clone());
+            async move {
+                send(
+                    addr,
+                    &ca,
+                    Method::POST,
+                    webhook::ENABLED_NAMESPACE_PATH,
+                    body,
+                )
+                .await
+                .ok()
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let response: Value = serde_json::from_slice::<Value>(&reply.1).unwrap()["response"].clone();
+    let (_, typed) = apply(&pod, &response);
+    // sidecarMode: Container from the file: the agent is the first container.
+    assert_eq!(typed.spec.unwrap().containers[0].name, "bulwark-agent");
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "image: a\ncontrolPlaneAddress: b\ncontrolPlaneNamespace: c\nsidecarMod: Native\n",
+    )
+    .unwrap();
+    let output = spawn(&bad).wait_with_output().await.unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sidecarMod"), "{stderr}");
+}
