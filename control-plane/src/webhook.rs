@@ -351,6 +351,11 @@ impl Handler {
             Ok(pod) => pod,
             Err(error) => return response.deny(format!("the object is not a valid Pod: {error}")),
         };
+        let mut response = response;
+        if let Some(warning) = inject::unknown_inject_value(&pod) {
+            // Shown by kubectl; the value is ignored, as if unset.
+            response.warnings = Some(vec![warning]);
+        }
         if let Err(skip) = inject::decide(&pod, &namespace, namespace_enabled, &self.config) {
             debug!(reason = %skip, "not injected");
             return response;

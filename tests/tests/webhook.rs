@@ -726,3 +726,18 @@ async fn the_binary_serves_the_webhook_from_its_flags() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("sidecarMod"), "{stderr}");
 }
+
+#[tokio::test]
+async fn an_unknown_inject_value_is_ignored_with_a_warning() {
+    let running = start(true, |_| {}).await;
+    let mut pod = fixture("plain.yaml");
+    pod["metadata"]["annotations"] = json!({"bulwark.io/inject": "true"});
+    let response = admit(&running, &pod, "shop", false).await;
+    no_patch(&response);
+    let warning = response["warnings"][0].as_str().unwrap();
+    assert!(warning.contains("\"true\" is neither"), "{warning}");
+    // In a labelled namespace the namespace decides.
+    let response = admit(&running, &pod, "shop", true).await;
+    apply(&pod, &response);
+    assert!(response["warnings"][0].is_string());
+}

@@ -122,6 +122,15 @@ pub fn decide(
     }
 }
 
+/// A warning for a `bulwark.io/inject` annotation that is neither `enabled` nor
+/// `disabled` (such a value is ignored, as if the annotation were not there).
+pub fn unknown_inject_value(pod: &Pod) -> Option<String> {
+    let value = pod.metadata.annotations.as_ref()?.get(INJECT)?;
+    (value != "enabled" && value != "disabled").then(|| {
+        format!("annotation {INJECT}: {value:?} is neither \"enabled\" nor \"disabled\"; ignored")
+    })
+}
+
 /// The JSON patch that injects the agent into `pod`. `native` puts the agent in as a
 /// native sidecar; otherwise it is the first container with a `postStart` wait.
 pub fn patch(pod: &Pod, config: &InjectConfig, native: bool) -> Result<Patch, InvalidAnnotation> {
