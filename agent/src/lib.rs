@@ -21,6 +21,8 @@ pub mod retry;
 pub mod settings;
 pub mod subscription;
 pub mod telemetry;
+// issue 5: the postStart wait of injected pods without native sidecars
+pub mod wait_ready;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -26,6 +26,20 @@ struct Cli {
 enum Command {
     /// Install the pod's iptables redirect rules (the sidecar's init step; needs NET_ADMIN).
     Init(InitArgs),
+    /// Wait until the agent's admin /ready answers 200 (the postStart hook of injected
+    /// pods without native sidecars).
+    WaitReady(WaitReadyArgs),
+}
+
+/// Flags of `bulwark-agent wait-ready`.
+#[derive(Debug, clap::Args)]
+struct WaitReadyArgs {
+    /// The agent's admin address.
+    #[arg(long, default_value = "127.0.0.1:4191")]
+    admin_addr: SocketAddr,
+    /// How long to wait, in seconds, before failing.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
 }
 
 /// Flags of `bulwark-agent init`.
@@ -198,6 +212,15 @@ async fn main() -> anyhow::Result<()> {
         // init runs as an init container whose log is read in `kubectl describe`.
         Some(Command::Init(init)) => run_init(&init).map_err(|error| {
             eprintln!("Error: {error:#}");
+            std::process::exit(1)
+        }),
+        Some(Command::WaitReady(args)) => bulwark_agent::wait_ready::wait_ready(
+            args.admin_addr,
+            Duration::from_secs(args.timeout_secs),
+        )
+        .await
+        .map_err(|error| {
+            eprintln!("Error: {error}");
             std::process::exit(1)
         }),
         None => run(cli.run).await,

@@ -37,6 +37,8 @@ pub mod status;
 pub mod timestamp;
 pub mod view;
 pub mod wire;
+// issue 5: the sidecar-injection webhook
+pub mod webhook;
 
 #[cfg(test)]
 mod testing;

@@ -2,10 +2,11 @@
 //! of YAML.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bulwark_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, Settings, Source};
+use bulwark_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, Settings, Source, webhook};
 use clap::{Parser, ValueEnum};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -40,6 +41,27 @@ struct Args {
     /// Quiet period after a change in the folder before it is re-read (e.g. 200ms, 1s).
     #[arg(long, env = "BULWARK_CP_DEBOUNCE", default_value = "200ms", value_parser = parse_debounce)]
     debounce: Duration,
+
+    // issue 5: the injection webhook
+    /// Serve the sidecar-injection webhook (HTTPS) on this address; unset: no webhook.
+    #[arg(long, env = "BULWARK_CP_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+
+    /// Folder holding the webhook's `tls.crt` and `tls.key` (re-read when they change).
+    #[arg(
+        long,
+        env = "BULWARK_CP_WEBHOOK_CERT_DIR",
+        default_value = "/var/run/bulwark/webhook-tls"
+    )]
+    webhook_cert_dir: PathBuf,
+
+    /// What the webhook injects (YAML: image, controlPlaneAddress, ports, resources, ...).
+    #[arg(
+        long,
+        env = "BULWARK_CP_WEBHOOK_CONFIG",
+        default_value = "/etc/bulwark/inject.yaml"
+    )]
+    webhook_config: PathBuf,
 
     /// Log format; the level comes from RUST_LOG (default `info`).
     #[arg(long, env = "BULWARK_CP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -87,6 +109,35 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     }
 }
 
+/// Starts the injection webhook, asking the API server's version when the sidecar mode
+/// is `Auto`.
+async fn start_webhook(
+    addr: SocketAddr,
+    cert_dir: PathBuf,
+    config: &std::path::Path,
+) -> anyhow::Result<webhook::Webhook> {
+    let inject = webhook::InjectConfig::load(config)?;
+    let native = match webhook::native_sidecars(inject.sidecar_mode, "", "") {
+        Some(native) => native,
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the API server to learn its version (set sidecarMode)")?;
+            webhook::detect_native(inject.sidecar_mode, &client).await?
+        }
+    };
+    let settings = webhook::Settings {
+        addr,
+        cert_dir,
+        cert_reload: webhook::DEFAULT_CERT_RELOAD,
+        inject,
+        native,
+    };
+    webhook::Webhook::start(settings)
+        .await
+        .context("the injection webhook could not start")
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -123,6 +174,12 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         debounce: args.debounce,
+    };
+    // issue 5: the injection webhook starts first, so pods created while the source
+    // syncs are not refused.
+    let _webhook = match args.webhook_addr {
+        Some(addr) => Some(start_webhook(addr, args.webhook_cert_dir, &args.webhook_config).await?),
+        None => None,
     };
     let mut control_plane = ControlPlane::start(settings)
         .await

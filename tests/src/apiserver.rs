@@ -156,6 +156,8 @@ struct State {
     oldest: u64,
     requests: Vec<Recorded>,
     next_uid: u64,
+    /// What `/version` reports as (major, minor); default 1.31.
+    version: Option<(String, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -597,6 +599,11 @@ impl ApiServer {
         ))
     }
 
+    /// Sets what `/version` reports, e.g. ("1", "28") (issue 5: the webhook's sidecar mode).
+    pub fn set_version(&self, major: &str, minor: &str) {
+        self.shared.lock().version = Some((major.to_owned(), minor.to_owned()));
+    }
+
     /// Every request served so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.lock().requests.clone()
@@ -650,6 +657,23 @@ impl Drop for ApiServer {
 
 async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
     let (parts, body) = request.into_parts();
+    // issue 5: `/version` (public, not a resource: not recorded).
+    if parts.method == Method::GET && parts.uri.path() == "/version" {
+        let (major, minor) = shared
+            .lock()
+            .version
+            .clone()
+            .unwrap_or_else(|| ("1".to_owned(), "31".to_owned()));
+        return respond(
+            StatusCode::OK,
+            &json!({
+                "major": major, "minor": minor,
+                "gitVersion": format!("v{major}.{minor}.0"), "gitCommit": "test",
+                "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64",
+            }),
+        );
+    }
     let Some(target) = parse_path(parts.uri.path()) else {
         return error(
             StatusCode::NOT_FOUND,

@@ -1,0 +1,469 @@
+//! The Helm chart: `helm lint` and `helm template` with the default values and several
+//! overrides; every rendered manifest parses into its `k8s-openapi` type with no unknown
+//! fields; the ClusterRole is exactly the generated rules; the injection settings parse;
+//! and the generated certificate works with the webhook under the Service's name.
+//!
+//! `helm` comes from `HELM` or `.tools/bin/helm` (installed by `hack/install-helm.sh`,
+//! which `make test` runs through `hack/setup.sh`, and which these tests run too).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_control_plane::crds::RBAC_RULES;
+use bulwark_control_plane::webhook::{self, InjectConfig, Webhook};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const NAMESPACE: &str = "mesh";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The helm binary, installed on first use.
+fn helm() -> PathBuf {
+    if let Some(helm) = std::env::var_os("HELM") {
+        return PathBuf::from(helm);
+    }
+    let helm = root().join(".tools/bin/helm");
+    if !helm.exists() {
+        let status = Command::new(root().join("hack/install-helm.sh"))
+            .status()
+            .expect("running hack/install-helm.sh");
+        assert!(status.success(), "hack/install-helm.sh failed");
+    }
+    helm
+}
+
+fn run_helm(args: &[&str]) -> String {
+    let output = Command::new(helm())
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("running helm");
+    assert!(
+        output.status.success(),
+        "helm {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("running helm")
+}
+
+/// The manifests `helm template` renders with `--set` overrides, CRDs included.
+fn render(sets: &[&str]) -> Vec<Value> {
+    let mut args = vec![
+        "template",
+        "bulwark",
+        "charts/bulwark",
+        "--namespace",
+        NAMESPACE,
+        "--include-crds",
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let text = run_helm(&args);
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("helm renders YAML"))
+        .filter(|doc: &Value| !doc.is_null())
+        .collect()
+}
+
+/// Parses `doc` as `T` and checks that nothing was dropped: re-serialized, it is the same.
+fn typed<T: DeserializeOwned + serde::Serialize>(doc: &Value) -> T {
+    let parsed: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{} does not parse: {e}\n{doc:#}", name_of(doc)));
+    let back = serde_json::to_value(&parsed).expect("serializing a k8s-openapi value");
+    assert_eq!(
+        &back,
+        doc,
+        "{} has fields its type does not know",
+        name_of(doc)
+    );
+    parsed
+}
+
+fn name_of(doc: &Value) -> String {
+    format!("{} {}", doc["kind"], doc["metadata"]["name"])
+}
+
+/// Checks every manifest against its type; returns the kinds in order.
+fn check_types(docs: &[Value]) -> Vec<String> {
+    let mut kinds = Vec::new();
+    for doc in docs {
+        let kind = doc["kind"]
+            .as_str()
+            .expect("a rendered manifest has a kind")
+            .to_owned();
+        match kind.as_str() {
+            "ServiceAccount" => drop(typed::<ServiceAccount>(doc)),
+            "ConfigMap" => drop(typed::<ConfigMap>(doc)),
+            "Secret" => drop(typed::<Secret>(doc)),
+            "Service" => drop(typed::<Service>(doc)),
+            "Deployment" => drop(typed::<Deployment>(doc)),
+            "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(doc)),
+            "ClusterRole" => drop(typed::<ClusterRole>(doc)),
+            "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(doc)),
+            "MutatingWebhookConfiguration" => drop(typed::<MutatingWebhookConfiguration>(doc)),
+            "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(doc)),
+            "ServiceMonitor" => {
+                // prometheus-operator's type is not in k8s-openapi: check its shape.
+                assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1");
+                assert_eq!(doc["spec"]["endpoints"][0]["port"], "admin-http");
+                assert_eq!(doc["spec"]["endpoints"][0]["path"], "/metrics");
+            }
+            other => panic!("unexpected kind {other} rendered"),
+        }
+        let labels = &doc["metadata"]["labels"];
+        if kind != "CustomResourceDefinition" {
+            for key in [
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/managed-by",
+                "helm.sh/chart",
+            ] {
+                assert!(
+                    labels.get(key).is_some(),
+                    "{} lacks label {key}",
+                    name_of(doc)
+                );
+            }
+        }
+        kinds.push(kind);
+    }
+    kinds
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+#[test]
+fn the_chart_lints_clean_with_default_and_overridden_values() {
+    run_helm(&["lint", "--strict", "charts/bulwark"]);
+    run_helm(&[
+        "lint",
+        "--strict",
+        "charts/bulwark",
+        "--set",
+        "webhook.sidecarMode=Container,controlPlane.replicas=1,metrics.serviceMonitor.enabled=true",
+    ]);
+}
+
+#[test]
+fn values_outside_the_schema_are_refused_with_the_field() {
+    let output = Command::new(helm())
+        .args([
+            "template",
+            "bulwark",
+            "charts/bulwark",
+            "--set",
+            "webhook.failurePolicy=Sometimes",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/webhook/failurePolicy"), "{stderr}");
+    let output = Command::new(helm())
+        .args([
+            "template",
+            "bulwark",
+            "charts/bulwark",
+            "--set",
+            "agent.imagee=x",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("imagee"));
+}
+
+#[test]
+fn default_manifests_parse_into_their_types_with_no_unknown_fields() {
+    let docs = render(&[]);
+    let mut kinds = check_types(&docs);
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "Deployment",
+            "MutatingWebhookConfiguration",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service",
+            "Service",
+            "ServiceAccount",
+        ]
+    );
+    let deployment: Deployment = typed(find(&docs, "Deployment", "bulwark-control-plane"));
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.unwrap();
+    let sc = pod.security_context.unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    let container = &pod.containers[0];
+    let csc = container.security_context.as_ref().unwrap();
+    assert_eq!(csc.read_only_root_filesystem, Some(true));
+    assert_eq!(csc.allow_privilege_escalation, Some(false));
+    assert!(container.readiness_probe.is_some() && container.liveness_probe.is_some());
+    assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+    let args = container.args.as_ref().unwrap();
+    assert!(
+        args.contains(&"--webhook-addr=0.0.0.0:9443".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--grpc-addr=0.0.0.0:9990".to_owned()),
+        "{args:?}"
+    );
+}
+
+#[test]
+fn overridden_manifests_parse_into_their_types_too() {
+    for sets in [
+        &[
+            "controlPlane.replicas=1",
+            "metrics.serviceMonitor.enabled=true",
+            "serviceAccount.create=false",
+        ][..],
+        &[
+            "webhook.sidecarMode=Container",
+            "fullnameOverride=mesh",
+            "controlPlane.ports.grpc=7000",
+            "agent.ipv6=true",
+            "agent.skipOutboundCIDRs={169.254.169.254/32}",
+        ][..],
+        &[
+            "controlPlane.podAntiAffinity=false",
+            "controlPlane.nodeSelector.disk=ssd",
+            "imagePullSecrets[0].name=regcred",
+            "webhook.failurePolicy=Ignore",
+            "agent.image.pullPolicy=Always",
+        ][..],
+    ] {
+        let docs = render(sets);
+        let kinds = check_types(&docs);
+        let single = sets.contains(&"controlPlane.replicas=1");
+        assert_eq!(
+            kinds.contains(&"PodDisruptionBudget".to_owned()),
+            !single,
+            "{sets:?}"
+        );
+        assert_eq!(
+            kinds.contains(&"ServiceMonitor".to_owned()),
+            single,
+            "{sets:?}"
+        );
+        assert_eq!(
+            kinds.contains(&"ServiceAccount".to_owned()),
+            !single,
+            "{sets:?}"
+        );
+    }
+}
+
+#[test]
+fn the_cluster_role_is_exactly_the_generated_rules() {
+    let docs = render(&[]);
+    let role: ClusterRole = typed(find(&docs, "ClusterRole", "bulwark-control-plane"));
+    let expected: Vec<PolicyRule> = RBAC_RULES
+        .iter()
+        .map(|rule| PolicyRule {
+            api_groups: Some(rule.api_groups.iter().map(|s| s.to_string()).collect()),
+            resources: Some(rule.resources.iter().map(|s| s.to_string()).collect()),
+            verbs: rule.verbs.iter().map(|s| s.to_string()).collect(),
+            ..PolicyRule::default()
+        })
+        .collect();
+    assert_eq!(role.rules.unwrap(), expected);
+    let binding: ClusterRoleBinding =
+        typed(find(&docs, "ClusterRoleBinding", "bulwark-control-plane"));
+    assert_eq!(binding.role_ref.name, "bulwark-control-plane");
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("bulwark-control-plane", Some(NAMESPACE))
+    );
+}
+
+#[test]
+fn the_injection_settings_point_agents_at_the_rendered_control_plane() {
+    let docs = render(&[
+        "controlPlane.ports.grpc=7000",
+        "agent.image.tag=v9",
+        "webhook.sidecarMode=Container",
+        "agent.skipOutboundCIDRs={169.254.169.254/32}",
+    ]);
+    let config: ConfigMap = typed(find(&docs, "ConfigMap", "bulwark-inject"));
+    let text = &config.data.unwrap()["inject.yaml"];
+    let inject = InjectConfig::parse(text).unwrap();
+    assert_eq!(inject.image, "ghcr.io/bulwark-mesh/agent:v9");
+    assert_eq!(
+        inject.control_plane_address,
+        "http://bulwark-control-plane.mesh.svc:7000"
+    );
+    assert_eq!(inject.control_plane_namespace, NAMESPACE);
+    assert_eq!(inject.sidecar_mode, webhook::SidecarMode::Container);
+    assert_eq!(inject.skip_outbound_cidrs, ["169.254.169.254/32"]);
+    assert_eq!(inject.resources.limits.unwrap()["memory"].0, "128Mi");
+    // The Service exposes that port to agents.
+    let service: Service = typed(find(&docs, "Service", "bulwark-control-plane"));
+    let ports = service.spec.unwrap().ports.unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.port == 7000 && p.name.as_deref() == Some("grpc"))
+    );
+}
+
+#[test]
+fn the_webhook_configuration_calls_the_webhook_service_and_spares_system_namespaces() {
+    let docs = render(&["webhook.annotatedPodsFailurePolicy=Ignore"]);
+    let config: MutatingWebhookConfiguration = typed(find(
+        &docs,
+        "MutatingWebhookConfiguration",
+        "bulwark-webhook",
+    ));
+    let hooks = config.webhooks.unwrap();
+    assert_eq!(hooks.len(), 2);
+    let paths: Vec<_> = hooks
+        .iter()
+        .map(|h| {
+            h.client_config
+                .service
+                .as_ref()
+                .unwrap()
+                .path
+                .clone()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(paths, [webhook::ENABLED_NAMESPACE_PATH, webhook::PATH]);
+    assert_eq!(hooks[0].failure_policy.as_deref(), Some("Fail"));
+    assert_eq!(hooks[1].failure_policy.as_deref(), Some("Ignore"));
+    let service: Service = typed(find(&docs, "Service", "bulwark-webhook"));
+    for hook in &hooks {
+        let target = hook.client_config.service.as_ref().unwrap();
+        assert_eq!(
+            (target.name.as_str(), target.namespace.as_str(), target.port),
+            ("bulwark-webhook", NAMESPACE, Some(443))
+        );
+        let rule = &hook.rules.as_ref().unwrap()[0];
+        assert_eq!(rule.operations.as_deref(), Some(&["CREATE".to_owned()][..]));
+        assert_eq!(rule.resources.as_deref(), Some(&["pods".to_owned()][..]));
+        let selector = hook
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_expressions
+            .as_ref()
+            .unwrap();
+        let excluded = selector
+            .iter()
+            .find(|e| e.key == "kubernetes.io/metadata.name")
+            .unwrap();
+        assert_eq!(excluded.operator, "NotIn");
+        let values = excluded.values.as_ref().unwrap();
+        for ns in [NAMESPACE, "kube-system"] {
+            assert!(
+                values.iter().any(|v| v == ns),
+                "{ns} not excluded: {values:?}"
+            );
+        }
+        assert_eq!(hook.side_effects, "None");
+    }
+    let ports = service.spec.unwrap().ports.unwrap();
+    assert_eq!(ports[0].port, 443);
+}
+
+/// The chart's generated certificate, served by the webhook, verifies against the
+/// MutatingWebhookConfiguration's caBundle under the Service's DNS name, as the API
+/// server dials it.
+#[tokio::test]
+async fn the_generated_certificate_is_trusted_under_the_service_name() {
+    let docs = render(&[]);
+    let secret: Secret = typed(find(&docs, "Secret", "bulwark-webhook-tls"));
+    let data = secret.data.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &data["tls.crt"].0).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &data["tls.key"].0).unwrap();
+    let config: MutatingWebhookConfiguration = typed(find(
+        &docs,
+        "MutatingWebhookConfiguration",
+        "bulwark-webhook",
+    ));
+    let ca_bundle = config.webhooks.unwrap()[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .unwrap()
+        .0;
+    assert_eq!(ca_bundle, data["ca.crt"].0);
+
+    let webhook = Webhook::start(webhook::Settings {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        cert_dir: dir.path().to_owned(),
+        cert_reload: webhook::DEFAULT_CERT_RELOAD,
+        inject: InjectConfig::new("agent:1", "http://cp:9990", NAMESPACE),
+        native: true,
+    })
+    .await
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca_bundle) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    for name in [
+        "bulwark-webhook.mesh.svc",
+        "bulwark-webhook.mesh.svc.cluster.local",
+    ] {
+        let tcp = tokio::net::TcpStream::connect(webhook.addr())
+            .await
+            .unwrap();
+        let connect = connector.connect(ServerName::try_from(name).unwrap(), tcp);
+        tokio::time::timeout(Duration::from_secs(30), connect)
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let tcp = tokio::net::TcpStream::connect(webhook.addr())
+        .await
+        .unwrap();
+    let wrong = connector
+        .connect(ServerName::try_from("other.mesh.svc").unwrap(), tcp)
+        .await;
+    assert!(
+        wrong.is_err(),
+        "a certificate for another name was accepted"
+    );
+}
