@@ -9,6 +9,7 @@ use bulwark_proto::v1 as proto;
 use super::Topology;
 use super::diagnostics::Diagnostic;
 use crate::model::policy::ResiliencePolicy;
+use crate::model::shard::ShardTopology;
 use crate::model::{Kind, Model, ObjectName, Protocol, Service, ServicePort};
 use crate::wire;
 
@@ -19,12 +20,14 @@ pub(super) fn services(
     diagnostics: &mut BTreeSet<Diagnostic>,
 ) -> Vec<proto::Service> {
     let attached = attach(model, diagnostics);
+    let sharded = shard_topologies(model);
     model
         .services
         .values()
         .map(|service| {
             let key = (service.name.namespace.as_str(), service.name.name.as_str());
             let policies = attached.get(&key).map_or(&[][..], Vec::as_slice);
+            let topology_of = sharded.get(&key);
             proto::Service {
                 name: service.name.name.clone(),
                 namespace: service.name.namespace.clone(),
@@ -39,6 +42,9 @@ pub(super) fn services(
                         endpoints: endpoints(service, port, topology),
                         resilience: effective(service, port, policies, diagnostics)
                             .map(wire::resilience),
+                        shard_topology: topology_of
+                            .filter(|(_, section)| section.is_none_or(|s| s == port.name))
+                            .map(|(t, _)| wire::shard_topology(t)),
                     })
                     .collect(),
                 cluster_ips: service
@@ -92,6 +98,22 @@ fn attach<'a>(
         }
     }
     attached
+}
+
+/// The ShardTopology in force on each service (namespace, name), with the port it is
+/// narrowed to: the oldest (creation time, unknown counting as newest, then name) of
+/// those naming the service, as the status writer reports (the others are Conflicted).
+fn shard_topologies(model: &Model) -> HashMap<(&str, &str), (&ShardTopology, Option<&str>)> {
+    let mut ranked: Vec<&ShardTopology> = model.shard_topologies.values().collect();
+    ranked.sort_by_key(|t| (t.created.is_none(), t.created, &t.name));
+    let mut out = HashMap::new();
+    for topology in ranked {
+        for target in &topology.targets {
+            out.entry((topology.name.namespace.as_str(), target.service.as_str()))
+                .or_insert((topology, target.section.as_deref()));
+        }
+    }
+    out
 }
 
 pub(super) fn has_tcp_port(service: &Service, name: &str) -> bool {
