@@ -7,7 +7,7 @@ use std::time::Duration;
 use bulwark_proto::v1;
 use serde::Serialize;
 
-use crate::balance::{Balancer, Strategy};
+use crate::balance::{Balancer, HashOn, Strategy};
 use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::budget::RetryBudget;
 use crate::bulkhead::{Bulkhead, BulkheadConfig};
@@ -81,6 +81,8 @@ pub struct Policy {
     pub bulkhead: Option<BulkheadConfig>,
     /// How endpoints are picked.
     pub strategy: Strategy,
+    /// For consistent hashing: what identifies a session.
+    pub hash_on: Option<HashOn>,
 }
 
 impl TryFrom<Option<&v1::ResiliencePolicy>> for Policy {
@@ -98,6 +100,7 @@ impl TryFrom<Option<&v1::ResiliencePolicy>> for Policy {
                 breaker: None,
                 bulkhead: None,
                 strategy: Strategy::try_from(&v1::LoadBalancer::default())?,
+                hash_on: None,
             });
         };
         let dur = |d: Option<&prost_types::Duration>| {
@@ -123,7 +126,13 @@ impl TryFrom<Option<&v1::ResiliencePolicy>> for Policy {
                 .as_ref()
                 .map(BulkheadConfig::try_from)
                 .transpose()?,
-            strategy: Strategy::try_from(&p.load_balancer.unwrap_or_default())?,
+            strategy: Strategy::try_from(&p.load_balancer.clone().unwrap_or_default())?,
+            hash_on: p
+                .load_balancer
+                .as_ref()
+                .and_then(|lb| lb.hash_on.as_ref())
+                .map(HashOn::try_from)
+                .transpose()?,
         })
     }
 }

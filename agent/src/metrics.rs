@@ -245,11 +245,12 @@ impl Metrics {
             }
             l
         };
+        // One `get_or_create` at a time: its guard holds the family's lock, and a
+        // second call while it lives would wait for a write lock forever.
         let by_role = |family: &Family<Labels, Counter>| {
-            [
-                family.get_or_create(&labels(Some("primary"))).clone(),
-                family.get_or_create(&labels(Some("replica"))).clone(),
-            ]
+            let primary = family.get_or_create(&labels(Some("primary"))).clone();
+            let replica = family.get_or_create(&labels(Some("replica"))).clone();
+            [primary, replica]
         };
         ShardMetrics {
             requests: by_role(&self.shard.requests),

@@ -362,10 +362,15 @@ impl ShardRouter {
 
 impl Route<'_> {
     /// Picks the copy for one try, preferring endpoints not in `avoid`.
-    pub fn pick(&self, avoid: &[SocketAddr]) -> Result<(Picked, Role), ShardPickError> {
+    /// `affinity` is the session key for consistent hashing, if any.
+    pub fn pick(
+        &self,
+        avoid: &[SocketAddr],
+        affinity: Option<u64>,
+    ) -> Result<(Picked, Role), ShardPickError> {
         let shard = self.shard;
         if self.write {
-            return match shard.primary.pick(avoid) {
+            return match shard.primary.pick_keyed(avoid, affinity) {
                 Ok(p) => Ok((p, Role::Primary)),
                 Err(_) => {
                     shard.metrics.error(Role::Primary);
@@ -376,7 +381,7 @@ impl Route<'_> {
         if !self.primary_read
             && let Some(replicas) = &shard.replicas
         {
-            match replicas.pick(avoid) {
+            match replicas.pick_keyed(avoid, affinity) {
                 Ok(p) => return Ok((p, Role::Replica)),
                 Err(error) => {
                     tracing::debug!(shard = %shard.name, %error, "no replica admits the read; falling back to the primary");
@@ -386,7 +391,7 @@ impl Route<'_> {
         }
         shard
             .primary
-            .pick(avoid)
+            .pick_keyed(avoid, affinity)
             .map(|p| (p, Role::Primary))
             .map_err(|e| {
                 shard.metrics.error(Role::Primary);

@@ -63,12 +63,24 @@ pub fn resilience(p: &policy::ResiliencePolicy) -> proto::ResiliencePolicy {
             queue_timeout: Some(duration(b.queue_timeout)),
             max_connections: b.max_connections,
         }),
-        load_balancer: p.load_balancer.map(|lb| proto::LoadBalancer {
+        load_balancer: p.load_balancer.as_ref().map(|lb| proto::LoadBalancer {
             strategy: match lb.strategy {
                 Strategy::LeastRequest => ProtoStrategy::LeastRequest,
                 Strategy::RoundRobin => ProtoStrategy::RoundRobin,
+                Strategy::Random => ProtoStrategy::Random,
+                Strategy::WeightedRoundRobin => ProtoStrategy::WeightedRoundRobin,
+                Strategy::ConsistentHash => ProtoStrategy::ConsistentHash,
             }
             .into(),
+            hash_on: lb.hash_on.as_ref().map(|h| proto::HashOn {
+                kind: Some(match h {
+                    policy::HashOn::Header(name) => proto::hash_on::Kind::Header(name.clone()),
+                    policy::HashOn::Cookie(name) => proto::hash_on::Kind::Cookie(name.clone()),
+                    policy::HashOn::ClientAddress => {
+                        proto::hash_on::Kind::ClientAddress(proto::Empty {})
+                    }
+                }),
+            }),
         }),
     }
 }

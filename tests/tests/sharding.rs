@@ -103,7 +103,7 @@ async fn send(h: &Harness, method: Method, customer: &str, extra: &[(&str, &str)
         .request(method, ORDERS, &headers, "")
         .await
         .expect("the agent answers");
-    (rsp.status, rsp.upstream().unwrap_or_default().to_owned())
+    (rsp.status.as_u16(), rsp.upstream().unwrap_or_default().to_owned())
 }
 
 #[tokio::test]
@@ -132,9 +132,9 @@ async fn every_key_reaches_its_shard_reads_land_on_replicas_and_writes_on_the_pr
 
     let m = h.metrics().await;
     let dst = ("dst", "orders.test:80");
-    assert!(m.get("bulwark_shard_requests", &[dst, ("shard", "a"), ("role", "replica")]) >= 12.0);
-    assert_eq!(m.get("bulwark_shard_requests", &[dst, ("shard", "b"), ("role", "primary")]), 12.0);
-    assert_eq!(m.get("bulwark_shard_errors", &[dst, ("shard", "b"), ("role", "primary")]), 0.0);
+    assert!(m.get("bulwark_shard_requests_total", &[dst, ("shard", "a"), ("role", "replica")]) >= 12.0);
+    assert_eq!(m.get("bulwark_shard_requests_total", &[dst, ("shard", "b"), ("role", "primary")]), 12.0);
+    assert_eq!(m.get("bulwark_shard_errors_total", &[dst, ("shard", "b"), ("role", "primary")]), 0.0);
 
     // /config shows the topology and who holds which shard and role.
     let config = h.config().await;
@@ -224,7 +224,7 @@ async fn open_replica_breakers_move_reads_to_other_replicas_then_to_the_primary_
     }
     let m = h.metrics().await;
     assert_eq!(
-        m.get("bulwark_shard_fallbacks", &[("dst", "orders.test:80"), ("shard", "a")]),
+        m.get("bulwark_shard_fallbacks_total", &[("dst", "orders.test:80"), ("shard", "a")]),
         4.0
     );
     // The primary goes down: its breaker opens, and writes fail fast, never to a replica.
@@ -244,7 +244,7 @@ async fn open_replica_breakers_move_reads_to_other_replicas_then_to_the_primary_
     // Shard b is untouched.
     assert_eq!(send(&h, Method::POST, "zoe", &[]).await, (200, "b-primary".to_owned()));
     let m = h.metrics().await;
-    assert!(m.get("bulwark_shard_errors", &[("dst", "orders.test:80"), ("shard", "a"), ("role", "primary")]) >= 4.0);
+    assert!(m.get("bulwark_shard_errors_total", &[("dst", "orders.test:80"), ("shard", "a"), ("role", "primary")]) >= 4.0);
     h.shutdown().await;
 }
 

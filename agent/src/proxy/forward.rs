@@ -154,11 +154,17 @@ async fn send(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+    // Consistent hashing: the session key of the request, if the policy hashes on one.
+    let affinity = dst
+        .policy
+        .hash_on
+        .as_ref()
+        .and_then(|h| h.key(&parts.headers, client.map(|c| c.ip())));
     // A sharded service: the request's key picks the shard, its kind the copy.
     let route = match &dst.shards {
         None => None,
         Some(router) => {
-            let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
             match router.route(&parts, client) {
                 Ok(route) => Some(route),
                 Err(RouteError::KeyMissing) => {
@@ -207,8 +213,8 @@ async fn send(
         let mut role = None;
         let picked = match (pinned, &route) {
             (Some(addr), _) => dst.balancer.pick_addr(addr),
-            (None, None) => dst.balancer.pick(&avoid),
-            (None, Some(route)) => match route.pick(&avoid) {
+            (None, None) => dst.balancer.pick_keyed(&avoid, affinity),
+            (None, Some(route)) => match route.pick(&avoid, affinity) {
                 Ok((picked, r)) => {
                     role = Some(r);
                     Ok(picked)

@@ -35,17 +35,21 @@ pub(super) fn services(
                     .ports
                     .iter()
                     .filter(|p| p.protocol == Protocol::Tcp)
-                    .map(|port| proto::ServicePort {
+                    .map(|port| {
+                        let policy = effective(service, port, policies, diagnostics);
+                        let weight_label = policy
+                            .and_then(|p| p.load_balancer.as_ref())
+                            .and_then(|lb| lb.weight_label.as_deref());
+                        proto::ServicePort {
                         name: port.name.clone(),
                         port: u32::from(port.port),
                         app_protocol: port.app_protocol.clone().unwrap_or_default(),
-                        endpoints: endpoints(service, port, topology),
-                        resilience: effective(service, port, policies, diagnostics)
-                            .map(wire::resilience),
+                        endpoints: endpoints(service, port, topology, weight_label),
+                        resilience: policy.map(wire::resilience),
                         shard_topology: topology_of
                             .filter(|(_, section)| section.is_none_or(|s| s == port.name))
                             .map(|(t, _)| wire::shard_topology(t)),
-                    })
+                    }})
                     .collect(),
                 cluster_ips: service
                     .cluster_ips
@@ -167,6 +171,7 @@ fn endpoints(
     service: &Service,
     port: &ServicePort,
     topology: &Topology<'_>,
+    weight_label: Option<&str>,
 ) -> Vec<proto::Endpoint> {
     let mut seen = HashSet::new();
     let mut endpoints = Vec::new();
@@ -200,10 +205,23 @@ fn endpoints(
                             .collect()
                     })
                     .unwrap_or_default(),
-                weight: 1,
+                weight: weight(pod, weight_label),
                 pod: pod_name,
             });
         }
     }
     endpoints
+}
+
+/// Most weight an endpoint label may give.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// An endpoint's weight: its pod's `weight_label` value (1 to [`MAX_WEIGHT`]); 1 when
+/// the label is absent or not such a number (weighted balancing then treats it as
+/// an ordinary endpoint rather than dropping it).
+fn weight(pod: Option<&crate::model::Pod>, weight_label: Option<&str>) -> u32 {
+    weight_label
+        .and_then(|label| pod?.labels.get(label))
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or(1, |w| w.clamp(1, MAX_WEIGHT))
 }
