@@ -699,7 +699,10 @@ mod tests {
         let b = Balancer::new(Strategy::WeightedRoundRobin, weighted(&[5, 1, 1]));
         let picks: Vec<_> = (0..70).map(|_| pick_addr(&b, &[])).collect();
         let count = |a| picks.iter().filter(|p| **p == a).count();
-        assert_eq!((count(addr(1)), count(addr(2)), count(addr(3))), (50, 10, 10));
+        assert_eq!(
+            (count(addr(1)), count(addr(2)), count(addr(3))),
+            (50, 10, 10)
+        );
         // Smooth: within a period (a a b a c a a) the light ones interleave.
         let longest = picks[..7]
             .chunk_by(|a, b| a == b)
@@ -717,7 +720,10 @@ mod tests {
         for _ in 0..8 {
             assert_eq!(pick_addr(&b, &[]), addr(2));
         }
-        let b = Balancer::new(Strategy::WeightedRoundRobin, weighted(&[u32::MAX, u32::MAX / 2]));
+        let b = Balancer::new(
+            Strategy::WeightedRoundRobin,
+            weighted(&[u32::MAX, u32::MAX / 2]),
+        );
         assert!(b.schedule.len() <= MAX_SCHEDULE as usize + 2);
         let picks: Vec<_> = (0..3000).map(|_| pick_addr(&b, &[])).collect();
         let first = picks.iter().filter(|p| **p == addr(1)).count();
@@ -733,7 +739,10 @@ mod tests {
         for _ in 0..4000 {
             *counts.entry(pick_addr(&b, &[])).or_default() += 1;
         }
-        assert!(counts.values().all(|c| (800..1200).contains(c)), "{counts:?}");
+        assert!(
+            counts.values().all(|c| (800..1200).contains(c)),
+            "{counts:?}"
+        );
         trip(&eps[0]);
         for _ in 0..50 {
             assert_ne!(pick_addr(&b, &[]), addr(1));

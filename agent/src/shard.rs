@@ -207,8 +207,11 @@ impl ShardRouter {
                     s.name
                 )));
             }
-            let primary_selector: BTreeMap<_, _> =
-                s.primary.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let primary_selector: BTreeMap<_, _> = s
+                .primary
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             let replica_selector: Option<BTreeMap<_, _>> = s.replicas.as_ref().map(|r| {
                 r.match_labels
                     .iter()
@@ -300,7 +303,11 @@ impl ShardRouter {
 
     /// Places a request: its shard and which copy may serve it. Records a write for
     /// read-your-writes.
-    pub fn route(&self, parts: &Parts, client: Option<SocketAddr>) -> Result<Route<'_>, RouteError> {
+    pub fn route(
+        &self,
+        parts: &Parts,
+        client: Option<SocketAddr>,
+    ) -> Result<Route<'_>, RouteError> {
         let shard = self
             .key
             .extract(parts)

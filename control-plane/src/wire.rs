@@ -8,8 +8,8 @@ use proto::load_balancer::Strategy as ProtoStrategy;
 use proto::rate_limit_key::Kind as ProtoKeyKind;
 
 use crate::model::ObjectName;
-use crate::model::shard;
 use crate::model::policy::{self, LimitKey, Strategy};
+use crate::model::shard;
 
 /// A `google.protobuf.Duration`.
 pub fn duration(d: Duration) -> prost_types::Duration {
@@ -129,10 +129,15 @@ pub fn shard_topology(t: &shard::ShardTopology) -> proto::ShardTopology {
                 })
                 .collect(),
         }),
-        shard::ShardStrategy::Directory { entries, default } => Strat::Directory(proto::Directory {
-            entries: entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            default_shard: default.clone().unwrap_or_default(),
-        }),
+        shard::ShardStrategy::Directory { entries, default } => {
+            Strat::Directory(proto::Directory {
+                entries: entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                default_shard: default.clone().unwrap_or_default(),
+            })
+        }
     };
     let labels = |m: &std::collections::BTreeMap<String, String>| {
         m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()

@@ -164,15 +164,13 @@ async fn send(
     // A sharded service: the request's key picks the shard, its kind the copy.
     let route = match &dst.shards {
         None => None,
-        Some(router) => {
-            match router.route(&parts, client) {
-                Ok(route) => Some(route),
-                Err(RouteError::KeyMissing) => {
-                    debug!(dst = %dst.name, topology = %router.source, reason = reason::SHARD_KEY_MISSING, "request rejected");
-                    return local(dst, StatusCode::BAD_REQUEST, reason::SHARD_KEY_MISSING);
-                }
+        Some(router) => match router.route(&parts, client) {
+            Ok(route) => Some(route),
+            Err(RouteError::KeyMissing) => {
+                debug!(dst = %dst.name, topology = %router.source, reason = reason::SHARD_KEY_MISSING, "request rejected");
+                return local(dst, StatusCode::BAD_REQUEST, reason::SHARD_KEY_MISSING);
             }
-        }
+        },
     };
     let method = parts.method;
     // The last try takes the headers; earlier ones send copies.
@@ -287,7 +285,9 @@ async fn send(
         };
 
         if let (Some(route), Some(role)) = (&route, role) {
-            let failed = result.as_ref().map_or(true, |r| r.status().is_server_error());
+            let failed = result
+                .as_ref()
+                .map_or(true, |r| r.status().is_server_error());
             route.record(role, failed);
         }
         let (rsp, retryable) = match result {

@@ -88,7 +88,8 @@ pub async fn outbound(
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
             let handler = move |mut req: http::Request<hyper::body::Incoming>, peer| {
-                req.extensions_mut().insert(super::forward::ClientAddr(peer));
+                req.extensions_mut()
+                    .insert(super::forward::ClientAddr(peer));
                 Arc::clone(&outbound).handle_redirected(req, orig)
             };
             conn.serve_http(io, peer, handler).await;

@@ -85,7 +85,10 @@ mod tests {
     #[test]
     fn each_source_finds_its_key_and_empty_keys_count_as_missing() {
         let h = KeySource::try_from(&Kind::Header("x-tenant".into())).unwrap();
-        assert_eq!(h.extract(&parts("/", Some(("x-tenant", "acme")))), Some("acme"));
+        assert_eq!(
+            h.extract(&parts("/", Some(("x-tenant", "acme")))),
+            Some("acme")
+        );
         assert_eq!(h.extract(&parts("/", Some(("x-tenant", "")))), None);
         assert_eq!(h.extract(&parts("/", None)), None);
 
@@ -94,8 +97,7 @@ mod tests {
         assert_eq!(seg.extract(&parts("/users", None)), None);
         assert_eq!(seg.extract(&parts("/users/", None)), None);
 
-        let pat =
-            KeySource::try_from(&Kind::PathPattern("^/t/(?P<key>[^/]+)/".into())).unwrap();
+        let pat = KeySource::try_from(&Kind::PathPattern("^/t/(?P<key>[^/]+)/".into())).unwrap();
         assert_eq!(pat.extract(&parts("/t/acme/items", None)), Some("acme"));
         assert_eq!(pat.extract(&parts("/x/acme/items", None)), None);
 

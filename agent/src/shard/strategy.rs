@@ -117,7 +117,9 @@ impl Mapper {
                 // The last range starting at or before the key, if the key is before its end.
                 let i = ranges.partition_point(|(start, _, _)| start.as_str() <= key);
                 let (_, end, shard) = ranges.get(i.checked_sub(1)?)?;
-                end.as_ref().is_none_or(|e| key < e.as_str()).then_some(*shard)
+                end.as_ref()
+                    .is_none_or(|e| key < e.as_str())
+                    .then_some(*shard)
             }
             Mapper::Directory { entries, default } => entries.get(key).copied().or(*default),
         }
@@ -185,7 +187,10 @@ mod tests {
                 let key = format!("key-{k}");
                 let (a, b) = (before.shard(&key).unwrap(), after.shard(&key).unwrap());
                 if a != b {
-                    assert_eq!(b, n, "a moved key goes to the new shard, never between old ones");
+                    assert_eq!(
+                        b, n,
+                        "a moved key goes to the new shard, never between old ones"
+                    );
                     moved += 1;
                 }
             }
@@ -231,14 +236,22 @@ mod tests {
             &n,
         )
         .unwrap();
-        assert_eq!(m.shard(""), Some(0), "the empty key is in the range from the smallest key");
+        assert_eq!(
+            m.shard(""),
+            Some(0),
+            "the empty key is in the range from the smallest key"
+        );
         assert_eq!(m.shard("apple"), Some(0));
         assert_eq!(m.shard("g"), None, "g is the end of a, and in no range");
         assert_eq!(m.shard("hello"), None);
         assert_eq!(m.shard("m"), Some(1), "a start is inclusive");
         assert_eq!(m.shard("sz"), Some(1));
         assert_eq!(m.shard("t"), Some(2), "an end is exclusive");
-        assert_eq!(m.shard("zzzz"), Some(2), "an open end reaches the largest key");
+        assert_eq!(
+            m.shard("zzzz"),
+            Some(2),
+            "an open end reaches the largest key"
+        );
     }
 
     #[test]

@@ -1079,8 +1079,8 @@ mod tests {
                 "spec.bulkhead.maxPending: invalid value",
             ),
             (
-                "  loadBalancer: {strategy: Random}\n",
-                "spec.loadBalancer.strategy: unknown variant `Random`",
+                "  loadBalancer: {strategy: Fastest}\n",
+                "spec.loadBalancer.strategy: unknown variant `Fastest`",
             ),
             ("  retries: {}\n", "spec.retries: unknown field `retries`"),
         ];
@@ -1119,6 +1119,45 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "metadata.name: required"
+        );
+    }
+
+    #[test]
+    fn load_balancer_strategies_validate_their_options() {
+        let lb = |spec: &str| {
+            policy(&format!("  loadBalancer: {spec}\n")).map(|p| p.load_balancer.unwrap())
+        };
+        let ch = lb("{strategy: ConsistentHash, hashOn: {header: x-user}}").unwrap();
+        assert_eq!(ch.strategy, model::Strategy::ConsistentHash);
+        assert_eq!(ch.hash_on, Some(model::HashOn::Header("x-user".into())));
+        let ch = lb("{strategy: ConsistentHash, hashOn: {clientAddress: true}}").unwrap();
+        assert_eq!(ch.hash_on, Some(model::HashOn::ClientAddress));
+        let wrr = lb("{strategy: WeightedRoundRobin, weightLabel: bulwark.io/weight}").unwrap();
+        assert_eq!(wrr.weight_label.as_deref(), Some("bulwark.io/weight"));
+        assert_eq!(
+            lb("{strategy: Random}").unwrap().strategy,
+            model::Strategy::Random
+        );
+
+        assert_eq!(
+            error("  loadBalancer: {strategy: ConsistentHash}\n"),
+            "spec.loadBalancer.hashOn: is required for ConsistentHash"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: ConsistentHash, hashOn: {header: a, cookie: b}}\n"),
+            "spec.loadBalancer.hashOn: exactly one of header, cookie and clientAddress"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: ConsistentHash, hashOn: {header: X-User}}\n"),
+            "spec.loadBalancer.hashOn.header: must be a lower-case header name"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: RoundRobin, hashOn: {cookie: s}}\n"),
+            "spec.loadBalancer.hashOn: is only allowed for ConsistentHash"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: Random, weightLabel: w}\n"),
+            "spec.loadBalancer.weightLabel: is only allowed for WeightedRoundRobin"
         );
     }
 }

@@ -41,15 +41,16 @@ pub(super) fn services(
                             .and_then(|p| p.load_balancer.as_ref())
                             .and_then(|lb| lb.weight_label.as_deref());
                         proto::ServicePort {
-                        name: port.name.clone(),
-                        port: u32::from(port.port),
-                        app_protocol: port.app_protocol.clone().unwrap_or_default(),
-                        endpoints: endpoints(service, port, topology, weight_label),
-                        resilience: policy.map(wire::resilience),
-                        shard_topology: topology_of
-                            .filter(|(_, section)| section.is_none_or(|s| s == port.name))
-                            .map(|(t, _)| wire::shard_topology(t)),
-                    }})
+                            name: port.name.clone(),
+                            port: u32::from(port.port),
+                            app_protocol: port.app_protocol.clone().unwrap_or_default(),
+                            endpoints: endpoints(service, port, topology, weight_label),
+                            resilience: policy.map(wire::resilience),
+                            shard_topology: topology_of
+                                .filter(|(_, section)| section.is_none_or(|s| s == port.name))
+                                .map(|(t, _)| wire::shard_topology(t)),
+                        }
+                    })
                     .collect(),
                 cluster_ips: service
                     .cluster_ips
