@@ -289,7 +289,7 @@ impl ShardRouter {
     }
 
     /// The client identity for read-your-writes.
-    fn client<'p>(&self, ryw: &ReadYourWrites, parts: &'p Parts, addr: Option<IpAddr>) -> String {
+    fn client(&self, ryw: &ReadYourWrites, parts: &Parts, addr: Option<IpAddr>) -> String {
         if let Some(h) = &ryw.client_header {
             return parts
                 .headers

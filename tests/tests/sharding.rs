@@ -104,12 +104,14 @@ const RANGES: &str = "  key: {type: Header, name: x-customer}
 ";
 
 async fn start(pods: &Pods, topology_yaml: &str, policy: Option<&str>) -> Harness {
-    let mesh = Mesh::new().unwrap();
-    mesh.write("service-orders.yaml", &pods.yaml()).unwrap();
-    mesh.write("topology.yaml", topology_yaml).unwrap();
+    let mesh = Mesh::new().expect("a temporary mesh folder");
+    mesh.write("service-orders.yaml", &pods.yaml())
+        .expect("the mesh folder is writable");
+    mesh.write("topology.yaml", topology_yaml)
+        .expect("the mesh folder is writable");
     if let Some(spec) = policy {
         mesh.write_policy("policy.yaml", &resilience_policy("orders", "orders", spec))
-            .unwrap();
+            .expect("the mesh folder is writable");
     }
     let h = Harness::start(mesh).await;
     // Wait until the topology is in force (the first snapshot may predate it).
@@ -406,7 +408,7 @@ async fn weighted_web(weights: &[&'static str], policy: &str) -> (Vec<Upstream>,
         ups.push(
             Upstream::start(loopback(), &format!("web-{i}"), Knobs::healthy())
                 .await
-                .unwrap(),
+                .expect("upstream starts"),
         );
     }
     let names: Vec<String> = (0..weights.len()).map(|i| format!("web-{i}")).collect();
@@ -417,11 +419,11 @@ async fn weighted_web(weights: &[&'static str], policy: &str) -> (Vec<Upstream>,
         .zip(&labels)
         .map(|((n, u), l)| (n.as_str(), u.addr(), &l[..]))
         .collect();
-    let mesh = Mesh::new().unwrap();
+    let mesh = Mesh::new().expect("a temporary mesh folder");
     mesh.write("service-web.yaml", &service_with_pods_yaml("web", &pods))
-        .unwrap();
+        .expect("the mesh folder is writable");
     mesh.write_policy("policy.yaml", &resilience_policy("web", "web", policy))
-        .unwrap();
+        .expect("the mesh folder is writable");
     let h = Harness::start(mesh).await;
     assert_eventually!(
         h.config().await["config"]["destinations"]
