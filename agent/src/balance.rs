@@ -1,9 +1,12 @@
 //! Load balancing across a service port's endpoints, skipping those whose breaker refuses.
 //!
 //! Round robin walks an atomic cursor; least request draws two endpoints at random and takes
-//! the one with fewer requests in flight (power of two choices). Both prefer endpoints a retry
-//! has not tried yet and fall back to tried ones when no other admits the request. Weights
-//! are not used by these two strategies.
+//! the one with fewer requests in flight (power of two choices); random takes any endpoint
+//! uniformly; weighted round robin walks a schedule built once per config in which each
+//! endpoint appears as often as its weight, spread out (smooth weighted round robin, as in
+//! nginx); consistent hash walks a ring of endpoints from a request's key (sticky sessions)
+//! to the first endpoint that admits it. All prefer endpoints a retry has not tried yet and
+//! fall back to tried ones when no other admits the request.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -22,10 +25,18 @@ use crate::endpoint::{Endpoint, EndpointLoad};
 pub enum InvalidStrategy {
     /// A strategy number this agent does not know.
     #[error(
-        "strategy {0} is unknown to this agent (known: ROUND_ROBIN, LEAST_REQUEST); is the control plane newer than the agent?"
+        "strategy {0} is unknown to this agent (known: ROUND_ROBIN, LEAST_REQUEST, RANDOM, WEIGHTED_ROUND_ROBIN, CONSISTENT_HASH); is the control plane newer than the agent?"
     )]
     Unknown(i32),
+    /// CONSISTENT_HASH without `hash_on`.
+    #[error("CONSISTENT_HASH needs hash_on")]
+    MissingHashOn,
 }
+
+/// Most entries of a weighted round-robin schedule; larger weight sums are scaled down.
+const MAX_SCHEDULE: u64 = 10_000;
+/// Points per endpoint on a consistent-hash ring.
+const RING_POINTS: u32 = 100;
 
 /// How endpoints are picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -35,6 +46,12 @@ pub enum Strategy {
     /// The less loaded of two random endpoints (the default).
     #[default]
     LeastRequest,
+    /// Any endpoint, uniformly at random.
+    Random,
+    /// Each endpoint in proportion to its weight.
+    WeightedRoundRobin,
+    /// The endpoint a request's key hashes to on a ring (sticky sessions).
+    ConsistentHash,
 }
 
 impl Strategy {
@@ -43,6 +60,9 @@ impl Strategy {
         match self {
             Self::RoundRobin => "RoundRobin",
             Self::LeastRequest => "LeastRequest",
+            Self::Random => "Random",
+            Self::WeightedRoundRobin => "WeightedRoundRobin",
+            Self::ConsistentHash => "ConsistentHash",
         }
     }
 }
@@ -61,7 +81,60 @@ impl TryFrom<&v1::LoadBalancer> for Strategy {
         match ProtoStrategy::try_from(proto.strategy) {
             Ok(ProtoStrategy::RoundRobin) => Ok(Self::RoundRobin),
             Ok(ProtoStrategy::LeastRequest | ProtoStrategy::Unspecified) => Ok(Self::LeastRequest),
+            Ok(ProtoStrategy::Random) => Ok(Self::Random),
+            Ok(ProtoStrategy::WeightedRoundRobin) => Ok(Self::WeightedRoundRobin),
+            Ok(ProtoStrategy::ConsistentHash) if proto.hash_on.is_none() => {
+                Err(InvalidStrategy::MissingHashOn)
+            }
+            Ok(ProtoStrategy::ConsistentHash) => Ok(Self::ConsistentHash),
             Err(_) => Err(InvalidStrategy::Unknown(proto.strategy)),
+        }
+    }
+}
+
+/// What identifies a session for consistent hashing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header's value.
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client's IP address.
+    ClientAddress,
+}
+
+impl TryFrom<&v1::HashOn> for HashOn {
+    type Error = InvalidStrategy;
+
+    fn try_from(proto: &v1::HashOn) -> Result<Self, InvalidStrategy> {
+        use v1::hash_on::Kind;
+        match &proto.kind {
+            Some(Kind::Header(h)) => http::HeaderName::try_from(h.as_str())
+                .map(HashOn::Header)
+                .map_err(|_| InvalidStrategy::MissingHashOn),
+            Some(Kind::Cookie(c)) if !c.is_empty() => Ok(HashOn::Cookie(c.clone())),
+            Some(Kind::ClientAddress(_)) => Ok(HashOn::ClientAddress),
+            _ => Err(InvalidStrategy::MissingHashOn),
+        }
+    }
+}
+
+impl HashOn {
+    /// The stable hash of a request's session key, if it has one.
+    pub fn key(&self, headers: &http::HeaderMap, client: Option<std::net::IpAddr>) -> Option<u64> {
+        let hash = |b: &[u8]| crate::shard::hash::stable_hash(b);
+        match self {
+            HashOn::Header(name) => headers.get(name).map(|v| hash(v.as_bytes())),
+            HashOn::Cookie(name) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    (k == name).then(|| hash(v.as_bytes()))
+                }),
+            HashOn::ClientAddress => client.map(|ip| hash(ip.to_string().as_bytes())),
         }
     }
 }
@@ -106,6 +179,10 @@ pub struct Balancer {
     strategy: Strategy,
     endpoints: Vec<Arc<Endpoint>>,
     cursor: AtomicUsize,
+    /// Weighted round robin: endpoint indices in turn order.
+    schedule: Vec<usize>,
+    /// Consistent hash: `(point, endpoint index)` sorted by point.
+    ring: Vec<(u64, usize)>,
 }
 
 /// Which endpoints a pass considers.
@@ -120,16 +197,33 @@ enum Pass {
 impl Balancer {
     /// A balancer over `endpoints`.
     pub fn new(strategy: Strategy, endpoints: Vec<Arc<Endpoint>>) -> Self {
+        let schedule = match strategy {
+            Strategy::WeightedRoundRobin => schedule(&endpoints),
+            _ => Vec::new(),
+        };
+        let ring = match strategy {
+            Strategy::ConsistentHash => ring(&endpoints),
+            _ => Vec::new(),
+        };
         Self {
             strategy,
             endpoints,
             cursor: AtomicUsize::new(0),
+            schedule,
+            ring,
         }
     }
 
     /// Picks an endpoint whose breaker admits the request, preferring ones not in `avoid`
     /// (a retry's earlier endpoints); falls back to `avoid`ed ones when no other admits.
     pub fn pick(&self, avoid: &[SocketAddr]) -> Result<Picked, PickError> {
+        self.pick_keyed(avoid, None)
+    }
+
+    /// Like [`Balancer::pick`], with the request's session key hash for consistent
+    /// hashing (ignored by the other strategies; without one, consistent hash balances
+    /// round robin).
+    pub fn pick_keyed(&self, avoid: &[SocketAddr], key: Option<u64>) -> Result<Picked, PickError> {
         if self.endpoints.is_empty() {
             tracing::debug!(reason = "no-endpoints", "no endpoint to pick");
             return Err(PickError::NoEndpoints);
@@ -138,9 +232,14 @@ impl Balancer {
             if pass == Pass::Tried && avoid.is_empty() {
                 break;
             }
-            let picked = match self.strategy {
-                Strategy::RoundRobin => self.round_robin(avoid, pass),
-                Strategy::LeastRequest => self.least_request(avoid, pass),
+            let picked = match (self.strategy, key) {
+                (Strategy::RoundRobin, _) | (Strategy::ConsistentHash, None) => {
+                    self.round_robin(avoid, pass)
+                }
+                (Strategy::LeastRequest, _) => self.least_request(avoid, pass),
+                (Strategy::Random, _) => self.random(avoid, pass),
+                (Strategy::WeightedRoundRobin, _) => self.weighted(avoid, pass),
+                (Strategy::ConsistentHash, Some(key)) => self.consistent(key, avoid, pass),
             };
             if let Some(picked) = picked {
                 tracing::debug!(
@@ -258,6 +357,44 @@ impl Balancer {
             .find_map(|ep| self.admit(ep))
     }
 
+    fn random(&self, avoid: &[SocketAddr], pass: Pass) -> Option<Picked> {
+        let n = self.endpoints.len();
+        // Start anywhere, then walk: a refusing endpoint's share goes to the next one.
+        let start = fastrand::usize(..n);
+        (0..n)
+            .map(|offset| &self.endpoints[(start + offset) % n])
+            .filter(|ep| self.eligible(ep, avoid, pass))
+            .find_map(|ep| self.admit(ep))
+    }
+
+    fn weighted(&self, avoid: &[SocketAddr], pass: Pass) -> Option<Picked> {
+        let n = self.schedule.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        for offset in 0..n {
+            let endpoint = &self.endpoints[self.schedule[start.wrapping_add(offset) % n]];
+            if self.eligible(endpoint, avoid, pass)
+                && let Some(picked) = self.admit(endpoint)
+            {
+                return Some(picked);
+            }
+        }
+        None
+    }
+
+    fn consistent(&self, key: u64, avoid: &[SocketAddr], pass: Pass) -> Option<Picked> {
+        let n = self.ring.len();
+        let start = self.ring.partition_point(|(p, _)| *p < key);
+        // Walk the ring from the key's point: the session stays on its endpoint while it
+        // admits, and moves to the next one on the ring (the same for every agent) if not.
+        (0..n)
+            .map(|offset| &self.endpoints[self.ring[(start + offset) % n].1])
+            .filter(|ep| self.eligible(ep, avoid, pass))
+            .find_map(|ep| self.admit(ep))
+    }
+
     /// Two distinct usable endpoints chosen uniformly (reservoir sampling, no allocation).
     fn sample_two(&self, usable: impl Fn(&Endpoint) -> bool) -> (Option<usize>, Option<usize>) {
         let mut picks = (None, None);
@@ -279,6 +416,50 @@ impl Balancer {
         }
         picks
     }
+}
+
+/// The smooth weighted round-robin order (nginx's): each turn, every endpoint gains its
+/// weight, the one with the most goes and loses the total. Weights are scaled down so
+/// that the schedule has at most [`MAX_SCHEDULE`] entries.
+fn schedule(endpoints: &[Arc<Endpoint>]) -> Vec<usize> {
+    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight.max(1))).sum();
+    let scale = total.div_ceil(MAX_SCHEDULE).max(1);
+    let weights: Vec<i64> = endpoints
+        .iter()
+        .map(|e| i64::try_from((u64::from(e.weight.max(1)) / scale).max(1)).unwrap_or(1))
+        .collect();
+    let sum: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut order = Vec::with_capacity(usize::try_from(sum).unwrap_or(0));
+    for _ in 0..sum {
+        for (c, w) in current.iter_mut().zip(&weights) {
+            *c += w;
+        }
+        let Some((best, _)) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
+        else {
+            break;
+        };
+        current[best] -= sum;
+        order.push(best);
+    }
+    order
+}
+
+/// The ring of consistent hashing: [`RING_POINTS`] points per endpoint, each the stable
+/// hash of `"{address}#{i}"`, so every agent builds the same ring.
+fn ring(endpoints: &[Arc<Endpoint>]) -> Vec<(u64, usize)> {
+    let mut points = Vec::with_capacity(endpoints.len() * RING_POINTS as usize);
+    for (index, ep) in endpoints.iter().enumerate() {
+        for i in 0..RING_POINTS {
+            let point = crate::shard::hash::stable_hash(format!("{}#{i}", ep.addr).as_bytes());
+            points.push((point, index));
+        }
+    }
+    points.sort_unstable();
+    points
 }
 
 impl fmt::Debug for Balancer {
@@ -482,11 +663,127 @@ mod tests {
 
     #[test]
     fn strategy_from_proto() {
-        let lb = |strategy: i32| v1::LoadBalancer { strategy };
+        let lb = |strategy: i32| v1::LoadBalancer {
+            strategy,
+            hash_on: None,
+        };
         assert_eq!(Strategy::try_from(&lb(0)), Ok(Strategy::LeastRequest));
         assert_eq!(Strategy::try_from(&lb(1)), Ok(Strategy::RoundRobin));
         assert_eq!(Strategy::try_from(&lb(2)), Ok(Strategy::LeastRequest));
         assert_eq!(Strategy::try_from(&lb(9)), Err(InvalidStrategy::Unknown(9)));
+        assert_eq!(Strategy::try_from(&lb(3)), Ok(Strategy::Random));
+        assert_eq!(Strategy::try_from(&lb(4)), Ok(Strategy::WeightedRoundRobin));
+        assert_eq!(
+            Strategy::try_from(&lb(5)),
+            Err(InvalidStrategy::MissingHashOn)
+        );
+    }
+
+    fn weighted(weights: &[u32]) -> Vec<Arc<Endpoint>> {
+        endpoints(u8::try_from(weights.len()).unwrap())
+            .into_iter()
+            .zip(weights)
+            .map(|(ep, w)| {
+                Arc::new(Endpoint::new(
+                    ep.addr,
+                    BTreeMap::new(),
+                    *w,
+                    Arc::clone(&ep.breaker),
+                ))
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weighted_round_robin_matches_the_weights_and_spreads_turns() {
+        let b = Balancer::new(Strategy::WeightedRoundRobin, weighted(&[5, 1, 1]));
+        let picks: Vec<_> = (0..70).map(|_| pick_addr(&b, &[])).collect();
+        let count = |a| picks.iter().filter(|p| **p == a).count();
+        assert_eq!(
+            (count(addr(1)), count(addr(2)), count(addr(3))),
+            (50, 10, 10)
+        );
+        // Smooth: within a period (a a b a c a a) the light ones interleave.
+        let longest = picks[..7]
+            .chunk_by(|a, b| a == b)
+            .map(<[SocketAddr]>::len)
+            .max()
+            .unwrap();
+        assert!(longest <= 2, "{picks:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weighted_round_robin_skips_an_open_endpoint_and_huge_weights_are_scaled() {
+        let eps = weighted(&[3, 1]);
+        let b = Balancer::new(Strategy::WeightedRoundRobin, eps.clone());
+        trip(&eps[0]);
+        for _ in 0..8 {
+            assert_eq!(pick_addr(&b, &[]), addr(2));
+        }
+        let b = Balancer::new(
+            Strategy::WeightedRoundRobin,
+            weighted(&[u32::MAX, u32::MAX / 2]),
+        );
+        assert!(b.schedule.len() <= MAX_SCHEDULE as usize + 2);
+        let picks: Vec<_> = (0..3000).map(|_| pick_addr(&b, &[])).collect();
+        let first = picks.iter().filter(|p| **p == addr(1)).count();
+        assert_eq!(first, 2000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn random_uses_every_endpoint_and_skips_open_ones() {
+        fastrand::seed(7);
+        let eps = endpoints(4);
+        let b = Balancer::new(Strategy::Random, eps.clone());
+        let mut counts: HashMap<SocketAddr, u32> = HashMap::new();
+        for _ in 0..4000 {
+            *counts.entry(pick_addr(&b, &[])).or_default() += 1;
+        }
+        assert!(
+            counts.values().all(|c| (800..1200).contains(c)),
+            "{counts:?}"
+        );
+        trip(&eps[0]);
+        for _ in 0..50 {
+            assert_ne!(pick_addr(&b, &[]), addr(1));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consistent_hash_keeps_a_key_on_its_endpoint_and_moves_it_only_when_that_one_refuses() {
+        let eps = endpoints(5);
+        let b = Balancer::new(Strategy::ConsistentHash, eps.clone());
+        let key = |k: &str| Some(crate::shard::hash::stable_hash(k.as_bytes()));
+        let pick = |k: &str| {
+            let p = b.pick_keyed(&[], key(k)).unwrap();
+            p.permit.success();
+            p.endpoint.addr
+        };
+        let mut homes = HashMap::new();
+        for i in 0..200 {
+            let k = format!("session-{i}");
+            let home = pick(&k);
+            for _ in 0..3 {
+                assert_eq!(pick(&k), home, "{k}");
+            }
+            homes.insert(k, home);
+        }
+        let used: std::collections::HashSet<_> = homes.values().collect();
+        assert_eq!(used.len(), 5, "sessions spread over every endpoint");
+        // One endpoint's breaker opens: only its sessions move.
+        trip(&eps[2]);
+        for (k, home) in &homes {
+            let now = pick(k);
+            if *home == addr(3) {
+                assert_ne!(now, addr(3));
+            } else {
+                assert_eq!(now, *home, "{k} stays");
+            }
+        }
+        // A rebuilt balancer (another agent, or a config push) agrees.
+        let again = Balancer::new(Strategy::ConsistentHash, endpoints(5));
+        let p = again.pick_keyed(&[], key("session-1")).unwrap();
+        assert_eq!(p.endpoint.addr, homes["session-1"]);
     }
 
     #[test]

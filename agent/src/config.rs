@@ -232,6 +232,7 @@ impl Config {
                         "rejected": d.bulkhead.rejected(),
                     },
                     "loadBalancer": format!("{:?}", p.strategy),
+                    "shardTopology": d.shards.as_ref().map(crate::shard::ShardRouter::to_json),
                     "endpoints": d.balancer.endpoints().iter().map(|e| json!({
                         "address": e.addr.to_string(),
                         "labels": e.labels,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bulwark_proto::v1;
 use serde::Serialize;
 
-use crate::balance::{Balancer, Strategy};
+use crate::balance::{Balancer, HashOn, Strategy};
 use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::budget::RetryBudget;
 use crate::bulkhead::{Bulkhead, BulkheadConfig};
@@ -16,6 +16,7 @@ use crate::metrics::{Direction, DstMetrics, Metrics};
 use crate::proxy::protocol::Hint;
 use crate::proxy::upstream::Upstream;
 use crate::retry::RetryPolicy;
+use crate::shard::ShardRouter;
 
 /// Connect timeout when the policy sets none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -44,6 +45,14 @@ pub enum InvalidDestination {
     /// Bad load balancer section.
     #[error("load_balancer: {0}")]
     Balancer(#[from] crate::balance::InvalidStrategy),
+    /// A shard topology that cannot be enforced.
+    #[error("shard topology {source_name:?}: {error}")]
+    Shard {
+        /// `namespace/name` of the topology.
+        source_name: String,
+        /// Why.
+        error: crate::shard::InvalidTopology,
+    },
 }
 
 /// Timeouts of a destination.
@@ -72,6 +81,8 @@ pub struct Policy {
     pub bulkhead: Option<BulkheadConfig>,
     /// How endpoints are picked.
     pub strategy: Strategy,
+    /// For consistent hashing: what identifies a session.
+    pub hash_on: Option<HashOn>,
 }
 
 impl TryFrom<Option<&v1::ResiliencePolicy>> for Policy {
@@ -89,6 +100,7 @@ impl TryFrom<Option<&v1::ResiliencePolicy>> for Policy {
                 breaker: None,
                 bulkhead: None,
                 strategy: Strategy::try_from(&v1::LoadBalancer::default())?,
+                hash_on: None,
             });
         };
         let dur = |d: Option<&prost_types::Duration>| {
@@ -114,7 +126,13 @@ impl TryFrom<Option<&v1::ResiliencePolicy>> for Policy {
                 .as_ref()
                 .map(BulkheadConfig::try_from)
                 .transpose()?,
-            strategy: Strategy::try_from(&p.load_balancer.unwrap_or_default())?,
+            strategy: Strategy::try_from(&p.load_balancer.clone().unwrap_or_default())?,
+            hash_on: p
+                .load_balancer
+                .as_ref()
+                .and_then(|lb| lb.hash_on.as_ref())
+                .map(HashOn::try_from)
+                .transpose()?,
         })
     }
 }
@@ -140,6 +158,8 @@ pub struct Destination {
     pub upstream: Upstream,
     /// Request-path metrics.
     pub metrics: DstMetrics,
+    /// Shard-aware routing, if the service is sharded.
+    pub shards: Option<ShardRouter>,
 }
 
 impl Destination {
@@ -222,8 +242,27 @@ impl Destination {
             port.app_protocol.as_str(),
             "http2" | "grpc" | "h2c" | "kubernetes.io/h2c"
         );
+        let shards = port
+            .shard_topology
+            .as_ref()
+            .map(|t| {
+                ShardRouter::build(
+                    t,
+                    name,
+                    policy.strategy,
+                    &endpoints,
+                    previous.and_then(|p| p.shards.as_ref()),
+                    metrics,
+                )
+                .map_err(|error| InvalidDestination::Shard {
+                    source_name: t.source.clone(),
+                    error,
+                })
+            })
+            .transpose()?;
         Ok(Self {
             name: name.into(),
+            shards,
             http2,
             hint: Hint::from_app_protocol(&port.app_protocol),
             balancer: Balancer::new(policy.strategy, endpoints),

@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod retry;
 pub mod settings;
+pub mod shard;
 pub mod subscription;
 pub mod telemetry;
 // issue 5: the postStart wait of injected pods without native sidecars

@@ -63,6 +63,49 @@ pub struct Metrics {
     passthrough_connections: Counter,
     config_version: Gauge,
     config_updates: Family<Labels, Counter>,
+    shard: ShardFamilies,
+}
+
+/// Per shard and role metric families (issue 6).
+#[derive(Default)]
+struct ShardFamilies {
+    requests: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    fallbacks: Family<Labels, Counter>,
+}
+
+/// Request-path metric handles of one shard of a destination.
+#[derive(Clone, Debug)]
+pub struct ShardMetrics {
+    /// Tries to the primary, then to replicas.
+    requests: [Counter; 2],
+    /// Failed tries (5xx, connect failure, reset, timeout) or refusals, by role.
+    errors: [Counter; 2],
+    fallbacks: Counter,
+}
+
+impl ShardMetrics {
+    fn slot(role: crate::shard::Role) -> usize {
+        match role {
+            crate::shard::Role::Primary => 0,
+            crate::shard::Role::Replica => 1,
+        }
+    }
+
+    /// Counts a try sent to `role`.
+    pub fn request(&self, role: crate::shard::Role) {
+        self.requests[Self::slot(role)].inc();
+    }
+
+    /// Counts a failed try or a refusal at `role`.
+    pub fn error(&self, role: crate::shard::Role) {
+        self.errors[Self::slot(role)].inc();
+    }
+
+    /// Counts a read sent to the primary because no replica admitted it.
+    pub fn fallback(&self) {
+        self.fallbacks.inc();
+    }
 }
 
 impl fmt::Debug for Metrics {
@@ -157,6 +200,22 @@ impl Metrics {
             "Snapshots from the control plane, by result (ack or nack)",
             config_updates.clone(),
         );
+        let shard = ShardFamilies::default();
+        registry.register(
+            "bulwark_shard_requests",
+            "Tries sent to a sharded destination, by shard and role (primary or replica)",
+            shard.requests.clone(),
+        );
+        registry.register(
+            "bulwark_shard_errors",
+            "Failed tries and refusals (primary unavailable) of a sharded destination, by shard and role",
+            shard.errors.clone(),
+        );
+        registry.register(
+            "bulwark_shard_fallbacks",
+            "Reads sent to a shard's primary because no replica admitted them",
+            shard.fallbacks.clone(),
+        );
         registry.register_collector(Box::new(StateCollector { config }));
         Self {
             registry,
@@ -173,6 +232,30 @@ impl Metrics {
             passthrough_connections,
             config_version,
             config_updates,
+            shard,
+        }
+    }
+
+    /// Resolves the handles of one shard's metrics.
+    pub fn shard(&self, dst: &str, shard: &str) -> ShardMetrics {
+        let labels = |role: Option<&str>| {
+            let mut l = vec![("dst", dst.to_owned()), ("shard", shard.to_owned())];
+            if let Some(role) = role {
+                l.push(("role", role.to_owned()));
+            }
+            l
+        };
+        // One `get_or_create` at a time: its guard holds the family's lock, and a
+        // second call while it lives would wait for a write lock forever.
+        let by_role = |family: &Family<Labels, Counter>| {
+            let primary = family.get_or_create(&labels(Some("primary"))).clone();
+            let replica = family.get_or_create(&labels(Some("replica"))).clone();
+            [primary, replica]
+        };
+        ShardMetrics {
+            requests: by_role(&self.shard.requests),
+            errors: by_role(&self.shard.errors),
+            fallbacks: self.shard.fallbacks.get_or_create(&labels(None)).clone(),
         }
     }
 

@@ -33,6 +33,10 @@ pub const REASON_HEADER: &str = "x-bulwark-reason";
 
 /// Values of `x-bulwark-reason`.
 pub mod reason {
+    /// A sharded service's request has no shard key and the topology has no default shard.
+    pub const SHARD_KEY_MISSING: &str = "shard-key-missing";
+    /// A write to a shard whose primary has no endpoint or an open breaker.
+    pub const SHARD_PRIMARY_UNAVAILABLE: &str = "shard-primary-unavailable";
     /// Every endpoint's circuit breaker is open.
     pub const CIRCUIT_OPEN: &str = "circuit-open";
     /// The destination's bulkhead queue is full, or the wait timed out.

@@ -9,6 +9,7 @@ use proto::rate_limit_key::Kind as ProtoKeyKind;
 
 use crate::model::ObjectName;
 use crate::model::policy::{self, LimitKey, Strategy};
+use crate::model::shard;
 
 /// A `google.protobuf.Duration`.
 pub fn duration(d: Duration) -> prost_types::Duration {
@@ -62,12 +63,24 @@ pub fn resilience(p: &policy::ResiliencePolicy) -> proto::ResiliencePolicy {
             queue_timeout: Some(duration(b.queue_timeout)),
             max_connections: b.max_connections,
         }),
-        load_balancer: p.load_balancer.map(|lb| proto::LoadBalancer {
+        load_balancer: p.load_balancer.as_ref().map(|lb| proto::LoadBalancer {
             strategy: match lb.strategy {
                 Strategy::LeastRequest => ProtoStrategy::LeastRequest,
                 Strategy::RoundRobin => ProtoStrategy::RoundRobin,
+                Strategy::Random => ProtoStrategy::Random,
+                Strategy::WeightedRoundRobin => ProtoStrategy::WeightedRoundRobin,
+                Strategy::ConsistentHash => ProtoStrategy::ConsistentHash,
             }
             .into(),
+            hash_on: lb.hash_on.as_ref().map(|h| proto::HashOn {
+                kind: Some(match h {
+                    policy::HashOn::Header(name) => proto::hash_on::Kind::Header(name.clone()),
+                    policy::HashOn::Cookie(name) => proto::hash_on::Kind::Cookie(name.clone()),
+                    policy::HashOn::ClientAddress => {
+                        proto::hash_on::Kind::ClientAddress(proto::Empty {})
+                    }
+                }),
+            }),
         }),
     }
 }
@@ -87,6 +100,78 @@ pub fn rate_limit(policy: &ObjectName, limit: &policy::Limit, ports: Vec<u32>) -
         requests: limit.requests,
         period: Some(duration(limit.per)),
         burst: limit.burst,
+    }
+}
+
+/// The wire form of a ShardTopology.
+pub fn shard_topology(t: &shard::ShardTopology) -> proto::ShardTopology {
+    use proto::shard_key::Kind as Key;
+    use proto::shard_strategy::Kind as Strat;
+    let key = match &t.key {
+        shard::ShardKey::Header(h) => Key::Header(h.clone()),
+        shard::ShardKey::PathSegment(i) => Key::PathSegment(*i),
+        shard::ShardKey::PathPattern(p) => Key::PathPattern(p.clone()),
+        shard::ShardKey::Query(q) => Key::Query(q.clone()),
+        shard::ShardKey::GrpcMetadata(m) => Key::GrpcMetadata(m.clone()),
+    };
+    let strategy = match &t.strategy {
+        shard::ShardStrategy::Hash => Strat::Hash(proto::Empty {}),
+        shard::ShardStrategy::ConsistentHash { virtual_nodes } => {
+            Strat::ConsistentHashVirtualNodes(*virtual_nodes)
+        }
+        shard::ShardStrategy::Range(ranges) => Strat::Ranges(proto::KeyRanges {
+            ranges: ranges
+                .iter()
+                .map(|r| proto::KeyRange {
+                    start: r.start.clone(),
+                    end: r.end.clone(),
+                    shard: r.shard.clone(),
+                })
+                .collect(),
+        }),
+        shard::ShardStrategy::Directory { entries, default } => {
+            Strat::Directory(proto::Directory {
+                entries: entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                default_shard: default.clone().unwrap_or_default(),
+            })
+        }
+    };
+    let labels = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    proto::ShardTopology {
+        source: t.name.to_string(),
+        key: Some(proto::ShardKey { kind: Some(key) }),
+        default_shard: match &t.missing_key {
+            shard::MissingKey::Reject => String::new(),
+            shard::MissingKey::DefaultShard(s) => s.clone(),
+        },
+        strategy: Some(proto::ShardStrategy {
+            kind: Some(strategy),
+        }),
+        shards: t
+            .shards
+            .iter()
+            .map(|s| proto::Shard {
+                name: s.name.clone(),
+                primary: labels(&s.primary),
+                replicas: s.replicas.as_ref().map(|r| proto::LabelSelector {
+                    match_labels: labels(r),
+                }),
+            })
+            .collect(),
+        reads: Some(proto::ReadMatch {
+            methods: t.reads.methods.clone(),
+            paths: t.reads.paths.clone(),
+            grpc_methods: t.reads.grpc_methods.clone(),
+        }),
+        read_your_writes: t.read_your_writes.as_ref().map(|r| proto::ReadYourWrites {
+            window: Some(duration(r.window)),
+            client_header: r.client_header.clone().unwrap_or_default(),
+        }),
     }
 }
 

@@ -152,6 +152,73 @@ endpoints:
     yaml
 }
 
+/// One pod of [`service_with_pods_yaml`]: its name, address and labels.
+pub type LabelledPod<'a> = (&'a str, SocketAddr, &'a [(&'a str, &'a str)]);
+
+/// The YAML of a Service whose endpoints are Pods with labels (e.g. `shard: a`, `role:
+/// primary`), for policies that select endpoints by label: the Service (port 80 named
+/// `http`, targetPort by name), and per pod an EndpointSlice pointing at it and the Pod.
+pub fn service_with_pods_yaml(name: &str, pods: &[LabelledPod<'_>]) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+spec:
+  selector:
+    app: {name}
+  ports:
+    - name: http
+      port: 80
+      targetPort: http
+"
+    );
+    for (pod, addr, labels) in pods {
+        let address_type = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+        let mut label_yaml = format!("app: {name}");
+        for (k, v) in labels.iter() {
+            let _ = write!(label_yaml, ", {k}: \"{v}\"");
+        }
+        let _ = write!(
+            yaml,
+            "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {pod}
+  namespace: {NAMESPACE}
+  labels:
+    kubernetes.io/service-name: {name}
+addressType: {address_type}
+ports:
+  - name: http
+    port: {port}
+endpoints:
+  - addresses: [\"{ip}\"]
+    conditions:
+      ready: true
+    targetRef:
+      kind: Pod
+      name: {pod}
+      namespace: {NAMESPACE}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+  namespace: {NAMESPACE}
+  labels: {{{label_yaml}}}
+status:
+  podIP: \"{ip}\"
+",
+            port = addr.port(),
+            ip = addr.ip(),
+        );
+    }
+    yaml
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

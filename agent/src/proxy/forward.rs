@@ -23,6 +23,12 @@ use super::{ProxyBody, local_response, reason, strip_hop_by_hop};
 use crate::balance::PickError;
 use crate::destination::Destination;
 use crate::retry::{self, Failure, RetryPolicy};
+use crate::shard::{RouteError, ShardPickError};
+
+/// The address of the client that sent a request, set by the listener as a request
+/// extension (read-your-writes keys clients by it when no client header is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
 
 /// The request body, kept for replay when the policy may retry.
 enum Body {
@@ -148,6 +154,24 @@ async fn send(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+    // Consistent hashing: the session key of the request, if the policy hashes on one.
+    let affinity = dst
+        .policy
+        .hash_on
+        .as_ref()
+        .and_then(|h| h.key(&parts.headers, client.map(|c| c.ip())));
+    // A sharded service: the request's key picks the shard, its kind the copy.
+    let route = match &dst.shards {
+        None => None,
+        Some(router) => match router.route(&parts, client) {
+            Ok(route) => Some(route),
+            Err(RouteError::KeyMissing) => {
+                debug!(dst = %dst.name, topology = %router.source, reason = reason::SHARD_KEY_MISSING, "request rejected");
+                return local(dst, StatusCode::BAD_REQUEST, reason::SHARD_KEY_MISSING);
+            }
+        },
+    };
     let method = parts.method;
     // The last try takes the headers; earlier ones send copies.
     let mut headers = Some(parts.headers);
@@ -184,9 +208,32 @@ async fn send(
         };
 
         // Balancer + breaker.
-        let picked = match pinned {
-            Some(addr) => dst.balancer.pick_addr(addr),
-            None => dst.balancer.pick(&avoid),
+        let mut role = None;
+        let picked = match (pinned, &route) {
+            (Some(addr), _) => dst.balancer.pick_addr(addr),
+            (None, None) => dst.balancer.pick_keyed(&avoid, affinity),
+            (None, Some(route)) => match route.pick(&avoid, affinity) {
+                Ok((picked, r)) => {
+                    role = Some(r);
+                    Ok(picked)
+                }
+                Err(ShardPickError::Unavailable(e)) => Err(e),
+                Err(ShardPickError::PrimaryUnavailable) => {
+                    debug!(
+                        dst = %dst.name,
+                        shard = %route.shard.name,
+                        reason = reason::SHARD_PRIMARY_UNAVAILABLE,
+                        "the shard's primary cannot take the write"
+                    );
+                    return last.unwrap_or_else(|| {
+                        local(
+                            dst,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            reason::SHARD_PRIMARY_UNAVAILABLE,
+                        )
+                    });
+                }
+            },
         };
         let picked = match picked {
             Ok(picked) => picked,
@@ -237,6 +284,12 @@ async fn send(
                 .map_err(|e| classify_error(&e)),
         };
 
+        if let (Some(route), Some(role)) = (&route, role) {
+            let failed = result
+                .as_ref()
+                .map_or(true, |r| r.status().is_server_error());
+            route.record(role, failed);
+        }
         let (rsp, retryable) = match result {
             Ok(rsp) => {
                 let status = rsp.status();

@@ -61,9 +61,10 @@ impl Outbound {
     /// Handles one request from the local app.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
+        req.extensions_mut().insert(forward::ClientAddr(peer));
         let grpc = crate::retry::is_grpc(req.headers());
         let rsp = self.handle_explicit(req, peer).await;
         if grpc {

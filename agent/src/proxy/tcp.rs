@@ -242,7 +242,10 @@ mod tests {
                     max_connections,
                     ..Default::default()
                 }),
-                load_balancer: Some(v1::LoadBalancer { strategy: 1 }),
+                load_balancer: Some(v1::LoadBalancer {
+                    strategy: 1,
+                    hash_on: None,
+                }),
                 ..Default::default()
             }),
             ..Default::default()

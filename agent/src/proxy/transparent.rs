@@ -87,7 +87,11 @@ pub async fn outbound(
     let io = Prefixed::new(prefix, stream);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            let handler = move |req, _peer| Arc::clone(&outbound).handle_redirected(req, orig);
+            let handler = move |mut req: http::Request<hyper::body::Incoming>, peer| {
+                req.extensions_mut()
+                    .insert(super::forward::ClientAddr(peer));
+                Arc::clone(&outbound).handle_redirected(req, orig)
+            };
             conn.serve_http(io, peer, handler).await;
         }
         Protocol::Opaque => match found {

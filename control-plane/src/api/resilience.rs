@@ -327,22 +327,133 @@ pub struct BulkheadSpec {
 /// `spec.loadBalancer`.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.strategy) && self.strategy == 'ConsistentHash') == has(self.hashOn)",
+        "message": "hashOn is required for ConsistentHash, and only allowed then",
+    },
+    {
+        "rule": "!has(self.weightLabel) || (has(self.strategy) && self.strategy == 'WeightedRoundRobin')",
+        "message": "weightLabel is only allowed for WeightedRoundRobin",
+    },
+]))]
 pub struct LoadBalancerSpec {
-    /// RoundRobin, or LeastRequest (power of two choices on requests in flight).
-    /// Default LeastRequest.
+    /// LeastRequest (power of two choices on requests in flight), RoundRobin, Random,
+    /// WeightedRoundRobin (by the weightLabel of each endpoint's pod) or ConsistentHash
+    /// (sticky sessions, keyed by hashOn). Default LeastRequest.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = "LeastRequest"))]
     pub strategy: Option<StrategySpec>,
+    /// For ConsistentHash: what identifies a session (exactly one of header, cookie,
+    /// clientAddress).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOnSpec>,
+    /// For WeightedRoundRobin: the pod label whose value (an integer from 1 to 10000)
+    /// is the endpoint's weight. Pods without it weigh 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 317))]
+    pub weight_label: Option<String>,
 }
 
-/// `spec.loadBalancer.strategy`: LeastRequest (power of two choices on requests in
-/// flight, the default) or RoundRobin.
+/// `spec.loadBalancer.strategy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum StrategySpec {
     /// Power of two choices on in-flight requests.
     LeastRequest,
     /// Rotate through endpoints.
     RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// In proportion to endpoint weights.
+    WeightedRoundRobin,
+    /// A ring keyed by hashOn (sticky sessions).
+    ConsistentHash,
+}
+
+/// `spec.loadBalancer.hashOn`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.header), has(self.cookie), has(self.clientAddress)].filter(x, x).size() == 1",
+    "message": "exactly one of header, cookie and clientAddress",
+}]))]
+pub struct HashOnSpec {
+    /// A request header (lower case).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub header: Option<String>,
+    /// A cookie name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub cookie: Option<String>,
+    /// true: the client's IP address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<bool>,
+}
+
+impl LoadBalancerSpec {
+    fn validate(self, path: &str) -> Result<model::LoadBalancer, FieldError> {
+        let strategy = match self.strategy {
+            None | Some(StrategySpec::LeastRequest) => model::Strategy::LeastRequest,
+            Some(StrategySpec::RoundRobin) => model::Strategy::RoundRobin,
+            Some(StrategySpec::Random) => model::Strategy::Random,
+            Some(StrategySpec::WeightedRoundRobin) => model::Strategy::WeightedRoundRobin,
+            Some(StrategySpec::ConsistentHash) => model::Strategy::ConsistentHash,
+        };
+        let hash_on = match (strategy, self.hash_on) {
+            (model::Strategy::ConsistentHash, Some(h)) => {
+                let hash_path = field(path, "hashOn");
+                Some(match (h.header, h.cookie, h.client_address) {
+                    (Some(header), None, None | Some(false)) => {
+                        if header.is_empty()
+                            || header.bytes().any(|b| b.is_ascii_uppercase())
+                            || http::HeaderName::try_from(header.as_str()).is_err()
+                        {
+                            return Err(FieldError::new(
+                                field(&hash_path, "header"),
+                                "must be a lower-case header name",
+                            ));
+                        }
+                        model::HashOn::Header(header)
+                    }
+                    (None, Some(cookie), None | Some(false)) if !cookie.is_empty() => {
+                        model::HashOn::Cookie(cookie)
+                    }
+                    (None, None, Some(true)) => model::HashOn::ClientAddress,
+                    _ => {
+                        return Err(FieldError::new(
+                            hash_path,
+                            "exactly one of header, cookie and clientAddress",
+                        ));
+                    }
+                })
+            }
+            (model::Strategy::ConsistentHash, None) => {
+                return Err(FieldError::new(
+                    field(path, "hashOn"),
+                    "is required for ConsistentHash",
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(FieldError::new(
+                    field(path, "hashOn"),
+                    "is only allowed for ConsistentHash",
+                ));
+            }
+            (_, None) => None,
+        };
+        if self.weight_label.is_some() && strategy != model::Strategy::WeightedRoundRobin {
+            return Err(FieldError::new(
+                field(path, "weightLabel"),
+                "is only allowed for WeightedRoundRobin",
+            ));
+        }
+        Ok(model::LoadBalancer {
+            strategy,
+            hash_on,
+            weight_label: self.weight_label.filter(|l| !l.is_empty()),
+        })
+    }
 }
 
 impl TryFrom<ResiliencePolicyDocument> for model::ResiliencePolicy {
@@ -377,12 +488,10 @@ impl ResiliencePolicySpec {
                 .map(|c| c.validate("spec.circuitBreaker"))
                 .transpose()?,
             bulkhead: spec.bulkhead.map(|b| b.validate("spec.bulkhead")),
-            load_balancer: spec.load_balancer.map(|lb| model::LoadBalancer {
-                strategy: match lb.strategy {
-                    None | Some(StrategySpec::LeastRequest) => model::Strategy::LeastRequest,
-                    Some(StrategySpec::RoundRobin) => model::Strategy::RoundRobin,
-                },
-            }),
+            load_balancer: spec
+                .load_balancer
+                .map(|lb| lb.validate("spec.loadBalancer"))
+                .transpose()?,
         })
     }
 }
@@ -753,7 +862,7 @@ mod tests {
             })
         );
         assert_eq!(
-            p.load_balancer.unwrap().strategy,
+            p.load_balancer.clone().unwrap().strategy,
             model::Strategy::LeastRequest
         );
     }
@@ -799,7 +908,7 @@ mod tests {
             })
         );
         assert_eq!(
-            p.load_balancer.unwrap().strategy,
+            p.load_balancer.clone().unwrap().strategy,
             model::Strategy::RoundRobin
         );
     }
@@ -970,8 +1079,8 @@ mod tests {
                 "spec.bulkhead.maxPending: invalid value",
             ),
             (
-                "  loadBalancer: {strategy: Random}\n",
-                "spec.loadBalancer.strategy: unknown variant `Random`",
+                "  loadBalancer: {strategy: Fastest}\n",
+                "spec.loadBalancer.strategy: unknown variant `Fastest`",
             ),
             ("  retries: {}\n", "spec.retries: unknown field `retries`"),
         ];
@@ -1010,6 +1119,45 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "metadata.name: required"
+        );
+    }
+
+    #[test]
+    fn load_balancer_strategies_validate_their_options() {
+        let lb = |spec: &str| {
+            policy(&format!("  loadBalancer: {spec}\n")).map(|p| p.load_balancer.unwrap())
+        };
+        let ch = lb("{strategy: ConsistentHash, hashOn: {header: x-user}}").unwrap();
+        assert_eq!(ch.strategy, model::Strategy::ConsistentHash);
+        assert_eq!(ch.hash_on, Some(model::HashOn::Header("x-user".into())));
+        let ch = lb("{strategy: ConsistentHash, hashOn: {clientAddress: true}}").unwrap();
+        assert_eq!(ch.hash_on, Some(model::HashOn::ClientAddress));
+        let wrr = lb("{strategy: WeightedRoundRobin, weightLabel: bulwark.io/weight}").unwrap();
+        assert_eq!(wrr.weight_label.as_deref(), Some("bulwark.io/weight"));
+        assert_eq!(
+            lb("{strategy: Random}").unwrap().strategy,
+            model::Strategy::Random
+        );
+
+        assert_eq!(
+            error("  loadBalancer: {strategy: ConsistentHash}\n"),
+            "spec.loadBalancer.hashOn: is required for ConsistentHash"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: ConsistentHash, hashOn: {header: a, cookie: b}}\n"),
+            "spec.loadBalancer.hashOn: exactly one of header, cookie and clientAddress"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: ConsistentHash, hashOn: {header: X-User}}\n"),
+            "spec.loadBalancer.hashOn.header: must be a lower-case header name"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: RoundRobin, hashOn: {cookie: s}}\n"),
+            "spec.loadBalancer.hashOn: is only allowed for ConsistentHash"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: Random, weightLabel: w}\n"),
+            "spec.loadBalancer.weightLabel: is only allowed for WeightedRoundRobin"
         );
     }
 }

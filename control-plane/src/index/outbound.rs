@@ -9,6 +9,7 @@ use bulwark_proto::v1 as proto;
 use super::Topology;
 use super::diagnostics::Diagnostic;
 use crate::model::policy::ResiliencePolicy;
+use crate::model::shard::ShardTopology;
 use crate::model::{Kind, Model, ObjectName, Protocol, Service, ServicePort};
 use crate::wire;
 
@@ -19,12 +20,14 @@ pub(super) fn services(
     diagnostics: &mut BTreeSet<Diagnostic>,
 ) -> Vec<proto::Service> {
     let attached = attach(model, diagnostics);
+    let sharded = shard_topologies(model);
     model
         .services
         .values()
         .map(|service| {
             let key = (service.name.namespace.as_str(), service.name.name.as_str());
             let policies = attached.get(&key).map_or(&[][..], Vec::as_slice);
+            let topology_of = sharded.get(&key);
             proto::Service {
                 name: service.name.name.clone(),
                 namespace: service.name.namespace.clone(),
@@ -32,13 +35,21 @@ pub(super) fn services(
                     .ports
                     .iter()
                     .filter(|p| p.protocol == Protocol::Tcp)
-                    .map(|port| proto::ServicePort {
-                        name: port.name.clone(),
-                        port: u32::from(port.port),
-                        app_protocol: port.app_protocol.clone().unwrap_or_default(),
-                        endpoints: endpoints(service, port, topology),
-                        resilience: effective(service, port, policies, diagnostics)
-                            .map(wire::resilience),
+                    .map(|port| {
+                        let policy = effective(service, port, policies, diagnostics);
+                        let weight_label = policy
+                            .and_then(|p| p.load_balancer.as_ref())
+                            .and_then(|lb| lb.weight_label.as_deref());
+                        proto::ServicePort {
+                            name: port.name.clone(),
+                            port: u32::from(port.port),
+                            app_protocol: port.app_protocol.clone().unwrap_or_default(),
+                            endpoints: endpoints(service, port, topology, weight_label),
+                            resilience: policy.map(wire::resilience),
+                            shard_topology: topology_of
+                                .filter(|(_, section)| section.is_none_or(|s| s == port.name))
+                                .map(|(t, _)| wire::shard_topology(t)),
+                        }
                     })
                     .collect(),
                 cluster_ips: service
@@ -94,6 +105,22 @@ fn attach<'a>(
     attached
 }
 
+/// The ShardTopology in force on each service (namespace, name), with the port it is
+/// narrowed to: the oldest (creation time, unknown counting as newest, then name) of
+/// those naming the service, as the status writer reports (the others are Conflicted).
+fn shard_topologies(model: &Model) -> HashMap<(&str, &str), (&ShardTopology, Option<&str>)> {
+    let mut ranked: Vec<&ShardTopology> = model.shard_topologies.values().collect();
+    ranked.sort_by_key(|t| (t.created.is_none(), t.created, &t.name));
+    let mut out = HashMap::new();
+    for topology in ranked {
+        for target in &topology.targets {
+            out.entry((topology.name.namespace.as_str(), target.service.as_str()))
+                .or_insert((topology, target.section.as_deref()));
+        }
+    }
+    out
+}
+
 pub(super) fn has_tcp_port(service: &Service, name: &str) -> bool {
     service
         .ports
@@ -145,6 +172,7 @@ fn endpoints(
     service: &Service,
     port: &ServicePort,
     topology: &Topology<'_>,
+    weight_label: Option<&str>,
 ) -> Vec<proto::Endpoint> {
     let mut seen = HashSet::new();
     let mut endpoints = Vec::new();
@@ -178,10 +206,23 @@ fn endpoints(
                             .collect()
                     })
                     .unwrap_or_default(),
-                weight: 1,
+                weight: weight(pod, weight_label),
                 pod: pod_name,
             });
         }
     }
     endpoints
+}
+
+/// Most weight an endpoint label may give.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// An endpoint's weight: its pod's `weight_label` value (1 to [`MAX_WEIGHT`]); 1 when
+/// the label is absent or not such a number (weighted balancing then treats it as
+/// an ordinary endpoint rather than dropping it).
+fn weight(pod: Option<&crate::model::Pod>, weight_label: Option<&str>) -> u32 {
+    weight_label
+        .and_then(|label| pod?.labels.get(label))
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or(1, |w| w.clamp(1, MAX_WEIGHT))
 }

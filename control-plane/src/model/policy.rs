@@ -151,10 +151,15 @@ pub struct Bulkhead {
 }
 
 /// Endpoint selection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadBalancer {
     /// The strategy.
     pub strategy: Strategy,
+    /// For ConsistentHash: what identifies a session.
+    pub hash_on: Option<HashOn>,
+    /// For WeightedRoundRobin: a pod label whose value (a positive integer) is the
+    /// endpoint's weight; pods without it weigh 1.
+    pub weight_label: Option<String>,
 }
 
 /// A load-balancing strategy.
@@ -164,6 +169,23 @@ pub enum Strategy {
     LeastRequest,
     /// Rotate through endpoints.
     RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// In proportion to endpoint weights.
+    WeightedRoundRobin,
+    /// A ring keyed by a session key (sticky sessions).
+    ConsistentHash,
+}
+
+/// What identifies a session for consistent hashing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header (lower case).
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// The client's IP address.
+    ClientAddress,
 }
 
 /// Token-bucket limits on inbound requests to the target's pods.

@@ -512,6 +512,15 @@ mod tests {
     }
 
     #[test]
+    fn the_sharded_example_loads_cleanly() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sharded");
+        let outcome = DirSource::open(examples).unwrap().load().unwrap();
+        assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
+        assert_eq!(outcome.model.shard_topologies.len(), 1);
+        assert_eq!(outcome.model.resilience_policies.len(), 1);
+    }
+
+    #[test]
     fn opening_a_file_is_not_a_change() {
         assert!(!is_change(&EventKind::Access(AccessKind::Open(
             AccessMode::Any
