@@ -78,6 +78,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// This endpoint's circuit breaker.
     pub breaker: Arc<CircuitBreaker>,
+    /// `addr` as a URI authority, rendered once so that each request to this
+    /// endpoint only clones it.
+    pub authority: http::uri::Authority,
     in_flight: AtomicUsize,
 }
 
@@ -94,6 +97,7 @@ impl Endpoint {
             labels,
             weight: weight.max(1),
             breaker,
+            authority: authority(addr),
             in_flight: AtomicUsize::new(0),
         }
     }
@@ -110,6 +114,13 @@ impl Endpoint {
             endpoint: Arc::clone(self),
         }
     }
+}
+
+/// `addr` as a URI authority (`ip:port`, IPv6 in brackets).
+fn authority(addr: SocketAddr) -> http::uri::Authority {
+    // A SocketAddr always renders as a valid authority; the fallback is unreachable.
+    http::uri::Authority::try_from(addr.to_string())
+        .unwrap_or_else(|_| http::uri::Authority::from_static("0.0.0.0"))
 }
 
 impl fmt::Debug for Endpoint {
@@ -163,6 +174,12 @@ mod tests {
             weight,
             Arc::new(CircuitBreaker::new(BreakerConfig::disabled(), addr.into())),
         ))
+    }
+
+    #[test]
+    fn authority_is_the_address_with_ipv6_in_brackets() {
+        assert_eq!(endpoint("10.0.0.7:8080", 1).authority, "10.0.0.7:8080");
+        assert_eq!(endpoint("[fd00::7]:8080", 1).authority, "[fd00::7]:8080");
     }
 
     fn proto(seconds: i64, nanos: i32) -> prost_types::Duration {

@@ -130,19 +130,39 @@ const HOP_BY_HOP: [http::HeaderName; 7] = [
 /// Removes hop-by-hop headers, including those named by `Connection`. `TE: trailers`
 /// is kept because gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<http::HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // One walk over the names, compared without hashing: most requests carry
+    // none of these, and then nothing is looked up, removed or allocated.
+    let (mut connection, mut te, mut other) = (false, false, false);
+    for name in headers.keys() {
+        if name == http::header::CONNECTION {
+            connection = true;
+        } else if name == http::header::TE {
+            te = true;
+        } else if HOP_BY_HOP.contains(name) {
+            other = true;
+        }
     }
-    if headers
-        .get(http::header::TE)
-        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    if connection {
+        let named: Vec<http::HeaderName> = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    if connection || other {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+    }
+    if te
+        && headers
+            .get(http::header::TE)
+            .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(http::header::TE);
     }
@@ -178,5 +198,30 @@ mod tests {
         assert!(h.get("keep-alive").is_none());
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-kept"], "1");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_headers_without_connection() {
+        let mut h = http::HeaderMap::new();
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("proxy-connection").is_none());
+        assert!(h.get("upgrade").is_none());
+        assert!(
+            h.get("te").is_none(),
+            "TE other than trailers is hop-by-hop"
+        );
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-kept"], "1");
+
+        let mut clean = http::HeaderMap::new();
+        clean.insert("x-kept", HeaderValue::from_static("1"));
+        clean.insert("te", HeaderValue::from_static("trailers"));
+        let before = clean.clone();
+        strip_hop_by_hop(&mut clean);
+        assert_eq!(clean, before);
     }
 }

@@ -96,11 +96,12 @@ fn classify_error(err: &hyper_util::client::legacy::Error) -> Failure {
     }
 }
 
-/// The URI of one try: the original path and query, sent to `addr`.
-fn uri_for(path: &PathAndQuery, addr: SocketAddr) -> Uri {
+/// The URI of one try: the original path and query, sent to the endpoint's
+/// authority (rendered once per endpoint, not per try).
+fn uri_for(path: &PathAndQuery, authority: &Authority) -> Uri {
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Authority::try_from(addr.to_string()).ok();
+    uri.authority = Some(authority.clone());
     uri.path_and_query = Some(path.clone());
     Uri::from_parts(uri).unwrap_or_default()
 }
@@ -263,7 +264,7 @@ async fn send(
         let addr = endpoint.addr;
         let mut req = Request::new(body.for_attempt());
         *req.method_mut() = method.clone();
-        *req.uri_mut() = uri_for(&path, addr);
+        *req.uri_mut() = uri_for(&path, &endpoint.authority);
         *req.headers_mut() = if is_last {
             headers.take().unwrap_or_default()
         } else {
