@@ -134,7 +134,7 @@ impl HashOn {
                     let (k, v) = pair.trim().split_once('=')?;
                     (k == name).then(|| hash(v.as_bytes()))
                 }),
-            HashOn::ClientAddress => client.map(|ip| hash(ip.to_string().as_bytes())),
+            HashOn::ClientAddress => client.map(crate::shard::hash::stable_hash_ip),
         }
     }
 }

@@ -30,7 +30,7 @@ pub mod ryw;
 pub mod strategy;
 
 use key::KeySource;
-use ryw::ReadYourWrites;
+use ryw::{ClientId, ReadYourWrites};
 use strategy::Mapper;
 
 /// The header a client sets to `strong` to read from the primary.
@@ -289,16 +289,11 @@ impl ShardRouter {
     }
 
     /// The client identity for read-your-writes.
-    fn client(&self, ryw: &ReadYourWrites, parts: &Parts, addr: Option<IpAddr>) -> String {
+    fn client(&self, ryw: &ReadYourWrites, parts: &Parts, addr: Option<IpAddr>) -> ClientId {
         if let Some(h) = &ryw.client_header {
-            return parts
-                .headers
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
+            return ClientId::of(parts.headers.get(h).map_or(&[][..], |v| v.as_bytes()));
         }
-        addr.map(|a| a.to_string()).unwrap_or_default()
+        addr.map_or(ClientId::of(&[]), ClientId::at)
     }
 
     /// Places a request: its shard and which copy may serve it. Records a write for
@@ -324,9 +319,9 @@ impl ShardRouter {
         if let Some(ryw) = &self.ryw {
             let id = self.client(ryw, parts, client.map(|a| a.ip()));
             if write {
-                ryw.wrote(&id, shard);
+                ryw.wrote(id, shard);
             } else if !primary_read {
-                primary_read = ryw.recent(&id, shard);
+                primary_read = ryw.recent(id, shard);
             }
         }
         Ok(Route {

@@ -248,6 +248,25 @@ impl Cluster {
         self.topology.pod(name)
     }
 
+    /// A test upstream named `server-0` on `port` in the server pod, with the namespace
+    /// runtime it runs on (the upstream stops when that runtime is dropped).
+    async fn serve_upstream(&self, port: u16, knobs: Knobs) -> (netns::NsRuntime, Upstream) {
+        let runtime = self
+            .pod("server")
+            .netns
+            .runtime()
+            .expect("a runtime in the server pod's namespace");
+        let upstream = runtime
+            .run(Upstream::start(
+                SocketAddr::from(([0, 0, 0, 0], port)),
+                "server-0",
+                knobs,
+            ))
+            .await
+            .expect("the test upstream starts in the server pod");
+        (runtime, upstream)
+    }
+
     fn addr(&self, pod: &str, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.pod(pod).ip), port)
     }
@@ -305,16 +324,8 @@ async fn http_from_a_plain_client_goes_through_both_agents() {
         return;
     }
     let cluster = Cluster::start(&[]).await;
-    let server_rt = cluster.pod("server").netns.runtime().unwrap();
+    let (_server_rt, _upstream) = cluster.serve_upstream(HTTP_PORT, Knobs::default()).await;
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
-    let _upstream = server_rt
-        .run(Upstream::start(
-            SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)),
-            "server-0",
-            Knobs::default(),
-        ))
-        .await
-        .unwrap();
 
     // To the pod's own address, and to the Service's cluster IP.
     let pod_addr = cluster.addr("server", HTTP_PORT);
@@ -388,16 +399,8 @@ async fn ipv6_from_a_plain_client_goes_through_both_agents() {
         return;
     }
     let cluster = Cluster::start_with(&[], true).await;
-    let server_rt = cluster.pod("server").netns.runtime().unwrap();
+    let (_server_rt, _upstream) = cluster.serve_upstream(HTTP_PORT, Knobs::default()).await;
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
-    let _upstream = server_rt
-        .run(Upstream::start(
-            SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)),
-            "server-0",
-            Knobs::default(),
-        ))
-        .await
-        .unwrap();
     let v6 = SocketAddr::new(IpAddr::V6(cluster.pod("server").ip6.unwrap()), HTTP_PORT);
     // Over IPv6 (ip6tables rules, IP6T_SO_ORIGINAL_DST), and over IPv4 to the
     // same dual-stack listeners (an IPv4 conntrack entry behind a [::] socket).
@@ -458,16 +461,10 @@ async fn a_breaker_trips_on_a_pod_address() {
         )
         .unwrap();
     cluster.wait_for_version_above("client", before).await;
-    let server_rt = cluster.pod("server").netns.runtime().unwrap();
+    let (_server_rt, _upstream) = cluster
+        .serve_upstream(HTTP_PORT, Knobs::failing(1.0, 500))
+        .await;
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
-    let _upstream = server_rt
-        .run(Upstream::start(
-            SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)),
-            "server-0",
-            Knobs::failing(1.0, 500),
-        ))
-        .await
-        .unwrap();
     let target = cluster.addr("server", HTTP_PORT);
     let statuses = client_rt
         .run(async move {
@@ -540,16 +537,8 @@ spec:
         )
         .unwrap();
     cluster.wait_for_version_above("server", before).await;
-    let server_rt = cluster.pod("server").netns.runtime().unwrap();
+    let (_server_rt, _upstream) = cluster.serve_upstream(HTTP_PORT, Knobs::default()).await;
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
-    let _upstream = server_rt
-        .run(Upstream::start(
-            SocketAddr::from(([0, 0, 0, 0], HTTP_PORT)),
-            "server-0",
-            Knobs::default(),
-        ))
-        .await
-        .unwrap();
     let target = cluster.addr("server", HTTP_PORT);
     let statuses = client_rt
         .run(async move {
@@ -686,16 +675,8 @@ async fn grpc_works_end_to_end() {
         return;
     }
     let cluster = Cluster::start(&[]).await;
-    let server_rt = cluster.pod("server").netns.runtime().unwrap();
+    let (_server_rt, upstream) = cluster.serve_upstream(GRPC_PORT, Knobs::default()).await;
     let client_rt = cluster.pod("client").netns.runtime().unwrap();
-    let upstream = server_rt
-        .run(Upstream::start(
-            SocketAddr::from(([0, 0, 0, 0], GRPC_PORT)),
-            "server-0",
-            Knobs::default(),
-        ))
-        .await
-        .unwrap();
     let target = cluster.addr("server", GRPC_PORT);
     let rsp = client_rt
         .run(async move {

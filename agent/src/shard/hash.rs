@@ -20,6 +20,14 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// The stable hash of an IP address's octets (no text form, so no allocation per request).
+pub fn stable_hash_ip(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(v4) => stable_hash(&v4.octets()),
+        std::net::IpAddr::V6(v6) => stable_hash(&v6.octets()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
