@@ -491,3 +491,87 @@ async fn consistent_hash_keeps_each_session_on_one_endpoint() {
     drop(ups);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_grpc_call_is_routed_by_its_metadata_and_a_keyless_call_gets_a_grpc_status() {
+    let pods = Pods::start().await;
+    let h = start(
+        &pods,
+        &topology(
+            "  key: {type: GrpcMetadata, name: x-customer}
+  strategy:
+    type: Range
+    ranges:
+      - {end: m, shard: a}
+      - {start: m, shard: b}
+  reads:
+    grpcMethods: [/shop.Orders/Get]
+",
+        ),
+        None,
+    )
+    .await;
+    // A gRPC client speaks HTTP/2 (h2c) to the outbound listener.
+    let grpc = bulwark_tests::HttpClient::h2(h.agent.outbound_addr());
+    let call = |method: &'static str, customer: Option<&'static str>| {
+        let grpc = grpc.clone();
+        async move {
+            let metadata: Vec<(&str, &str)> =
+                customer.map(|c| ("x-customer", c)).into_iter().collect();
+            grpc.grpc(
+                &format!("http://orders.test/shop.Orders/{method}"),
+                &metadata,
+                b"order",
+            )
+            .await
+            .expect("the agent answers")
+        }
+    };
+    for (customer, shard) in [
+        ("alice", "a"),
+        ("kate", "a"),
+        ("mallory", "b"),
+        ("zed", "b"),
+    ] {
+        for _ in 0..3 {
+            let rsp = call("Get", Some(customer)).await;
+            assert_eq!(rsp.grpc_status(), Some(0));
+            let who = rsp.upstream().unwrap_or_default();
+            assert!(
+                who.starts_with(&format!("{shard}-replica")),
+                "{customer}'s Get (a read method) went to {who}"
+            );
+        }
+        // Any other method is a write, although every gRPC call is a POST.
+        let rsp = call("Put", Some(customer)).await;
+        assert_eq!(rsp.grpc_status(), Some(0));
+        assert_eq!(
+            rsp.upstream(),
+            Some(format!("{shard}-primary").as_str()),
+            "{customer}'s Put"
+        );
+    }
+
+    // No key: a trailers-only gRPC answer the client can read, not a bare 400.
+    let rsp = call("Get", None).await;
+    assert_eq!(rsp.status, 200);
+    assert_eq!(rsp.header("content-type"), Some("application/grpc"));
+    assert_eq!(rsp.grpc_status(), Some(3), "INVALID_ARGUMENT");
+    assert!(
+        rsp.trailers.is_none(),
+        "trailers-only: the status is in the headers"
+    );
+    assert!(rsp.body.is_empty());
+    assert_eq!(rsp.reason(), Some("shard-key-missing"));
+    assert_eq!(
+        rsp.header("grpc-message"),
+        Some("bulwark: shard-key-missing")
+    );
+    assert_eq!(rsp.upstream(), None, "no upstream saw it");
+    let primaries: u64 = ["a-primary", "b-primary"]
+        .iter()
+        .map(|p| pods.get(p).stats().total)
+        .sum();
+    assert_eq!(primaries, 4, "only the four Puts reached a primary");
+    h.shutdown().await;
+}
