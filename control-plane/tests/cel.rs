@@ -144,6 +144,22 @@ fn resilience_policy_rules_agree() {
         ),
         ("{targetRefs: [{name: s}]}".to_owned(), false),
         ("{targetRefs: [{kind: Service}]}".to_owned(), false),
+        (
+            format!(
+                "{{{TARGET}, loadBalancer: {{strategy: WeightedRoundRobin, weights: [{{selector: {{matchLabels: {{a: b}}}}, weight: 2}}]}}}}"
+            ),
+            true,
+        ),
+        (
+            format!(
+                "{{{TARGET}, loadBalancer: {{strategy: RoundRobin, weights: [{{selector: {{matchLabels: {{a: b}}}}, weight: 2}}]}}}}"
+            ),
+            false,
+        ),
+        (
+            format!("{{{TARGET}, loadBalancer: {{weightLabel: w}}}}"),
+            false,
+        ),
     ];
     let cases: Vec<(&str, bool)> = cases.iter().map(|(y, v)| (y.as_str(), *v)).collect();
     check("ResiliencePolicy", "resiliencepolicies.yaml", &cases);

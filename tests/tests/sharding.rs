@@ -575,3 +575,117 @@ async fn a_grpc_call_is_routed_by_its_metadata_and_a_keyless_call_gets_a_grpc_st
     assert_eq!(primaries, 4, "only the four Puts reached a primary");
     h.shutdown().await;
 }
+
+/// The weights `/config` shows for `web.test:80`, by endpoint address.
+async fn weights_in_force(h: &Harness) -> BTreeMap<String, u64> {
+    let config = h.config().await;
+    config["config"]["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "web.test:80"))
+        .and_then(|d| d["endpoints"].as_array())
+        .map(|endpoints| {
+            endpoints
+                .iter()
+                .map(|e| {
+                    (
+                        e["address"].as_str().unwrap_or_default().to_owned(),
+                        e["weight"].as_u64().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn spread(h: &Harness, requests: usize) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..requests {
+        let rsp = h
+            .client
+            .get("http://web.test/", &[])
+            .await
+            .expect("the agent answers");
+        *counts
+            .entry(rsp.upstream().expect("an upstream answered").to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn weighted_round_robin_weights_come_from_the_policy_then_the_annotation_then_the_label() {
+    let mut ups = Vec::new();
+    for i in 0..3 {
+        ups.push(
+            Upstream::start(loopback(), &format!("web-{i}"), Knobs::healthy())
+                .await
+                .unwrap(),
+        );
+    }
+    let pods: Vec<LabelledPod<'_>> = vec![
+        // The annotation (3) wins over the label (1).
+        ("web-0", ups[0].addr(), &[("weight", "1")]),
+        ("web-1", ups[1].addr(), &[("weight", "2"), ("tier", "gold")]),
+        // An invalid annotation is ignored: no label either, so it weighs 1.
+        ("web-2", ups[2].addr(), &[]),
+    ];
+    let annotations = [
+        ("web-0", "bulwark.io/weight", "3"),
+        ("web-2", "bulwark.io/weight", "heavy"),
+    ];
+    let mesh = Mesh::new().unwrap();
+    mesh.write(
+        "service-web.yaml",
+        &bulwark_tests::mesh::service_with_annotated_pods_yaml("web", &pods, &annotations),
+    )
+    .unwrap();
+    let policy = |extra: &str| {
+        resilience_policy(
+            "web",
+            "web",
+            &format!(
+                "  loadBalancer:\n    strategy: WeightedRoundRobin\n    weightLabel: weight\n{extra}"
+            ),
+        )
+    };
+    mesh.write_policy("policy.yaml", &policy("")).unwrap();
+    let h = Harness::start(mesh).await;
+    let addr = |i: usize| ups[i].addr().to_string();
+    assert_eventually!(weights_in_force(&h).await.get(&addr(0)) == Some(&3));
+    let weights = weights_in_force(&h).await;
+    assert_eq!(weights[&addr(1)], 2, "the label, without an annotation");
+    assert_eq!(weights[&addr(2)], 1, "an invalid annotation counts as none");
+
+    // Any 600 requests are whole turns of the 3:2:1 schedule.
+    let counts = spread(&h, 600).await;
+    assert_eq!(
+        (counts["web-0"], counts["web-1"], counts["web-2"]),
+        (300, 200, 100),
+        "{counts:?}"
+    );
+
+    // A policy weight beats both; the first matching entry wins.
+    h.mesh
+        .write_policy(
+            "policy.yaml",
+            &policy(
+                "    weights:\n      - {selector: {matchLabels: {tier: gold}}, weight: 5}\n      - {selector: {matchLabels: {app: web}}, weight: 7}\n",
+            ),
+        )
+        .unwrap();
+    assert_eventually!(weights_in_force(&h).await.get(&addr(1)) == Some(&5));
+    let weights = weights_in_force(&h).await;
+    assert_eq!(
+        weights[&addr(0)],
+        7,
+        "the second entry, over the annotation"
+    );
+    assert_eq!(weights[&addr(2)], 7);
+    let counts = spread(&h, 1_900).await;
+    assert_eq!(
+        (counts["web-0"], counts["web-1"], counts["web-2"]),
+        (700, 500, 700),
+        "{counts:?}"
+    );
+    h.shutdown().await;
+}
