@@ -55,6 +55,17 @@ fn cel_errors(schema: &Value, value: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The CRD's bound on consistent-hash virtual nodes is the one the Rust validation
+/// (and the agent, which keeps the same number) enforce.
+#[test]
+fn the_virtual_node_maximum_is_the_same_in_the_crd() {
+    let schema = spec_schema("shardtopologies.yaml");
+    assert_eq!(
+        schema["properties"]["strategy"]["properties"]["virtualNodes"]["maximum"],
+        serde_json::json!(api::shard::MAX_VIRTUAL_NODES)
+    );
+}
+
 fn rust_verdict(kind: &str, spec: &Value) -> Result<(), String> {
     let document = serde_json::json!({
         "apiVersion": "bulwark.io/v1alpha1",
