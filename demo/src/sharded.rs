@@ -619,10 +619,19 @@ pub fn report(
     );
     for shard in &layout.shards {
         let tally = tallies.get(shard.as_str());
-        let list = |served: Option<&BTreeMap<String, u64>>| match served {
+        // Reads a primary served are fallbacks; say so.
+        let list = |served: Option<&BTreeMap<String, u64>>, reads: bool| match served {
             Some(map) if !map.is_empty() => map
                 .iter()
-                .map(|(pod, n)| format!("{pod} {}", count(*n)))
+                .map(|(pod, n)| {
+                    let fallback =
+                        reads && layout.pod(pod).is_some_and(|p| p.role == Role::Primary);
+                    format!(
+                        "{pod} {}{}",
+                        count(*n),
+                        if fallback { " (fallback)" } else { "" }
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
             _ => "none".to_owned(),
@@ -632,8 +641,8 @@ pub fn report(
             "  shard {shard} (keys {})",
             tally.map(|t| t.keys.join(", ")).unwrap_or_default()
         );
-        let _ = writeln!(out, "    reads   {}", list(tally.map(|t| &t.reads)));
-        let _ = writeln!(out, "    writes  {}", list(tally.map(|t| &t.writes)));
+        let _ = writeln!(out, "    reads   {}", list(tally.map(|t| &t.reads), true));
+        let _ = writeln!(out, "    writes  {}", list(tally.map(|t| &t.writes), false));
         if let Some(t) = tally {
             let _ = writeln!(
                 out,
