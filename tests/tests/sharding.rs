@@ -145,7 +145,14 @@ async fn send(
 #[tokio::test]
 async fn every_key_reaches_its_shard_reads_land_on_replicas_and_writes_on_the_primary() {
     let pods = Pods::start().await;
-    let h = start(&pods, &topology(RANGES), None).await;
+    // Round robin, so the balance check below is exact: with the default LeastRequest,
+    // sequential reads tie and a random pick can leave a replica under 4 of 12.
+    let h = start(
+        &pods,
+        &topology(RANGES),
+        Some("  loadBalancer:\n    strategy: RoundRobin\n"),
+    )
+    .await;
 
     for customer in ["alice", "bob", "kate", "mallory", "zed", "m"] {
         let shard = if customer < "m" { "a" } else { "b" };
@@ -278,6 +285,22 @@ async fn a_client_reads_its_own_writes_from_the_primary_for_the_window_and_from_
     assert!(who.starts_with("a-replica"), "bob: {who}");
     let (_, who) = send(&h, Method::GET, "zoe", &alice).await;
     assert!(who.starts_with("b-replica"), "other shard: {who}");
+    // A client without the header is known by its address: its own write sends its
+    // reads to the primary, and no one else's.
+    let (_, who) = send(&h, Method::GET, "dave", &[]).await;
+    assert!(
+        who.starts_with("a-replica"),
+        "no header, no write yet: {who}"
+    );
+    let (_, who) = send(&h, Method::PUT, "dave", &[]).await;
+    assert_eq!(who, "a-primary");
+    let (_, who) = send(&h, Method::GET, "dave", &[]).await;
+    assert_eq!(who, "a-primary", "a header-less client reads its write");
+    let (_, who) = send(&h, Method::GET, "carol", &bob).await;
+    assert!(
+        who.starts_with("a-replica"),
+        "bob is not that client: {who}"
+    );
     // After the window, alice reads from replicas again.
     assert_eventually!(
         send(&h, Method::GET, "carol", &alice)
