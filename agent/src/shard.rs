@@ -288,10 +288,17 @@ impl ShardRouter {
         })
     }
 
-    /// The client identity for read-your-writes.
+    /// The client identity for read-your-writes: the client header, or the client's
+    /// address when the header is not configured or absent (rather than one shared
+    /// "no header" identity, which would send every header-less client to the primary
+    /// after any one of them wrote).
     fn client(&self, ryw: &ReadYourWrites, parts: &Parts, addr: Option<IpAddr>) -> ClientId {
-        if let Some(h) = &ryw.client_header {
-            return ClientId::of(parts.headers.get(h).map_or(&[][..], |v| v.as_bytes()));
+        if let Some(value) = ryw
+            .client_header
+            .as_ref()
+            .and_then(|h| parts.headers.get(h))
+        {
+            return ClientId::of(value.as_bytes());
         }
         addr.map_or(ClientId::of(&[]), ClientId::at)
     }

@@ -77,7 +77,7 @@ fn identity(n: usize, services: usize) -> Identity {
         service_account: "default".to_owned(),
         labels: [("app".to_owned(), app)].into(),
         agent_version: "bench".to_owned(),
-        protocol_version: 1,
+        protocol_version: bulwark_proto::PROTOCOL_VERSION,
     }
 }
 

@@ -77,6 +77,9 @@ pub struct AgentStatus {
     pub last_ack: Option<AckRecord>,
     /// The last NACK.
     pub last_nack: Option<NackRecord>,
+    /// What the last snapshot left out because the agent's protocol is too old to
+    /// enforce it (a sharded port then has no endpoints).
+    pub held_back: Vec<crate::compat::HeldBack>,
 }
 
 /// One connected agent.
@@ -95,11 +98,17 @@ impl AgentEntry {
         &self.identity
     }
 
-    /// A snapshot was sent.
-    pub fn record_sent(&self, version: u64) {
+    /// A snapshot was sent, leaving out `held_back`. Returns whether what is held back
+    /// changed since the previous snapshot.
+    pub fn record_sent(&self, version: u64, held_back: &[crate::compat::HeldBack]) -> bool {
         let mut status = self.lock();
         status.sent_version = Some(version);
         status.snapshots_sent += 1;
+        if status.held_back == held_back {
+            return false;
+        }
+        status.held_back = held_back.to_vec();
+        true
     }
 
     /// An ACK arrived.
@@ -315,7 +324,7 @@ mod tests {
         let registry = Arc::new(AgentRegistry::new(Arc::clone(&metrics)));
         let b = registry.register(identity("b"), None);
         let a = registry.register(identity("a"), "10.0.0.1:5000".parse().ok());
-        a.entry().record_sent(7);
+        a.entry().record_sent(7, &[]);
         a.entry().record_ack(7);
         a.entry().record_nack(8, "unknown retryOn".into());
         let list = registry.list();
@@ -342,7 +351,7 @@ mod tests {
     fn the_json_shape_is_flat_and_stable() {
         let registry = Arc::new(AgentRegistry::new(Arc::new(Metrics::new())));
         let r = registry.register(identity("p"), None);
-        r.entry().record_sent(3);
+        r.entry().record_sent(3, &[]);
         let json = serde_json::to_value(registry.list()).unwrap();
         let agent = &json[0];
         assert_eq!(agent["identity"]["pod_name"], "p");

@@ -114,7 +114,8 @@ impl DiscoveryService {
             id.namespace.clone(),
             id.labels.clone(),
             Arc::clone(&self.cache),
-        );
+        )
+        .with_protocol(id.protocol_version);
         let (tx, rx) = mpsc::channel(1);
         let stream = AgentStream {
             registration,
@@ -210,8 +211,14 @@ impl AgentStream {
                     let state = Arc::clone(&self.state.borrow_and_update());
                     if let Some(snapshot) = self.view.update(&state) {
                         let version = snapshot.version();
+                        let entry = self.registration.entry();
+                        if entry.record_sent(version, snapshot.held_back()) {
+                            self.report_held_back(snapshot.held_back());
+                        }
+                        if !snapshot.held_back().is_empty() {
+                            self.metrics.held_back_snapshots.inc();
+                        }
                         permit.send(Outgoing::Snapshot(snapshot));
-                        self.registration.entry().record_sent(version);
                         self.metrics.snapshots_sent.inc();
                         debug!(pod = %self.pod(), version, "snapshot sent");
                     }
@@ -244,6 +251,32 @@ impl AgentStream {
 
     fn pod(&self) -> &str {
         &self.registration.entry().identity().pod_name
+    }
+
+    /// Says, once per change, what this agent's snapshots leave out.
+    fn report_held_back(&self, held_back: &[crate::compat::HeldBack]) {
+        let id = self.registration.entry().identity();
+        if held_back.is_empty() {
+            info!(namespace = %id.namespace, pod = %id.pod_name, "nothing held back from the agent any more");
+            return;
+        }
+        let ports: Vec<String> = held_back
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} ({}, needs protocol {})",
+                    h.port, h.feature, h.needs_protocol
+                )
+            })
+            .collect();
+        warn!(
+            namespace = %id.namespace,
+            pod = %id.pod_name,
+            protocol_version = id.protocol_version,
+            agent_version = %id.agent_version,
+            held_back = ?ports,
+            "the agent's protocol is too old for features in force: they are held back and its sharded ports get no endpoints (503 no-endpoints) until it is upgraded"
+        );
     }
 
     fn handle(&self, message: proto::AgentMessage) -> Result<(), Status> {

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod compat;
 pub mod crds;
 pub mod duration;
 pub mod grpc;

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub acks: Counter,
     /// `bulwark_cp_nacks_total`: snapshots agents rejected.
     pub nacks: Counter,
+    /// `bulwark_cp_held_back_snapshots_total`: snapshots that left out features the
+    /// agent's protocol version cannot enforce.
+    pub held_back_snapshots: Counter,
     /// `bulwark_cp_objects{kind}`: valid objects in force, by kind.
     pub objects: Family<KindLabels, Gauge>,
     /// `bulwark_cp_rejected_objects`: documents currently rejected by the source.
@@ -49,6 +52,7 @@ impl Metrics {
         let snapshots_sent = Counter::default();
         let acks = Counter::default();
         let nacks = Counter::default();
+        let held_back_snapshots = Counter::default();
         let objects = Family::<KindLabels, Gauge>::default();
         let rejected_objects = Gauge::default();
         let revision = Gauge::default();
@@ -74,6 +78,11 @@ impl Metrics {
             "bulwark_cp_nacks",
             "Snapshots agents rejected (they kept their previous config)",
             nacks.clone(),
+        );
+        registry.register(
+            "bulwark_cp_held_back_snapshots",
+            "Snapshots that left out features the agent's protocol version cannot enforce (see admin /agents)",
+            held_back_snapshots.clone(),
         );
         registry.register(
             "bulwark_cp_objects",
@@ -118,6 +127,7 @@ impl Metrics {
             snapshots_sent,
             acks,
             nacks,
+            held_back_snapshots,
             objects,
             rejected_objects,
             revision,

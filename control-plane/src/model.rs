@@ -298,7 +298,17 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// `spec.serviceAccountName` (`default` when absent): the agent's identity.
     pub service_account: String,
+    /// The [`WEIGHT_ANNOTATION`], when it is a valid weight.
+    pub weight: Option<u32>,
 }
+
+/// The pod annotation giving its endpoints' weight for WeightedRoundRobin (an integer
+/// from 1 to [`MAX_WEIGHT`]).
+pub const WEIGHT_ANNOTATION: &str = "bulwark.io/weight";
+
+/// The largest endpoint weight (from a policy, an annotation or a label). Agents
+/// scale weight sums down to at most this, so a larger one would buy nothing.
+pub const MAX_WEIGHT: u32 = 10_000;
 
 /// When an object was created, for ordering conflicting policies (oldest wins).
 pub type CreationTime = Option<Timestamp>;

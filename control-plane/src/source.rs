@@ -277,6 +277,7 @@ mod tests {
             labels: Default::default(),
             ips: Vec::new(),
             service_account: "default".into(),
+            weight: None,
         }));
         publisher.publish(model, Vec::new());
         assert!(models.has_changed().unwrap());

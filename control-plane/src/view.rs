@@ -7,10 +7,15 @@
 //! (a change to 10,000 agents used to deep-copy and re-encode the whole service list
 //! 10,000 times), and the inbound limits are computed once per namespace and label set
 //! (pods of one Deployment share them). See [`ViewCache`].
+//!
+//! Agents of an older protocol get the outbound part without what they cannot enforce
+//! ([`crate::compat`]); that variant too is built and encoded once per index state and
+//! protocol level, lazily, the first time an agent of that level needs it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::compat::{self, HeldBack};
 use crate::index::{Inbound, IndexState, Outbound};
 use bulwark_proto::v1 as proto;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -26,6 +31,8 @@ pub struct AgentView {
     namespace: String,
     labels: BTreeMap<String, String>,
     cache: Arc<ViewCache>,
+    /// The protocol level the agent is served at ([`compat::level`]).
+    level: u32,
     sent: Option<PendingSnapshot>,
 }
 
@@ -39,9 +46,16 @@ pub struct PendingSnapshot {
     /// `outbound.services` as `Snapshot.services` fields, shared by every agent.
     outbound_encoded: Bytes,
     inbound: Arc<[proto::RateLimit]>,
+    /// What the agent's protocol level cannot enforce and was left out.
+    held_back: Arc<[HeldBack]>,
 }
 
 impl PendingSnapshot {
+    /// What was held back because the agent's protocol is too old (empty for a current agent).
+    pub fn held_back(&self) -> &[HeldBack] {
+        &self.held_back
+    }
+
     /// The snapshot's version.
     pub fn version(&self) -> u64 {
         self.version
@@ -97,8 +111,22 @@ impl PendingSnapshot {
 /// computed by the first agent that needs it and reused until the index moves on.
 #[derive(Debug, Default)]
 pub struct ViewCache {
-    outbound: Mutex<Option<(Arc<Outbound>, Bytes)>>,
+    /// For one outbound state: its variant per protocol level.
+    outbound: Mutex<Option<(Arc<Outbound>, ByLevel)>>,
     inbound: Mutex<InboundMemo>,
+}
+
+/// The variants of one outbound state, by protocol level.
+type ByLevel = HashMap<u32, SharedOutbound>;
+
+/// The outbound part as agents of one protocol level get it.
+#[derive(Clone, Debug)]
+struct SharedOutbound {
+    /// The services (the index's own `Arc` when nothing is held back).
+    outbound: Arc<Outbound>,
+    /// `outbound.services` as `Snapshot.services` fields.
+    encoded: Bytes,
+    held_back: Arc<[HeldBack]>,
 }
 
 /// Inbound limits by namespace and labels, for one inbound state.
@@ -115,14 +143,27 @@ impl ViewCache {
         Self::default()
     }
 
-    /// `outbound.services` encoded as `Snapshot.services` fields, once per outbound state.
-    fn outbound(&self, outbound: &Arc<Outbound>) -> Bytes {
+    /// `outbound` as agents at protocol `level` get it, with its services encoded as
+    /// `Snapshot.services` fields: once per outbound state and level.
+    fn outbound(&self, outbound: &Arc<Outbound>, level: u32) -> SharedOutbound {
         let mut cached = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((of, bytes)) = cached.as_ref()
-            && Arc::ptr_eq(of, outbound)
-        {
-            return bytes.clone();
+        let levels = match cached.as_mut() {
+            Some((of, levels)) if Arc::ptr_eq(of, outbound) => levels,
+            _ => &mut cached.insert((Arc::clone(outbound), HashMap::new())).1,
+        };
+        if let Some(found) = levels.get(&level) {
+            return found.clone();
         }
+        let (outbound, held_back) = match compat::for_level(&outbound.services, level) {
+            None => (Arc::clone(outbound), Vec::new()),
+            Some((services, held_back)) => (
+                Arc::new(Outbound {
+                    services,
+                    changed_at: outbound.changed_at,
+                }),
+                held_back,
+            ),
+        };
         let len = outbound
             .services
             .iter()
@@ -132,9 +173,13 @@ impl ViewCache {
         for service in &outbound.services {
             prost::encoding::message::encode(SERVICES_FIELD, service, &mut buf);
         }
-        let bytes = buf.freeze();
-        *cached = Some((Arc::clone(outbound), bytes.clone()));
-        bytes
+        let shared = SharedOutbound {
+            outbound,
+            encoded: buf.freeze(),
+            held_back: held_back.into(),
+        };
+        levels.insert(level, shared.clone());
+        shared
     }
 
     /// The limits of pods with `labels` in `namespace`, once per inbound state and label set.
@@ -176,8 +221,16 @@ impl AgentView {
             namespace: namespace.into(),
             labels,
             cache,
+            level: bulwark_proto::PROTOCOL_VERSION,
             sent: None,
         }
+    }
+
+    /// The same view for an agent that speaks `protocol_version`: what it cannot
+    /// enforce is held back ([`compat`]).
+    pub fn with_protocol(mut self, protocol_version: u32) -> Self {
+        self.level = compat::level(protocol_version);
+        self
     }
 
     /// The version last produced, if any.
@@ -204,11 +257,13 @@ impl AgentView {
             // Versions never repeat for one agent, whatever the bookkeeping above says.
             version = version.max(sent.version + 1);
         }
+        let shared = self.cache.outbound(&state.outbound, self.level);
         let snapshot = PendingSnapshot {
             version,
-            outbound: Arc::clone(&state.outbound),
-            outbound_encoded: self.cache.outbound(&state.outbound),
+            outbound: shared.outbound,
+            outbound_encoded: shared.encoded,
             inbound,
+            held_back: shared.held_back,
         };
         self.sent = Some(snapshot.clone());
         Some(snapshot)
@@ -475,6 +530,82 @@ mod tests {
                 .unwrap()
                 .rate_limits()
                 .is_empty()
+        );
+    }
+
+    /// The example mesh plus the sharded example (its topology, policy and pods).
+    fn sharded_examples() -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sharded");
+        ["orders.yaml", "demo-pods.yaml"]
+            .iter()
+            .fold(examples(), |model, file| {
+                with_document(model, &std::fs::read_to_string(dir.join(file)).unwrap())
+            })
+    }
+
+    #[test]
+    fn an_old_agent_gets_sharded_ports_without_endpoints_from_a_shared_encoding() {
+        let index = Index::new(START, &sharded_examples(), Arc::new(Metrics::new()));
+        let state = index.state();
+        let cache = Arc::new(ViewCache::new());
+        let view = |protocol: u32| {
+            AgentView::new("demo", labels(&[("app", "frontend")]), Arc::clone(&cache))
+                .with_protocol(protocol)
+        };
+        let orders = |snapshot: &PendingSnapshot| {
+            snapshot
+                .to_snapshot()
+                .services
+                .into_iter()
+                .find(|s| s.name == "orders")
+                .unwrap()
+                .ports
+                .remove(0)
+        };
+
+        let current = view(bulwark_proto::PROTOCOL_VERSION)
+            .update(&state)
+            .unwrap();
+        assert!(current.held_back().is_empty());
+        let port = orders(&current);
+        assert!(port.shard_topology.is_some());
+        assert_eq!(port.endpoints.len(), 6);
+
+        let old = view(1).update(&state).unwrap();
+        let port = orders(&old);
+        assert!(port.shard_topology.is_none());
+        assert!(port.endpoints.is_empty(), "fails closed: no endpoints");
+        assert_eq!(old.held_back().len(), 1);
+        assert_eq!(old.held_back()[0].port, "orders.shop:80");
+        // Every other service is the same as for a current agent.
+        let others = |s: &PendingSnapshot| {
+            let mut services = s.to_snapshot().services;
+            services.retain(|s| s.name != "orders");
+            services
+        };
+        assert_eq!(others(&old), others(&current));
+
+        // Both encodings are what prost writes, and each is shared per level.
+        for snapshot in [&current, &old] {
+            let mut bytes = Vec::new();
+            snapshot.encode(&mut bytes);
+            assert_eq!(bytes, snapshot.to_snapshot().encode_to_vec());
+            assert_eq!(bytes.len(), snapshot.encoded_len());
+        }
+        let old_again = view(0).update(&state).unwrap();
+        assert_eq!(
+            old_again.outbound_encoded.as_ptr(),
+            old.outbound_encoded.as_ptr(),
+            "agents of one level share the bytes"
+        );
+        let newer = view(9).update(&state).unwrap();
+        assert_eq!(
+            newer.outbound_encoded.as_ptr(),
+            current.outbound_encoded.as_ptr()
+        );
+        assert!(
+            Arc::ptr_eq(&current.outbound, &state.outbound),
+            "no copy for current agents"
         );
     }
 }

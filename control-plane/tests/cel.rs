@@ -55,6 +55,17 @@ fn cel_errors(schema: &Value, value: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The CRD's bound on consistent-hash virtual nodes is the one the Rust validation
+/// (and the agent, which keeps the same number) enforce.
+#[test]
+fn the_virtual_node_maximum_is_the_same_in_the_crd() {
+    let schema = spec_schema("shardtopologies.yaml");
+    assert_eq!(
+        schema["properties"]["strategy"]["properties"]["virtualNodes"]["maximum"].as_f64(),
+        Some(f64::from(api::shard::MAX_VIRTUAL_NODES))
+    );
+}
+
 fn rust_verdict(kind: &str, spec: &Value) -> Result<(), String> {
     let document = serde_json::json!({
         "apiVersion": "bulwark.io/v1alpha1",
@@ -144,6 +155,22 @@ fn resilience_policy_rules_agree() {
         ),
         ("{targetRefs: [{name: s}]}".to_owned(), false),
         ("{targetRefs: [{kind: Service}]}".to_owned(), false),
+        (
+            format!(
+                "{{{TARGET}, loadBalancer: {{strategy: WeightedRoundRobin, weights: [{{selector: {{matchLabels: {{a: b}}}}, weight: 2}}]}}}}"
+            ),
+            true,
+        ),
+        (
+            format!(
+                "{{{TARGET}, loadBalancer: {{strategy: RoundRobin, weights: [{{selector: {{matchLabels: {{a: b}}}}, weight: 2}}]}}}}"
+            ),
+            false,
+        ),
+        (
+            format!("{{{TARGET}, loadBalancer: {{weightLabel: w}}}}"),
+            false,
+        ),
     ];
     let cases: Vec<(&str, bool)> = cases.iter().map(|(y, v)| (y.as_str(), *v)).collect();
     check("ResiliencePolicy", "resiliencepolicies.yaml", &cases);

@@ -46,6 +46,11 @@ struct Agent {
 }
 
 fn hello(pod: &str, labels: &[(&str, &str)]) -> AgentMessage {
+    hello_at(pod, labels, bulwark_proto::PROTOCOL_VERSION)
+}
+
+/// A hello from an agent that speaks `protocol_version`.
+fn hello_at(pod: &str, labels: &[(&str, &str)], protocol_version: u32) -> AgentMessage {
     AgentMessage {
         kind: Some(Kind::Hello(Identity {
             namespace: "demo".into(),
@@ -56,7 +61,7 @@ fn hello(pod: &str, labels: &[(&str, &str)]) -> AgentMessage {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             agent_version: "test".into(),
-            protocol_version: 1,
+            protocol_version,
         })),
     }
 }
@@ -507,4 +512,87 @@ async fn start_fails_on_a_missing_folder_but_not_on_invalid_documents() {
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0]["path"], "metadata.name");
     cp.shutdown().await;
+}
+
+/// Waits for a snapshot that holds service `name`.
+async fn until_service(agent: &mut Agent, name: &str) -> Snapshot {
+    loop {
+        let snapshot = agent.next().await;
+        agent.ack(snapshot.version).await;
+        if snapshot.services.iter().any(|s| s.name == name) {
+            return snapshot;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_of_protocol_1_gets_sharded_ports_without_endpoints() {
+    let fx = Fixture::start().await;
+    let sharded = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sharded");
+    // The pods first: any snapshot with the Service has its endpoints.
+    for file in ["demo-pods.yaml", "orders.yaml"] {
+        fx.write(file, &std::fs::read_to_string(sharded.join(file)).unwrap());
+    }
+    // An agent from before shard topologies, scripted: it says protocol 1.
+    let mut old = open(fx.cp.grpc_addr(), hello_at("old-0", &[("app", "old")], 1))
+        .await
+        .unwrap();
+    let mut current = connect_agent(&fx, "new-0", &[("app", "new")]).await;
+
+    let snapshot = until_service(&mut old, "orders").await;
+    let port = &service(&snapshot, "orders").ports[0];
+    assert!(port.shard_topology.is_none(), "it could not enforce it");
+    assert!(
+        port.endpoints.is_empty(),
+        "no endpoints, so no write reaches a replica: {:?}",
+        port.endpoints
+    );
+    assert_eq!(
+        service(&snapshot, "reviews").ports[0].endpoints.len(),
+        3,
+        "unsharded services are untouched"
+    );
+    let snapshot = until_service(&mut current, "orders").await;
+    let port = &service(&snapshot, "orders").ports[0];
+    assert!(port.shard_topology.is_some());
+    assert_eq!(port.endpoints.len(), 6);
+
+    // /agents says what was held back from whom, and why.
+    let agents = fx.admin_json("/agents").await;
+    let entry = |pod: &str| {
+        agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["identity"]["pod_name"] == pod)
+            .unwrap()
+            .clone()
+    };
+    let old_entry = entry("old-0");
+    assert_eq!(old_entry["identity"]["protocol_version"], 1);
+    assert_eq!(
+        old_entry["held_back"],
+        serde_json::json!([{"port": "orders.shop:80", "feature": "shardTopology", "needs_protocol": 2}])
+    );
+    assert_eq!(entry("new-0")["held_back"], serde_json::json!([]));
+    let (_, metrics) = fx.admin("/metrics").await;
+    assert!(metric(&metrics, "bulwark_cp_held_back_snapshots_total").unwrap() >= 1.0);
+
+    // Without the topology, the old agent gets the endpoints again.
+    std::fs::remove_file(fx.path("orders.yaml")).unwrap();
+    let snapshot = old.next().await;
+    assert!(
+        snapshot.services.iter().all(|s| s.name != "orders"),
+        "the Service was in orders.yaml too"
+    );
+    eventually("nothing held back any more", || async {
+        let agents = fx.admin_json("/agents").await;
+        agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["held_back"] == serde_json::json!([]))
+    })
+    .await;
+    fx.cp.shutdown().await;
 }

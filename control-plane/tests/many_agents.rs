@@ -89,7 +89,7 @@ impl Agent {
             service_account: "default".into(),
             labels: [("app".to_owned(), app.to_owned())].into(),
             agent_version: "test".into(),
-            protocol_version: 1,
+            protocol_version: bulwark_proto::PROTOCOL_VERSION,
         };
         let (tx, rx) = mpsc::channel(4);
         tx.send(AgentMessage {

@@ -3,7 +3,7 @@
 //! copied into the code.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -54,17 +54,7 @@ struct Rate {
 
 /// Finds limit `limit` of RateLimitPolicy `namespace/name` in the `*.yaml` files of `dir`.
 pub fn rate_limit(dir: &Path, namespace: &str, name: &str, limit: &str) -> anyhow::Result<Bucket> {
-    let mut files: Vec<_> = fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.extension()
-                .is_some_and(|ext| ext == "yaml" || ext == "yml")
-        })
-        .collect();
-    files.sort();
-    for file in files {
+    for file in yaml_files(dir)? {
         let text =
             fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
         for document in serde_yaml_ng::Deserializer::from_str(&text) {
@@ -105,6 +95,47 @@ pub fn rate_limit(dir: &Path, namespace: &str, name: &str, limit: &str) -> anyho
         }
     }
     bail!("no RateLimitPolicy {namespace}/{name} in {}", dir.display())
+}
+
+/// The `*.yaml` and `*.yml` files directly in `dir` (not hidden), sorted: the files
+/// the control plane's folder source reads.
+pub fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<_> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml")
+                && !path
+                    .file_name()
+                    .is_some_and(|name| name.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Makes `into` (emptied first) hold the YAML files of every folder in `sources`,
+/// each named `N-FILE` by its folder's position, so the control plane (which reads
+/// one folder, not recursively) serves them all. The files are copied, not edited:
+/// `examples/` stays the one place the mesh is written down.
+pub fn merge(sources: &[&Path], into: &Path) -> anyhow::Result<()> {
+    if into.exists() {
+        fs::remove_dir_all(into).with_context(|| format!("emptying {}", into.display()))?;
+    }
+    fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
+    for (i, source) in sources.iter().enumerate() {
+        for file in yaml_files(source)? {
+            let Some(name) = file.file_name() else {
+                continue;
+            };
+            let target = into.join(format!("{i}-{}", name.to_string_lossy()));
+            fs::copy(&file, &target)
+                .with_context(|| format!("copying {} to {}", file.display(), target.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Parses a Gateway API duration such as `1s`, `250ms` or `1m30s`.
@@ -174,6 +205,30 @@ mod tests {
         assert_eq!(bucket.allowed_over(Duration::from_secs(10)), 210.0);
         assert!(rate_limit(&examples, "demo", "frontend", "nope").is_err());
         assert!(rate_limit(&examples, "other", "frontend", "per-tenant").is_err());
+    }
+
+    #[test]
+    fn merges_folders_without_name_clashes() {
+        let (one, two, into) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        fs::write(one.path().join("a.yaml"), "kind: Service\n").unwrap();
+        fs::write(two.path().join("a.yaml"), "kind: Pod\n").unwrap();
+        fs::write(two.path().join("notes.txt"), "not YAML").unwrap();
+        fs::write(into.path().join("stale.yaml"), "kind: Old\n").unwrap();
+        merge(&[one.path(), two.path()], into.path()).unwrap();
+        let names: Vec<String> = yaml_files(into.path())
+            .unwrap()
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["0-a.yaml", "1-a.yaml"]);
+        assert_eq!(
+            fs::read_to_string(into.path().join("1-a.yaml")).unwrap(),
+            "kind: Pod\n"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! `bulwark-demo` (`make demo`): starts the control plane on `examples/`, the
-//! demo upstreams (healthy, flaky, one that goes down and comes back, one that
-//! hangs) and the agent as real processes; drives traffic through the agent for
+//! `bulwark-demo` (`make demo`): starts the control plane on `examples/` and
+//! `examples/sharded/`, the demo upstreams (healthy, flaky, one that goes down and
+//! comes back, one that hangs, and the pods of a sharded service) and the agent as
+//! real processes; drives traffic through the agent for
 //! 30 seconds; prints what each policy did; and stops everything it started,
 //! also on Ctrl-C and on errors.
 
@@ -9,6 +10,7 @@ mod latency;
 mod observer;
 mod progress;
 mod report;
+mod sharded;
 mod supervisor;
 mod traffic;
 
@@ -39,7 +41,7 @@ struct Args {
     /// [default: the folder of this executable].
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Folder of mesh YAML the control plane serves.
+    /// Folder of mesh YAML the control plane serves (with its `sharded/` folder).
     #[arg(long, default_value = "examples")]
     examples: PathBuf,
     /// Folder for the processes' logs [default: BIN_DIR/../demo/logs, i.e. target/demo/logs].
@@ -246,7 +248,17 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
             args.examples.display()
         )
     })?;
-    preflight_ports()?;
+    let sharded_dir = examples.join("sharded");
+    let layout = sharded::layout(&sharded_dir)
+        .with_context(|| format!("reading the sharded service in {}", sharded_dir.display()))?;
+    preflight_ports(&layout)?;
+    // The folder source reads one folder: the control plane gets a copy of both.
+    let mesh_dir = supervisor
+        .log_dir()
+        .parent()
+        .unwrap_or(supervisor.log_dir())
+        .join("mesh");
+    examples::merge(&[&examples, &sharded_dir], &mesh_dir)?;
     let ready_timeout = Duration::from_secs(args.ready_timeout);
     let started = Instant::now();
 
@@ -259,7 +271,7 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         "bulwark-control-plane",
         &strings(&[
             "--source",
-            &format!("dir:{}", examples.display()),
+            &format!("dir:{}", mesh_dir.display()),
             "--grpc-addr",
             CP_GRPC,
             "--admin-addr",
@@ -270,14 +282,20 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         .wait_ready("control-plane", addr(CP_ADMIN)?, "/ready", ready_timeout)
         .await?;
     println!(
-        "  control plane ready: gRPC {CP_GRPC}, admin http://{CP_ADMIN} (serving {})",
-        examples.display()
+        "  control plane ready: gRPC {CP_GRPC}, admin http://{CP_ADMIN} (serving {} and {}, copied to {})",
+        examples.display(),
+        sharded_dir.display(),
+        mesh_dir.display()
     );
 
     for upstream in UPSTREAMS {
         let mut upstream_args = strings(&["--listen", upstream.addr, "--name", upstream.name]);
         upstream_args.extend(strings(upstream.knobs));
         supervisor.spawn(upstream.name, "bulwark-upstream", &upstream_args)?;
+    }
+    for pod in &layout.pods {
+        let args = strings(&["--listen", &pod.addr.to_string(), "--name", &pod.name]);
+        supervisor.spawn(&pod.name, "bulwark-upstream", &args)?;
     }
     for upstream in UPSTREAMS {
         supervisor
@@ -291,6 +309,16 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         println!(
             "  upstream {:<10} {:<16} {}",
             upstream.name, upstream.addr, upstream.role
+        );
+    }
+
+    for pod in &layout.pods {
+        supervisor
+            .wait_ready(&pod.name, pod.addr, "/_upstream/stats", ready_timeout)
+            .await?;
+        println!(
+            "  upstream {:<18} {:<16} shard {} {:?}",
+            pod.name, pod.addr, pod.shard, pod.role
         );
     }
 
@@ -328,7 +356,7 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         TRAFFIC.as_secs()
     );
 
-    let traffic = drive_traffic(supervisor).await?;
+    let traffic = drive_traffic(supervisor, &layout).await?;
 
     let metrics = match Metrics::scrape(addr(AGENT_ADMIN)?).await {
         Ok(metrics) => Some(metrics),
@@ -364,7 +392,7 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         }
     };
 
-    let summary = report::render(&Inputs {
+    let mut summary = report::render(&Inputs {
         traffic: TRAFFIC,
         reviews: &traffic.reviews,
         catalog: &traffic.catalog,
@@ -379,7 +407,7 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         bucket,
     });
 
-    let mut problems = Vec::new();
+    let mut problems = sharded::report(&mut summary, &layout, &traffic.sharded, metrics.as_ref());
     for (what, run) in [
         ("reviews", &traffic.reviews),
         ("catalog", &traffic.catalog),
@@ -411,11 +439,15 @@ struct Traffic {
     payments: Run,
     acme: Run,
     globex: Run,
+    sharded: Vec<sharded::Record>,
     observations: observer::Observations,
     last_metrics: Option<Metrics>,
 }
 
-async fn drive_traffic(supervisor: &mut Supervisor) -> anyhow::Result<Traffic> {
+async fn drive_traffic(
+    supervisor: &mut Supervisor,
+    layout: &sharded::Layout,
+) -> anyhow::Result<Traffic> {
     let outbound = addr(AGENT_OUTBOUND)?;
     let inbound = addr(AGENT_INBOUND)?;
     let reviews_down = addr(REVIEWS_DOWN)?;
@@ -482,7 +514,7 @@ async fn drive_traffic(supervisor: &mut Supervisor) -> anyhow::Result<Traffic> {
     progress.say(
         Duration::ZERO,
         &format!(
-            "reviews at 200/s and catalog at 100/s through the outbound proxy {AGENT_OUTBOUND}"
+            "reviews at 200/s, catalog at 100/s and keyed reads and writes of orders.shop at 20/s through the outbound proxy {AGENT_OUTBOUND}"
         ),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -494,6 +526,7 @@ async fn drive_traffic(supervisor: &mut Supervisor) -> anyhow::Result<Traffic> {
             payments.run(start),
             acme.run(start),
             globex.run(start),
+            sharded::drive(layout, outbound, start, progress, TRAFFIC),
             script(start, progress, reviews_down),
         );
         let _ = stop_tx.send(true);
@@ -502,7 +535,7 @@ async fn drive_traffic(supervisor: &mut Supervisor) -> anyhow::Result<Traffic> {
     let everything = async { tokio::join!(watcher, generators) };
     tokio::pin!(everything);
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
-    let ((observations, last_metrics), (reviews, catalog, payments, acme, globex, ())) = loop {
+    let ((observations, last_metrics), (reviews, catalog, payments, acme, globex, sharded, ())) = loop {
         tokio::select! {
             done = &mut everything => break done,
             _ = liveness.tick() => supervisor.check_alive()?,
@@ -515,6 +548,7 @@ async fn drive_traffic(supervisor: &mut Supervisor) -> anyhow::Result<Traffic> {
         payments,
         acme,
         globex,
+        sharded,
         observations,
         last_metrics,
     })
@@ -590,7 +624,7 @@ async fn upstream_stats(upstream: SocketAddr) -> Option<Stats> {
 
 /// Fails early, with a hint, when an address the demo needs is taken or not
 /// local (on macOS, 127.0.0.N for N > 1 needs `sudo ifconfig lo0 alias 127.0.0.N`).
-fn preflight_ports() -> anyhow::Result<()> {
+fn preflight_ports(layout: &sharded::Layout) -> anyhow::Result<()> {
     let fixed = [
         CP_GRPC,
         CP_ADMIN,
@@ -598,12 +632,16 @@ fn preflight_ports() -> anyhow::Result<()> {
         AGENT_INBOUND,
         AGENT_ADMIN,
     ];
+    let mut addresses = Vec::new();
     for text in fixed
         .iter()
         .copied()
         .chain(UPSTREAMS.iter().map(|u| u.addr))
     {
-        let address = addr(text)?;
+        addresses.push(addr(text)?);
+    }
+    addresses.extend(layout.pods.iter().map(|p| p.addr));
+    for address in addresses {
         if let Err(err) = TcpListener::bind(address) {
             let hint = match err.kind() {
                 std::io::ErrorKind::AddrInUse => {

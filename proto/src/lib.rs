@@ -11,5 +11,6 @@ pub mod mesh {
 
 pub use mesh::v1;
 
-/// The highest API revision this build understands.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The highest API revision this build understands (see `Identity.protocol_version`
+/// in the .proto for what each adds).
+pub const PROTOCOL_VERSION: u32 = 2;

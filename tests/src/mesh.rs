@@ -159,6 +159,15 @@ pub type LabelledPod<'a> = (&'a str, SocketAddr, &'a [(&'a str, &'a str)]);
 /// primary`), for policies that select endpoints by label: the Service (port 80 named
 /// `http`, targetPort by name), and per pod an EndpointSlice pointing at it and the Pod.
 pub fn service_with_pods_yaml(name: &str, pods: &[LabelledPod<'_>]) -> String {
+    service_with_annotated_pods_yaml(name, pods, &[])
+}
+
+/// [`service_with_pods_yaml`] with annotations on some pods: `(pod, key, value)`.
+pub fn service_with_annotated_pods_yaml(
+    name: &str,
+    pods: &[LabelledPod<'_>],
+    annotations: &[(&str, &str, &str)],
+) -> String {
     let mut yaml = format!(
         "apiVersion: v1
 kind: Service
@@ -180,6 +189,12 @@ spec:
         for (k, v) in labels.iter() {
             let _ = write!(label_yaml, ", {k}: \"{v}\"");
         }
+        let annotation_yaml = annotations
+            .iter()
+            .filter(|(p, _, _)| p == pod)
+            .map(|(_, k, v)| format!("{k}: \"{v}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let _ = write!(
             yaml,
             "---
@@ -209,6 +224,7 @@ metadata:
   name: {pod}
   namespace: {NAMESPACE}
   labels: {{{label_yaml}}}
+  annotations: {{{annotation_yaml}}}
 status:
   podIP: \"{ip}\"
 ",

@@ -145,7 +145,14 @@ async fn send(
 #[tokio::test]
 async fn every_key_reaches_its_shard_reads_land_on_replicas_and_writes_on_the_primary() {
     let pods = Pods::start().await;
-    let h = start(&pods, &topology(RANGES), None).await;
+    // Round robin, so the balance check below is exact: with the default LeastRequest,
+    // sequential reads tie and a random pick can leave a replica under 4 of 12.
+    let h = start(
+        &pods,
+        &topology(RANGES),
+        Some("  loadBalancer:\n    strategy: RoundRobin\n"),
+    )
+    .await;
 
     for customer in ["alice", "bob", "kate", "mallory", "zed", "m"] {
         let shard = if customer < "m" { "a" } else { "b" };
@@ -278,6 +285,22 @@ async fn a_client_reads_its_own_writes_from_the_primary_for_the_window_and_from_
     assert!(who.starts_with("a-replica"), "bob: {who}");
     let (_, who) = send(&h, Method::GET, "zoe", &alice).await;
     assert!(who.starts_with("b-replica"), "other shard: {who}");
+    // A client without the header is known by its address: its own write sends its
+    // reads to the primary, and no one else's.
+    let (_, who) = send(&h, Method::GET, "dave", &[]).await;
+    assert!(
+        who.starts_with("a-replica"),
+        "no header, no write yet: {who}"
+    );
+    let (_, who) = send(&h, Method::PUT, "dave", &[]).await;
+    assert_eq!(who, "a-primary");
+    let (_, who) = send(&h, Method::GET, "dave", &[]).await;
+    assert_eq!(who, "a-primary", "a header-less client reads its write");
+    let (_, who) = send(&h, Method::GET, "carol", &bob).await;
+    assert!(
+        who.starts_with("a-replica"),
+        "bob is not that client: {who}"
+    );
     // After the window, alice reads from replicas again.
     assert_eventually!(
         send(&h, Method::GET, "carol", &alice)
@@ -489,5 +512,203 @@ async fn consistent_hash_keeps_each_session_on_one_endpoint() {
     let used: std::collections::BTreeSet<_> = homes.values().collect();
     assert!(used.len() >= 2, "sessions spread: {homes:?}");
     drop(ups);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_grpc_call_is_routed_by_its_metadata_and_a_keyless_call_gets_a_grpc_status() {
+    let pods = Pods::start().await;
+    let h = start(
+        &pods,
+        &topology(
+            "  key: {type: GrpcMetadata, name: x-customer}
+  strategy:
+    type: Range
+    ranges:
+      - {end: m, shard: a}
+      - {start: m, shard: b}
+  reads:
+    grpcMethods: [/shop.Orders/Get]
+",
+        ),
+        None,
+    )
+    .await;
+    // A gRPC client speaks HTTP/2 (h2c) to the outbound listener.
+    let grpc = bulwark_tests::HttpClient::h2(h.agent.outbound_addr());
+    let call = |method: &'static str, customer: Option<&'static str>| {
+        let grpc = grpc.clone();
+        async move {
+            let metadata: Vec<(&str, &str)> =
+                customer.map(|c| ("x-customer", c)).into_iter().collect();
+            grpc.grpc(
+                &format!("http://orders.test/shop.Orders/{method}"),
+                &metadata,
+                b"order",
+            )
+            .await
+            .expect("the agent answers")
+        }
+    };
+    for (customer, shard) in [
+        ("alice", "a"),
+        ("kate", "a"),
+        ("mallory", "b"),
+        ("zed", "b"),
+    ] {
+        for _ in 0..3 {
+            let rsp = call("Get", Some(customer)).await;
+            assert_eq!(rsp.grpc_status(), Some(0));
+            let who = rsp.upstream().unwrap_or_default();
+            assert!(
+                who.starts_with(&format!("{shard}-replica")),
+                "{customer}'s Get (a read method) went to {who}"
+            );
+        }
+        // Any other method is a write, although every gRPC call is a POST.
+        let rsp = call("Put", Some(customer)).await;
+        assert_eq!(rsp.grpc_status(), Some(0));
+        assert_eq!(
+            rsp.upstream(),
+            Some(format!("{shard}-primary").as_str()),
+            "{customer}'s Put"
+        );
+    }
+
+    // No key: a trailers-only gRPC answer the client can read, not a bare 400.
+    let rsp = call("Get", None).await;
+    assert_eq!(rsp.status, 200);
+    assert_eq!(rsp.header("content-type"), Some("application/grpc"));
+    assert_eq!(rsp.grpc_status(), Some(3), "INVALID_ARGUMENT");
+    assert!(
+        rsp.trailers.is_none(),
+        "trailers-only: the status is in the headers"
+    );
+    assert!(rsp.body.is_empty());
+    assert_eq!(rsp.reason(), Some("shard-key-missing"));
+    assert_eq!(
+        rsp.header("grpc-message"),
+        Some("bulwark: shard-key-missing")
+    );
+    assert_eq!(rsp.upstream(), None, "no upstream saw it");
+    let primaries: u64 = ["a-primary", "b-primary"]
+        .iter()
+        .map(|p| pods.get(p).stats().total)
+        .sum();
+    assert_eq!(primaries, 4, "only the four Puts reached a primary");
+    h.shutdown().await;
+}
+
+/// The weights `/config` shows for `web.test:80`, by endpoint address.
+async fn weights_in_force(h: &Harness) -> BTreeMap<String, u64> {
+    let config = h.config().await;
+    config["config"]["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "web.test:80"))
+        .and_then(|d| d["endpoints"].as_array())
+        .map(|endpoints| {
+            endpoints
+                .iter()
+                .map(|e| {
+                    (
+                        e["address"].as_str().unwrap_or_default().to_owned(),
+                        e["weight"].as_u64().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn spread(h: &Harness, requests: usize) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..requests {
+        let rsp = h
+            .client
+            .get("http://web.test/", &[])
+            .await
+            .expect("the agent answers");
+        *counts
+            .entry(rsp.upstream().expect("an upstream answered").to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn weighted_round_robin_weights_come_from_the_policy_then_the_annotation_then_the_label() {
+    let mut ups = Vec::new();
+    for i in 0..3 {
+        ups.push(
+            Upstream::start(loopback(), &format!("web-{i}"), Knobs::healthy())
+                .await
+                .unwrap(),
+        );
+    }
+    let pods: Vec<LabelledPod<'_>> = vec![
+        // The annotation (3) wins over the label (1).
+        ("web-0", ups[0].addr(), &[("weight", "1")]),
+        ("web-1", ups[1].addr(), &[("weight", "2"), ("tier", "gold")]),
+        // An invalid annotation is ignored: no label either, so it weighs 1.
+        ("web-2", ups[2].addr(), &[]),
+    ];
+    let annotations = [
+        ("web-0", "bulwark.io/weight", "3"),
+        ("web-2", "bulwark.io/weight", "heavy"),
+    ];
+    let mesh = Mesh::new().unwrap();
+    mesh.write(
+        "service-web.yaml",
+        &bulwark_tests::mesh::service_with_annotated_pods_yaml("web", &pods, &annotations),
+    )
+    .unwrap();
+    let policy = |extra: &str| {
+        resilience_policy(
+            "web",
+            "web",
+            &format!(
+                "  loadBalancer:\n    strategy: WeightedRoundRobin\n    weightLabel: weight\n{extra}"
+            ),
+        )
+    };
+    mesh.write_policy("policy.yaml", &policy("")).unwrap();
+    let h = Harness::start(mesh).await;
+    let addr = |i: usize| ups[i].addr().to_string();
+    assert_eventually!(weights_in_force(&h).await.get(&addr(0)) == Some(&3));
+    let weights = weights_in_force(&h).await;
+    assert_eq!(weights[&addr(1)], 2, "the label, without an annotation");
+    assert_eq!(weights[&addr(2)], 1, "an invalid annotation counts as none");
+
+    // Any 600 requests are whole turns of the 3:2:1 schedule.
+    let counts = spread(&h, 600).await;
+    assert_eq!(
+        (counts["web-0"], counts["web-1"], counts["web-2"]),
+        (300, 200, 100),
+        "{counts:?}"
+    );
+
+    // A policy weight beats both; the first matching entry wins.
+    h.mesh
+        .write_policy(
+            "policy.yaml",
+            &policy(
+                "    weights:\n      - {selector: {matchLabels: {tier: gold}}, weight: 5}\n      - {selector: {matchLabels: {app: web}}, weight: 7}\n",
+            ),
+        )
+        .unwrap();
+    assert_eventually!(weights_in_force(&h).await.get(&addr(1)) == Some(&5));
+    let weights = weights_in_force(&h).await;
+    assert_eq!(
+        weights[&addr(0)],
+        7,
+        "the second entry, over the annotation"
+    );
+    assert_eq!(weights[&addr(2)], 7);
+    let counts = spread(&h, 1_900).await;
+    assert_eq!(
+        (counts["web-0"], counts["web-1"], counts["web-2"]),
+        (700, 500, 700),
+        "{counts:?}"
+    );
     h.shutdown().await;
 }

@@ -14,6 +14,9 @@ use super::{ProxyBody, REASON_HEADER, full, reason};
 
 /// gRPC status codes the agent uses.
 pub mod code {
+    /// The request lacks something only the client can supply (a shard key):
+    /// retrying it unchanged cannot help.
+    pub const INVALID_ARGUMENT: u32 = 3;
     /// The deadline expired.
     pub const DEADLINE_EXCEEDED: u32 = 4;
     /// A quota or a capacity limit was hit.
@@ -52,7 +55,9 @@ pub fn status_for(why: &str) -> u32 {
         reason::TIMEOUT => code::DEADLINE_EXCEEDED,
         reason::RATE_LIMITED | reason::BULKHEAD_FULL => code::RESOURCE_EXHAUSTED,
         reason::BAD_REQUEST | reason::LOOP_DETECTED => code::INTERNAL,
-        // circuit-open, no-endpoints, connect-failed, upstream-reset.
+        reason::SHARD_KEY_MISSING => code::INVALID_ARGUMENT,
+        // circuit-open, no-endpoints, connect-failed, upstream-reset,
+        // shard-primary-unavailable.
         _ => code::UNAVAILABLE,
     }
 }
@@ -143,6 +148,23 @@ mod tests {
             None,
         ));
         assert_eq!(full.headers()["grpc-status"], "8");
+        let keyless = local_to_grpc(local_response(
+            StatusCode::BAD_REQUEST,
+            reason::SHARD_KEY_MISSING,
+            None,
+        ));
+        assert_eq!(keyless.status(), 200);
+        assert_eq!(
+            keyless.headers()["grpc-status"],
+            "3",
+            "INVALID_ARGUMENT: do not retry"
+        );
+        let primary = local_to_grpc(local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            reason::SHARD_PRIMARY_UNAVAILABLE,
+            None,
+        ));
+        assert_eq!(primary.headers()["grpc-status"], "14");
     }
 
     #[test]

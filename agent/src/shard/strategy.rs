@@ -10,8 +10,9 @@ use super::hash::stable_hash;
 
 /// Virtual nodes per shard when the topology gives 0.
 pub const DEFAULT_VIRTUAL_NODES: u32 = 100;
-/// Most virtual nodes per shard accepted (bounds the ring's memory).
-pub const MAX_VIRTUAL_NODES: u32 = 10_000;
+/// Most virtual nodes per shard accepted, as the control plane's API allows: 16 bytes
+/// a point, so at most 1,000 x 256 shards = 4 MB of ring per destination.
+pub const MAX_VIRTUAL_NODES: u32 = 1_000;
 
 /// A validated key → shard mapping.
 #[derive(Debug, Clone)]
@@ -159,6 +160,23 @@ mod tests {
 
     fn mapper(kind: Kind, names: &[String]) -> Result<Mapper, InvalidTopology> {
         Mapper::build(&kind, names, index_of(names))
+    }
+
+    #[test]
+    fn a_ring_is_bounded_by_the_virtual_node_maximum() {
+        let n = names(2);
+        let Mapper::Ring(points) =
+            mapper(Kind::ConsistentHashVirtualNodes(MAX_VIRTUAL_NODES), &n).unwrap()
+        else {
+            panic!("a ring");
+        };
+        assert_eq!(points.len(), 2 * MAX_VIRTUAL_NODES as usize);
+        let err = mapper(Kind::ConsistentHashVirtualNodes(MAX_VIRTUAL_NODES + 1), &n).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            InvalidTopology::Strategy("1001 virtual nodes per shard (at most 1000)".into())
+                .to_string()
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::{DEFAULT_NAMESPACE, FieldError};
 use crate::model::ObjectName;
 use crate::timestamp::Timestamp;
 
-/// `metadata` (other fields, such as annotations or uid, are ignored).
+/// `metadata` (other fields, such as uid, are ignored).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
@@ -18,6 +18,8 @@ pub struct ObjectMeta {
     pub namespace: Option<String>,
     /// `metadata.labels`.
     pub labels: Option<BTreeMap<String, String>>,
+    /// `metadata.annotations` (read only where a kind says so, e.g. a Pod's weight).
+    pub annotations: Option<BTreeMap<String, String>>,
     /// `metadata.creationTimestamp`, RFC 3339.
     pub creation_timestamp: Option<Timestamp>,
 }

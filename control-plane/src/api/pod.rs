@@ -71,8 +71,28 @@ impl TryFrom<Pod> for model::Pod {
                 }
             }
         }
+        let weight = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(model::WEIGHT_ANNOTATION))
+            .and_then(|value| match parse_weight(value) {
+                Ok(weight) => Some(weight),
+                Err(why) => {
+                    // A bad weight must not cost the pod its endpoints: it weighs 1.
+                    tracing::warn!(
+                        pod = %name,
+                        annotation = model::WEIGHT_ANNOTATION,
+                        value = %value,
+                        reason = why,
+                        "ignoring the pod's weight annotation; the pod weighs 1"
+                    );
+                    None
+                }
+            });
         Ok(model::Pod {
             name,
+            weight,
             labels: pod.metadata.labels.unwrap_or_default(),
             ips,
             service_account: pod
@@ -81,6 +101,15 @@ impl TryFrom<Pod> for model::Pod {
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "default".to_owned()),
         })
+    }
+}
+
+/// A weight annotation's value: an integer from 1 to [`model::MAX_WEIGHT`].
+fn parse_weight(value: &str) -> Result<u32, &'static str> {
+    match value.trim().parse::<u32>() {
+        Ok(w) if (1..=model::MAX_WEIGHT).contains(&w) => Ok(w),
+        Ok(_) => Err("not between 1 and 10000"),
+        Err(_) => Err("not an integer"),
     }
 }
 
@@ -109,6 +138,25 @@ spec: {serviceAccountName: web}
         )
         .unwrap();
         assert_eq!(model::Pod::try_from(pod).unwrap().service_account, "web");
+    }
+
+    #[test]
+    fn reads_the_weight_annotation_and_ignores_bad_values() {
+        let weight = |value: &str| {
+            let pod: Pod = serde_yaml_ng::from_str(&format!(
+                "metadata: {{name: p, annotations: {{bulwark.io/weight: {value:?}}}}}\n"
+            ))
+            .unwrap();
+            model::Pod::try_from(pod).unwrap().weight
+        };
+        assert_eq!(weight("3"), Some(3));
+        assert_eq!(weight(" 10000 "), Some(10_000));
+        assert_eq!(weight("0"), None);
+        assert_eq!(weight("10001"), None);
+        assert_eq!(weight("-2"), None);
+        assert_eq!(weight("heavy"), None);
+        let pod: Pod = serde_yaml_ng::from_str("metadata: {name: p}\n").unwrap();
+        assert_eq!(model::Pod::try_from(pod).unwrap().weight, None);
     }
 
     #[test]

@@ -336,6 +336,10 @@ pub struct BulkheadSpec {
         "rule": "!has(self.weightLabel) || (has(self.strategy) && self.strategy == 'WeightedRoundRobin')",
         "message": "weightLabel is only allowed for WeightedRoundRobin",
     },
+    {
+        "rule": "!has(self.weights) || (has(self.strategy) && self.strategy == 'WeightedRoundRobin')",
+        "message": "weights is only allowed for WeightedRoundRobin",
+    },
 ]))]
 pub struct LoadBalancerSpec {
     /// LeastRequest (power of two choices on requests in flight), RoundRobin, Random,
@@ -353,6 +357,23 @@ pub struct LoadBalancerSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 317))]
     pub weight_label: Option<String>,
+    /// For WeightedRoundRobin: weights by pod labels. The first entry whose selector
+    /// matches an endpoint's pod gives its weight; it takes precedence over the pod's
+    /// bulwark.io/weight annotation, which takes precedence over weightLabel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub weights: Option<Vec<WeightSpec>>,
+}
+
+/// `spec.loadBalancer.weights[]`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightSpec {
+    /// The pods this weight is for.
+    pub selector: super::shard::SelectorSpec,
+    /// Their endpoints' weight, from 1 to 10000.
+    #[schemars(range(min = 1, max = 10000))]
+    pub weight: u32,
 }
 
 /// `spec.loadBalancer.strategy`.
@@ -448,10 +469,47 @@ impl LoadBalancerSpec {
                 "is only allowed for WeightedRoundRobin",
             ));
         }
+        let weights_path = field(path, "weights");
+        let weights = match self.weights {
+            Some(_) if strategy != model::Strategy::WeightedRoundRobin => {
+                return Err(FieldError::new(
+                    weights_path,
+                    "is only allowed for WeightedRoundRobin",
+                ));
+            }
+            Some(weights) if weights.is_empty() || weights.len() > 64 => {
+                return Err(FieldError::new(weights_path, "must hold 1 to 64 entries"));
+            }
+            Some(weights) => weights
+                .into_iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let at = item(&weights_path, i);
+                    if w.selector.match_labels.is_empty() {
+                        return Err(FieldError::new(
+                            field(&field(&at, "selector"), "matchLabels"),
+                            "needs at least one label",
+                        ));
+                    }
+                    if !(1..=crate::model::MAX_WEIGHT).contains(&w.weight) {
+                        return Err(FieldError::new(
+                            field(&at, "weight"),
+                            format!("{} is not between 1 and 10000", w.weight),
+                        ));
+                    }
+                    Ok(model::WeightRule {
+                        match_labels: w.selector.match_labels,
+                        weight: w.weight,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
         Ok(model::LoadBalancer {
             strategy,
             hash_on,
             weight_label: self.weight_label.filter(|l| !l.is_empty()),
+            weights,
         })
     }
 }
@@ -1134,6 +1192,32 @@ mod tests {
         assert_eq!(ch.hash_on, Some(model::HashOn::ClientAddress));
         let wrr = lb("{strategy: WeightedRoundRobin, weightLabel: bulwark.io/weight}").unwrap();
         assert_eq!(wrr.weight_label.as_deref(), Some("bulwark.io/weight"));
+        let wrr = lb("{strategy: WeightedRoundRobin, weights: [{selector: {matchLabels: {tier: gold}}, weight: 5}]}").unwrap();
+        assert_eq!(wrr.weights.len(), 1);
+        assert_eq!(wrr.weights[0].weight, 5);
+        assert_eq!(wrr.weights[0].match_labels["tier"], "gold");
+        assert_eq!(
+            error(
+                "  loadBalancer: {strategy: RoundRobin, weights: [{selector: {matchLabels: {a: b}}, weight: 2}]}\n"
+            ),
+            "spec.loadBalancer.weights: is only allowed for WeightedRoundRobin"
+        );
+        assert_eq!(
+            error(
+                "  loadBalancer: {strategy: WeightedRoundRobin, weights: [{selector: {matchLabels: {a: b}}, weight: 0}]}\n"
+            ),
+            "spec.loadBalancer.weights[0].weight: 0 is not between 1 and 10000"
+        );
+        assert_eq!(
+            error(
+                "  loadBalancer: {strategy: WeightedRoundRobin, weights: [{selector: {matchLabels: {a: b}}, weight: 1}, {selector: {}, weight: 2}]}\n"
+            ),
+            "spec.loadBalancer.weights[1].selector.matchLabels: needs at least one label"
+        );
+        assert_eq!(
+            error("  loadBalancer: {strategy: WeightedRoundRobin, weights: []}\n"),
+            "spec.loadBalancer.weights: must hold 1 to 64 entries"
+        );
         assert_eq!(
             lb("{strategy: Random}").unwrap().strategy,
             model::Strategy::Random

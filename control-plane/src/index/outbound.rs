@@ -8,9 +8,9 @@ use bulwark_proto::v1 as proto;
 
 use super::Topology;
 use super::diagnostics::Diagnostic;
-use crate::model::policy::ResiliencePolicy;
+use crate::model::policy::{LoadBalancer, ResiliencePolicy};
 use crate::model::shard::ShardTopology;
-use crate::model::{Kind, Model, ObjectName, Protocol, Service, ServicePort};
+use crate::model::{Kind, MAX_WEIGHT, Model, ObjectName, Protocol, Service, ServicePort};
 use crate::wire;
 
 /// Every service of the model, in wire form, sorted by namespace and name.
@@ -37,14 +37,12 @@ pub(super) fn services(
                     .filter(|p| p.protocol == Protocol::Tcp)
                     .map(|port| {
                         let policy = effective(service, port, policies, diagnostics);
-                        let weight_label = policy
-                            .and_then(|p| p.load_balancer.as_ref())
-                            .and_then(|lb| lb.weight_label.as_deref());
+                        let load_balancer = policy.and_then(|p| p.load_balancer.as_ref());
                         proto::ServicePort {
                             name: port.name.clone(),
                             port: u32::from(port.port),
                             app_protocol: port.app_protocol.clone().unwrap_or_default(),
-                            endpoints: endpoints(service, port, topology, weight_label),
+                            endpoints: endpoints(service, port, topology, load_balancer),
                             resilience: policy.map(wire::resilience),
                             shard_topology: topology_of
                                 .filter(|(_, section)| section.is_none_or(|s| s == port.name))
@@ -172,7 +170,7 @@ fn endpoints(
     service: &Service,
     port: &ServicePort,
     topology: &Topology<'_>,
-    weight_label: Option<&str>,
+    load_balancer: Option<&LoadBalancer>,
 ) -> Vec<proto::Endpoint> {
     let mut seen = HashSet::new();
     let mut endpoints = Vec::new();
@@ -206,7 +204,7 @@ fn endpoints(
                             .collect()
                     })
                     .unwrap_or_default(),
-                weight: weight(pod, weight_label),
+                weight: weight(pod, load_balancer),
                 pod: pod_name,
             });
         }
@@ -214,15 +212,29 @@ fn endpoints(
     endpoints
 }
 
-/// Most weight an endpoint label may give.
-pub const MAX_WEIGHT: u32 = 10_000;
-
-/// An endpoint's weight: its pod's `weight_label` value (1 to [`MAX_WEIGHT`]); 1 when
-/// the label is absent or not such a number (weighted balancing then treats it as
-/// an ordinary endpoint rather than dropping it).
-fn weight(pod: Option<&crate::model::Pod>, weight_label: Option<&str>) -> u32 {
-    weight_label
-        .and_then(|label| pod?.labels.get(label))
-        .and_then(|v| v.parse::<u32>().ok())
-        .map_or(1, |w| w.clamp(1, MAX_WEIGHT))
+/// An endpoint's weight, from the first of: the policy's first `weights` entry whose
+/// selector matches the pod; the pod's `bulwark.io/weight` annotation; its
+/// `weight_label` value (clamped to 1 to [`MAX_WEIGHT`]); else 1 (weighted balancing
+/// then treats it as an ordinary endpoint rather than dropping it).
+fn weight(pod: Option<&crate::model::Pod>, load_balancer: Option<&LoadBalancer>) -> u32 {
+    let Some(pod) = pod else {
+        return 1;
+    };
+    let by_policy = load_balancer.and_then(|lb| {
+        lb.weights
+            .iter()
+            .find(|rule| {
+                rule.match_labels
+                    .iter()
+                    .all(|(k, v)| pod.labels.get(k) == Some(v))
+            })
+            .map(|rule| rule.weight)
+    });
+    let by_label = || {
+        load_balancer
+            .and_then(|lb| pod.labels.get(lb.weight_label.as_deref()?))
+            .and_then(|v| v.parse::<u32>().ok())
+            .map(|w| w.clamp(1, MAX_WEIGHT))
+    };
+    by_policy.or(pod.weight).or_else(by_label).unwrap_or(1)
 }

@@ -160,6 +160,18 @@ pub struct LoadBalancer {
     /// For WeightedRoundRobin: a pod label whose value (a positive integer) is the
     /// endpoint's weight; pods without it weigh 1.
     pub weight_label: Option<String>,
+    /// For WeightedRoundRobin: weights by pod labels, first match wins (before the
+    /// pod's annotation and `weight_label`).
+    pub weights: Vec<WeightRule>,
+}
+
+/// One `loadBalancer.weights` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightRule {
+    /// Labels the endpoint's pod must all carry.
+    pub match_labels: std::collections::BTreeMap<String, String>,
+    /// The weight (1 to [`crate::model::MAX_WEIGHT`]).
+    pub weight: u32,
 }
 
 /// A load-balancing strategy.

@@ -518,6 +518,9 @@ mod tests {
         assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
         assert_eq!(outcome.model.shard_topologies.len(), 1);
         assert_eq!(outcome.model.resilience_policies.len(), 1);
+        // The demo's pods: one slice, a primary and two replicas per shard.
+        assert_eq!(outcome.model.endpoint_slices.len(), 1);
+        assert_eq!(outcome.model.pods.len(), 6);
     }
 
     #[test]

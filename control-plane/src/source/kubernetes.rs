@@ -520,4 +520,21 @@ mod tests {
         assert_eq!(rejected[0].object.as_deref(), Some("Service demo/web"));
         assert_eq!(rejected[0].path, "spec.ports");
     }
+
+    #[test]
+    fn a_watched_pod_brings_its_weight_annotation() {
+        let mut cache = Cache::default();
+        let mut pod = DynamicObject::new("web-0", &resource(Kind::Pod))
+            .within("demo")
+            .data(serde_json::json!({"status": {"podIP": "10.0.0.1"}}));
+        pod.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
+        pod.metadata.annotations = Some([("bulwark.io/weight".to_owned(), "4".to_owned())].into());
+        cache.apply(Kind::Pod, Event::Apply(pod));
+        let (model, rejected, _) = cache.snapshot();
+        assert!(rejected.is_empty());
+        assert_eq!(
+            model.pods[&ObjectName::new("demo", "web-0")].weight,
+            Some(4)
+        );
+    }
 }

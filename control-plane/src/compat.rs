@@ -1,0 +1,143 @@
+//! Protocol levels: what an agent that speaks an older protocol cannot enforce is held
+//! back from its snapshots, failing closed.
+//!
+//! An agent ignores fields it does not know (protobuf), so an agent older than a
+//! feature would not refuse it but silently act without it: one that does not know
+//! shard topologies would balance writes over replicas. The control plane reads the
+//! agent's `Identity.protocol_version` and, for each feature newer than it, strips the
+//! feature the way that is safe for that feature ([`GATES`]). Every agent of one
+//! protocol level gets the same services, so the encoding stays shared per level.
+
+use bulwark_proto::v1 as proto;
+use serde::Serialize;
+
+/// A feature that needs a protocol level, and how to strip it from a port.
+struct Gate {
+    /// The first protocol version that enforces the feature.
+    since: u32,
+    /// The feature's name, as `/agents` and the logs show it.
+    feature: &'static str,
+    /// Removes the feature from `port` the safe way; true if the port had it.
+    strip: fn(&mut proto::ServicePort) -> bool,
+}
+
+/// Every gated feature. A new one is one line here (and a `strip` function).
+const GATES: &[Gate] = &[Gate {
+    since: 2,
+    feature: "shardTopology",
+    strip: strip_shard_topology,
+}];
+
+/// A sharded port without its topology would spread writes over replicas, so an agent
+/// that cannot route by shard gets the port with no endpoints: its requests fail with
+/// 503 `no-endpoints` instead of reaching the wrong copy.
+fn strip_shard_topology(port: &mut proto::ServicePort) -> bool {
+    if port.shard_topology.take().is_none() {
+        return false;
+    }
+    port.endpoints.clear();
+    true
+}
+
+/// One feature held back from one service port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HeldBack {
+    /// `name.namespace:port`.
+    pub port: String,
+    /// The feature (`shardTopology`).
+    pub feature: &'static str,
+    /// The protocol version that would get it.
+    pub needs_protocol: u32,
+}
+
+/// The level an agent that says `protocol_version` is served at: at most what this
+/// build knows, and at least 1 (an agent that leaves the field unset is the oldest).
+pub fn level(protocol_version: u32) -> u32 {
+    protocol_version.clamp(1, bulwark_proto::PROTOCOL_VERSION)
+}
+
+/// The services as an agent at `level` may have them, and what was held back; `None`
+/// when nothing needs holding back (send the services as they are, sharing them).
+pub fn for_level(
+    services: &[proto::Service],
+    level: u32,
+) -> Option<(Vec<proto::Service>, Vec<HeldBack>)> {
+    let gates: Vec<&Gate> = GATES.iter().filter(|g| g.since > level).collect();
+    if gates.is_empty() {
+        return None;
+    }
+    let mut held_back = Vec::new();
+    let mut services = services.to_vec();
+    for service in &mut services {
+        for port in &mut service.ports {
+            for gate in &gates {
+                if (gate.strip)(port) {
+                    held_back.push(HeldBack {
+                        port: format!("{}.{}:{}", service.name, service.namespace, port.port),
+                        feature: gate.feature,
+                        needs_protocol: gate.since,
+                    });
+                }
+            }
+        }
+    }
+    (!held_back.is_empty()).then_some((services, held_back))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(number: u32, sharded: bool) -> proto::ServicePort {
+        proto::ServicePort {
+            name: "http".into(),
+            port: number,
+            endpoints: vec![proto::Endpoint {
+                address: "10.0.0.1:8080".into(),
+                ..Default::default()
+            }],
+            shard_topology: sharded.then(proto::ShardTopology::default),
+            ..Default::default()
+        }
+    }
+
+    fn services() -> Vec<proto::Service> {
+        vec![proto::Service {
+            name: "orders".into(),
+            namespace: "shop".into(),
+            ports: vec![port(80, true), port(9090, false)],
+            ..Default::default()
+        }]
+    }
+
+    #[test]
+    fn a_current_agent_gets_everything() {
+        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 2);
+        assert!(for_level(&services(), 2).is_none());
+        assert_eq!(level(7), 2, "a newer agent is served what this build knows");
+        let mut plain = services();
+        plain[0].ports[0].shard_topology = None;
+        assert!(
+            for_level(&plain, 1).is_none(),
+            "nothing to hold back: shared as is"
+        );
+    }
+
+    #[test]
+    fn an_old_agent_gets_a_sharded_port_without_endpoints() {
+        assert_eq!(level(0), 1, "unset is the oldest");
+        let (services, held_back) = for_level(&services(), 1).unwrap();
+        let ports = &services[0].ports;
+        assert!(ports[0].shard_topology.is_none());
+        assert!(ports[0].endpoints.is_empty(), "fails closed");
+        assert_eq!(ports[1].endpoints.len(), 1, "other ports are untouched");
+        assert_eq!(
+            held_back,
+            [HeldBack {
+                port: "orders.shop:80".into(),
+                feature: "shardTopology",
+                needs_protocol: 2,
+            }]
+        );
+    }
+}
