@@ -57,6 +57,12 @@ pub const RBAC_RULES: &[Rule] = &[
         ],
         verbs: &["patch"],
     },
+    // issue 6: traffic splitting by Gateway API HTTPRoutes (watched only when served).
+    Rule {
+        api_groups: &["gateway.networking.k8s.io"],
+        resources: &["httproutes"],
+        verbs: &["get", "list", "watch"],
+    },
     Rule {
         api_groups: &["coordination.k8s.io"],
         resources: &["leases"],

@@ -57,7 +57,7 @@ fn targets<'m>(model: &'m Model, key: &ObjectKey) -> Option<&'m [TargetRef]> {
             .shard_topologies
             .get(&key.name)
             .map(|p| &p.targets[..]),
-        Kind::Service | Kind::EndpointSlice | Kind::Pod => None,
+        Kind::Service | Kind::EndpointSlice | Kind::Pod | Kind::HttpRoute => None,
     }
 }
 

@@ -83,6 +83,7 @@ pub fn resource(kind: Kind) -> ApiResource {
         Kind::ResiliencePolicy => (POLICY_GROUP, "v1alpha1", "resiliencepolicies"),
         Kind::RateLimitPolicy => (POLICY_GROUP, "v1alpha1", "ratelimitpolicies"),
         Kind::ShardTopology => (POLICY_GROUP, "v1alpha1", "shardtopologies"),
+        Kind::HttpRoute => (api::http_route::GATEWAY_GROUP, "v1", "httproutes"),
     };
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(group, version, kind.as_str()),
@@ -338,6 +339,90 @@ pub struct KubernetesSource {
     pub observed: watch::Receiver<Arc<Observed>>,
 }
 
+/// Follows one kind until `shutdown` or until nobody listens.
+async fn follow(
+    kind: Kind,
+    api: Api<DynamicObject>,
+    events: &mpsc::Sender<(Kind, Event<DynamicObject>)>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        let next = tokio::select! {
+            _ = crate::stopped(shutdown) => break,
+            next = stream.next() => next,
+        };
+        match next {
+            None => break,
+            Some(Ok(event)) => {
+                if events.send((kind, event)).await.is_err() {
+                    break;
+                }
+            }
+            Some(Err(error)) => warn!(
+                kind = kind.as_str(),
+                %error,
+                "watch failed; retrying with backoff (for Bulwark kinds: are the CRDs \
+                 installed? kubectl apply -f charts/bulwark/crds/)"
+            ),
+        }
+    }
+}
+
+/// How often the control plane looks again for the Gateway API while it is absent.
+pub const GATEWAY_API_RECHECK: Duration = Duration::from_secs(30);
+
+/// Waits until the cluster serves `HTTPRoute` in `gateway.networking.k8s.io/v1` (API
+/// discovery), so that a cluster without the Gateway API CRDs gets no failing watch and
+/// no error every few seconds. Meanwhile the kind counts as listed and empty, so the
+/// other kinds' model is published. Returns false on shutdown.
+async fn gateway_api_installed(
+    client: &Client,
+    events: &mpsc::Sender<(Kind, Event<DynamicObject>)>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let group_version = format!("{}/v1", api::http_route::GATEWAY_GROUP);
+    let mut reported_absent = false;
+    loop {
+        let absent = match client.list_api_group_resources(&group_version).await {
+            Ok(list) => !list.resources.iter().any(|r| r.name == "httproutes"),
+            Err(kube::Error::Api(status)) if status.code == 404 => true,
+            Err(error) => {
+                // Not an answer about the group (the API server is away, RBAC): ask again soon.
+                debug!(%error, "API discovery of the Gateway API failed; retrying");
+                tokio::select! {
+                    _ = crate::stopped(shutdown) => return false,
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                continue;
+            }
+        };
+        if !absent {
+            info!(group_version = %group_version, "the Gateway API is installed; watching HTTPRoutes");
+            return true;
+        }
+        if !reported_absent {
+            info!(
+                group_version = %group_version,
+                recheck_secs = GATEWAY_API_RECHECK.as_secs(),
+                "the Gateway API CRDs are not installed; HTTPRoutes (traffic splitting) are not \
+                 watched until they are"
+            );
+            reported_absent = true;
+            for event in [Event::Init, Event::InitDone] {
+                if events.send((Kind::HttpRoute, event)).await.is_err() {
+                    return false;
+                }
+            }
+        }
+        tokio::select! {
+            _ = crate::stopped(shutdown) => return false,
+            () = tokio::time::sleep(GATEWAY_API_RECHECK) => {}
+        }
+    }
+}
+
 /// Starts a watcher per kind and the task that publishes models through `publisher`
 /// after each burst of events (quiet for `debounce`).
 pub fn spawn(
@@ -349,34 +434,19 @@ pub fn spawn(
     let (events, mut received) = mpsc::channel::<(Kind, Event<DynamicObject>)>(1024);
     let mut tasks = Vec::new();
     for kind in Kind::ALL {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource(kind));
+        let client = client.clone();
         let events = events.clone();
         let mut shutdown = shutdown.clone();
         tasks.push((
             "watch",
             tokio::spawn(async move {
-                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-                let mut stream = std::pin::pin!(stream);
-                loop {
-                    let next = tokio::select! {
-                        _ = crate::stopped(&mut shutdown) => break,
-                        next = stream.next() => next,
-                    };
-                    match next {
-                        None => break,
-                        Some(Ok(event)) => {
-                            if events.send((kind, event)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Some(Err(error)) => warn!(
-                            kind = kind.as_str(),
-                            %error,
-                            "watch failed; retrying with backoff (for Bulwark kinds: are the CRDs \
-                             installed? kubectl apply -f charts/bulwark/crds/)"
-                        ),
-                    }
+                if kind == Kind::HttpRoute
+                    && !gateway_api_installed(&client, &events, &mut shutdown).await
+                {
+                    return;
                 }
+                let api: Api<DynamicObject> = Api::all_with(client, &resource(kind));
+                follow(kind, api, &events, &mut shutdown).await;
             }),
         ));
     }
