@@ -159,6 +159,15 @@ impl Outbound {
         pinned: Option<SocketAddr>,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        // HTTPRoutes split a Service's traffic; a connection pinned to one pod is not.
+        let dst = if pinned.is_none() && !dst.routes.rules.is_empty() {
+            match self.route(dst, &req) {
+                Ok(dst) => dst,
+                Err(rsp) => return rsp,
+            }
+        } else {
+            dst
+        };
         // A span per request only when spans are exported: it is what
         // carries the trace to the upstream. Decision logs carry `dst` anyway.
         let span = if self.propagation.enabled() {
@@ -169,6 +178,49 @@ impl Outbound {
             Span::none()
         };
         forward::forward_to(dst, pinned, req).instrument(span).await
+    }
+
+    /// Where the port's HTTPRoute rules send `req`: the first rule that takes it picks a
+    /// backend by weight; a request no rule takes stays with `dst`. The backend is not
+    /// routed again.
+    fn route(
+        &self,
+        dst: Arc<Destination>,
+        req: &Request<Incoming>,
+    ) -> Result<Arc<Destination>, Response<ProxyBody>> {
+        let Some(rule) = dst
+            .routes
+            .select(req.method(), req.uri().path(), req.headers())
+        else {
+            return Ok(dst);
+        };
+        let not_found = |backend: Option<&crate::route::BackendKey>| {
+            debug!(
+                dst = %dst.name,
+                route = %rule.source,
+                rule = rule.index,
+                backend = ?backend.map(ToString::to_string),
+                reason = reason::BACKEND_NOT_FOUND,
+                "request refused"
+            );
+            dst.metrics.local_response(reason::BACKEND_NOT_FOUND);
+            local_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                reason::BACKEND_NOT_FOUND,
+                None,
+            )
+        };
+        let Some(backend) = rule.pick() else {
+            return Err(not_found(None));
+        };
+        backend.count();
+        if backend.is_parent {
+            return Ok(Arc::clone(&dst));
+        }
+        match self.config.load().backend(&backend.key) {
+            Some(found) => Ok(Arc::clone(found)),
+            None => Err(not_found(Some(&backend.key))),
+        }
     }
 
     /// The metrics of the outbound side (for opaque connections).
