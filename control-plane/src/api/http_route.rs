@@ -557,3 +557,6 @@ fn backend(spec: BackendRefSpec, at: &str, namespace: &str) -> Result<model::Bac
         weight,
     })
 }
+
+#[cfg(test)]
+mod tests;

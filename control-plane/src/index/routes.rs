@@ -202,3 +202,6 @@ fn wire_match(m: &route::Match) -> proto::HttpRouteMatch {
         method: m.method.clone().unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+mod tests;
