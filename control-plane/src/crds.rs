@@ -61,7 +61,7 @@ pub const RBAC_RULES: &[Rule] = &[
     Rule {
         api_groups: &["gateway.networking.k8s.io"],
         resources: &["httproutes"],
-        verbs: &["get", "list", "watch"],
+        verbs: &["list", "watch"],
     },
     Rule {
         api_groups: &["coordination.k8s.io"],

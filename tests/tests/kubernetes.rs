@@ -125,6 +125,8 @@ fn status_patches(server: &ApiServer, name: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
     let server = ApiServer::start().await;
+    // issue 6: with the Gateway API installed, so that the HTTPRoute rule is exercised too.
+    server.serve_gateway_api();
     for manifest in service("reviews", "127.0.0.21") {
         server.apply(&manifest);
     }
