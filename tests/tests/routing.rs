@@ -253,6 +253,15 @@ async fn an_unknown_backend_gets_500_for_its_share_and_the_parent_may_be_a_backe
         assert_eq!(rsp.reason(), Some("backend-not-found"), "{path}");
         assert_eq!(rsp.upstream(), None);
     }
+    // A gRPC caller gets a trailers-only status rather than a bare 500.
+    let rsp = h
+        .client
+        .grpc(&format!("{ORDERS}/off"), &[], b"hello")
+        .await
+        .unwrap();
+    assert_eq!(rsp.status, 200);
+    assert_eq!(rsp.grpc_status(), Some(13), "INTERNAL");
+    assert_eq!(rsp.reason(), Some("backend-not-found"));
     let shown = routes(&h).await;
     let half = shown
         .as_array()
