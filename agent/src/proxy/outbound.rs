@@ -162,8 +162,14 @@ impl Outbound {
         // HTTPRoutes split a Service's traffic; a connection pinned to one pod is not.
         let dst = if pinned.is_none() && !dst.routes.rules.is_empty() {
             match self.route(dst, &req) {
-                Ok(dst) => dst,
-                Err(rsp) => return rsp,
+                Some(dst) => dst,
+                None => {
+                    return local_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        reason::BACKEND_NOT_FOUND,
+                        None,
+                    );
+                }
             }
         } else {
             dst
@@ -182,45 +188,40 @@ impl Outbound {
 
     /// Where the port's HTTPRoute rules send `req`: the first rule that takes it picks a
     /// backend by weight; a request no rule takes stays with `dst`. The backend is not
-    /// routed again.
-    fn route(
-        &self,
-        dst: Arc<Destination>,
-        req: &Request<Incoming>,
-    ) -> Result<Arc<Destination>, Response<ProxyBody>> {
+    /// routed again. `None`: the picked backend does not exist, or the rule's weights
+    /// are all 0 (the request gets 500 `backend-not-found`, counted on `dst`).
+    fn route(&self, dst: Arc<Destination>, req: &Request<Incoming>) -> Option<Arc<Destination>> {
         let Some(rule) = dst
             .routes
             .select(req.method(), req.uri().path(), req.headers())
         else {
-            return Ok(dst);
+            return Some(dst);
         };
-        let not_found = |backend: Option<&crate::route::BackendKey>| {
-            debug!(
-                dst = %dst.name,
-                route = %rule.source,
-                rule = rule.index,
-                backend = ?backend.map(ToString::to_string),
-                reason = reason::BACKEND_NOT_FOUND,
-                "request refused"
-            );
+        let found = match rule.pick() {
+            None => None,
+            Some(backend) => {
+                backend.count();
+                if backend.is_parent {
+                    return Some(Arc::clone(&dst));
+                }
+                let found = self.config.load().backend(&backend.key).cloned();
+                if found.is_none() {
+                    debug!(
+                        dst = %dst.name,
+                        route = %rule.source,
+                        rule = rule.index,
+                        backend = %backend.key,
+                        reason = reason::BACKEND_NOT_FOUND,
+                        "request refused: no such backend service port"
+                    );
+                }
+                found
+            }
+        };
+        if found.is_none() {
             dst.metrics.local_response(reason::BACKEND_NOT_FOUND);
-            local_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                reason::BACKEND_NOT_FOUND,
-                None,
-            )
-        };
-        let Some(backend) = rule.pick() else {
-            return Err(not_found(None));
-        };
-        backend.count();
-        if backend.is_parent {
-            return Ok(Arc::clone(&dst));
         }
-        match self.config.load().backend(&backend.key) {
-            Some(found) => Ok(Arc::clone(found)),
-            None => Err(not_found(Some(&backend.key))),
-        }
+        found
     }
 
     /// The metrics of the outbound side (for opaque connections).
