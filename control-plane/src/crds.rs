@@ -64,6 +64,11 @@ pub const RBAC_RULES: &[Rule] = &[
         verbs: &["list", "watch"],
     },
     Rule {
+        api_groups: &["gateway.networking.k8s.io"],
+        resources: &["httproutes/status"],
+        verbs: &["patch"],
+    },
+    Rule {
         api_groups: &["coordination.k8s.io"],
         resources: &["leases"],
         verbs: &["get", "create", "update"],

@@ -85,6 +85,43 @@ async fn wait_for_routes(agent: &Agent, what: &str, check: impl Fn(&Value) -> bo
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Our `status.parents` entry's conditions of route `orders-canary`, as
+/// (type, status, reason, message, observedGeneration).
+fn route_conditions(server: &ApiServer) -> Vec<(String, String, String, String, i64)> {
+    let Some(route) = server.get("HTTPRoute", NAMESPACE, "orders-canary") else {
+        return Vec::new();
+    };
+    let text = |c: &Value, k: &str| c[k].as_str().unwrap_or_default().to_owned();
+    route["status"]["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["controllerName"] == "bulwark.io/mesh")
+        .flat_map(|p| p["conditions"].as_array().cloned().unwrap_or_default())
+        .map(|c| {
+            (
+                text(&c, "type"),
+                text(&c, "status"),
+                text(&c, "reason"),
+                text(&c, "message"),
+                c["observedGeneration"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_for_route_status(
+    server: &ApiServer,
+    what: &str,
+    check: impl Fn(&[(String, String, String, String, i64)]) -> bool,
+) -> Vec<(String, String, String, String, i64)> {
+    poll_until(DEADLINE, what, || async {
+        Some(route_conditions(server)).filter(|c| check(c))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; conditions: {:?}", route_conditions(server)))
+}
+
 fn v2_weight(routes: &Value) -> Option<u64> {
     routes[0]["backends"][1]["weight"].as_u64()
 }
@@ -114,6 +151,14 @@ async fn httproutes_are_watched_when_the_gateway_api_is_installed() {
     );
     assert_eq!(routes[0]["backends"][1]["resolved"], true);
 
+    // The lease holder writes the route's status: accepted, every backend found.
+    let conditions = wait_for_route_status(&server, "Accepted and ResolvedRefs", |c| {
+        c.len() == 2 && c.iter().all(|c| c.1 == "True")
+    })
+    .await;
+    assert_eq!(conditions[0].0, "Accepted");
+    assert_eq!(conditions[1].2, "ResolvedRefs");
+
     // Edited in the cluster: the agent follows.
     server.apply(&http_route(30, ""));
     wait_for_routes(&agent, "the new weight reaches the agent", |r| {
@@ -138,6 +183,27 @@ async fn httproutes_are_watched_when_the_gateway_api_is_installed() {
         v2_weight(&orders_routes(&agent).await.unwrap_or_default()),
         Some(30)
     );
+    let conditions = wait_for_route_status(&server, "Accepted=False", |c| {
+        c.first().is_some_and(|c| c.1 == "False")
+    })
+    .await;
+    assert_eq!(conditions[0].2, "UnsupportedValue");
+    assert!(
+        conditions[0]
+            .3
+            .contains("spec.rules[0].backendRefs[1].filters")
+            && conditions[0]
+                .3
+                .contains("the last accepted version stays in force"),
+        "{conditions:?}"
+    );
+
+    // A backend that does not exist: accepted, but ResolvedRefs=False.
+    server.apply(&http_route(30, "").replace("orders-v2", "orders-v3"));
+    wait_for_route_status(&server, "BackendNotFound", |c| {
+        c.len() == 2 && c[0].1 == "True" && c[1].2 == "BackendNotFound"
+    })
+    .await;
 
     // Deleted: the port has no routes again.
     assert!(server.delete("HTTPRoute", NAMESPACE, "orders-canary"));
@@ -153,6 +219,15 @@ async fn httproutes_are_watched_when_the_gateway_api_is_installed() {
         .filter(|r| r.group == GATEWAY_GROUP)
         .collect();
     assert!(gateway.iter().any(|r| r.verb == "watch"), "{gateway:?}");
+    assert!(
+        gateway
+            .iter()
+            .any(|r| r.verb == "patch" && r.resource == "httproutes/status"),
+        "{gateway:?}"
+    );
+    // One patch per change of verdict or generation (four of them), not a rewrite loop.
+    let patches = gateway.iter().filter(|r| r.verb == "patch").count();
+    assert!((4..=6).contains(&patches), "{patches} status patches");
     for r in &gateway {
         assert!(
             bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),

@@ -112,6 +112,22 @@ pub struct PolicyObservation {
     pub kept_previous: bool,
 }
 
+/// What the source knows about an HTTPRoute with Service parents, for its status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteObservation {
+    /// `metadata.generation` of the version seen last.
+    pub generation: Option<i64>,
+    /// `spec.parentRefs` entries that name a Service, as written (read leniently, so
+    /// that an invalid route still gets a status for each of its parents).
+    pub parent_refs: Vec<Json>,
+    /// `status.parents` as it is now (every controller's entries).
+    pub status_parents: Vec<Json>,
+    /// Why the version seen last is invalid; `None` when it is valid.
+    pub error: Option<FieldError>,
+    /// Whether an earlier valid version stays in force despite `error`.
+    pub kept_previous: bool,
+}
+
 /// A consistent picture for the status writer: the model and every policy's state.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
@@ -119,6 +135,25 @@ pub struct Observed {
     pub model: Arc<Model>,
     /// Every policy by key.
     pub policies: BTreeMap<ObjectKey, PolicyObservation>,
+    /// Every HTTPRoute with a Service parent, by name.
+    pub routes: BTreeMap<ObjectName, RouteObservation>,
+}
+
+/// The Service entries of an HTTPRoute's `spec.parentRefs` and its `status.parents`.
+fn route_parts(object: &DynamicObject) -> (Vec<Json>, Vec<Json>) {
+    let list = |value: Option<&Json>| match value {
+        Some(Json::Array(items)) => items.clone(),
+        _ => Vec::new(),
+    };
+    let parent_refs = list(object.data.get("spec").and_then(|s| s.get("parentRefs")))
+        .into_iter()
+        .filter(|p| {
+            matches!(p.get("group").and_then(Json::as_str), Some("" | "core"))
+                && p.get("kind").and_then(Json::as_str) == Some("Service")
+        })
+        .collect();
+    let status_parents = list(object.data.get("status").and_then(|s| s.get("parents")));
+    (parent_refs, status_parents)
 }
 
 #[derive(Clone, Debug)]
@@ -127,6 +162,8 @@ struct Entry {
     error: Option<(FieldError, Timestamp)>,
     generation: Option<i64>,
     status: PolicyStatus,
+    /// For HTTPRoutes: the Service parentRefs and `status.parents`.
+    route: Option<(Vec<Json>, Vec<Json>)>,
 }
 
 #[derive(Debug, Default)]
@@ -189,12 +226,14 @@ impl Cache {
             PolicyStatus::default()
         };
         let generation = object.metadata.generation;
+        let route = (kind == Kind::HttpRoute).then(|| route_parts(object));
         match decode(kind, object) {
             Ok(good) => Entry {
                 good: Some(good),
                 error: None,
                 generation,
                 status,
+                route,
             },
             Err(error) => {
                 let since = previous
@@ -218,6 +257,7 @@ impl Cache {
                     error: Some((error, since)),
                     generation,
                     status,
+                    route,
                 }
             }
         }
@@ -277,6 +317,30 @@ impl Cache {
         Kind::ALL
             .iter()
             .all(|k| self.kinds.get(k).is_some_and(|c| c.synced))
+    }
+
+    /// The HTTPRoutes with Service parents, for their status.
+    fn routes(&self) -> BTreeMap<ObjectName, RouteObservation> {
+        let Some(cache) = self.kinds.get(&Kind::HttpRoute) else {
+            return BTreeMap::new();
+        };
+        cache
+            .entries
+            .iter()
+            .filter_map(|(name, entry)| {
+                let (parent_refs, status_parents) = entry.route.clone()?;
+                (!parent_refs.is_empty()).then(|| {
+                    let observation = RouteObservation {
+                        generation: entry.generation,
+                        parent_refs,
+                        status_parents,
+                        error: entry.error.as_ref().map(|(e, _)| e.clone()),
+                        kept_previous: entry.good.is_some(),
+                    };
+                    (name.clone(), observation)
+                })
+            })
+            .collect()
     }
 
     /// The model, the rejections and the policies' observations.
@@ -474,6 +538,7 @@ pub fn spawn(
                     continue;
                 }
                 let (model, rejected, policies) = cache.snapshot();
+                let routes = cache.routes();
                 debug!(
                     objects = ?Kind::ALL.map(|k| (k.as_str(), model.count(k))),
                     rejected = rejected.len(),
@@ -482,7 +547,11 @@ pub fn spawn(
                 let model = Arc::new(model);
                 publisher.publish((*model).clone(), rejected);
                 observed_tx.send_if_modified(|current| {
-                    let next = Observed { model, policies };
+                    let next = Observed {
+                        model,
+                        policies,
+                        routes,
+                    };
                     if **current == next {
                         false
                     } else {
