@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bulwark_proto::v1;
 use http::header::HeaderName;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderValue, Method};
 use prometheus_client::metrics::counter::Counter;
 use regex::Regex;
 use serde_json::{Value, json};
@@ -162,11 +162,42 @@ pub struct Rule {
     wire: v1::HttpRouteRule,
     /// Requests that matched the rule but found no backend to pick (all weights 0).
     unweighted: Counter,
+    /// The RequestHeaderModifier filter.
+    request_headers: Option<HeaderModifier>,
+}
+
+/// Header changes a rule makes to the requests it takes.
+#[derive(Debug, Default)]
+struct HeaderModifier {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderModifier {
+    fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
 }
 
 impl Rule {
     fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
         self.matches.is_empty() || self.matches.iter().any(|m| m.holds(method, path, headers))
+    }
+
+    /// Applies the rule's RequestHeaderModifier filter, if it has one.
+    pub fn modify(&self, headers: &mut HeaderMap) {
+        if let Some(m) = &self.request_headers {
+            m.apply(headers);
+        }
     }
 
     /// The next backend by weight; `None` when every weight is 0.
@@ -223,6 +254,11 @@ impl RouteTable {
                         "route": r.source.as_ref(),
                         "rule": r.index,
                         "matches": r.wire.matches.iter().map(match_json).collect::<Vec<_>>(),
+                        "requestHeaderModifier": r.wire.request_header_modifier.as_ref().map(|m| json!({
+                            "set": m.set.iter().map(|h| json!({"name": h.name, "value": h.value})).collect::<Vec<_>>(),
+                            "add": m.add.iter().map(|h| json!({"name": h.name, "value": h.value})).collect::<Vec<_>>(),
+                            "remove": m.remove,
+                        })),
                         "backends": r.backends.iter().map(|b| json!({
                             "service": b.key.to_string(),
                             "weight": b.weight,
@@ -360,6 +396,30 @@ impl Rule {
                 requests,
             });
         }
+        let request_headers = match &wire.request_header_modifier {
+            None => None,
+            Some(m) => {
+                let name = |n: &str| {
+                    HeaderName::from_bytes(n.as_bytes())
+                        .map_err(|_| field(format!("invalid header name {n:?}")))
+                };
+                let pairs = |list: &[v1::HttpHeader]| {
+                    list.iter()
+                        .map(|h| {
+                            let value = HeaderValue::from_str(&h.value).map_err(|_| {
+                                field(format!("invalid value for header {:?}", h.name))
+                            })?;
+                            Ok((name(&h.name)?, value))
+                        })
+                        .collect::<Result<Vec<_>, InvalidRoute>>()
+                };
+                Some(HeaderModifier {
+                    set: pairs(&m.set)?,
+                    add: pairs(&m.add)?,
+                    remove: m.remove.iter().map(|n| name(n)).collect::<Result<_, _>>()?,
+                })
+            }
+        };
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Ok(Rule {
             source: wire.source.as_str().into(),
@@ -370,6 +430,7 @@ impl Rule {
             cursor: cursor.unwrap_or_default(),
             wire: wire.clone(),
             unweighted: metrics.route_backend(dst, &wire.source, &rule, "none"),
+            request_headers,
         })
     }
 }

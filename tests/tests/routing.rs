@@ -11,7 +11,7 @@ use bulwark_tests::client::HttpClient;
 use bulwark_tests::eventually::poll_until;
 use bulwark_tests::harness::{Harness, loopback};
 use bulwark_tests::mesh::{Mesh, NAMESPACE};
-use bulwark_tests::upstream::{Knobs, Upstream};
+use bulwark_tests::upstream::{Knobs, Reply, Upstream};
 use http::Method;
 
 const ORDERS: &str = "http://orders.test";
@@ -179,6 +179,10 @@ async fn header_path_and_method_matches_pick_their_backend_and_the_rest_goes_to_
         &route(
             "    - matches:
         - headers: [{name: x-canary, value: \"true\"}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: x-tenant-id, value: canary-testers}]
       backendRefs: [{name: orders-v2, port: 80}]
     - matches:
         - path: {type: PathPrefix, value: /api}
@@ -196,6 +200,28 @@ async fn header_path_and_method_matches_pick_their_backend_and_the_rest_goes_to_
     assert_eq!(
         who(&h, Method::GET, "/anything", &canary).await,
         "orders-v2"
+    );
+    // The rule's RequestHeaderModifier replaced the tenant header on the way.
+    let rsp = h
+        .client
+        .get(
+            &format!("{ORDERS}/anything"),
+            &[("x-canary", "true"), ("x-tenant-id", "alice")],
+        )
+        .await
+        .unwrap();
+    let reply: Reply = rsp.json().unwrap();
+    assert_eq!(reply.tenant_id.as_deref(), Some("canary-testers"));
+    let rsp = h
+        .client
+        .get(&format!("{ORDERS}/other"), &[("x-tenant-id", "alice")])
+        .await
+        .unwrap();
+    let reply: Reply = rsp.json().unwrap();
+    assert_eq!(
+        reply.tenant_id.as_deref(),
+        Some("alice"),
+        "other rules leave it"
     );
     assert_eq!(who(&h, Method::POST, "/api/orders", &[]).await, "orders-v1");
     assert_eq!(who(&h, Method::POST, "/api", &[]).await, "orders-v1");
@@ -376,7 +402,7 @@ async fn an_invalid_route_keeps_the_last_good_one_and_is_reported_with_its_field
         .write(
             "route.yaml",
             &route(
-                "    - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: b}]}}]
+                "    - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
       backendRefs: [{name: orders-v1, port: 80}]
 ",
             ),
@@ -388,7 +414,7 @@ async fn an_invalid_route_keeps_the_last_good_one_and_is_reported_with_its_field
             .await
             .unwrap()
             .text()
-            .contains("spec.rules[0].filters")
+            .contains("filter URLRewrite is not supported")
     );
     assert_eq!(who(&h, Method::GET, "/", &[]).await, "orders-v2");
     h.shutdown().await;

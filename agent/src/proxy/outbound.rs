@@ -161,7 +161,7 @@ impl Outbound {
     ) -> Response<ProxyBody> {
         // HTTPRoutes split a Service's traffic; a connection pinned to one pod is not.
         let dst = if pinned.is_none() && !dst.routes.rules.is_empty() {
-            match self.route(dst, &req) {
+            match self.route(dst, &mut req) {
                 Some(dst) => dst,
                 None => {
                     return local_response(
@@ -190,13 +190,18 @@ impl Outbound {
     /// backend by weight; a request no rule takes stays with `dst`. The backend is not
     /// routed again. `None`: the picked backend does not exist, or the rule's weights
     /// are all 0 (the request gets 500 `backend-not-found`, counted on `dst`).
-    fn route(&self, dst: Arc<Destination>, req: &Request<Incoming>) -> Option<Arc<Destination>> {
+    fn route(
+        &self,
+        dst: Arc<Destination>,
+        req: &mut Request<Incoming>,
+    ) -> Option<Arc<Destination>> {
         let Some(rule) = dst
             .routes
             .select(req.method(), req.uri().path(), req.headers())
         else {
             return Some(dst);
         };
+        rule.modify(req.headers_mut());
         let found = match rule.pick() {
             None => None,
             Some(backend) => {

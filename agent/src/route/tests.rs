@@ -35,6 +35,7 @@ fn rule(
         rule_index: index,
         matches: m.into_iter().collect(),
         backends,
+        request_header_modifier: None,
     }
 }
 
@@ -312,4 +313,41 @@ fn a_backend_naming_the_parent_port_is_recognised() {
     )]);
     assert!(t.rules[0].backends[0].is_parent);
     assert!(!t.rules[0].backends[1].is_parent);
+}
+
+#[test]
+fn a_header_modifier_removes_then_sets_then_adds() {
+    let mut r = rule(0, None, vec![backend("a", 1)]);
+    let h = |name: &str, value: &str| v1::HttpHeader {
+        name: name.into(),
+        value: value.into(),
+    };
+    r.request_header_modifier = Some(v1::HttpHeaderModifier {
+        set: vec![h("x-version", "v2")],
+        add: vec![h("x-via", "canary")],
+        remove: vec!["x-debug".into()],
+    });
+    let t = table(&[r]);
+    let mut headers = HeaderMap::new();
+    headers.insert("x-debug", HeaderValue::from_static("1"));
+    headers.append("x-version", HeaderValue::from_static("v1"));
+    headers.append("x-version", HeaderValue::from_static("v0"));
+    headers.insert("x-via", HeaderValue::from_static("client"));
+    t.rules[0].modify(&mut headers);
+    assert!(headers.get("x-debug").is_none());
+    assert_eq!(
+        headers.get_all("x-version").iter().collect::<Vec<_>>(),
+        ["v2"]
+    );
+    assert_eq!(
+        headers.get_all("x-via").iter().collect::<Vec<_>>(),
+        ["client", "canary"]
+    );
+
+    let mut bad = rule(0, None, vec![]);
+    bad.request_header_modifier = Some(v1::HttpHeaderModifier {
+        set: vec![h("x-a", "bad\nvalue")],
+        ..Default::default()
+    });
+    assert!(RouteTable::build(&[bad], "d", None, &metrics()).is_err());
 }

@@ -88,8 +88,8 @@ pub struct RuleSpec {
     pub name: Option<String>,
     /// ORed conditions; default: every request.
     pub matches: Option<Vec<MatchSpec>>,
-    /// Not supported: rejected when not empty.
-    pub filters: Option<Vec<Value>>,
+    /// Only `RequestHeaderModifier` is supported.
+    pub filters: Option<Vec<FilterSpec>>,
     /// The weighted backends.
     pub backend_refs: Option<Vec<BackendRefSpec>>,
     /// Not supported (use a ResiliencePolicy): rejected when set.
@@ -99,6 +99,45 @@ pub struct RuleSpec {
     /// Not supported: rejected when set.
     pub session_persistence: Option<Value>,
 }
+
+/// `spec.rules[].filters[]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FilterSpec {
+    /// The filter type; only `RequestHeaderModifier` is supported.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// The header changes of a `RequestHeaderModifier`.
+    pub request_header_modifier: Option<HeaderModifierSpec>,
+    /// The configuration of other filter types (refused).
+    #[serde(flatten)]
+    pub other: serde_yaml_ng::Mapping,
+}
+
+/// `filters[].requestHeaderModifier`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderModifierSpec {
+    /// Headers to replace (or add).
+    pub set: Option<Vec<HeaderValueSpec>>,
+    /// Headers to append.
+    pub add: Option<Vec<HeaderValueSpec>>,
+    /// Header names to remove.
+    pub remove: Option<Vec<String>>,
+}
+
+/// A header name and value.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValueSpec {
+    /// The name (case-insensitive).
+    pub name: Option<String>,
+    /// The value.
+    pub value: Option<String>,
+}
+
+/// Most entries in each list of a RequestHeaderModifier.
+pub const MAX_HEADER_CHANGES: usize = 16;
 
 /// `spec.rules[].matches[]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -274,12 +313,8 @@ fn unsupported(value: Option<&Value>) -> bool {
 }
 
 fn rule(spec: RuleSpec, at: &str, namespace: &str) -> Result<model::Rule, FieldError> {
+    let request_headers = filters(spec.filters.unwrap_or_default(), &field(at, "filters"))?;
     let rejected = [
-        (
-            "filters",
-            spec.filters.map(Value::Sequence),
-            "filters are not supported by Bulwark yet; remove them (the route is not applied)",
-        ),
         (
             "timeouts",
             spec.timeouts,
@@ -330,7 +365,124 @@ fn rule(spec: RuleSpec, at: &str, namespace: &str) -> Result<model::Rule, FieldE
     for (i, r) in refs.into_iter().enumerate() {
         backends.push(backend(r, &item(&field(at, "backendRefs"), i), namespace)?);
     }
-    Ok(model::Rule { matches, backends })
+    Ok(model::Rule {
+        matches,
+        backends,
+        request_headers,
+    })
+}
+
+/// The rule's filters: at most one `RequestHeaderModifier`; any other type is refused.
+fn filters(specs: Vec<FilterSpec>, at: &str) -> Result<Option<model::HeaderModifier>, FieldError> {
+    let mut modifier = None;
+    for (i, f) in specs.into_iter().enumerate() {
+        let fat = item(at, i);
+        match f.kind.as_deref() {
+            Some("RequestHeaderModifier") => {}
+            Some(other) => {
+                return Err(FieldError::new(
+                    field(&fat, "type"),
+                    format!(
+                        "filter {other} is not supported by Bulwark (only RequestHeaderModifier); \
+                         the route is not applied"
+                    ),
+                ));
+            }
+            None => return Err(FieldError::required(field(&fat, "type"))),
+        }
+        if let Some((key, _)) = f.other.iter().next() {
+            let key = key.as_str().unwrap_or("?");
+            return Err(FieldError::new(
+                field(&fat, key),
+                "only requestHeaderModifier goes with type RequestHeaderModifier",
+            ));
+        }
+        if modifier.is_some() {
+            return Err(FieldError::new(
+                field(&fat, "type"),
+                "at most one RequestHeaderModifier per rule",
+            ));
+        }
+        let spec = f
+            .request_header_modifier
+            .ok_or_else(|| FieldError::required(field(&fat, "requestHeaderModifier")))?;
+        modifier = Some(header_modifier(
+            spec,
+            &field(&fat, "requestHeaderModifier"),
+        )?);
+    }
+    Ok(modifier)
+}
+
+fn header_modifier(
+    spec: HeaderModifierSpec,
+    at: &str,
+) -> Result<model::HeaderModifier, FieldError> {
+    let pairs = |list: Option<Vec<HeaderValueSpec>>, name: &str| {
+        let path = field(at, name);
+        let list = list.unwrap_or_default();
+        if list.len() > MAX_HEADER_CHANGES {
+            return Err(FieldError::new(
+                path,
+                format!("at most {MAX_HEADER_CHANGES} entries, got {}", list.len()),
+            ));
+        }
+        let mut out: Vec<(String, String)> = Vec::with_capacity(list.len());
+        for (i, h) in list.into_iter().enumerate() {
+            let hat = item(&path, i);
+            let name = header_name(h.name, &field(&hat, "name"))?;
+            if out.iter().any(|(n, _)| *n == name) {
+                return Err(FieldError::new(
+                    field(&hat, "name"),
+                    format!("header {name:?} is listed twice (names are case-insensitive)"),
+                ));
+            }
+            let value = h
+                .value
+                .ok_or_else(|| FieldError::required(field(&hat, "value")))?;
+            if value.len() > MAX_HEADER_VALUE_LEN || value.chars().any(|c| c.is_control()) {
+                return Err(FieldError::new(
+                    field(&hat, "value"),
+                    format!(
+                        "must be at most {MAX_HEADER_VALUE_LEN} characters without control characters"
+                    ),
+                ));
+            }
+            out.push((name, value));
+        }
+        Ok(out)
+    };
+    let set = pairs(spec.set, "set")?;
+    let add = pairs(spec.add, "add")?;
+    let names = spec.remove.unwrap_or_default();
+    if names.len() > MAX_HEADER_CHANGES {
+        return Err(FieldError::new(
+            field(at, "remove"),
+            format!("at most {MAX_HEADER_CHANGES} entries, got {}", names.len()),
+        ));
+    }
+    let mut remove: Vec<String> = Vec::with_capacity(names.len());
+    for (i, n) in names.into_iter().enumerate() {
+        let name = header_name(Some(n), &item(&field(at, "remove"), i))?;
+        if !remove.contains(&name) {
+            remove.push(name);
+        }
+    }
+    Ok(model::HeaderModifier { set, add, remove })
+}
+
+/// A header name, lower-cased, or why it is not one.
+fn header_name(name: Option<String>, at: &str) -> Result<String, FieldError> {
+    let name = name
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| FieldError::required(at))?;
+    match http_header_name(&name) {
+        Some(lower) if name.len() <= 256 => Ok(lower),
+        _ => Err(FieldError::new(
+            at,
+            format!("must be an HTTP header name (at most 256 token characters), got {name:?}"),
+        )),
+    }
 }
 
 fn route_match(spec: MatchSpec, at: &str) -> Result<model::Match, FieldError> {
@@ -548,7 +700,8 @@ fn backend(spec: BackendRefSpec, at: &str, namespace: &str) -> Result<model::Bac
     if unsupported(spec.filters.map(Value::Sequence).as_ref()) {
         return Err(FieldError::new(
             field(at, "filters"),
-            "filters are not supported by Bulwark yet; remove them (the route is not applied)",
+            "backend filters are not supported by Bulwark; a RequestHeaderModifier can go on \
+             the rule (the route is not applied)",
         ));
     }
     Ok(model::Backend {

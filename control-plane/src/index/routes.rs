@@ -168,6 +168,21 @@ fn wire_rule(e: &Entry<'_>, service: &Service, port: &ServicePort) -> proto::Htt
         rule_index: u32::try_from(e.rule_index).unwrap_or(u32::MAX),
         matches: vec![wire_match(e.m)],
         backends,
+        request_header_modifier: e.rule.request_headers.as_ref().map(|m| {
+            let pairs = |list: &[(String, String)]| {
+                list.iter()
+                    .map(|(name, value)| proto::HttpHeader {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect()
+            };
+            proto::HttpHeaderModifier {
+                set: pairs(&m.set),
+                add: pairs(&m.add),
+                remove: m.remove.clone(),
+            }
+        }),
     }
 }
 

@@ -45,6 +45,19 @@ pub struct Rule {
     pub matches: Vec<Match>,
     /// The weighted backends (may be empty or all zero: such requests get 500).
     pub backends: Vec<Backend>,
+    /// The RequestHeaderModifier filter, if any.
+    pub request_headers: Option<HeaderModifier>,
+}
+
+/// Header changes (names lower case, each at most once per list).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderModifier {
+    /// Replace the value (add when absent).
+    pub set: Vec<(String, String)>,
+    /// Append a value.
+    pub add: Vec<(String, String)>,
+    /// Remove.
+    pub remove: Vec<String>,
 }
 
 /// Conditions that must all hold.

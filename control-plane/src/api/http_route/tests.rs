@@ -147,9 +147,29 @@ fn invalid_routes_are_rejected_with_the_field_path() {
             "must be Service",
         ),
         (
-            "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}]\n",
-            "spec.rules[0].filters",
-            "not supported",
+            "  - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]\n",
+            "spec.rules[0].filters[0].type",
+            "filter RequestRedirect is not supported",
+        ),
+        (
+            "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}, {name: A, value: c}]}}]\n",
+            "spec.rules[0].filters[0].requestHeaderModifier.set[1].name",
+            "listed twice",
+        ),
+        (
+            "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {sett: []}}]\n",
+            "spec.rules[0].filters[0].requestHeaderModifier.sett",
+            "unknown field",
+        ),
+        (
+            "  - filters: [{type: RequestHeaderModifier}]\n",
+            "spec.rules[0].filters[0].requestHeaderModifier",
+            "required",
+        ),
+        (
+            "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {}, urlRewrite: {}}]\n",
+            "spec.rules[0].filters[0].urlRewrite",
+            "only requestHeaderModifier",
         ),
         (
             "  - timeouts: {request: 1s}\n",
@@ -167,6 +187,20 @@ fn invalid_routes_are_rejected_with_the_field_path() {
         assert_eq!(err.path, *path, "{rules}: {err}");
         assert!(err.reason.contains(reason), "{rules}: {err}");
     }
+}
+
+#[test]
+fn a_request_header_modifier_is_read() {
+    let r = with_rules(
+        "  - filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier:\n\
+         \x20       set: [{name: X-Version, value: v2}]\n        add: [{name: x-via, value: canary}]\n\
+         \x20       remove: [X-Debug, x-debug]\n",
+    )
+    .unwrap();
+    let m = r.rules[0].request_headers.as_ref().unwrap();
+    assert_eq!(m.set, [("x-version".to_owned(), "v2".to_owned())]);
+    assert_eq!(m.add, [("x-via".to_owned(), "canary".to_owned())]);
+    assert_eq!(m.remove, ["x-debug"]);
 }
 
 #[test]
