@@ -169,6 +169,11 @@ impl Config {
             .map(|(_, d)| d)
     }
 
+    /// The destination of an HTTPRoute backend, if the snapshot has that service port.
+    pub fn backend(&self, key: &crate::route::BackendKey) -> Option<&Arc<Destination>> {
+        self.lookup_name(&key.name, &key.namespace, key.port)
+    }
+
     /// The destination a target names, if it is in the mesh. `namespace` is the
     /// agent's own, for short names.
     pub fn lookup(&self, target: Target<'_>, namespace: &str) -> Option<&Arc<Destination>> {
@@ -233,6 +238,7 @@ impl Config {
                     },
                     "loadBalancer": format!("{:?}", p.strategy),
                     "shardTopology": d.shards.as_ref().map(crate::shard::ShardRouter::to_json),
+                    "routes": d.routes.to_json(|key| self.backend(key).is_some()),
                     "endpoints": d.balancer.endpoints().iter().map(|e| json!({
                         "address": e.addr.to_string(),
                         "labels": e.labels,

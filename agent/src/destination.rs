@@ -16,6 +16,7 @@ use crate::metrics::{Direction, DstMetrics, Metrics};
 use crate::proxy::protocol::Hint;
 use crate::proxy::upstream::Upstream;
 use crate::retry::RetryPolicy;
+use crate::route::RouteTable;
 use crate::shard::ShardRouter;
 
 /// Connect timeout when the policy sets none.
@@ -45,6 +46,9 @@ pub enum InvalidDestination {
     /// Bad load balancer section.
     #[error("load_balancer: {0}")]
     Balancer(#[from] crate::balance::InvalidStrategy),
+    /// An HTTPRoute rule that cannot be enforced.
+    #[error(transparent)]
+    Route(#[from] crate::route::InvalidRoute),
     /// A shard topology that cannot be enforced.
     #[error("shard topology {source_name:?}: {error}")]
     Shard {
@@ -160,6 +164,8 @@ pub struct Destination {
     pub metrics: DstMetrics,
     /// Shard-aware routing, if the service is sharded.
     pub shards: Option<ShardRouter>,
+    /// HTTPRoute rules attached to the port (traffic splitting); empty: none.
+    pub routes: RouteTable,
 }
 
 impl Destination {
@@ -260,9 +266,11 @@ impl Destination {
                 })
             })
             .transpose()?;
+        let routes = RouteTable::build(&port.routes, name, previous.map(|p| &p.routes), metrics)?;
         Ok(Self {
             name: name.into(),
             shards,
+            routes,
             http2,
             hint: Hint::from_app_protocol(&port.app_protocol),
             balancer: Balancer::new(policy.strategy, endpoints),

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod retry;
+pub mod route;
 pub mod settings;
 pub mod shard;
 pub mod subscription;

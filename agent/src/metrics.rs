@@ -64,6 +64,7 @@ pub struct Metrics {
     config_version: Gauge,
     config_updates: Family<Labels, Counter>,
     shard: ShardFamilies,
+    route_requests: Family<Labels, Counter>,
 }
 
 /// Per shard and role metric families (issue 6).
@@ -216,6 +217,13 @@ impl Metrics {
             "Reads sent to a shard's primary because no replica admitted them",
             shard.fallbacks.clone(),
         );
+        let route_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "bulwark_route_requests",
+            "Requests an HTTPRoute rule sent to a backend (backend=\"none\": the rule's weights \
+             are all 0), counted before the backend's own policy",
+            route_requests.clone(),
+        );
         registry.register_collector(Box::new(StateCollector { config }));
         Self {
             registry,
@@ -233,7 +241,20 @@ impl Metrics {
             config_version,
             config_updates,
             shard,
+            route_requests,
         }
+    }
+
+    /// The request counter of one backend of an HTTPRoute rule on destination `dst`.
+    pub fn route_backend(&self, dst: &str, route: &str, rule: &str, backend: &str) -> Counter {
+        self.route_requests
+            .get_or_create(&vec![
+                ("dst", dst.to_owned()),
+                ("route", route.to_owned()),
+                ("rule", rule.to_owned()),
+                ("backend", backend.to_owned()),
+            ])
+            .clone()
     }
 
     /// Resolves the handles of one shard's metrics.

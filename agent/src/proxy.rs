@@ -55,6 +55,9 @@ pub mod reason {
     pub const BAD_REQUEST: &str = "bad-request";
     /// The request targets the agent's own listener.
     pub const LOOP_DETECTED: &str = "loop-detected";
+    /// An HTTPRoute sent the request to a backend Service (or port) that does not exist,
+    /// or its rule gives every backend weight 0.
+    pub const BACKEND_NOT_FOUND: &str = "backend-not-found";
 }
 
 /// Wraps a fixed body.

@@ -14,6 +14,7 @@ use crate::model::{Kind, Object, ObjectKey, ObjectName};
 
 pub mod endpoint_slice;
 pub mod grpc_code;
+pub mod http_route;
 pub mod meta;
 pub mod pod;
 pub mod ratelimit;
@@ -166,6 +167,9 @@ pub fn decode(value: Value) -> Result<Decoded, DecodeError> {
         Kind::ShardTopology => typed::<shard::ShardTopologyDocument>(value)
             .and_then(TryInto::try_into)
             .map(|topology| Object::ShardTopology(Box::new(topology))),
+        Kind::HttpRoute => typed::<http_route::HttpRouteDocument>(value)
+            .and_then(TryInto::try_into)
+            .map(Object::HttpRoute),
     };
     object
         .map(Decoded::Object)
@@ -181,6 +185,10 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Option<Kind>, DecodeError> {
         (POLICY_API_VERSION, "ResiliencePolicy") => Some(Kind::ResiliencePolicy),
         (POLICY_API_VERSION, "RateLimitPolicy") => Some(Kind::RateLimitPolicy),
         (POLICY_API_VERSION, "ShardTopology") => Some(Kind::ShardTopology),
+        // v1beta1 has the same schema for what we read; clusters still serve both.
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            Some(Kind::HttpRoute)
+        }
         _ => None,
     };
     // Our own group is never "someone else's manifest": a typo there must be reported.

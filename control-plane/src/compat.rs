@@ -22,11 +22,18 @@ struct Gate {
 }
 
 /// Every gated feature. A new one is one line here (and a `strip` function).
-const GATES: &[Gate] = &[Gate {
-    since: 2,
-    feature: "shardTopology",
-    strip: strip_shard_topology,
-}];
+const GATES: &[Gate] = &[
+    Gate {
+        since: 2,
+        feature: "shardTopology",
+        strip: strip_shard_topology,
+    },
+    Gate {
+        since: 2,
+        feature: "routes",
+        strip: strip_routes,
+    },
+];
 
 /// A sharded port without its topology would spread writes over replicas, so an agent
 /// that cannot route by shard gets the port with no endpoints: its requests fail with
@@ -36,6 +43,18 @@ fn strip_shard_topology(port: &mut proto::ServicePort) -> bool {
         return false;
     }
     port.endpoints.clear();
+    true
+}
+
+/// An agent that cannot match routes sends every request to the parent Service's own
+/// endpoints, which is what callers outside the mesh get too: the parent still serves
+/// (it is the stable version of a canary, the legacy side of a migration), so the
+/// endpoints stay and only the rules go, listed as held back.
+fn strip_routes(port: &mut proto::ServicePort) -> bool {
+    if port.routes.is_empty() {
+        return false;
+    }
+    port.routes.clear();
     true
 }
 
@@ -138,6 +157,24 @@ mod tests {
                 feature: "shardTopology",
                 needs_protocol: 2,
             }]
+        );
+    }
+
+    #[test]
+    fn an_old_agent_gets_a_routed_port_without_its_routes_but_with_its_endpoints() {
+        let mut routed = services();
+        routed[0].ports[1].routes = vec![proto::HttpRouteRule::default()];
+        let (services, held_back) = for_level(&routed, 1).unwrap();
+        let port = &services[0].ports[1];
+        assert!(port.routes.is_empty());
+        assert_eq!(port.endpoints.len(), 1, "the parent still serves");
+        assert_eq!(
+            held_back[1],
+            HeldBack {
+                port: "orders.shop:9090".into(),
+                feature: "routes",
+                needs_protocol: 2,
+            }
         );
     }
 }

@@ -57,6 +57,17 @@ pub const RBAC_RULES: &[Rule] = &[
         ],
         verbs: &["patch"],
     },
+    // issue 6: traffic splitting by Gateway API HTTPRoutes (watched only when served).
+    Rule {
+        api_groups: &["gateway.networking.k8s.io"],
+        resources: &["httproutes"],
+        verbs: &["list", "watch"],
+    },
+    Rule {
+        api_groups: &["gateway.networking.k8s.io"],
+        resources: &["httproutes/status"],
+        verbs: &["patch"],
+    },
     Rule {
         api_groups: &["coordination.k8s.io"],
         resources: &["leases"],

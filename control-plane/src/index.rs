@@ -23,6 +23,7 @@ use crate::model::{Endpoint, EndpointSlice, Model, ObjectName, Pod};
 pub mod diagnostics;
 mod inbound;
 mod outbound;
+mod routes;
 
 pub use diagnostics::Diagnostic;
 pub(crate) use inbound::merge as merge_rate_limits;

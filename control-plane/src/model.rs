@@ -10,9 +10,11 @@ use serde::Serialize;
 
 use crate::timestamp::Timestamp;
 
+pub mod http_route;
 pub mod policy;
 pub mod shard;
 
+pub use http_route::HttpRoute;
 pub use policy::{RateLimitPolicy, ResiliencePolicy, TargetRef};
 pub use shard::ShardTopology;
 
@@ -57,17 +59,20 @@ pub enum Kind {
     RateLimitPolicy,
     /// `bulwark.io/v1alpha1/ShardTopology` (validated; routing comes with issue 6).
     ShardTopology,
+    /// `gateway.networking.k8s.io/v1/HTTPRoute` with Service parents (traffic splitting).
+    HttpRoute,
 }
 
 impl Kind {
     /// Every kind, for metrics that report zero counts too.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::ResiliencePolicy,
         Kind::RateLimitPolicy,
         Kind::ShardTopology,
+        Kind::HttpRoute,
     ];
 
     /// The Kubernetes kind name.
@@ -79,6 +84,7 @@ impl Kind {
             Kind::ResiliencePolicy => "ResiliencePolicy",
             Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::ShardTopology => "ShardTopology",
+            Kind::HttpRoute => "HTTPRoute",
         }
     }
 }
@@ -119,6 +125,8 @@ pub enum Object {
     RateLimitPolicy(RateLimitPolicy),
     /// A ShardTopology (boxed: it is large).
     ShardTopology(Box<ShardTopology>),
+    /// An HTTPRoute.
+    HttpRoute(HttpRoute),
 }
 
 impl Object {
@@ -131,6 +139,7 @@ impl Object {
             Object::ResiliencePolicy(o) => (Kind::ResiliencePolicy, &o.name),
             Object::RateLimitPolicy(o) => (Kind::RateLimitPolicy, &o.name),
             Object::ShardTopology(o) => (Kind::ShardTopology, &o.name),
+            Object::HttpRoute(o) => (Kind::HttpRoute, &o.name),
         };
         ObjectKey {
             kind,
@@ -154,6 +163,8 @@ pub struct Model {
     pub rate_limit_policies: BTreeMap<ObjectName, RateLimitPolicy>,
     /// ShardTopologies by name.
     pub shard_topologies: BTreeMap<ObjectName, ShardTopology>,
+    /// HTTPRoutes by name.
+    pub http_routes: BTreeMap<ObjectName, HttpRoute>,
 }
 
 impl Model {
@@ -178,6 +189,9 @@ impl Model {
             Object::ShardTopology(o) => {
                 self.shard_topologies.insert(o.name.clone(), *o);
             }
+            Object::HttpRoute(o) => {
+                self.http_routes.insert(o.name.clone(), o);
+            }
         }
     }
 
@@ -190,6 +204,7 @@ impl Model {
             Kind::ResiliencePolicy => self.resilience_policies.len(),
             Kind::RateLimitPolicy => self.rate_limit_policies.len(),
             Kind::ShardTopology => self.shard_topologies.len(),
+            Kind::HttpRoute => self.http_routes.len(),
         }
     }
 }

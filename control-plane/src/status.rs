@@ -1,6 +1,7 @@
 //! Policy status: judges every Bulwark policy the Kubernetes source sees and writes its
 //! `Accepted` condition, only from the replica holding the status Lease and only when
-//! the condition changed.
+//! the condition changed. HTTPRoutes with Service parents get their `status.parents`
+//! entries the same way ([`http_route`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -20,6 +21,8 @@ use crate::index::{self, Diagnostic};
 use crate::metrics::Metrics;
 use crate::model::{Kind, Model, ObjectKey, ObjectName, TargetRef};
 use crate::source::kubernetes::{Observed, PolicyObservation, resource};
+
+pub mod http_route;
 
 /// How often the writer re-checks everything even without news (a status someone else
 /// overwrote is put right within this time).
@@ -57,7 +60,7 @@ fn targets<'m>(model: &'m Model, key: &ObjectKey) -> Option<&'m [TargetRef]> {
             .shard_topologies
             .get(&key.name)
             .map(|p| &p.targets[..]),
-        Kind::Service | Kind::EndpointSlice | Kind::Pod => None,
+        Kind::Service | Kind::EndpointSlice | Kind::Pod | Kind::HttpRoute => None,
     }
 }
 
@@ -244,17 +247,22 @@ pub fn spawn(
     tokio::spawn(async move {
         // What we patched and have not seen come back through the watch yet.
         let mut written: BTreeMap<ObjectKey, (Option<i64>, Verdict)> = BTreeMap::new();
+        let mut routes_written: BTreeMap<ObjectName, String> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = crate::stopped(&mut shutdown) => break,
                 changed = observed.changed() => if changed.is_err() { break },
                 changed = leader.changed() => if changed.is_err() { break },
-                _ = tokio::time::sleep(RESYNC) => written.clear(),
+                _ = tokio::time::sleep(RESYNC) => {
+                    written.clear();
+                    routes_written.clear();
+                }
             }
             let leading = *leader.borrow_and_update();
             metrics.status_leader.set(i64::from(leading));
             if !leading {
                 written.clear();
+                routes_written.clear();
                 continue;
             }
             let snapshot = Arc::clone(&observed.borrow_and_update());
@@ -303,8 +311,73 @@ pub fn spawn(
                     }
                 }
             }
+            write_routes(&client, &snapshot, &mut routes_written, &metrics).await;
         }
     })
+}
+
+/// Writes the `status.parents` of every HTTPRoute whose entries are out of date;
+/// `written` holds what was patched and not yet seen back (without transition times).
+async fn write_routes(
+    client: &Client,
+    snapshot: &Observed,
+    written: &mut BTreeMap<ObjectName, String>,
+    metrics: &Metrics,
+) {
+    written.retain(|name, _| snapshot.routes.contains_key(name));
+    let now = serde_json::to_value(Time(Timestamp::now()))
+        .ok()
+        .and_then(|t| t.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    for (name, observation) in &snapshot.routes {
+        let Some(parents) = http_route::desired(name, observation, &snapshot.model, &now) else {
+            written.remove(name);
+            continue;
+        };
+        let fingerprint = without_times(&parents, observation.generation);
+        if written.get(name) == Some(&fingerprint) {
+            continue;
+        }
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &name.namespace, &resource(Kind::HttpRoute));
+        let patch = serde_json::json!({ "status": { "parents": parents } });
+        match api
+            .patch_status(&name.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                info!(route = %name, "HTTPRoute status written");
+                metrics.status_writes.inc();
+                written.insert(name.clone(), fingerprint);
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                debug!(route = %name, "the route went away before its status was written");
+            }
+            Err(error) => {
+                metrics.status_write_errors.inc();
+                warn!(route = %name, %error, "cannot write the HTTPRoute's status; retrying later");
+            }
+        }
+    }
+}
+
+/// The entries as text without their transition times (which differ between two
+/// computations of the same verdict).
+fn without_times(parents: &[serde_json::Value], generation: Option<i64>) -> String {
+    let mut copy = parents.to_vec();
+    for entry in &mut copy {
+        if let Some(conditions) = entry
+            .get_mut("conditions")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            for c in conditions {
+                if let Some(c) = c.as_object_mut() {
+                    c.remove("lastTransitionTime");
+                }
+            }
+        }
+    }
+    format!("{generation:?} {}", serde_json::Value::Array(copy))
 }
 
 #[cfg(test)]

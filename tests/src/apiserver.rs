@@ -48,7 +48,7 @@ pub struct Resource {
 }
 
 /// Every resource the control plane touches.
-pub const RESOURCES: [Resource; 7] = [
+pub const RESOURCES: [Resource; 8] = [
     Resource {
         group: "",
         version: "v1",
@@ -91,7 +91,17 @@ pub const RESOURCES: [Resource; 7] = [
         plural: "leases",
         kind: "Lease",
     },
+    // issue 6: served only after `serve_gateway_api` (the CRDs are optional in a cluster).
+    Resource {
+        group: GATEWAY_GROUP,
+        version: "v1",
+        plural: "httproutes",
+        kind: "HTTPRoute",
+    },
 ];
+
+/// The Gateway API's group, whose CRDs a cluster may or may not have.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 impl Resource {
     /// `v1` or `group/version`.
@@ -158,6 +168,9 @@ struct State {
     next_uid: u64,
     /// What `/version` reports as (major, minor); default 1.31.
     version: Option<(String, String)>,
+    /// Whether the Gateway API CRDs are "installed" (discovery and HTTPRoute requests
+    /// answer; otherwise 404, like a cluster without them).
+    gateway_api: bool,
 }
 
 #[derive(Debug, Default)]
@@ -604,6 +617,12 @@ impl ApiServer {
         self.shared.lock().version = Some((major.to_owned(), minor.to_owned()));
     }
 
+    /// Installs the Gateway API CRDs: `/apis/gateway.networking.k8s.io/v1` and its
+    /// HTTPRoutes are served from now on.
+    pub fn serve_gateway_api(&self) {
+        self.shared.lock().gateway_api = true;
+    }
+
     /// Every request served so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.lock().requests.clone()
@@ -674,7 +693,35 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
             }),
         );
     }
-    let Some(target) = parse_path(parts.uri.path()) else {
+    // issue 6: API discovery of the Gateway API group (public, not recorded).
+    let gateway_api = shared.lock().gateway_api;
+    let discovery = format!("/apis/{GATEWAY_GROUP}/v1");
+    if parts.method == Method::GET && parts.uri.path().trim_end_matches('/') == discovery {
+        if !gateway_api {
+            return error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+        return respond(
+            StatusCode::OK,
+            &json!({
+                "kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": format!("{GATEWAY_GROUP}/v1"),
+                "resources": [
+                    {"name": "httproutes", "singularName": "httproute", "namespaced": true,
+                     "kind": "HTTPRoute", "verbs": ["delete", "deletecollection", "get", "list",
+                     "patch", "create", "update", "watch"]},
+                    {"name": "httproutes/status", "singularName": "", "namespaced": true,
+                     "kind": "HTTPRoute", "verbs": ["get", "patch", "update"]},
+                ],
+            }),
+        );
+    }
+    let target =
+        parse_path(parts.uri.path()).filter(|t| gateway_api || t.resource.group != GATEWAY_GROUP);
+    let Some(target) = target else {
         return error(
             StatusCode::NOT_FOUND,
             "NotFound",

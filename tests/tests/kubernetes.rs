@@ -125,6 +125,14 @@ fn status_patches(server: &ApiServer, name: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
     let server = ApiServer::start().await;
+    // issue 6: with the Gateway API installed and a route on reviews (no backends: to
+    // reviews itself), so that the HTTPRoute rules are exercised too.
+    server.serve_gateway_api();
+    server.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: reviews-route, namespace: {NAMESPACE}}}\n\
+         spec: {{parentRefs: [{{group: '', kind: Service, name: reviews}}]}}\n"
+    ));
     for manifest in service("reviews", "127.0.0.21") {
         server.apply(&manifest);
     }
@@ -328,6 +336,15 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
         settled <= 3,
         "{settled} patches for two changes of the condition"
     );
+
+    // The route got its status (from the lease holder).
+    poll_until(DEADLINE, "the HTTPRoute's status", || async {
+        server
+            .get("HTTPRoute", NAMESPACE, "reviews-route")
+            .filter(|r| r["status"]["parents"][0]["controllerName"] == "bulwark.io/mesh")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 
     // Every call the control plane made is one its RBAC rules allow.
     let requests = server.requests();

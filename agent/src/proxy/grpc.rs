@@ -54,7 +54,7 @@ pub fn status_for(why: &str) -> u32 {
     match why {
         reason::TIMEOUT => code::DEADLINE_EXCEEDED,
         reason::RATE_LIMITED | reason::BULKHEAD_FULL => code::RESOURCE_EXHAUSTED,
-        reason::BAD_REQUEST | reason::LOOP_DETECTED => code::INTERNAL,
+        reason::BAD_REQUEST | reason::LOOP_DETECTED | reason::BACKEND_NOT_FOUND => code::INTERNAL,
         reason::SHARD_KEY_MISSING => code::INVALID_ARGUMENT,
         // circuit-open, no-endpoints, connect-failed, upstream-reset,
         // shard-primary-unavailable.

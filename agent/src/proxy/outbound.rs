@@ -159,6 +159,21 @@ impl Outbound {
         pinned: Option<SocketAddr>,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        // HTTPRoutes split a Service's traffic; a connection pinned to one pod is not.
+        let dst = if pinned.is_none() && !dst.routes.rules.is_empty() {
+            match self.route(dst, &mut req) {
+                Some(dst) => dst,
+                None => {
+                    return local_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        reason::BACKEND_NOT_FOUND,
+                        None,
+                    );
+                }
+            }
+        } else {
+            dst
+        };
         // A span per request only when spans are exported: it is what
         // carries the trace to the upstream. Decision logs carry `dst` anyway.
         let span = if self.propagation.enabled() {
@@ -169,6 +184,49 @@ impl Outbound {
             Span::none()
         };
         forward::forward_to(dst, pinned, req).instrument(span).await
+    }
+
+    /// Where the port's HTTPRoute rules send `req`: the first rule that takes it picks a
+    /// backend by weight; a request no rule takes stays with `dst`. The backend is not
+    /// routed again. `None`: the picked backend does not exist, or the rule's weights
+    /// are all 0 (the request gets 500 `backend-not-found`, counted on `dst`).
+    fn route(
+        &self,
+        dst: Arc<Destination>,
+        req: &mut Request<Incoming>,
+    ) -> Option<Arc<Destination>> {
+        let Some(rule) = dst
+            .routes
+            .select(req.method(), req.uri().path(), req.headers())
+        else {
+            return Some(dst);
+        };
+        rule.modify(req.headers_mut());
+        let found = match rule.pick() {
+            None => None,
+            Some(backend) => {
+                backend.count();
+                if backend.is_parent {
+                    return Some(Arc::clone(&dst));
+                }
+                let found = self.config.load().backend(&backend.key).cloned();
+                if found.is_none() {
+                    debug!(
+                        dst = %dst.name,
+                        route = %rule.source,
+                        rule = rule.index,
+                        backend = %backend.key,
+                        reason = reason::BACKEND_NOT_FOUND,
+                        "request refused: no such backend service port"
+                    );
+                }
+                found
+            }
+        };
+        if found.is_none() {
+            dst.metrics.local_response(reason::BACKEND_NOT_FOUND);
+        }
+        found
     }
 
     /// The metrics of the outbound side (for opaque connections).

@@ -59,6 +59,16 @@ pub enum Diagnostic {
         /// The service.
         service: String,
     },
+    /// An HTTPRoute backend names a Service or port that does not exist: its share of
+    /// the traffic gets 500.
+    UnresolvedBackend {
+        /// The HTTPRoute.
+        route: ObjectName,
+        /// The backend Service's name (in the route's namespace).
+        service: String,
+        /// The backend port.
+        port: u16,
+    },
 }
 
 impl Diagnostic {
@@ -103,6 +113,14 @@ impl Diagnostic {
             Diagnostic::NoSelector { policy, service } => warn!(
                 %policy, %service,
                 "RateLimitPolicy targets a Service without a selector; no pod enforces it"
+            ),
+            Diagnostic::UnresolvedBackend {
+                route,
+                service,
+                port,
+            } => warn!(
+                %route, %service, port,
+                "HTTPRoute backend names no such Service port; its share of requests gets 500"
             ),
         }
     }
@@ -150,6 +168,15 @@ impl fmt::Display for Diagnostic {
             Diagnostic::NoSelector { policy, service } => write!(
                 f,
                 "RateLimitPolicy {policy} targets Service {service}, which has no selector"
+            ),
+            Diagnostic::UnresolvedBackend {
+                route,
+                service,
+                port,
+            } => write!(
+                f,
+                "HTTPRoute {route}: backend Service {service} port {port} does not exist; \
+                 its share of requests gets 500"
             ),
         }
     }

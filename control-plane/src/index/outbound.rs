@@ -21,6 +21,7 @@ pub(super) fn services(
 ) -> Vec<proto::Service> {
     let attached = attach(model, diagnostics);
     let sharded = shard_topologies(model);
+    let routes = super::routes::Attached::new(model, diagnostics);
     model
         .services
         .values()
@@ -47,6 +48,7 @@ pub(super) fn services(
                             shard_topology: topology_of
                                 .filter(|(_, section)| section.is_none_or(|s| s == port.name))
                                 .map(|(t, _)| wire::shard_topology(t)),
+                            routes: routes.rules(service, port),
                         }
                     })
                     .collect(),

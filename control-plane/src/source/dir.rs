@@ -524,6 +524,18 @@ mod tests {
     }
 
     #[test]
+    fn the_canary_example_loads_cleanly() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/canary");
+        let outcome = DirSource::open(examples).unwrap().load().unwrap();
+        assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
+        let route =
+            &outcome.model.http_routes[&crate::model::ObjectName::new("shop", "orders-canary")];
+        assert_eq!(route.rules.len(), 2);
+        assert_eq!(route.rules[1].backends[0].weight, 90);
+        assert_eq!(outcome.model.services.len(), 3);
+    }
+
+    #[test]
     fn opening_a_file_is_not_a_change() {
         assert!(!is_change(&EventKind::Access(AccessKind::Open(
             AccessMode::Any

@@ -83,6 +83,7 @@ pub fn resource(kind: Kind) -> ApiResource {
         Kind::ResiliencePolicy => (POLICY_GROUP, "v1alpha1", "resiliencepolicies"),
         Kind::RateLimitPolicy => (POLICY_GROUP, "v1alpha1", "ratelimitpolicies"),
         Kind::ShardTopology => (POLICY_GROUP, "v1alpha1", "shardtopologies"),
+        Kind::HttpRoute => (api::http_route::GATEWAY_GROUP, "v1", "httproutes"),
     };
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(group, version, kind.as_str()),
@@ -111,6 +112,22 @@ pub struct PolicyObservation {
     pub kept_previous: bool,
 }
 
+/// What the source knows about an HTTPRoute with Service parents, for its status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteObservation {
+    /// `metadata.generation` of the version seen last.
+    pub generation: Option<i64>,
+    /// `spec.parentRefs` entries that name a Service, as written (read leniently, so
+    /// that an invalid route still gets a status for each of its parents).
+    pub parent_refs: Vec<Json>,
+    /// `status.parents` as it is now (every controller's entries).
+    pub status_parents: Vec<Json>,
+    /// Why the version seen last is invalid; `None` when it is valid.
+    pub error: Option<FieldError>,
+    /// Whether an earlier valid version stays in force despite `error`.
+    pub kept_previous: bool,
+}
+
 /// A consistent picture for the status writer: the model and every policy's state.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
@@ -118,6 +135,25 @@ pub struct Observed {
     pub model: Arc<Model>,
     /// Every policy by key.
     pub policies: BTreeMap<ObjectKey, PolicyObservation>,
+    /// Every HTTPRoute with a Service parent, by name.
+    pub routes: BTreeMap<ObjectName, RouteObservation>,
+}
+
+/// The Service entries of an HTTPRoute's `spec.parentRefs` and its `status.parents`.
+fn route_parts(object: &DynamicObject) -> (Vec<Json>, Vec<Json>) {
+    let list = |value: Option<&Json>| match value {
+        Some(Json::Array(items)) => items.clone(),
+        _ => Vec::new(),
+    };
+    let parent_refs = list(object.data.get("spec").and_then(|s| s.get("parentRefs")))
+        .into_iter()
+        .filter(|p| {
+            matches!(p.get("group").and_then(Json::as_str), Some("" | "core"))
+                && p.get("kind").and_then(Json::as_str) == Some("Service")
+        })
+        .collect();
+    let status_parents = list(object.data.get("status").and_then(|s| s.get("parents")));
+    (parent_refs, status_parents)
 }
 
 #[derive(Clone, Debug)]
@@ -126,6 +162,8 @@ struct Entry {
     error: Option<(FieldError, Timestamp)>,
     generation: Option<i64>,
     status: PolicyStatus,
+    /// For HTTPRoutes: the Service parentRefs and `status.parents`.
+    route: Option<(Vec<Json>, Vec<Json>)>,
 }
 
 #[derive(Debug, Default)]
@@ -188,12 +226,14 @@ impl Cache {
             PolicyStatus::default()
         };
         let generation = object.metadata.generation;
+        let route = (kind == Kind::HttpRoute).then(|| route_parts(object));
         match decode(kind, object) {
             Ok(good) => Entry {
                 good: Some(good),
                 error: None,
                 generation,
                 status,
+                route,
             },
             Err(error) => {
                 let since = previous
@@ -217,6 +257,7 @@ impl Cache {
                     error: Some((error, since)),
                     generation,
                     status,
+                    route,
                 }
             }
         }
@@ -276,6 +317,30 @@ impl Cache {
         Kind::ALL
             .iter()
             .all(|k| self.kinds.get(k).is_some_and(|c| c.synced))
+    }
+
+    /// The HTTPRoutes with Service parents, for their status.
+    fn routes(&self) -> BTreeMap<ObjectName, RouteObservation> {
+        let Some(cache) = self.kinds.get(&Kind::HttpRoute) else {
+            return BTreeMap::new();
+        };
+        cache
+            .entries
+            .iter()
+            .filter_map(|(name, entry)| {
+                let (parent_refs, status_parents) = entry.route.clone()?;
+                (!parent_refs.is_empty()).then(|| {
+                    let observation = RouteObservation {
+                        generation: entry.generation,
+                        parent_refs,
+                        status_parents,
+                        error: entry.error.as_ref().map(|(e, _)| e.clone()),
+                        kept_previous: entry.good.is_some(),
+                    };
+                    (name.clone(), observation)
+                })
+            })
+            .collect()
     }
 
     /// The model, the rejections and the policies' observations.
@@ -338,6 +403,90 @@ pub struct KubernetesSource {
     pub observed: watch::Receiver<Arc<Observed>>,
 }
 
+/// Follows one kind until `shutdown` or until nobody listens.
+async fn follow(
+    kind: Kind,
+    api: Api<DynamicObject>,
+    events: &mpsc::Sender<(Kind, Event<DynamicObject>)>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        let next = tokio::select! {
+            _ = crate::stopped(shutdown) => break,
+            next = stream.next() => next,
+        };
+        match next {
+            None => break,
+            Some(Ok(event)) => {
+                if events.send((kind, event)).await.is_err() {
+                    break;
+                }
+            }
+            Some(Err(error)) => warn!(
+                kind = kind.as_str(),
+                %error,
+                "watch failed; retrying with backoff (for Bulwark kinds: are the CRDs \
+                 installed? kubectl apply -f charts/bulwark/crds/)"
+            ),
+        }
+    }
+}
+
+/// How often the control plane looks again for the Gateway API while it is absent.
+pub const GATEWAY_API_RECHECK: Duration = Duration::from_secs(30);
+
+/// Waits until the cluster serves `HTTPRoute` in `gateway.networking.k8s.io/v1` (API
+/// discovery), so that a cluster without the Gateway API CRDs gets no failing watch and
+/// no error every few seconds. Meanwhile the kind counts as listed and empty, so the
+/// other kinds' model is published. Returns false on shutdown.
+async fn gateway_api_installed(
+    client: &Client,
+    events: &mpsc::Sender<(Kind, Event<DynamicObject>)>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let group_version = format!("{}/v1", api::http_route::GATEWAY_GROUP);
+    let mut reported_absent = false;
+    loop {
+        let absent = match client.list_api_group_resources(&group_version).await {
+            Ok(list) => !list.resources.iter().any(|r| r.name == "httproutes"),
+            Err(kube::Error::Api(status)) if status.code == 404 => true,
+            Err(error) => {
+                // Not an answer about the group (the API server is away, RBAC): ask again soon.
+                debug!(%error, "API discovery of the Gateway API failed; retrying");
+                tokio::select! {
+                    _ = crate::stopped(shutdown) => return false,
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                continue;
+            }
+        };
+        if !absent {
+            info!(group_version = %group_version, "the Gateway API is installed; watching HTTPRoutes");
+            return true;
+        }
+        if !reported_absent {
+            info!(
+                group_version = %group_version,
+                recheck_secs = GATEWAY_API_RECHECK.as_secs(),
+                "the Gateway API CRDs are not installed; HTTPRoutes (traffic splitting) are not \
+                 watched until they are"
+            );
+            reported_absent = true;
+            for event in [Event::Init, Event::InitDone] {
+                if events.send((Kind::HttpRoute, event)).await.is_err() {
+                    return false;
+                }
+            }
+        }
+        tokio::select! {
+            _ = crate::stopped(shutdown) => return false,
+            () = tokio::time::sleep(GATEWAY_API_RECHECK) => {}
+        }
+    }
+}
+
 /// Starts a watcher per kind and the task that publishes models through `publisher`
 /// after each burst of events (quiet for `debounce`).
 pub fn spawn(
@@ -349,34 +498,19 @@ pub fn spawn(
     let (events, mut received) = mpsc::channel::<(Kind, Event<DynamicObject>)>(1024);
     let mut tasks = Vec::new();
     for kind in Kind::ALL {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource(kind));
+        let client = client.clone();
         let events = events.clone();
         let mut shutdown = shutdown.clone();
         tasks.push((
             "watch",
             tokio::spawn(async move {
-                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-                let mut stream = std::pin::pin!(stream);
-                loop {
-                    let next = tokio::select! {
-                        _ = crate::stopped(&mut shutdown) => break,
-                        next = stream.next() => next,
-                    };
-                    match next {
-                        None => break,
-                        Some(Ok(event)) => {
-                            if events.send((kind, event)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Some(Err(error)) => warn!(
-                            kind = kind.as_str(),
-                            %error,
-                            "watch failed; retrying with backoff (for Bulwark kinds: are the CRDs \
-                             installed? kubectl apply -f charts/bulwark/crds/)"
-                        ),
-                    }
+                if kind == Kind::HttpRoute
+                    && !gateway_api_installed(&client, &events, &mut shutdown).await
+                {
+                    return;
                 }
+                let api: Api<DynamicObject> = Api::all_with(client, &resource(kind));
+                follow(kind, api, &events, &mut shutdown).await;
             }),
         ));
     }
@@ -404,6 +538,7 @@ pub fn spawn(
                     continue;
                 }
                 let (model, rejected, policies) = cache.snapshot();
+                let routes = cache.routes();
                 debug!(
                     objects = ?Kind::ALL.map(|k| (k.as_str(), model.count(k))),
                     rejected = rejected.len(),
@@ -412,7 +547,11 @@ pub fn spawn(
                 let model = Arc::new(model);
                 publisher.publish((*model).clone(), rejected);
                 observed_tx.send_if_modified(|current| {
-                    let next = Observed { model, policies };
+                    let next = Observed {
+                        model,
+                        policies,
+                        routes,
+                    };
                     if **current == next {
                         false
                     } else {
