@@ -34,7 +34,7 @@ pub enum InvalidStrategy {
 }
 
 /// Most entries of a weighted round-robin schedule; larger weight sums are scaled down.
-const MAX_SCHEDULE: u64 = 10_000;
+pub(crate) const MAX_SCHEDULE: u64 = 10_000;
 /// Points per endpoint on a consistent-hash ring.
 const RING_POINTS: u32 = 100;
 
@@ -198,7 +198,11 @@ impl Balancer {
     /// A balancer over `endpoints`.
     pub fn new(strategy: Strategy, endpoints: Vec<Arc<Endpoint>>) -> Self {
         let schedule = match strategy {
-            Strategy::WeightedRoundRobin => schedule(&endpoints),
+            Strategy::WeightedRoundRobin => {
+                // Endpoint weight 0 reads as 1 (proto default).
+                let weights: Vec<u32> = endpoints.iter().map(|e| e.weight.max(1)).collect();
+                schedule(&weights)
+            }
             _ => Vec::new(),
         };
         let ring = match strategy {
@@ -418,26 +422,31 @@ impl Balancer {
     }
 }
 
-/// The smooth weighted round-robin order (nginx's): each turn, every endpoint gains its
-/// weight, the one with the most goes and loses the total. Weights are scaled down so
-/// that the schedule has at most [`MAX_SCHEDULE`] entries.
-fn schedule(endpoints: &[Arc<Endpoint>]) -> Vec<usize> {
-    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight.max(1))).sum();
+/// The smooth weighted round-robin order (nginx's) of indices into `weights`, leaving
+/// out zero weights: each turn every entry gains its weight, the one with the most goes
+/// and loses the total. Shared by weighted endpoints and HTTPRoute backends. Weights are scaled down so that the schedule has at most
+/// [`MAX_SCHEDULE`] entries (a non-zero weight keeps at least one).
+pub(crate) fn schedule(weights: &[u32]) -> Vec<usize> {
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
     let scale = total.div_ceil(MAX_SCHEDULE).max(1);
-    let weights: Vec<i64> = endpoints
+    let scaled: Vec<i64> = weights
         .iter()
-        .map(|e| i64::try_from((u64::from(e.weight.max(1)) / scale).max(1)).unwrap_or(1))
+        .map(|&w| match w {
+            0 => 0,
+            w => i64::try_from((u64::from(w) / scale).max(1)).unwrap_or(1),
+        })
         .collect();
-    let sum: i64 = weights.iter().sum();
-    let mut current = vec![0i64; weights.len()];
+    let sum: i64 = scaled.iter().sum();
+    let mut current = vec![0i64; scaled.len()];
     let mut order = Vec::with_capacity(usize::try_from(sum).unwrap_or(0));
     for _ in 0..sum {
-        for (c, w) in current.iter_mut().zip(&weights) {
+        for (c, w) in current.iter_mut().zip(&scaled) {
             *c += w;
         }
         let Some((best, _)) = current
             .iter()
             .enumerate()
+            .filter(|(i, _)| scaled[*i] > 0)
             .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
         else {
             break;

@@ -19,10 +19,9 @@ use prometheus_client::metrics::counter::Counter;
 use regex::Regex;
 use serde_json::{Value, json};
 
+use crate::balance::schedule;
 use crate::metrics::Metrics;
 
-/// Most entries of a backend schedule; larger weight sums are scaled down.
-const MAX_SCHEDULE: u64 = 10_000;
 /// Compiled size limit of a regular expression (the control plane checks the same).
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
@@ -433,41 +432,6 @@ impl Rule {
             request_headers,
         })
     }
-}
-
-/// The smooth weighted round-robin order (nginx's) of indices into `weights`, leaving
-/// out zero weights: each turn every entry gains its weight, the one with the most goes
-/// and loses the total. Weights are scaled down so that the schedule has at most
-/// [`MAX_SCHEDULE`] entries (a non-zero weight keeps at least one).
-fn schedule(weights: &[u32]) -> Vec<usize> {
-    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
-    let scale = total.div_ceil(MAX_SCHEDULE).max(1);
-    let scaled: Vec<i64> = weights
-        .iter()
-        .map(|&w| match w {
-            0 => 0,
-            w => i64::try_from((u64::from(w) / scale).max(1)).unwrap_or(1),
-        })
-        .collect();
-    let sum: i64 = scaled.iter().sum();
-    let mut current = vec![0i64; scaled.len()];
-    let mut order = Vec::with_capacity(usize::try_from(sum).unwrap_or(0));
-    for _ in 0..sum {
-        for (c, w) in current.iter_mut().zip(&scaled) {
-            *c += w;
-        }
-        let Some((best, _)) = current
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| scaled[*i] > 0)
-            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
-        else {
-            break;
-        };
-        current[best] -= sum;
-        order.push(best);
-    }
-    order
 }
 
 #[cfg(test)]

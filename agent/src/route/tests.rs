@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use http::HeaderValue;
 
 use super::*;
+use crate::balance::MAX_SCHEDULE;
 use crate::config::Config;
 
 fn metrics() -> Metrics {
