@@ -1,10 +1,12 @@
-//! `bulwark-demo` (`make demo`): starts the control plane on `examples/` and
-//! `examples/sharded/`, the demo upstreams (healthy, flaky, one that goes down and
-//! comes back, one that hangs, and the pods of a sharded service) and the agent as
+//! `bulwark-demo` (`make demo`): starts the control plane on `examples/`,
+//! `examples/sharded/` and `examples/canary/`, the demo upstreams (healthy, flaky,
+//! one that goes down and comes back, one that hangs, the pods of a sharded service
+//! and those of a canary) and the agent as
 //! real processes; drives traffic through the agent for
 //! 30 seconds; prints what each policy did; and stops everything it started,
 //! also on Ctrl-C and on errors.
 
+mod canary;
 mod examples;
 mod latency;
 mod observer;
@@ -41,7 +43,7 @@ struct Args {
     /// [default: the folder of this executable].
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Folder of mesh YAML the control plane serves (with its `sharded/` folder).
+    /// Folder of mesh YAML the control plane serves (with its `sharded/` and `canary/` folders).
     #[arg(long, default_value = "examples")]
     examples: PathBuf,
     /// Folder for the processes' logs [default: BIN_DIR/../demo/logs, i.e. target/demo/logs].
@@ -251,14 +253,17 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
     let sharded_dir = examples.join("sharded");
     let layout = sharded::layout(&sharded_dir)
         .with_context(|| format!("reading the sharded service in {}", sharded_dir.display()))?;
-    preflight_ports(&layout)?;
-    // The folder source reads one folder: the control plane gets a copy of both.
+    let canary_dir = examples.join("canary");
+    let canary = canary::canary(&canary_dir)
+        .with_context(|| format!("reading the canary in {}", canary_dir.display()))?;
+    preflight_ports(&layout, &canary)?;
+    // The folder source reads one folder: the control plane gets a copy of all three.
     let mesh_dir = supervisor
         .log_dir()
         .parent()
         .unwrap_or(supervisor.log_dir())
         .join("mesh");
-    examples::merge(&[&examples, &sharded_dir], &mesh_dir)?;
+    examples::merge(&[&examples, &sharded_dir, &canary_dir], &mesh_dir)?;
     let ready_timeout = Duration::from_secs(args.ready_timeout);
     let started = Instant::now();
 
@@ -282,9 +287,10 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         .wait_ready("control-plane", addr(CP_ADMIN)?, "/ready", ready_timeout)
         .await?;
     println!(
-        "  control plane ready: gRPC {CP_GRPC}, admin http://{CP_ADMIN} (serving {} and {}, copied to {})",
+        "  control plane ready: gRPC {CP_GRPC}, admin http://{CP_ADMIN} (serving {}, {} and {}, copied to {})",
         examples.display(),
         sharded_dir.display(),
+        canary_dir.display(),
         mesh_dir.display()
     );
 
@@ -294,6 +300,10 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         supervisor.spawn(upstream.name, "bulwark-upstream", &upstream_args)?;
     }
     for pod in &layout.pods {
+        let args = strings(&["--listen", &pod.addr.to_string(), "--name", &pod.name]);
+        supervisor.spawn(&pod.name, "bulwark-upstream", &args)?;
+    }
+    for pod in &canary.pods {
         let args = strings(&["--listen", &pod.addr.to_string(), "--name", &pod.name]);
         supervisor.spawn(&pod.name, "bulwark-upstream", &args)?;
     }
@@ -319,6 +329,15 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         println!(
             "  upstream {:<18} {:<16} shard {} {:?}",
             pod.name, pod.addr, pod.shard, pod.role
+        );
+    }
+    for pod in &canary.pods {
+        supervisor
+            .wait_ready(&pod.name, pod.addr, "/_upstream/stats", ready_timeout)
+            .await?;
+        println!(
+            "  upstream {:<18} {:<16} backend {}",
+            pod.name, pod.addr, pod.backend
         );
     }
 
@@ -356,7 +375,7 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         TRAFFIC.as_secs()
     );
 
-    let traffic = drive_traffic(supervisor, &layout).await?;
+    let traffic = drive_traffic(supervisor, &layout, &canary).await?;
 
     let metrics = match Metrics::scrape(addr(AGENT_ADMIN)?).await {
         Ok(metrics) => Some(metrics),
@@ -408,6 +427,12 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
     });
 
     let mut problems = sharded::report(&mut summary, &layout, &traffic.sharded, metrics.as_ref());
+    problems.extend(canary::report(
+        &mut summary,
+        &canary,
+        &traffic.canary,
+        metrics.as_ref(),
+    ));
     for (what, run) in [
         ("reviews", &traffic.reviews),
         ("catalog", &traffic.catalog),
@@ -440,6 +465,7 @@ struct Traffic {
     acme: Run,
     globex: Run,
     sharded: Vec<sharded::Record>,
+    canary: Vec<canary::Record>,
     observations: observer::Observations,
     last_metrics: Option<Metrics>,
 }
@@ -447,6 +473,7 @@ struct Traffic {
 async fn drive_traffic(
     supervisor: &mut Supervisor,
     layout: &sharded::Layout,
+    canary: &canary::Canary,
 ) -> anyhow::Result<Traffic> {
     let outbound = addr(AGENT_OUTBOUND)?;
     let inbound = addr(AGENT_INBOUND)?;
@@ -514,7 +541,7 @@ async fn drive_traffic(
     progress.say(
         Duration::ZERO,
         &format!(
-            "reviews at 200/s, catalog at 100/s and keyed reads and writes of orders.shop at 20/s through the outbound proxy {AGENT_OUTBOUND}"
+            "reviews at 200/s, catalog at 100/s and keyed reads and writes of orders.shop at 20/s, checkout.shop's canary at 10/s through the outbound proxy {AGENT_OUTBOUND}"
         ),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -527,6 +554,7 @@ async fn drive_traffic(
             acme.run(start),
             globex.run(start),
             sharded::drive(layout, outbound, start, progress, TRAFFIC),
+            canary::drive(canary, outbound, start, TRAFFIC),
             script(start, progress, reviews_down),
         );
         let _ = stop_tx.send(true);
@@ -535,7 +563,10 @@ async fn drive_traffic(
     let everything = async { tokio::join!(watcher, generators) };
     tokio::pin!(everything);
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
-    let ((observations, last_metrics), (reviews, catalog, payments, acme, globex, sharded, ())) = loop {
+    let (
+        (observations, last_metrics),
+        (reviews, catalog, payments, acme, globex, sharded, canary, ()),
+    ) = loop {
         tokio::select! {
             done = &mut everything => break done,
             _ = liveness.tick() => supervisor.check_alive()?,
@@ -549,6 +580,7 @@ async fn drive_traffic(
         acme,
         globex,
         sharded,
+        canary,
         observations,
         last_metrics,
     })
@@ -624,7 +656,7 @@ async fn upstream_stats(upstream: SocketAddr) -> Option<Stats> {
 
 /// Fails early, with a hint, when an address the demo needs is taken or not
 /// local (on macOS, 127.0.0.N for N > 1 needs `sudo ifconfig lo0 alias 127.0.0.N`).
-fn preflight_ports(layout: &sharded::Layout) -> anyhow::Result<()> {
+fn preflight_ports(layout: &sharded::Layout, canary: &canary::Canary) -> anyhow::Result<()> {
     let fixed = [
         CP_GRPC,
         CP_ADMIN,
@@ -641,6 +673,7 @@ fn preflight_ports(layout: &sharded::Layout) -> anyhow::Result<()> {
         addresses.push(addr(text)?);
     }
     addresses.extend(layout.pods.iter().map(|p| p.addr));
+    addresses.extend(canary.pods.iter().map(|p| p.addr));
     for address in addresses {
         if let Err(err) = TcpListener::bind(address) {
             let hint = match err.kind() {

@@ -529,10 +529,13 @@ mod tests {
         let outcome = DirSource::open(examples).unwrap().load().unwrap();
         assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
         let route =
-            &outcome.model.http_routes[&crate::model::ObjectName::new("shop", "orders-canary")];
+            &outcome.model.http_routes[&crate::model::ObjectName::new("shop", "checkout-canary")];
         assert_eq!(route.rules.len(), 2);
         assert_eq!(route.rules[1].backends[0].weight, 90);
         assert_eq!(outcome.model.services.len(), 3);
+        // The demo's pods: a slice per Service, two pods of v1 and one of v2.
+        assert_eq!(outcome.model.endpoint_slices.len(), 3);
+        assert_eq!(outcome.model.pods.len(), 3);
     }
 
     #[test]
