@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use http::Method;
 use serde_yaml_ng::Value;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::examples::yaml_files;
+use crate::examples::{Manifests, PodManifest, text};
 use crate::report::count;
 
 /// One tick of canary traffic every this long (10 ticks a second).
@@ -80,18 +79,6 @@ pub struct Canary {
     pub pods: Vec<CanaryPod>,
 }
 
-fn text(value: &Value, path: &[&str]) -> Option<String> {
-    let mut at = value;
-    for key in path {
-        at = at.get(*key)?;
-    }
-    match at {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
 fn rule_backends(rule: &Value) -> anyhow::Result<Rule> {
     let backends = rule
         .get("backendRefs")
@@ -118,18 +105,8 @@ fn rule_backends(rule: &Value) -> anyhow::Result<Rule> {
 /// (`status.podIP`, the port of the parent's EndpointSlices) and which backend
 /// Service's selector takes each pod.
 pub fn canary(dir: &Path) -> anyhow::Result<Canary> {
-    let mut documents = Vec::new();
-    for file in yaml_files(dir)? {
-        let yaml =
-            fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-        for document in serde_yaml_ng::Deserializer::from_str(&yaml) {
-            let value: Value = serde::Deserialize::deserialize(document)
-                .with_context(|| format!("parsing {}", file.display()))?;
-            documents.push(value);
-        }
-    }
-    let kind = |d: &Value, k: &str| text(d, &["kind"]).as_deref() == Some(k);
-    let routes: Vec<&Value> = documents.iter().filter(|d| kind(d, "HTTPRoute")).collect();
+    let manifests = Manifests::load(dir)?;
+    let routes: Vec<&Value> = manifests.of_kind("HTTPRoute").collect();
     let [route] = routes[..] else {
         bail!(
             "{} holds {} HTTPRoutes; the demo drives exactly one",
@@ -187,34 +164,10 @@ pub fn canary(dir: &Path) -> anyhow::Result<Canary> {
         bail!("the weighted rule's weights are all 0");
     }
 
-    let in_namespace = |d: &Value| {
-        text(d, &["metadata", "namespace"]).unwrap_or_else(|| "default".to_owned()) == namespace
-    };
-    let service_doc = |wanted: &str| {
-        documents.iter().find(|d| {
-            kind(d, "Service")
-                && in_namespace(d)
-                && text(d, &["metadata", "name"]).as_deref() == Some(wanted)
-        })
-    };
     let port = match text(parent, &["port"]) {
         Some(port) => port,
-        None => service_doc(&service)
-            .and_then(|d| d.get("spec")?.get("ports")?.get(0))
-            .and_then(|p| text(p, &["port"]))
-            .with_context(|| format!("no Service {namespace}/{service} with a port"))?,
+        None => manifests.service_port(&namespace, &service)?,
     };
-    let pod_port = documents
-        .iter()
-        .find(|d| {
-            kind(d, "EndpointSlice")
-                && in_namespace(d)
-                && text(d, &["metadata", "labels", "kubernetes.io/service-name"]).as_deref()
-                    == Some(&service)
-        })
-        .and_then(|d| d.get("ports")?.get(0))
-        .and_then(|p| text(p, &["port"]))
-        .with_context(|| format!("no EndpointSlice of {namespace}/{service} with a port"))?;
 
     // Each backend Service's selector, to tell which backend a pod belongs to.
     let mut selectors: Vec<(String, BTreeMap<String, String>)> = Vec::new();
@@ -222,7 +175,8 @@ pub fn canary(dir: &Path) -> anyhow::Result<Canary> {
         if selectors.iter().any(|(b, _)| b == backend) {
             continue;
         }
-        let selector: BTreeMap<String, String> = service_doc(backend)
+        let selector: BTreeMap<String, String> = manifests
+            .service(&namespace, backend)
             .and_then(|d| d.get("spec")?.get("selector"))
             .map(|s| serde_yaml_ng::from_value(s.clone()))
             .transpose()
@@ -232,29 +186,13 @@ pub fn canary(dir: &Path) -> anyhow::Result<Canary> {
     }
 
     let mut pods = Vec::new();
-    for pod in documents
-        .iter()
-        .filter(|d| kind(d, "Pod") && in_namespace(d))
-    {
-        let name = text(pod, &["metadata", "name"]).context("a Pod without a name")?;
-        let labels: BTreeMap<String, String> = pod
-            .get("metadata")
-            .and_then(|m| m.get("labels"))
-            .map(|l| serde_yaml_ng::from_value(l.clone()))
-            .transpose()
-            .with_context(|| format!("labels of Pod {name}"))?
-            .unwrap_or_default();
+    for PodManifest { name, labels, addr } in manifests.pods(&namespace, &service)? {
         let Some((backend, _)) = selectors
             .iter()
             .find(|(_, selector)| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
         else {
             continue;
         };
-        let ip = text(pod, &["status", "podIP"])
-            .with_context(|| format!("Pod {name} has no status.podIP"))?;
-        let addr: SocketAddr = format!("{ip}:{pod_port}")
-            .parse()
-            .with_context(|| format!("Pod {name}: {ip}:{pod_port} is not an address"))?;
         pods.push(CanaryPod {
             name,
             addr,

@@ -2,12 +2,15 @@
 //! states the arithmetic of the limits actually in force rather than numbers
 //! copied into the code.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
+use serde_yaml_ng::Value;
 
 /// A token bucket: `burst` at once, then `per_second` refilled.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,6 +53,117 @@ struct Limit {
 struct Rate {
     requests: f64,
     per: String,
+}
+
+/// A string or number at `path` in a YAML document.
+pub fn text(value: &Value, path: &[&str]) -> Option<String> {
+    let mut at = value;
+    for key in path {
+        at = at.get(*key)?;
+    }
+    match at {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Every document of the `*.yaml` files of a folder, for reading the demo's
+/// expectations from the examples.
+pub struct Manifests(Vec<Value>);
+
+/// A Pod of the examples: its name, labels and address (`status.podIP` and the port
+/// of its Service's EndpointSlices).
+pub struct PodManifest {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// Where it serves.
+    pub addr: SocketAddr,
+}
+
+impl Manifests {
+    /// Reads every document of the `*.yaml` files of `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let mut documents = Vec::new();
+        for file in yaml_files(dir)? {
+            let yaml =
+                fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            for document in serde_yaml_ng::Deserializer::from_str(&yaml) {
+                let value: Value = Deserialize::deserialize(document)
+                    .with_context(|| format!("parsing {}", file.display()))?;
+                documents.push(value);
+            }
+        }
+        Ok(Self(documents))
+    }
+
+    /// The documents of `kind`, in any namespace.
+    pub fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> {
+        self.0
+            .iter()
+            .filter(move |d| text(d, &["kind"]).as_deref() == Some(kind))
+    }
+
+    /// The documents of `kind` in `namespace` (none given is `default`).
+    pub fn in_namespace<'a>(
+        &'a self,
+        kind: &'a str,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Value> {
+        self.of_kind(kind).filter(move |d| {
+            text(d, &["metadata", "namespace"])
+                .as_deref()
+                .unwrap_or("default")
+                == namespace
+        })
+    }
+
+    /// Service `namespace/name`.
+    pub fn service<'a>(&'a self, namespace: &'a str, name: &str) -> Option<&'a Value> {
+        self.in_namespace("Service", namespace)
+            .find(|d| text(d, &["metadata", "name"]).as_deref() == Some(name))
+    }
+
+    /// The first port of Service `namespace/name`.
+    pub fn service_port(&self, namespace: &str, name: &str) -> anyhow::Result<String> {
+        self.service(namespace, name)
+            .and_then(|d| d.get("spec")?.get("ports")?.get(0))
+            .and_then(|p| text(p, &["port"]))
+            .with_context(|| format!("no Service {namespace}/{name} with a port"))
+    }
+
+    /// The Pods of `namespace`, at the port of Service `service`'s EndpointSlices.
+    pub fn pods(&self, namespace: &str, service: &str) -> anyhow::Result<Vec<PodManifest>> {
+        let pod_port = self
+            .in_namespace("EndpointSlice", namespace)
+            .find(|d| {
+                text(d, &["metadata", "labels", "kubernetes.io/service-name"]).as_deref()
+                    == Some(service)
+            })
+            .and_then(|d| d.get("ports")?.get(0))
+            .and_then(|p| text(p, &["port"]))
+            .with_context(|| format!("no EndpointSlice of {namespace}/{service} with a port"))?;
+        let mut pods = Vec::new();
+        for pod in self.in_namespace("Pod", namespace) {
+            let name = text(pod, &["metadata", "name"]).context("a Pod without a name")?;
+            let labels: BTreeMap<String, String> = pod
+                .get("metadata")
+                .and_then(|m| m.get("labels"))
+                .map(|l| serde_yaml_ng::from_value(l.clone()))
+                .transpose()
+                .with_context(|| format!("labels of Pod {name}"))?
+                .unwrap_or_default();
+            let ip = text(pod, &["status", "podIP"])
+                .with_context(|| format!("Pod {name} has no status.podIP"))?;
+            let addr: SocketAddr = format!("{ip}:{pod_port}")
+                .parse()
+                .with_context(|| format!("Pod {name}: {ip}:{pod_port} is not an address"))?;
+            pods.push(PodManifest { name, labels, addr });
+        }
+        Ok(pods)
+    }
 }
 
 /// Finds limit `limit` of RateLimitPolicy `namespace/name` in the `*.yaml` files of `dir`.

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -18,7 +17,7 @@ use http::Method;
 use serde_yaml_ng::Value;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::examples::{gateway_duration, yaml_files};
+use crate::examples::{Manifests, PodManifest, gateway_duration, text};
 use crate::progress::Progress;
 use crate::report::count;
 
@@ -85,18 +84,6 @@ pub struct Layout {
     pub pods: Vec<ShardPod>,
 }
 
-fn text(value: &Value, path: &[&str]) -> Option<String> {
-    let mut at = value;
-    for key in path {
-        at = at.get(*key)?;
-    }
-    match at {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
 /// Whether `labels` hold every pair of `selector.matchLabels`.
 fn selects(selector: Option<&Value>, labels: &BTreeMap<String, String>) -> bool {
     let Some(Value::Mapping(wanted)) = selector.and_then(|s| s.get("matchLabels")) else {
@@ -114,21 +101,8 @@ fn selects(selector: Option<&Value>, labels: &BTreeMap<String, String>) -> bool 
 /// Service, and the pods holding its shards (labels, `status.podIP`, and the port of
 /// the Service's EndpointSlices).
 pub fn layout(dir: &Path) -> anyhow::Result<Layout> {
-    let mut documents = Vec::new();
-    for file in yaml_files(dir)? {
-        let yaml =
-            fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-        for document in serde_yaml_ng::Deserializer::from_str(&yaml) {
-            let value: Value = serde::Deserialize::deserialize(document)
-                .with_context(|| format!("parsing {}", file.display()))?;
-            documents.push(value);
-        }
-    }
-    let kind = |d: &Value, k: &str| text(d, &["kind"]).as_deref() == Some(k);
-    let topologies: Vec<&Value> = documents
-        .iter()
-        .filter(|d| kind(d, "ShardTopology"))
-        .collect();
+    let manifests = Manifests::load(dir)?;
+    let topologies: Vec<&Value> = manifests.of_kind("ShardTopology").collect();
     let [topology] = topologies[..] else {
         bail!(
             "{} holds {} ShardTopologies; the demo drives exactly one",
@@ -185,49 +159,9 @@ pub fn layout(dir: &Path) -> anyhow::Result<Layout> {
         .map(|s| text(s, &["name"]).context("a shard without a name"))
         .collect::<anyhow::Result<_>>()?;
 
-    let in_namespace = |d: &Value| {
-        text(d, &["metadata", "namespace"]).unwrap_or_else(|| "default".to_owned()) == namespace
-    };
-    let service_port = documents
-        .iter()
-        .find(|d| {
-            kind(d, "Service")
-                && in_namespace(d)
-                && text(d, &["metadata", "name"]).as_deref() == Some(&service)
-        })
-        .and_then(|d| d.get("spec")?.get("ports")?.get(0))
-        .and_then(|p| text(p, &["port"]))
-        .with_context(|| format!("no Service {namespace}/{service} with a port"))?;
-    let pod_port = documents
-        .iter()
-        .find(|d| {
-            kind(d, "EndpointSlice")
-                && in_namespace(d)
-                && text(d, &["metadata", "labels", "kubernetes.io/service-name"]).as_deref()
-                    == Some(&service)
-        })
-        .and_then(|d| d.get("ports")?.get(0))
-        .and_then(|p| text(p, &["port"]))
-        .with_context(|| format!("no EndpointSlice of {namespace}/{service} with a port"))?;
-
+    let service_port = manifests.service_port(&namespace, &service)?;
     let mut pods = Vec::new();
-    for pod in documents
-        .iter()
-        .filter(|d| kind(d, "Pod") && in_namespace(d))
-    {
-        let name = text(pod, &["metadata", "name"]).context("a Pod without a name")?;
-        let labels: BTreeMap<String, String> = pod
-            .get("metadata")
-            .and_then(|m| m.get("labels"))
-            .map(|l| serde_yaml_ng::from_value(l.clone()))
-            .transpose()
-            .with_context(|| format!("labels of Pod {name}"))?
-            .unwrap_or_default();
-        let ip = text(pod, &["status", "podIP"])
-            .with_context(|| format!("Pod {name} has no status.podIP"))?;
-        let addr: SocketAddr = format!("{ip}:{pod_port}")
-            .parse()
-            .with_context(|| format!("Pod {name}: {ip}:{pod_port} is not an address"))?;
+    for PodManifest { name, labels, addr } in manifests.pods(&namespace, &service)? {
         for shard in shard_specs {
             let Some(shard_name) = text(shard, &["name"]) else {
                 continue;
