@@ -121,33 +121,7 @@ spec:
 "
     );
     for (index, endpoint) in endpoints.iter().enumerate() {
-        let address_type = if endpoint.is_ipv4() { "IPv4" } else { "IPv6" };
-        let _ = write!(
-            yaml,
-            "---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-{index}
-  namespace: {NAMESPACE}
-  labels:
-    kubernetes.io/service-name: {name}
-addressType: {address_type}
-ports:
-  - name: http
-    port: {port}
-endpoints:
-  - addresses: [\"{ip}\"]
-    conditions:
-      ready: true
-    targetRef:
-      kind: Pod
-      name: {name}-{index}
-      namespace: {NAMESPACE}
-",
-            port = endpoint.port(),
-            ip = endpoint.ip(),
-        );
+        endpoint_slice_yaml(&mut yaml, name, &format!("{name}-{index}"), *endpoint);
     }
     yaml
 }
@@ -184,7 +158,6 @@ spec:
 "
     );
     for (pod, addr, labels) in pods {
-        let address_type = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
         let mut label_yaml = format!("app: {name}");
         for (k, v) in labels.iter() {
             let _ = write!(label_yaml, ", {k}: \"{v}\"");
@@ -195,16 +168,40 @@ spec:
             .map(|(_, k, v)| format!("{k}: \"{v}\""))
             .collect::<Vec<_>>()
             .join(", ");
+        endpoint_slice_yaml(&mut yaml, name, pod, *addr);
         let _ = write!(
             yaml,
             "---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+  namespace: {NAMESPACE}
+  labels: {{{label_yaml}}}
+  annotations: {{{annotation_yaml}}}
+status:
+  podIP: \"{ip}\"
+",
+            ip = addr.ip(),
+        );
+    }
+    yaml
+}
+
+/// Appends an EndpointSlice of Service `service` named `pod` with one ready endpoint,
+/// `addr`, whose targetRef is Pod `pod`.
+fn endpoint_slice_yaml(yaml: &mut String, service: &str, pod: &str, addr: SocketAddr) {
+    let address_type = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+    let _ = write!(
+        yaml,
+        "---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
   name: {pod}
   namespace: {NAMESPACE}
   labels:
-    kubernetes.io/service-name: {name}
+    kubernetes.io/service-name: {service}
 addressType: {address_type}
 ports:
   - name: http
@@ -217,22 +214,10 @@ endpoints:
       kind: Pod
       name: {pod}
       namespace: {NAMESPACE}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: {pod}
-  namespace: {NAMESPACE}
-  labels: {{{label_yaml}}}
-  annotations: {{{annotation_yaml}}}
-status:
-  podIP: \"{ip}\"
 ",
-            port = addr.port(),
-            ip = addr.ip(),
-        );
-    }
-    yaml
+        port = addr.port(),
+        ip = addr.ip(),
+    );
 }
 
 #[cfg(test)]
