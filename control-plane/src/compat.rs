@@ -33,6 +33,11 @@ const GATES: &[Gate] = &[
         feature: "routes",
         strip: strip_routes,
     },
+    Gate {
+        since: 2,
+        feature: "loadBalancer.strategy",
+        strip: strip_new_strategies,
+    },
 ];
 
 /// A sharded port without its topology would spread writes over replicas, so an agent
@@ -58,12 +63,37 @@ fn strip_routes(port: &mut proto::ServicePort) -> bool {
     true
 }
 
+/// An agent that does not know a strategy NACKs the whole snapshot and keeps its last
+/// config, so it would also miss every endpoint and policy change after it. Round robin
+/// is what it can do: requests still spread over the same endpoints, only without
+/// weights or stickiness, and everything else in the snapshot reaches it.
+fn strip_new_strategies(port: &mut proto::ServicePort) -> bool {
+    use proto::load_balancer::Strategy;
+    let Some(balancer) = port
+        .resilience
+        .as_mut()
+        .and_then(|policy| policy.load_balancer.as_mut())
+    else {
+        return false;
+    };
+    let known_at_1 = matches!(
+        Strategy::try_from(balancer.strategy),
+        Ok(Strategy::Unspecified | Strategy::RoundRobin | Strategy::LeastRequest)
+    );
+    if known_at_1 && balancer.hash_on.is_none() {
+        return false;
+    }
+    balancer.strategy = Strategy::RoundRobin.into();
+    balancer.hash_on = None;
+    true
+}
+
 /// One feature held back from one service port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HeldBack {
     /// `name.namespace:port`.
     pub port: String,
-    /// The feature (`shardTopology`).
+    /// The feature (`shardTopology`, `routes`, `loadBalancer.strategy`).
     pub feature: &'static str,
     /// The protocol version that would get it.
     pub needs_protocol: u32,
@@ -176,5 +206,60 @@ mod tests {
                 needs_protocol: 2,
             }
         );
+    }
+
+    #[test]
+    fn an_old_agent_gets_round_robin_for_a_strategy_it_does_not_know() {
+        use proto::load_balancer::Strategy;
+        let balanced = |strategy: Strategy, hash_on: Option<proto::HashOn>| {
+            let mut services = services();
+            services[0].ports[0].shard_topology = None;
+            services[0].ports[1].resilience = Some(proto::ResiliencePolicy {
+                load_balancer: Some(proto::LoadBalancer {
+                    strategy: strategy.into(),
+                    hash_on,
+                }),
+                ..Default::default()
+            });
+            services
+        };
+        for known in [Strategy::RoundRobin, Strategy::LeastRequest] {
+            assert!(
+                for_level(&balanced(known, None), 1).is_none(),
+                "{known:?} is protocol 1"
+            );
+        }
+        let sticky = proto::HashOn {
+            kind: Some(proto::hash_on::Kind::Header("x-user".into())),
+        };
+        for newer in [
+            (Strategy::Random, None),
+            (Strategy::WeightedRoundRobin, None),
+            (Strategy::ConsistentHash, Some(sticky)),
+        ] {
+            let (services, held_back) = for_level(&balanced(newer.0, newer.1), 1).unwrap();
+            let port = &services[0].ports[1];
+            let balancer = port
+                .resilience
+                .as_ref()
+                .and_then(|policy| policy.load_balancer.as_ref())
+                .unwrap();
+            assert_eq!(balancer.strategy, i32::from(Strategy::RoundRobin));
+            assert!(balancer.hash_on.is_none());
+            assert_eq!(port.endpoints.len(), 1, "the endpoints stay");
+            assert_eq!(
+                held_back,
+                [HeldBack {
+                    port: "orders.shop:9090".into(),
+                    feature: "loadBalancer.strategy",
+                    needs_protocol: 2,
+                }]
+            );
+            assert!(
+                for_level(&balanced(newer.0, None), 2).is_none(),
+                "a current agent gets {:?} as is",
+                newer.0
+            );
+        }
     }
 }
