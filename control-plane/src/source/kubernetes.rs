@@ -874,4 +874,17 @@ mod tests {
         cache.apply(Kind::Pod, Event::Apply(weighted_pod("0")));
         assert_eq!(cache.ignored_logged, 4);
     }
+
+    #[test]
+    fn only_a_404_means_the_kind_is_not_served() {
+        let status = |code| kube::core::Status::failure("no", "NotFound").with_code(code);
+        let api = |code| kube::Error::Api(status(code).boxed());
+        assert!(not_served(&watcher::Error::InitialListFailed(api(404))));
+        assert!(not_served(&watcher::Error::WatchStartFailed(api(404))));
+        assert!(not_served(&watcher::Error::WatchError(status(404).boxed())));
+        // Forbidden or an API server in trouble: retried with backoff, routes kept.
+        assert!(!not_served(&watcher::Error::WatchStartFailed(api(403))));
+        assert!(!not_served(&watcher::Error::WatchFailed(api(503))));
+        assert!(!not_served(&watcher::Error::NoResourceVersion));
+    }
 }
