@@ -105,8 +105,30 @@ pub struct DecodeError {
     pub error: FieldError,
 }
 
-/// Turns one parsed YAML document into a validated object.
+/// Turns one parsed YAML document into a validated object, logging each invalid field
+/// that was ignored rather than rejecting the object (see [`decode_noting`]) at every
+/// call. A caller that decodes the same object again and again should use
+/// [`decode_noting`] and report each ignored field once.
 pub fn decode(value: Value) -> Result<Decoded, DecodeError> {
+    let mut ignored = Vec::new();
+    let decoded = decode_noting(value, &mut ignored)?;
+    if let Decoded::Object(object) = &decoded {
+        for error in &ignored {
+            tracing::warn!(
+                object = %object.key(),
+                path = %error.path,
+                reason = %error.reason,
+                "ignoring an invalid field; the object is used without it"
+            );
+        }
+    }
+    Ok(decoded)
+}
+
+/// Turns one parsed YAML document into a validated object. Invalid fields that cost
+/// the object nothing but themselves (a pod's bad weight annotation) do not reject it:
+/// they are added to `ignored`.
+pub fn decode_noting(value: Value, ignored: &mut Vec<FieldError>) -> Result<Decoded, DecodeError> {
     let value = match value {
         Value::Null => return Ok(Decoded::Empty),
         Value::Mapping(_) => value,
@@ -156,7 +178,7 @@ pub fn decode(value: Value) -> Result<Decoded, DecodeError> {
             .and_then(TryInto::try_into)
             .map(Object::EndpointSlice),
         Kind::Pod => typed::<pod::Pod>(value)
-            .and_then(TryInto::try_into)
+            .and_then(|pod| pod.into_model(ignored))
             .map(Object::Pod),
         Kind::ResiliencePolicy => typed::<resilience::ResiliencePolicyDocument>(value)
             .and_then(TryInto::try_into)

@@ -296,8 +296,13 @@ async fn start_source(
             let client = source::kubernetes::client(kube_settings)
                 .await
                 .map_err(source::Error::from)?;
-            let source =
-                source::kubernetes::spawn(&client, publisher.clone(), settings.debounce, stop);
+            let source = source::kubernetes::spawn(
+                &client,
+                publisher.clone(),
+                settings.debounce,
+                kube_settings.gateway_api_recheck,
+                stop,
+            );
             let mut synced = source.synced.clone();
             // Serving before the first complete list would hand agents an empty mesh.
             loop {

@@ -35,6 +35,7 @@ impl Source {
         Source::Kubernetes(kubernetes::KubernetesSettings {
             kubeconfig,
             lease: crate::lease::LeaseSettings::new(namespace, identity),
+            gateway_api_recheck: kubernetes::GATEWAY_API_RECHECK,
         })
     }
 }

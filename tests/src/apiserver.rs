@@ -169,8 +169,11 @@ struct State {
     /// What `/version` reports as (major, minor); default 1.31.
     version: Option<(String, String)>,
     /// Whether the Gateway API CRDs are "installed" (discovery and HTTPRoute requests
-    /// answer; otherwise 404, like a cluster without them).
+    /// answer; otherwise 404, like a cluster without them; asked for anyway, they are
+    /// recorded).
     gateway_api: bool,
+    /// How often `/apis/gateway.networking.k8s.io/v1` was asked for.
+    discovery_requests: usize,
 }
 
 #[derive(Debug, Default)]
@@ -623,7 +626,23 @@ impl ApiServer {
         self.shared.lock().gateway_api = true;
     }
 
-    /// Every request served so far.
+    /// Uninstalls the Gateway API CRDs: discovery and HTTPRoute requests answer 404 from
+    /// now on, and open HTTPRoute watches end (as the API server ends them when a CRD
+    /// goes). Stored routes are kept and no DELETED events are sent (a real API server
+    /// deletes the objects first), so a test sees the control plane drop them by itself.
+    pub fn stop_serving_gateway_api(&self) {
+        self.shared.lock().gateway_api = false;
+        self.shared.changed.notify_waiters();
+    }
+
+    /// How many times API discovery of the Gateway API (`/apis/gateway.networking.k8s.io/v1`)
+    /// was asked for, served or not.
+    pub fn gateway_api_discoveries(&self) -> usize {
+        self.shared.lock().discovery_requests
+    }
+
+    /// Every request served so far (including those of the Gateway API while it is not
+    /// served, which got a 404).
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.lock().requests.clone()
     }
@@ -697,6 +716,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
     let gateway_api = shared.lock().gateway_api;
     let discovery = format!("/apis/{GATEWAY_GROUP}/v1");
     if parts.method == Method::GET && parts.uri.path().trim_end_matches('/') == discovery {
+        shared.lock().discovery_requests += 1;
         if !gateway_api {
             return error(
                 StatusCode::NOT_FOUND,
@@ -719,9 +739,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
             }),
         );
     }
-    let target =
-        parse_path(parts.uri.path()).filter(|t| gateway_api || t.resource.group != GATEWAY_GROUP);
-    let Some(target) = target else {
+    let Some(target) = parse_path(parts.uri.path()) else {
         return error(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -779,6 +797,14 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         content_type: header("content-type"),
         body: body.clone(),
     });
+    // Recorded all the same, so that a test can tell that nobody asked for it.
+    if target.resource.group == GATEWAY_GROUP && !gateway_api {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
     let resource = target.resource;
     let namespace = target
         .namespace
@@ -926,6 +952,10 @@ fn watch(
             let changed = shared.changed.notified();
             let (events, rv) = {
                 let state = shared.lock();
+                if resource.group == GATEWAY_GROUP && !state.gateway_api {
+                    // The CRD is gone: so is its watch.
+                    return;
+                }
                 let events: Vec<Bytes> = state
                     .history
                     .iter()

@@ -1,7 +1,8 @@
 //! HTTPRoutes from Kubernetes, against the kit's in-test API server and a real agent:
 //! with the Gateway API CRDs installed the control plane watches HTTPRoutes and their
 //! rules reach the agent; without them it does not touch the group, reports nothing and
-//! keeps serving agents.
+//! keeps serving agents; CRDs installed after it started are found by re-discovery, and
+//! CRDs deleted take their routes with them without a retry loop.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +21,10 @@ use serde_json::Value;
 /// Generous: the machine is loaded, and watch retries back off.
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// API discovery of the Gateway API is asked again this often (30 s by default), so
+/// that CRDs installed or deleted later are noticed well within [`DEADLINE`].
+const RECHECK: Duration = Duration::from_millis(200);
+
 fn settings(kubeconfig: PathBuf) -> Settings {
     Settings {
         source: Source::Kubernetes(KubernetesSettings {
@@ -29,6 +34,7 @@ fn settings(kubeconfig: PathBuf) -> Settings {
                 retry: Duration::from_millis(200),
                 ..LeaseSettings::new("bulwark-system", "cp-1")
             },
+            gateway_api_recheck: RECHECK,
         }),
         grpc_addr: loopback(),
         admin_addr: loopback(),
@@ -280,6 +286,100 @@ async fn without_the_gateway_api_the_control_plane_stays_quiet_and_serves_agents
         .filter(|r| r.group == GATEWAY_GROUP)
         .count();
     assert_eq!(gateway, 0, "no list or watch of a group that is not there");
+    agent.shutdown().await;
+    cp.shutdown().await;
+}
+
+/// The HTTPRoute list and watch requests served so far.
+fn route_requests(server: &ApiServer) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.group == GATEWAY_GROUP && matches!(r.verb.as_str(), "list" | "watch"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_crds_installed_later_are_found_and_deleted_ones_drop_their_routes() {
+    let server = ApiServer::start().await;
+    apply_service(&server, "orders", "127.0.0.31");
+    apply_service(&server, "orders-v2", "127.0.0.32");
+    let cp = ControlPlane::start(settings(server.kubeconfig("cp-1")))
+        .await
+        .expect("the control plane starts without the Gateway API");
+    let agent = Agent::start(agent_settings(cp.grpc_addr(), "client", None))
+        .await
+        .expect("the agent starts");
+    let routes = wait_for_routes(&agent, "the agent knows orders", |_| true).await;
+    assert_eq!(
+        routes,
+        Value::Array(Vec::new()),
+        "no routes without the CRDs"
+    );
+
+    // The CRDs are installed, then a route is created: re-discovery finds the group.
+    server.serve_gateway_api();
+    server.apply(&http_route(10, ""));
+    let routes = wait_for_routes(&agent, "the route reaches the agent", |r| {
+        v2_weight(r) == Some(10)
+    })
+    .await;
+    assert_eq!(routes[0]["route"], format!("{NAMESPACE}/orders-canary"));
+    wait_for_route_status(&server, "Accepted and ResolvedRefs", |c| {
+        c.len() == 2 && c.iter().all(|c| c.1 == "True")
+    })
+    .await;
+    // Watched from now on: an edit reaches the agent like any other change.
+    server.apply(&http_route(40, ""));
+    wait_for_routes(&agent, "the edited route reaches the agent", |r| {
+        v2_weight(r) == Some(40)
+    })
+    .await;
+
+    // The CRDs are deleted (the stored route stays behind, and no DELETED event comes):
+    // the control plane drops the route itself.
+    server.stop_serving_gateway_api();
+    wait_for_routes(&agent, "the route is dropped at the agent", |r| {
+        r.as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+    let cp_admin = HttpClient::direct(cp.admin_addr());
+    let errors = cp_admin.get("/errors", &[]).await.unwrap().text();
+    assert_eq!(
+        errors.trim(),
+        "[]",
+        "a missing group is not an error: {errors}"
+    );
+    // Back to asking discovery, not to retrying a watch that gets 404s.
+    let requests = route_requests(&server);
+    let discoveries = server.gateway_api_discoveries();
+    poll_until(DEADLINE, "three more discoveries", || async {
+        (server.gateway_api_discoveries() >= discoveries + 3).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        route_requests(&server),
+        requests,
+        "no HTTPRoute list or watch while discovery says the group is gone"
+    );
+
+    // Installed again: the route is back.
+    server.serve_gateway_api();
+    wait_for_routes(&agent, "the route is back at the agent", |r| {
+        v2_weight(r) == Some(40)
+    })
+    .await;
+    for r in server
+        .requests()
+        .iter()
+        .filter(|r| r.group == GATEWAY_GROUP)
+    {
+        assert!(
+            bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
+            "{r:?} is not in the ClusterRole"
+        );
+    }
     agent.shutdown().await;
     cp.shutdown().await;
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bulwark_agent::Agent;
 use bulwark_control_plane::lease::LeaseSettings;
-use bulwark_control_plane::source::kubernetes::KubernetesSettings;
+use bulwark_control_plane::source::kubernetes::{GATEWAY_API_RECHECK, KubernetesSettings};
 use bulwark_control_plane::{ControlPlane, Settings, Source};
 use bulwark_tests::apiserver::ApiServer;
 use bulwark_tests::client::HttpClient;
@@ -31,6 +31,7 @@ fn settings(kubeconfig: PathBuf, identity: &str) -> Settings {
                 retry: Duration::from_millis(200),
                 ..LeaseSettings::new("bulwark-system", identity)
             },
+            gateway_api_recheck: GATEWAY_API_RECHECK,
         }),
         grpc_addr: loopback(),
         admin_addr: loopback(),

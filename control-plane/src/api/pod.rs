@@ -46,10 +46,12 @@ pub struct PodIp {
     pub ip: Option<String>,
 }
 
-impl TryFrom<Pod> for model::Pod {
-    type Error = FieldError;
-
-    fn try_from(pod: Pod) -> Result<Self, FieldError> {
+impl Pod {
+    /// Validates the pod for the model. A bad [`model::WEIGHT_ANNOTATION`] does not cost
+    /// the pod its endpoints: it weighs 1, and the problem goes to `ignored` for the
+    /// source to report (once per value, not at every re-decode of the pod).
+    pub fn into_model(self, ignored: &mut Vec<FieldError>) -> Result<model::Pod, FieldError> {
+        let pod = self;
         let name = pod.metadata.object_name()?;
         let mut ips: Vec<IpAddr> = Vec::new();
         if let Some(status) = pod.status {
@@ -79,14 +81,10 @@ impl TryFrom<Pod> for model::Pod {
             .and_then(|value| match parse_weight(value) {
                 Ok(weight) => Some(weight),
                 Err(why) => {
-                    // A bad weight must not cost the pod its endpoints: it weighs 1.
-                    tracing::warn!(
-                        pod = %name,
-                        annotation = model::WEIGHT_ANNOTATION,
-                        value = %value,
-                        reason = why,
-                        "ignoring the pod's weight annotation; the pod weighs 1"
-                    );
+                    ignored.push(FieldError::new(
+                        format!("metadata.annotations[{}]", model::WEIGHT_ANNOTATION),
+                        format!("{value:?} is {why}; the pod weighs 1"),
+                    ));
                     None
                 }
             });
@@ -125,7 +123,7 @@ mod tests {
              status: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}\n",
         )
         .unwrap();
-        let pod = model::Pod::try_from(pod).unwrap();
+        let pod = pod.into_model(&mut Vec::new()).unwrap();
         assert_eq!(pod.name.to_string(), "default/web-0");
         assert_eq!(pod.labels["app"], "web");
         assert_eq!(pod.ips.len(), 2);
@@ -137,33 +135,55 @@ spec: {serviceAccountName: web}
 ",
         )
         .unwrap();
-        assert_eq!(model::Pod::try_from(pod).unwrap().service_account, "web");
+        let pod = pod.into_model(&mut Vec::new()).unwrap();
+        assert_eq!(pod.service_account, "web");
     }
 
     #[test]
-    fn reads_the_weight_annotation_and_ignores_bad_values() {
+    fn reads_the_weight_annotation_and_notes_bad_values() {
         let weight = |value: &str| {
             let pod: Pod = serde_yaml_ng::from_str(&format!(
                 "metadata: {{name: p, annotations: {{bulwark.io/weight: {value:?}}}}}\n"
             ))
             .unwrap();
-            model::Pod::try_from(pod).unwrap().weight
+            let mut ignored = Vec::new();
+            let weight = pod.into_model(&mut ignored).unwrap().weight;
+            (
+                weight,
+                ignored
+                    .into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>(),
+            )
         };
-        assert_eq!(weight("3"), Some(3));
-        assert_eq!(weight(" 10000 "), Some(10_000));
-        assert_eq!(weight("0"), None);
-        assert_eq!(weight("10001"), None);
-        assert_eq!(weight("-2"), None);
-        assert_eq!(weight("heavy"), None);
+        assert_eq!(weight("3"), (Some(3), vec![]));
+        assert_eq!(weight(" 10000 "), (Some(10_000), vec![]));
+        assert_eq!(weight("0").0, None);
+        assert_eq!(weight("10001").0, None);
+        assert_eq!(weight("-2").0, None);
+        assert_eq!(
+            weight("heavy"),
+            (
+                None,
+                vec![
+                    "metadata.annotations[bulwark.io/weight]: \"heavy\" is not an integer; the pod \
+                     weighs 1"
+                        .to_owned()
+                ]
+            )
+        );
+        assert_eq!(weight("0").1.len(), 1);
         let pod: Pod = serde_yaml_ng::from_str("metadata: {name: p}\n").unwrap();
-        assert_eq!(model::Pod::try_from(pod).unwrap().weight, None);
+        let mut ignored = Vec::new();
+        assert_eq!(pod.into_model(&mut ignored).unwrap().weight, None);
+        assert!(ignored.is_empty());
     }
 
     #[test]
     fn a_bad_ip_names_its_field() {
         let pod: Pod =
             serde_yaml_ng::from_str("metadata: {name: p}\nstatus: {podIPs: [{ip: x}]}\n").unwrap();
-        let err = model::Pod::try_from(pod).unwrap_err();
+        let err = pod.into_model(&mut Vec::new()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "status.podIPs[0].ip: \"x\" is not an IP address"

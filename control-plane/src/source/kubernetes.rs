@@ -41,6 +41,20 @@ pub struct KubernetesSettings {
     pub kubeconfig: Option<PathBuf>,
     /// The status Lease.
     pub lease: LeaseSettings,
+    /// How often API discovery is asked again whether the Gateway API is installed,
+    /// while it is not ([`GATEWAY_API_RECHECK`] by default).
+    pub gateway_api_recheck: Duration,
+}
+
+impl KubernetesSettings {
+    /// Settings with the default Gateway API re-discovery interval.
+    pub fn new(kubeconfig: Option<PathBuf>, lease: LeaseSettings) -> Self {
+        KubernetesSettings {
+            kubeconfig,
+            lease,
+            gateway_api_recheck: GATEWAY_API_RECHECK,
+        }
+    }
 }
 
 /// Why the cluster cannot be used at all.
@@ -164,6 +178,9 @@ struct Entry {
     status: PolicyStatus,
     /// For HTTPRoutes: the Service parentRefs and `status.parents`.
     route: Option<(Vec<Json>, Vec<Json>)>,
+    /// Invalid fields of the version in force that were ignored (a pod's bad weight
+    /// annotation), remembered so that each is logged once, not at every re-decode.
+    ignored: Vec<FieldError>,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +194,8 @@ struct KindCache {
 #[derive(Debug, Default)]
 struct Cache {
     kinds: BTreeMap<Kind, KindCache>,
+    /// How many ignored-field warnings were logged (each once per object and problem).
+    ignored_logged: usize,
 }
 
 /// An object's name, read from its metadata.
@@ -191,7 +210,12 @@ fn name_of(object: &DynamicObject) -> Option<ObjectName> {
 }
 
 /// Decodes one object with the folder source's decoder: the same rules, the same paths.
-fn decode(kind: Kind, object: &DynamicObject) -> Result<Object, FieldError> {
+/// Fields that were ignored rather than rejecting the object go to `ignored`.
+fn decode(
+    kind: Kind,
+    object: &DynamicObject,
+    ignored: &mut Vec<FieldError>,
+) -> Result<Object, FieldError> {
     let resource = resource(kind);
     let mut json = serde_json::to_value(object)
         .map_err(|e| FieldError::new("", format!("cannot re-encode the object: {e}")))?;
@@ -205,7 +229,7 @@ fn decode(kind: Kind, object: &DynamicObject) -> Result<Object, FieldError> {
     }
     let yaml: serde_yaml_ng::Value = serde_yaml_ng::to_value(&json)
         .map_err(|e| FieldError::new("", format!("cannot convert the object: {e}")))?;
-    match api::decode(yaml) {
+    match api::decode_noting(yaml, ignored) {
         Ok(Decoded::Object(object)) => Ok(object),
         Ok(Decoded::Skipped { .. } | Decoded::Empty) => {
             Err(FieldError::new("", "not an object of the watched kind"))
@@ -227,13 +251,15 @@ impl Cache {
         };
         let generation = object.metadata.generation;
         let route = (kind == Kind::HttpRoute).then(|| route_parts(object));
-        match decode(kind, object) {
+        let mut ignored = Vec::new();
+        match decode(kind, object, &mut ignored) {
             Ok(good) => Entry {
                 good: Some(good),
                 error: None,
                 generation,
                 status,
                 route,
+                ignored,
             },
             Err(error) => {
                 let since = previous
@@ -258,9 +284,37 @@ impl Cache {
                     generation,
                     status,
                     route,
+                    // What was ignored belongs to the version that stays in force.
+                    ignored: previous.map(|p| p.ignored.clone()).unwrap_or_default(),
                 }
             }
         }
+    }
+
+    /// Logs the fields `entry` ignored that `previous` (the same object as known
+    /// before) did not; returns how many. A pod re-decoded with the same bad weight
+    /// says nothing; a new bad value, or one that comes back after a fix, is logged.
+    fn report_ignored(
+        kind: Kind,
+        name: &ObjectName,
+        entry: &Entry,
+        previous: Option<&Entry>,
+    ) -> usize {
+        let mut logged = 0;
+        for error in &entry.ignored {
+            if previous.is_some_and(|p| p.ignored.contains(error)) {
+                continue;
+            }
+            warn!(
+                kind = kind.as_str(),
+                object = %name,
+                path = %error.path,
+                reason = %error.reason,
+                "ignoring an invalid field; the object is used without it"
+            );
+            logged += 1;
+        }
+        logged
     }
 
     /// Applies one watch event; returns whether anything may have changed.
@@ -276,7 +330,9 @@ impl Cache {
                     warn!(kind = kind.as_str(), "skipped an object without a name");
                     return false;
                 };
-                let entry = Cache::entry(kind, &object, cache.entries.get(&name));
+                let previous = cache.entries.get(&name);
+                let entry = Cache::entry(kind, &object, previous);
+                self.ignored_logged += Cache::report_ignored(kind, &name, &entry, previous);
                 cache
                     .relisting
                     .get_or_insert_with(BTreeMap::new)
@@ -300,7 +356,9 @@ impl Cache {
                     warn!(kind = kind.as_str(), "skipped an object without a name");
                     return false;
                 };
-                let entry = Cache::entry(kind, &object, cache.entries.get(&name));
+                let previous = cache.entries.get(&name);
+                let entry = Cache::entry(kind, &object, previous);
+                self.ignored_logged += Cache::report_ignored(kind, &name, &entry, previous);
                 cache.entries.insert(name, entry);
                 true
             }
@@ -403,26 +461,52 @@ pub struct KubernetesSource {
     pub observed: watch::Receiver<Arc<Observed>>,
 }
 
-/// Follows one kind until `shutdown` or until nobody listens.
+/// Why [`follow`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stopped {
+    /// Shutdown, or nobody listens any more.
+    Shutdown,
+    /// The API server answered 404: it does not serve the kind (any more).
+    NotServed,
+}
+
+/// Whether a watch error is the API server saying it does not serve the resource.
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => matches!(e, kube::Error::Api(s) if s.code == 404),
+        watcher::Error::WatchError(status) => status.code == 404,
+        watcher::Error::NoResourceVersion => false,
+    }
+}
+
+/// Follows one kind until `shutdown` or until nobody listens; for HTTPRoutes also until
+/// the API server stops serving them (the Gateway API CRDs were deleted), which the
+/// caller handles through discovery instead of retrying a 404 forever.
 async fn follow(
     kind: Kind,
     api: Api<DynamicObject>,
     events: &mpsc::Sender<(Kind, Event<DynamicObject>)>,
     shutdown: &mut watch::Receiver<bool>,
-) {
+) -> Stopped {
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     loop {
         let next = tokio::select! {
-            _ = crate::stopped(shutdown) => break,
+            _ = crate::stopped(shutdown) => return Stopped::Shutdown,
             next = stream.next() => next,
         };
         match next {
-            None => break,
+            None => return Stopped::Shutdown,
             Some(Ok(event)) => {
                 if events.send((kind, event)).await.is_err() {
-                    break;
+                    return Stopped::Shutdown;
                 }
+            }
+            Some(Err(error)) if kind == Kind::HttpRoute && not_served(&error) => {
+                debug!(kind = kind.as_str(), %error, "the API server no longer serves the kind");
+                return Stopped::NotServed;
             }
             Some(Err(error)) => warn!(
                 kind = kind.as_str(),
@@ -434,65 +518,130 @@ async fn follow(
     }
 }
 
-/// How often the control plane looks again for the Gateway API while it is absent.
+/// How often the control plane looks again for the Gateway API while it is absent, by
+/// default ([`KubernetesSettings::gateway_api_recheck`]).
 pub const GATEWAY_API_RECHECK: Duration = Duration::from_secs(30);
 
-/// Waits until the cluster serves `HTTPRoute` in `gateway.networking.k8s.io/v1` (API
-/// discovery), so that a cluster without the Gateway API CRDs gets no failing watch and
-/// no error every few seconds. Meanwhile the kind counts as listed and empty, so the
-/// other kinds' model is published. Returns false on shutdown.
-async fn gateway_api_installed(
+/// How long to wait before asking discovery again after it failed (not an answer).
+const DISCOVERY_RETRY: Duration = Duration::from_secs(2);
+
+/// Sleeps for `duration`; false when shutdown came first.
+async fn pause(duration: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = crate::stopped(shutdown) => false,
+        () = tokio::time::sleep(duration) => true,
+    }
+}
+
+/// Whether API discovery lists `httproutes` in `group_version`; `None` on shutdown.
+/// Failures that are no answer about the group (the API server is away, RBAC) are
+/// retried.
+async fn gateway_api_served(
     client: &Client,
-    events: &mpsc::Sender<(Kind, Event<DynamicObject>)>,
+    group_version: &str,
     shutdown: &mut watch::Receiver<bool>,
-) -> bool {
-    let group_version = format!("{}/v1", api::http_route::GATEWAY_GROUP);
-    let mut reported_absent = false;
+) -> Option<bool> {
     loop {
-        let absent = match client.list_api_group_resources(&group_version).await {
-            Ok(list) => !list.resources.iter().any(|r| r.name == "httproutes"),
-            Err(kube::Error::Api(status)) if status.code == 404 => true,
+        match client.list_api_group_resources(group_version).await {
+            Ok(list) => return Some(list.resources.iter().any(|r| r.name == "httproutes")),
+            Err(kube::Error::Api(status)) if status.code == 404 => return Some(false),
             Err(error) => {
-                // Not an answer about the group (the API server is away, RBAC): ask again soon.
                 debug!(%error, "API discovery of the Gateway API failed; retrying");
-                tokio::select! {
-                    _ = crate::stopped(shutdown) => return false,
-                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                if !pause(DISCOVERY_RETRY, shutdown).await {
+                    return None;
                 }
-                continue;
             }
-        };
-        if !absent {
-            info!(group_version = %group_version, "the Gateway API is installed; watching HTTPRoutes");
-            return true;
+        }
+    }
+}
+
+/// Follows HTTPRoutes while the cluster serves `gateway.networking.k8s.io/v1` (API
+/// discovery), so that a cluster without the Gateway API CRDs gets no failing watch and
+/// no error every few seconds. While the group is absent the kind counts as listed and
+/// empty, so the other kinds' model is published, and discovery is asked again every
+/// `recheck`. When the group goes away (the CRDs are deleted) the routes are dropped
+/// from the model, once, with one log line, and the source goes back to waiting.
+async fn follow_http_routes(
+    client: Client,
+    events: mpsc::Sender<(Kind, Event<DynamicObject>)>,
+    mut shutdown: watch::Receiver<bool>,
+    recheck: Duration,
+) {
+    let group_version = format!("{}/v1", api::http_route::GATEWAY_GROUP);
+    // Whether the (empty) absence has been published since the group was last served.
+    let mut reported_absent = false;
+    // Whether the last watch ended because the API server stopped serving HTTPRoutes.
+    let mut lost = false;
+    loop {
+        let served = gateway_api_served(&client, &group_version, &mut shutdown).await;
+        let Some(served) = served else { return };
+        if served && lost {
+            // Discovery still lists HTTPRoutes although their watch got a 404 (a CRD
+            // being deleted, or an API server that disagrees with itself): look again
+            // later rather than spin between the two.
+            debug!(
+                %group_version,
+                "HTTPRoutes are not served yet discovery lists them; looking again later"
+            );
+            lost = false;
+            if !pause(recheck, &mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        if served {
+            info!(%group_version, "the Gateway API is installed; watching HTTPRoutes");
+            reported_absent = false;
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource(Kind::HttpRoute));
+            match follow(Kind::HttpRoute, api, &events, &mut shutdown).await {
+                Stopped::Shutdown => return,
+                Stopped::NotServed => {
+                    // Ask discovery at once, so that routes of deleted CRDs go promptly.
+                    lost = true;
+                    continue;
+                }
+            }
         }
         if !reported_absent {
-            info!(
-                group_version = %group_version,
-                recheck_secs = GATEWAY_API_RECHECK.as_secs(),
-                "the Gateway API CRDs are not installed; HTTPRoutes (traffic splitting) are not \
-                 watched until they are"
-            );
+            if lost {
+                warn!(
+                    %group_version,
+                    recheck_secs = recheck.as_secs_f64(),
+                    "the Gateway API is no longer served (were its CRDs deleted?); HTTPRoutes \
+                     (traffic splitting) are dropped and not watched until it is back"
+                );
+            } else {
+                info!(
+                    %group_version,
+                    recheck_secs = recheck.as_secs_f64(),
+                    "the Gateway API CRDs are not installed; HTTPRoutes (traffic splitting) are \
+                     not watched until they are"
+                );
+            }
             reported_absent = true;
+            // An empty relist: whatever the last watch held is dropped.
             for event in [Event::Init, Event::InitDone] {
                 if events.send((Kind::HttpRoute, event)).await.is_err() {
-                    return false;
+                    return;
                 }
             }
         }
-        tokio::select! {
-            _ = crate::stopped(shutdown) => return false,
-            () = tokio::time::sleep(GATEWAY_API_RECHECK) => {}
+        lost = false;
+        if !pause(recheck, &mut shutdown).await {
+            return;
         }
     }
 }
 
 /// Starts a watcher per kind and the task that publishes models through `publisher`
 /// after each burst of events (quiet for `debounce`).
+/// HTTPRoutes are watched only while API discovery shows the Gateway API, asked again
+/// every `gateway_api_recheck` while it does not.
 pub fn spawn(
     client: &Client,
     publisher: Publisher,
     debounce: Duration,
+    gateway_api_recheck: Duration,
     shutdown: &watch::Receiver<bool>,
 ) -> KubernetesSource {
     let (events, mut received) = mpsc::channel::<(Kind, Event<DynamicObject>)>(1024);
@@ -501,18 +650,20 @@ pub fn spawn(
         let client = client.clone();
         let events = events.clone();
         let mut shutdown = shutdown.clone();
-        tasks.push((
-            "watch",
+        let task = if kind == Kind::HttpRoute {
+            tokio::spawn(follow_http_routes(
+                client,
+                events,
+                shutdown,
+                gateway_api_recheck,
+            ))
+        } else {
             tokio::spawn(async move {
-                if kind == Kind::HttpRoute
-                    && !gateway_api_installed(&client, &events, &mut shutdown).await
-                {
-                    return;
-                }
                 let api: Api<DynamicObject> = Api::all_with(client, &resource(kind));
                 follow(kind, api, &events, &mut shutdown).await;
-            }),
-        ));
+            })
+        };
+        tasks.push(("watch", task));
     }
     drop(events);
     let (synced_tx, synced) = watch::channel(false);
@@ -675,5 +826,65 @@ mod tests {
             model.pods[&ObjectName::new("demo", "web-0")].weight,
             Some(4)
         );
+    }
+
+    fn weighted_pod(weight: &str) -> DynamicObject {
+        let mut pod = DynamicObject::new("web-0", &resource(Kind::Pod))
+            .within("demo")
+            .data(serde_json::json!({"status": {"podIP": "10.0.0.1"}}));
+        pod.metadata.annotations = Some([(WEIGHT.to_owned(), weight.to_owned())].into());
+        pod
+    }
+
+    const WEIGHT: &str = crate::model::WEIGHT_ANNOTATION;
+
+    #[test]
+    fn a_bad_weight_annotation_is_logged_once_per_pod_and_value() {
+        let mut cache = Cache::default();
+        cache.apply(Kind::Pod, Event::Apply(weighted_pod("heavy")));
+        assert_eq!(cache.ignored_logged, 1);
+        let (model, rejected, _) = cache.snapshot();
+        assert_eq!(model.pods[&ObjectName::new("demo", "web-0")].weight, None);
+        assert!(rejected.is_empty(), "the pod is used, weighing 1");
+
+        // Re-decoded unchanged (any change of the pod, a relist): not again.
+        cache.apply(Kind::Pod, Event::Apply(weighted_pod("heavy")));
+        cache.apply(Kind::Pod, Event::Init);
+        cache.apply(Kind::Pod, Event::InitApply(weighted_pod("heavy")));
+        cache.apply(Kind::Pod, Event::InitDone);
+        assert_eq!(cache.ignored_logged, 1);
+
+        // Another bad value is news; so is a bad value again after a fix.
+        cache.apply(Kind::Pod, Event::Apply(weighted_pod("0")));
+        assert_eq!(cache.ignored_logged, 2);
+        cache.apply(Kind::Pod, Event::Apply(weighted_pod("3")));
+        assert_eq!(cache.ignored_logged, 2);
+        cache.apply(Kind::Pod, Event::Apply(weighted_pod("0")));
+        assert_eq!(cache.ignored_logged, 3);
+
+        // A pod that is gone is forgotten: a new pod of the same name is reported.
+        cache.apply(Kind::Pod, Event::Delete(weighted_pod("0")));
+        cache.apply(Kind::Pod, Event::Apply(weighted_pod("0")));
+        assert_eq!(cache.ignored_logged, 4);
+
+        // An invalid version keeps the last valid one, and its known problem, in force.
+        let mut broken = weighted_pod("0");
+        broken.data = serde_json::json!({"status": {"podIP": "not-an-ip"}});
+        cache.apply(Kind::Pod, Event::Apply(broken));
+        cache.apply(Kind::Pod, Event::Apply(weighted_pod("0")));
+        assert_eq!(cache.ignored_logged, 4);
+    }
+
+    #[test]
+    fn only_a_404_means_the_kind_is_not_served() {
+        let status = |code| kube::core::Status::failure("no", "NotFound").with_code(code);
+        let api = |code| kube::Error::Api(status(code).boxed());
+        assert!(not_served(&watcher::Error::InitialListFailed(api(404))));
+        assert!(not_served(&watcher::Error::WatchStartFailed(api(404))));
+        assert!(not_served(&watcher::Error::WatchError(status(404).boxed())));
+        // Forbidden or an API server in trouble: retried with backoff, routes kept.
+        assert!(!not_served(&watcher::Error::WatchStartFailed(api(403))));
+        assert!(!not_served(&watcher::Error::WatchFailed(api(503))));
+        assert!(!not_served(&watcher::Error::NoResourceVersion));
     }
 }
