@@ -234,14 +234,15 @@ mod tests {
         for flags in [
             ["--source", "kubernetes", "--source", "dir:a"],
             ["--source", "dir:a", "--source", "kubernetes:/kc"],
-            ["--source", "kubernetes", "--source", "kubernetes"],
         ] {
             let err = sources(&flags).unwrap_err();
             assert!(
-                err.contains("kubernetes cannot be combined with another --source"),
+                err.contains("kubernetes and dir: cannot be combined"),
                 "{flags:?}: {err}"
             );
         }
+        let err = sources(&["--source", "kubernetes", "--source", "kubernetes"]).unwrap_err();
+        assert!(err.contains("give one kubernetes source"), "{err}");
     }
 
     #[test]

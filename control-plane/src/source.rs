@@ -110,10 +110,13 @@ impl Source {
                     }
                     Source::Dir(dirs)
                 }
-                (Some(Source::Kubernetes(_)), _) | (Some(_), Source::Kubernetes(_)) => {
+                (Some(Source::Kubernetes(_)), Source::Kubernetes(_)) => {
+                    return Err(error("give one kubernetes source, not several"));
+                }
+                (Some(_), _) => {
                     return Err(error(
-                        "kubernetes cannot be combined with another --source; give either \
-                         kubernetes alone or one or more dir:PATH",
+                        "kubernetes and dir: cannot be combined; give either kubernetes alone \
+                         or one or more dir:PATH",
                     ));
                 }
             });
