@@ -268,10 +268,10 @@ async fn start_source(
     stop: &watch::Receiver<bool>,
 ) -> Result<Vec<(&'static str, JoinHandle<()>)>, Error> {
     match &settings.source {
-        Source::Dir(dir) => {
-            let source = DirSource::open(dir)?;
+        Source::Dir(dirs) => {
+            let source = DirSource::open_all(dirs.iter().cloned())?;
             // Watch before the first load, so that no change after it is missed.
-            let watcher = DirWatcher::start(source.dir(), settings.debounce)?;
+            let watcher = DirWatcher::start(source.dirs(), settings.debounce)?;
             let (source, loaded) = tokio::task::spawn_blocking(move || {
                 let mut source = source;
                 let loaded = source.load();

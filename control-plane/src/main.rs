@@ -17,9 +17,10 @@ use tracing_subscriber::EnvFilter;
 struct Args {
     /// Where configuration comes from: `kubernetes` (in-cluster config, or KUBECONFIG),
     /// `kubernetes:KUBECONFIG`, or `dir:PATH`, a folder of Kubernetes-shaped YAML
-    /// (re-read on change). Default: `kubernetes` inside a pod.
+    /// (re-read on change); repeat `--source dir:PATH` to read several folders as one.
+    /// Default: `kubernetes` inside a pod.
     #[arg(long, env = "BULWARK_CP_SOURCE")]
-    source: Option<Source>,
+    source: Vec<Source>,
 
     /// Namespace of the Lease that elects the replica writing policy status (Kubernetes
     /// source); default: the pod's namespace (POD_NAMESPACE), else `default`.
@@ -142,7 +143,7 @@ async fn start_webhook(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
-    let source = match args.source {
+    let source = match Source::combine(args.source)? {
         Some(source) => source,
         // The Kubernetes service environment is set in every pod.
         None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => Source::kubernetes(
@@ -151,7 +152,8 @@ async fn main() -> anyhow::Result<()> {
             "bulwark",
         ),
         None => anyhow::bail!(
-            "--source is required outside a pod: kubernetes, kubernetes:KUBECONFIG or dir:PATH"
+            "--source is required outside a pod: kubernetes, kubernetes:KUBECONFIG or dir:PATH \
+             (repeatable)"
         ),
     };
     let source = match source {
@@ -193,4 +195,63 @@ async fn main() -> anyhow::Result<()> {
     };
     control_plane.shutdown().await;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(args: &[&str]) -> Result<Option<Source>, String> {
+        let args = Args::try_parse_from(
+            std::iter::once("bulwark-control-plane").chain(args.iter().copied()),
+        )
+        .map_err(|e| e.to_string())?;
+        Source::combine(args.source).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn source_flags_repeat_for_folders() {
+        assert_eq!(
+            sources(&["--source", "dir:examples"]).unwrap(),
+            Some(Source::Dir(vec!["examples".into()])),
+            "the single form is unchanged"
+        );
+        assert_eq!(
+            sources(&["--source", "dir:a", "--source=dir:b", "--source", "dir:c"]).unwrap(),
+            Some(Source::Dir(vec!["a".into(), "b".into(), "c".into()])),
+            "in the order given"
+        );
+        // A comma is part of a folder's name, as it always was.
+        assert_eq!(
+            sources(&["--source", "dir:a,b"]).unwrap(),
+            Some(Source::Dir(vec!["a,b".into()]))
+        );
+        assert_eq!(sources(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn kubernetes_does_not_mix_with_folders() {
+        for flags in [
+            ["--source", "kubernetes", "--source", "dir:a"],
+            ["--source", "dir:a", "--source", "kubernetes:/kc"],
+        ] {
+            let err = sources(&flags).unwrap_err();
+            assert!(
+                err.contains("kubernetes and dir: cannot be combined"),
+                "{flags:?}: {err}"
+            );
+        }
+        let err = sources(&["--source", "kubernetes", "--source", "kubernetes"]).unwrap_err();
+        assert!(err.contains("give one kubernetes source"), "{err}");
+    }
+
+    #[test]
+    fn the_same_folder_twice_is_refused() {
+        let err = sources(&[
+            "--source", "dir:a", "--source", "dir:b", "--source", "dir:a/",
+        ])
+        .unwrap_err();
+        assert!(err.contains(r#""dir:a/""#), "{err}");
+        assert!(err.contains("this folder is given twice"), "{err}");
+    }
 }

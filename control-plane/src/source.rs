@@ -22,8 +22,10 @@ pub mod kubernetes;
 /// Where the control plane reads its configuration from (`--source`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// `dir:PATH`: a folder of Kubernetes-shaped YAML files, re-read on change.
-    Dir(PathBuf),
+    /// `dir:PATH`, once or repeated: folders of Kubernetes-shaped YAML files, read as one
+    /// model (in this order) and re-read on change. Built from the flags by
+    /// [`Source::combine`], which keeps it non-empty and free of repeated folders.
+    Dir(Vec<PathBuf>),
     /// `kubernetes` or `kubernetes:KUBECONFIG`: watch a cluster.
     Kubernetes(kubernetes::KubernetesSettings),
 }
@@ -60,7 +62,7 @@ impl FromStr for Source {
             if path.is_empty() {
                 return Err(error("dir: needs a folder, e.g. dir:examples"));
             }
-            return Ok(Source::Dir(PathBuf::from(path)));
+            return Ok(Source::Dir(vec![PathBuf::from(path)]));
         }
         if value == "kubernetes" {
             return Ok(Source::kubernetes(
@@ -87,10 +89,55 @@ impl FromStr for Source {
     }
 }
 
+impl Source {
+    /// Combines the values of a repeated `--source` flag into one source: any number of
+    /// `dir:` folders (read together, in the order given), or one `kubernetes` source.
+    /// `None` when no flag was given.
+    pub fn combine(sources: Vec<Source>) -> Result<Option<Source>, ParseSourceError> {
+        let mut combined: Option<Source> = None;
+        for source in sources {
+            let error = |reason| ParseSourceError {
+                value: source.to_string(),
+                reason,
+            };
+            combined = Some(match (combined, source.clone()) {
+                (None, source) => source,
+                (Some(Source::Dir(mut dirs)), Source::Dir(more)) => {
+                    for dir in more {
+                        if dirs.contains(&dir) {
+                            return Err(error("this folder is given twice; give each folder once"));
+                        }
+                        dirs.push(dir);
+                    }
+                    Source::Dir(dirs)
+                }
+                (Some(Source::Kubernetes(_)), Source::Kubernetes(_)) => {
+                    return Err(error("give one kubernetes source, not several"));
+                }
+                (Some(_), _) => {
+                    return Err(error(
+                        "kubernetes and dir: cannot be combined; give either kubernetes alone \
+                         or one or more dir:PATH",
+                    ));
+                }
+            });
+        }
+        Ok(combined)
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Source::Dir(path) => write!(f, "dir:{}", path.display()),
+            Source::Dir(dirs) => {
+                for (i, dir) in dirs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(" ")?;
+                    }
+                    write!(f, "dir:{}", dir.display())?;
+                }
+                Ok(())
+            }
             Source::Kubernetes(k) => match &k.kubeconfig {
                 None => f.write_str("kubernetes"),
                 Some(path) => write!(f, "kubernetes:{}", path.display()),
@@ -119,6 +166,17 @@ pub enum Error {
         /// The path.
         path: PathBuf,
     },
+    /// Two of the folders are the same folder (perhaps spelled differently, or a symlink).
+    #[error("the source folders {first} and {second} are the same folder; give each folder once")]
+    SameDir {
+        /// The folder as given first.
+        first: PathBuf,
+        /// The same folder given again.
+        second: PathBuf,
+    },
+    /// No folder was given.
+    #[error("the folder source needs at least one folder (dir:PATH)")]
+    NoDir,
     /// The Kubernetes client cannot be set up.
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubeError),
@@ -246,7 +304,12 @@ mod tests {
     fn parses_source_flags() {
         assert_eq!(
             "dir:examples".parse::<Source>().unwrap(),
-            Source::Dir("examples".into())
+            Source::Dir(vec!["examples".into()])
+        );
+        assert_eq!(
+            Source::Dir(vec!["a".into(), "/b".into()]).to_string(),
+            "dir:a dir:/b",
+            "several folders show as the flags that give them"
         );
         assert_eq!(
             "dir:/etc/bulwark".parse::<Source>().unwrap().to_string(),

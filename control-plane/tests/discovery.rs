@@ -485,7 +485,7 @@ async fn shutdown_ends_agent_streams_with_unavailable() {
 async fn start_fails_on_a_missing_folder_but_not_on_invalid_documents() {
     let dir = tempfile::tempdir().unwrap();
     let settings = |path: PathBuf| Settings {
-        source: Source::Dir(path),
+        source: Source::Dir(vec![path]),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         debounce: Duration::from_millis(50),

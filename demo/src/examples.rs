@@ -230,28 +230,6 @@ pub fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Makes `into` (emptied first) hold the YAML files of every folder in `sources`,
-/// each named `N-FILE` by its folder's position, so the control plane (which reads
-/// one folder, not recursively) serves them all. The files are copied, not edited:
-/// `examples/` stays the one place the mesh is written down.
-pub fn merge(sources: &[&Path], into: &Path) -> anyhow::Result<()> {
-    if into.exists() {
-        fs::remove_dir_all(into).with_context(|| format!("emptying {}", into.display()))?;
-    }
-    fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
-    for (i, source) in sources.iter().enumerate() {
-        for file in yaml_files(source)? {
-            let Some(name) = file.file_name() else {
-                continue;
-            };
-            let target = into.join(format!("{i}-{}", name.to_string_lossy()));
-            fs::copy(&file, &target)
-                .with_context(|| format!("copying {} to {}", file.display(), target.display()))?;
-        }
-    }
-    Ok(())
-}
-
 /// Parses a Gateway API duration such as `1s`, `250ms` or `1m30s`.
 pub fn gateway_duration(text: &str) -> anyhow::Result<Duration> {
     let mut rest = text;
@@ -319,30 +297,6 @@ mod tests {
         assert_eq!(bucket.allowed_over(Duration::from_secs(10)), 210.0);
         assert!(rate_limit(&examples, "demo", "frontend", "nope").is_err());
         assert!(rate_limit(&examples, "other", "frontend", "per-tenant").is_err());
-    }
-
-    #[test]
-    fn merges_folders_without_name_clashes() {
-        let (one, two, into) = (
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-        );
-        fs::write(one.path().join("a.yaml"), "kind: Service\n").unwrap();
-        fs::write(two.path().join("a.yaml"), "kind: Pod\n").unwrap();
-        fs::write(two.path().join("notes.txt"), "not YAML").unwrap();
-        fs::write(into.path().join("stale.yaml"), "kind: Old\n").unwrap();
-        merge(&[one.path(), two.path()], into.path()).unwrap();
-        let names: Vec<String> = yaml_files(into.path())
-            .unwrap()
-            .iter()
-            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, ["0-a.yaml", "1-a.yaml"]);
-        assert_eq!(
-            fs::read_to_string(into.path().join("1-a.yaml")).unwrap(),
-            "kind: Pod\n"
-        );
     }
 
     #[test]

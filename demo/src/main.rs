@@ -257,13 +257,6 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
     let canary = canary::canary(&canary_dir)
         .with_context(|| format!("reading the canary in {}", canary_dir.display()))?;
     preflight_ports(&layout, &canary)?;
-    // The folder source reads one folder: the control plane gets a copy of all three.
-    let mesh_dir = supervisor
-        .log_dir()
-        .parent()
-        .unwrap_or(supervisor.log_dir())
-        .join("mesh");
-    examples::merge(&[&examples, &sharded_dir, &canary_dir], &mesh_dir)?;
     let ready_timeout = Duration::from_secs(args.ready_timeout);
     let started = Instant::now();
 
@@ -276,7 +269,11 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         "bulwark-control-plane",
         &strings(&[
             "--source",
-            &format!("dir:{}", mesh_dir.display()),
+            &format!("dir:{}", examples.display()),
+            "--source",
+            &format!("dir:{}", sharded_dir.display()),
+            "--source",
+            &format!("dir:{}", canary_dir.display()),
             "--grpc-addr",
             CP_GRPC,
             "--admin-addr",
@@ -287,11 +284,10 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         .wait_ready("control-plane", addr(CP_ADMIN)?, "/ready", ready_timeout)
         .await?;
     println!(
-        "  control plane ready: gRPC {CP_GRPC}, admin http://{CP_ADMIN} (serving {}, {} and {}, copied to {})",
+        "  control plane ready: gRPC {CP_GRPC}, admin http://{CP_ADMIN} (serving {}, {} and {})",
         examples.display(),
         sharded_dir.display(),
-        canary_dir.display(),
-        mesh_dir.display()
+        canary_dir.display()
     );
 
     for upstream in UPSTREAMS {

@@ -22,7 +22,7 @@ pub fn control_plane_settings(
     grpc_addr: SocketAddr,
 ) -> bulwark_control_plane::Settings {
     bulwark_control_plane::Settings {
-        source: Source::Dir(mesh.path().to_path_buf()),
+        source: Source::Dir(vec![mesh.path().to_path_buf()]),
         grpc_addr,
         admin_addr: loopback(),
         debounce: Duration::from_millis(50),

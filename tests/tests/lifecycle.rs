@@ -4,9 +4,13 @@
 
 use std::time::Duration;
 
+use bulwark_agent::Agent;
+use bulwark_control_plane::{ControlPlane, Source};
 use bulwark_tests::client::HttpClient;
 use bulwark_tests::eventually::poll_until;
-use bulwark_tests::harness::{Harness, loopback, resilience_policy};
+use bulwark_tests::harness::{
+    CONFIG_DEADLINE, Harness, agent_settings, control_plane_settings, loopback, resilience_policy,
+};
 use bulwark_tests::mesh::Mesh;
 use bulwark_tests::upstream::{Knobs, Upstream};
 
@@ -151,4 +155,87 @@ async fn the_agent_fails_static_without_the_control_plane_and_resyncs_when_it_re
         "the resynced policy allows the slow upstream"
     );
     h.shutdown().await;
+}
+
+/// `--source dir:A --source dir:B`: the agent is served the services of both folders,
+/// follows a service added to the second one, and a service defined again in the second
+/// folder is listed at `/errors` while the first folder's definition keeps serving.
+#[tokio::test]
+async fn two_folders_serve_one_mesh() {
+    let start = |name: &'static str| Upstream::start(loopback(), name, Knobs::healthy());
+    let catalog = start("catalog-0").await.unwrap();
+    let reviews = start("reviews-0").await.unwrap();
+    let decoy = start("decoy-0").await.unwrap();
+    let first = Mesh::with_services([("catalog", vec![catalog.addr()])]).unwrap();
+    let second = Mesh::new().unwrap();
+    let mut settings = control_plane_settings(&first, loopback());
+    settings.source = Source::Dir(vec![first.path().to_owned(), second.path().to_owned()]);
+    let cp = ControlPlane::start(settings).await.unwrap();
+    let agent = Agent::start(agent_settings(cp.grpc_addr(), "client", None))
+        .await
+        .unwrap();
+    let client = HttpClient::proxy(agent.outbound_addr());
+    let answered_by = |url: &'static str| {
+        let client = client.clone();
+        async move {
+            let rsp = client.get(url, &[]).await.ok()?;
+            Some(rsp.upstream()?.to_owned())
+        }
+    };
+    let served = poll_until(
+        CONFIG_DEADLINE,
+        "catalog from the first folder is served",
+        || answered_by("http://catalog.test/"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(served, "catalog-0");
+
+    second.add_service("reviews", &[reviews.addr()]).unwrap();
+    let served = poll_until(
+        CONFIG_DEADLINE,
+        "reviews added to the second folder is served",
+        || answered_by("http://reviews.test/"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(served, "reviews-0");
+
+    second.add_service("catalog", &[decoy.addr()]).unwrap();
+    let cp_admin = HttpClient::direct(cp.admin_addr());
+    let duplicate = format!(
+        "already defined in {}",
+        first.path().join("service-catalog.yaml").display()
+    );
+    let errors = poll_until(
+        CONFIG_DEADLINE,
+        "the duplicate is listed at /errors",
+        || async {
+            let text = cp_admin.get("/errors", &[]).await.ok()?.text();
+            text.contains(&duplicate).then_some(text)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        errors.contains(
+            &second
+                .path()
+                .join("service-catalog.yaml")
+                .display()
+                .to_string()
+        ),
+        "{errors}"
+    );
+    for _ in 0..5 {
+        let rsp = client.get("http://catalog.test/", &[]).await.unwrap();
+        assert_eq!(
+            rsp.upstream(),
+            Some("catalog-0"),
+            "the first definition wins"
+        );
+    }
+    assert_eq!(decoy.stats().total, 0, "the duplicate is never served");
+    cp.shutdown().await;
+    agent.shutdown().await;
 }

@@ -152,7 +152,7 @@ impl Cluster {
         )
         .expect("service written");
         let control_plane = ControlPlane::start(bulwark_control_plane::Settings {
-            source: Source::Dir(mesh.path().to_path_buf()),
+            source: Source::Dir(vec![mesh.path().to_path_buf()]),
             grpc_addr: SocketAddr::new(IpAddr::V4(topology.root_ip), 0),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             debounce: Duration::from_millis(50),

@@ -1,12 +1,16 @@
-//! The local source: a folder of Kubernetes-shaped YAML (`--source dir:PATH`).
+//! The local source: folders of Kubernetes-shaped YAML (`--source dir:PATH`, repeatable).
 //!
-//! Every `*.yaml` and `*.yml` file directly in the folder is read (not recursively;
+//! Every `*.yaml` and `*.yml` file directly in each folder is read (not recursively;
 //! hidden files, such as editor swap files, are skipped; symlinks are followed, so a
 //! mounted ConfigMap works). Files may hold several documents separated by `---`.
+//! The folders are read in the order given, each one's files by name, and together form
+//! one model: an object defined twice, in one folder or in two, is taken from its first
+//! definition in that order and the others are rejected.
 //! Each load produces a complete model. A document that is invalid is reported, and if
 //! it describes an object that was valid before, that previous version stays in force;
-//! objects whose documents are gone are deleted. The folder is re-read whenever
-//! anything in it changes, debounced, which also covers editors that save by renaming.
+//! objects whose documents are gone are deleted. Everything is re-read whenever anything
+//! in one of the folders changes, debounced, which also covers editors that save by
+//! renaming. If a folder cannot be listed, the whole load fails and nothing changes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -31,14 +35,16 @@ use crate::timestamp::Timestamp;
 #[derive(Clone, Debug)]
 struct Loaded {
     object: Object,
+    /// The file, as shown in rejections: its folder joined with its name.
     file: String,
     document: usize,
 }
 
-/// The folder source: reads the folder and remembers the last good version of every object.
+/// The folder source: reads the folders and remembers the last good version of every object.
 #[derive(Debug)]
 pub struct DirSource {
-    dir: PathBuf,
+    /// The folders, in the order given; never empty, no folder twice.
+    dirs: Vec<PathBuf>,
     objects: BTreeMap<ObjectKey, Loaded>,
     rejected: Vec<RejectedObject>,
 }
@@ -50,8 +56,8 @@ struct Pass {
     next: BTreeMap<ObjectKey, Loaded>,
     /// Rejected documents and files.
     rejected: Vec<RejectedObject>,
-    /// Files not fully read: their previous objects are kept (fail static), since we
-    /// cannot tell a deleted object from one we failed to see.
+    /// Files not fully read (as [`Loaded::file`]): their previous objects are kept (fail
+    /// static), since we cannot tell a deleted object from one we failed to see.
     unreadable: HashSet<String>,
     /// Rejected documents that name their object, by index into `rejected`.
     rejected_keys: Vec<(usize, ObjectKey)>,
@@ -69,32 +75,57 @@ pub struct LoadOutcome {
 impl DirSource {
     /// A source for `dir`, which must be a readable folder.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, Error> {
-        let dir = dir.into();
-        let meta = std::fs::metadata(&dir).map_err(|source| Error::ReadDir {
-            path: dir.clone(),
-            source,
-        })?;
-        if !meta.is_dir() {
-            return Err(Error::NotADir { path: dir });
+        Self::open_all([dir.into()])
+    }
+
+    /// A source for `dirs`, read in this order: each must be a readable folder, and no
+    /// folder may come twice (however it is spelled).
+    pub fn open_all(dirs: impl IntoIterator<Item = PathBuf>) -> Result<Self, Error> {
+        let mut opened: Vec<(PathBuf, PathBuf)> = Vec::new();
+        for dir in dirs {
+            let read_error = |source| Error::ReadDir {
+                path: dir.clone(),
+                source,
+            };
+            let meta = std::fs::metadata(&dir).map_err(read_error)?;
+            if !meta.is_dir() {
+                return Err(Error::NotADir { path: dir });
+            }
+            let canonical = std::fs::canonicalize(&dir).map_err(read_error)?;
+            if let Some((first, _)) = opened.iter().find(|(_, c)| *c == canonical) {
+                return Err(Error::SameDir {
+                    first: first.clone(),
+                    second: dir,
+                });
+            }
+            opened.push((dir, canonical));
+        }
+        if opened.is_empty() {
+            return Err(Error::NoDir);
         }
         Ok(DirSource {
-            dir,
+            dirs: opened.into_iter().map(|(dir, _)| dir).collect(),
             objects: BTreeMap::new(),
             rejected: Vec::new(),
         })
     }
 
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The folders, in the order they are read.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
     }
 
-    /// Reads the folder. Fails only when the folder itself cannot be read, in which case
+    /// Reads the folders. Fails only when a folder itself cannot be read, in which case
     /// nothing changes; bad files and documents are reported in the outcome instead.
     pub fn load(&mut self) -> Result<LoadOutcome, Error> {
+        // List every folder before reading any file, so a failure changes nothing.
+        let mut files = Vec::new();
+        for dir in &self.dirs {
+            files.extend(list(dir)?.into_iter().map(|name| dir.join(name)));
+        }
         let mut pass = Pass::default();
-        for name in self.list()? {
-            self.read_file(name, &mut pass);
+        for path in files {
+            read_file(&path, &mut pass);
         }
         let Pass {
             mut next,
@@ -123,81 +154,6 @@ impl DirSource {
         self.rejected = rejected.clone();
         let model = self.objects.values().map(|l| l.object.clone()).collect();
         Ok(LoadOutcome { model, rejected })
-    }
-
-    /// Reads one file's documents into `pass`.
-    fn read_file(&self, name: String, pass: &mut Pass) {
-        let path = self.dir.join(&name);
-        let shown = path.display().to_string();
-        let reject = |document: Option<&documents::Document<'_>>,
-                      key: Option<&ObjectKey>,
-                      field: String,
-                      reason: String| RejectedObject {
-            file: shown.clone(),
-            document: document.map(|d| d.index),
-            line: document.map(|d| d.line),
-            object: RejectedObject::object_key(key),
-            path: field,
-            reason,
-            kept_previous: false,
-            since: Timestamp::now(),
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) => {
-                let reason = format!("cannot read the file: {e}");
-                pass.rejected
-                    .push(reject(None, None, String::new(), reason));
-                pass.unreadable.insert(name);
-                return;
-            }
-        };
-        for doc in documents::split(&text) {
-            let value = match documents::parse(&doc) {
-                Ok(value) => value,
-                Err(e) => {
-                    let reason = format!("invalid YAML: {e}");
-                    pass.rejected
-                        .push(reject(Some(&doc), None, String::new(), reason));
-                    pass.unreadable.insert(name.clone());
-                    continue;
-                }
-            };
-            match api::decode(value) {
-                Ok(Decoded::Object(object)) => {
-                    let key = object.key();
-                    if let Some(first) = pass.next.get(&key) {
-                        let reason = format!(
-                            "{key} is already defined in {} document {}; this duplicate is ignored",
-                            self.dir.join(&first.file).display(),
-                            first.document
-                        );
-                        pass.rejected
-                            .push(reject(Some(&doc), Some(&key), String::new(), reason));
-                        continue;
-                    }
-                    let loaded = Loaded {
-                        object,
-                        file: name.clone(),
-                        document: doc.index,
-                    };
-                    pass.next.insert(key, loaded);
-                }
-                Ok(Decoded::Skipped { api_version, kind }) => debug!(
-                    file = %shown, document = doc.index, %api_version, %kind,
-                    "skipping a kind the control plane does not use"
-                ),
-                Ok(Decoded::Empty) => {}
-                Err(e) => {
-                    if let Some(key) = &e.key {
-                        pass.rejected_keys.push((pass.rejected.len(), key.clone()));
-                    }
-                    let rejection =
-                        reject(Some(&doc), e.key.as_ref(), e.error.path, e.error.reason);
-                    pass.rejected.push(rejection);
-                }
-            }
-        }
     }
 
     /// Logs new and resolved rejections once (not on every reload), keeping first-seen times.
@@ -229,34 +185,107 @@ impl DirSource {
             }
         }
     }
+}
 
-    /// The YAML files in the folder, sorted by name.
-    fn list(&self) -> Result<Vec<String>, Error> {
-        let read_error = |source| Error::ReadDir {
-            path: self.dir.clone(),
-            source,
-        };
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(read_error)? {
-            let entry = entry.map_err(read_error)?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                debug!(file = ?entry.file_name(), "skipping a file whose name is not UTF-8");
-                continue;
-            };
-            let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-            if !yaml || name.starts_with('.') {
-                continue;
-            }
-            // metadata() follows symlinks, as ConfigMap mounts need; a dangling link
-            // is reported when reading it.
-            if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
-                continue;
-            }
-            files.push(name);
+/// Reads one file's documents into `pass`. An object already in `pass` (from an earlier
+/// file, in this folder or an earlier one) is rejected as a duplicate.
+fn read_file(path: &Path, pass: &mut Pass) {
+    let shown = path.display().to_string();
+    let reject = |document: Option<&documents::Document<'_>>,
+                  key: Option<&ObjectKey>,
+                  field: String,
+                  reason: String| RejectedObject {
+        file: shown.clone(),
+        document: document.map(|d| d.index),
+        line: document.map(|d| d.line),
+        object: RejectedObject::object_key(key),
+        path: field,
+        reason,
+        kept_previous: false,
+        since: Timestamp::now(),
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            let reason = format!("cannot read the file: {e}");
+            pass.rejected
+                .push(reject(None, None, String::new(), reason));
+            pass.unreadable.insert(shown);
+            return;
         }
-        files.sort();
-        Ok(files)
+    };
+    for doc in documents::split(&text) {
+        let value = match documents::parse(&doc) {
+            Ok(value) => value,
+            Err(e) => {
+                let reason = format!("invalid YAML: {e}");
+                pass.rejected
+                    .push(reject(Some(&doc), None, String::new(), reason));
+                pass.unreadable.insert(shown.clone());
+                continue;
+            }
+        };
+        match api::decode(value) {
+            Ok(Decoded::Object(object)) => {
+                let key = object.key();
+                if let Some(first) = pass.next.get(&key) {
+                    let reason = format!(
+                        "{key} is already defined in {} document {}; this duplicate is ignored",
+                        first.file, first.document
+                    );
+                    pass.rejected
+                        .push(reject(Some(&doc), Some(&key), String::new(), reason));
+                    continue;
+                }
+                let loaded = Loaded {
+                    object,
+                    file: shown.clone(),
+                    document: doc.index,
+                };
+                pass.next.insert(key, loaded);
+            }
+            Ok(Decoded::Skipped { api_version, kind }) => debug!(
+                file = %shown, document = doc.index, %api_version, %kind,
+                "skipping a kind the control plane does not use"
+            ),
+            Ok(Decoded::Empty) => {}
+            Err(e) => {
+                if let Some(key) = &e.key {
+                    pass.rejected_keys.push((pass.rejected.len(), key.clone()));
+                }
+                let rejection = reject(Some(&doc), e.key.as_ref(), e.error.path, e.error.reason);
+                pass.rejected.push(rejection);
+            }
+        }
     }
+}
+
+/// The YAML files directly in `dir`, sorted by name.
+fn list(dir: &Path) -> Result<Vec<String>, Error> {
+    let read_error = |source| Error::ReadDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_error)? {
+        let entry = entry.map_err(read_error)?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            debug!(file = ?entry.file_name(), "skipping a file whose name is not UTF-8");
+            continue;
+        };
+        let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if !yaml || name.starts_with('.') {
+            continue;
+        }
+        // metadata() follows symlinks, as ConfigMap mounts need; a dangling link
+        // is reported when reading it.
+        if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        files.push(name);
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// Whether a file event may have changed what the folder holds. Opening a file (which
@@ -270,19 +299,20 @@ fn is_change(kind: &EventKind) -> bool {
     }
 }
 
-/// A running watch of a folder; it must be started before the first load so that no
-/// change between that load and the watch is missed.
+/// A running watch of the source's folders; it must be started before the first load so
+/// that no change between that load and the watch is missed.
 pub struct DirWatcher {
     debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
     changes: mpsc::Receiver<()>,
 }
 
 impl DirWatcher {
-    /// Starts watching `dir`; changes are reported once per `debounce` quiet period.
-    pub fn start(dir: &Path, debounce: Duration) -> Result<Self, Error> {
-        let watch_error = |source| Error::Watch {
-            path: dir.to_owned(),
-            source,
+    /// Starts watching `dirs`; a change in any of them is reported once per `debounce`
+    /// quiet period.
+    pub fn start(dirs: &[PathBuf], debounce: Duration) -> Result<Self, Error> {
+        let watch_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Watch { path, source }
         };
         // One pending signal is enough: a reload reads everything anyway.
         let (tx, changes) = mpsc::channel(1);
@@ -291,7 +321,7 @@ impl DirWatcher {
                 Ok(events) => events.iter().any(|e| is_change(&e.event.kind)),
                 Err(errors) => {
                     for error in errors {
-                        warn!(%error, "file watcher error; reloading the folder to be safe");
+                        warn!(%error, "file watcher error; reloading the folders to be safe");
                     }
                     true
                 }
@@ -300,10 +330,14 @@ impl DirWatcher {
                 let _ = tx.try_send(());
             }
         })
-        .map_err(watch_error)?;
-        debouncer
-            .watch(dir, RecursiveMode::NonRecursive)
-            .map_err(watch_error)?;
+        .map_err(watch_error(
+            dirs.first().map_or(Path::new(""), PathBuf::as_path),
+        ))?;
+        for dir in dirs {
+            debouncer
+                .watch(dir, RecursiveMode::NonRecursive)
+                .map_err(watch_error(dir))?;
+        }
         Ok(DirWatcher { debouncer, changes })
     }
 
@@ -341,12 +375,12 @@ impl DirWatcher {
                 };
                 match outcome {
                     Ok(LoadOutcome { model, rejected }) => {
-                        debug!(dir = %source.dir().display(), rejected = rejected.len(), "folder reloaded");
+                        debug!(dirs = ?source.dirs(), rejected = rejected.len(), "folder reloaded");
                         publisher.publish(model, rejected);
                     }
                     Err(error) => warn!(
                         %error,
-                        "cannot reload the source folder; the last loaded configuration stays in force"
+                        "cannot reload the source folders; the last loaded configuration stays in force"
                     ),
                 }
             }
@@ -536,6 +570,154 @@ mod tests {
         // The demo's pods: a slice per Service, two pods of v1 and one of v2.
         assert_eq!(outcome.model.endpoint_slices.len(), 3);
         assert_eq!(outcome.model.pods.len(), 3);
+    }
+
+    /// Two temporary folders, read in this order.
+    fn two_folders() -> (tempfile::TempDir, tempfile::TempDir) {
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap())
+    }
+
+    fn open_both(first: &Path, second: &Path) -> DirSource {
+        DirSource::open_all([first.to_owned(), second.to_owned()]).unwrap()
+    }
+
+    #[test]
+    fn several_folders_form_one_model() {
+        let (first, second) = two_folders();
+        std::fs::write(first.path().join("a.yaml"), service("a")).unwrap();
+        std::fs::write(
+            second.path().join("b.yaml"),
+            format!("{}---\n{}", service("b"), policy("3")),
+        )
+        .unwrap();
+        let outcome = open_both(first.path(), second.path()).load().unwrap();
+        assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
+        assert_eq!(outcome.model.services.len(), 2);
+        assert_eq!(attempts(&outcome.model), Some(3));
+    }
+
+    #[test]
+    fn an_object_in_two_folders_is_taken_from_the_first_folder() {
+        let (first, second) = two_folders();
+        // By file name alone b's a.yaml would come first: the folder order decides.
+        std::fs::write(first.path().join("z.yaml"), policy("2")).unwrap();
+        std::fs::write(second.path().join("a.yaml"), policy("3")).unwrap();
+        let mut source = open_both(first.path(), second.path());
+        let outcome = source.load().unwrap();
+        assert_eq!(attempts(&outcome.model), Some(2));
+        assert_eq!(outcome.rejected.len(), 1);
+        let r = &outcome.rejected[0];
+        let kept = first.path().join("z.yaml").display().to_string();
+        let ignored = second.path().join("a.yaml").display().to_string();
+        assert_eq!(r.file, ignored);
+        assert_eq!(r.object.as_deref(), Some("ResiliencePolicy demo/reviews"));
+        assert!(
+            r.reason
+                .contains(&format!("already defined in {kept} document 0")),
+            "{r}"
+        );
+        let shown = r.to_string();
+        assert!(shown.contains(&kept) && shown.contains(&ignored), "{shown}");
+
+        // The same the other way round: the order on the command line decides.
+        let outcome = open_both(second.path(), first.path()).load().unwrap();
+        assert_eq!(attempts(&outcome.model), Some(3));
+        assert_eq!(outcome.rejected[0].file, kept);
+    }
+
+    #[test]
+    fn a_change_in_the_second_folder_is_read_and_a_bad_one_keeps_the_last_good_version() {
+        let (first, second) = two_folders();
+        std::fs::write(first.path().join("a.yaml"), service("a")).unwrap();
+        let file = second.path().join("policy.yaml");
+        std::fs::write(&file, policy("2")).unwrap();
+        let mut source = open_both(first.path(), second.path());
+        assert_eq!(attempts(&source.load().unwrap().model), Some(2));
+
+        std::fs::write(&file, policy("5")).unwrap();
+        assert_eq!(attempts(&source.load().unwrap().model), Some(5));
+
+        std::fs::write(&file, policy("0")).unwrap();
+        let outcome = source.load().unwrap();
+        assert_eq!(attempts(&outcome.model), Some(5), "last good version kept");
+        assert!(outcome.rejected[0].kept_previous);
+        assert_eq!(outcome.rejected[0].file, file.display().to_string());
+
+        std::fs::remove_file(&file).unwrap();
+        let outcome = source.load().unwrap();
+        assert_eq!(attempts(&outcome.model), None, "deleted with its file");
+        assert_eq!(
+            outcome.model.services.len(),
+            1,
+            "the first folder unchanged"
+        );
+    }
+
+    #[test]
+    fn a_folder_that_disappears_fails_the_load_and_changes_nothing() {
+        let (first, second) = two_folders();
+        std::fs::write(first.path().join("a.yaml"), service("a")).unwrap();
+        std::fs::write(second.path().join("p.yaml"), policy("2")).unwrap();
+        let mut source = open_both(first.path(), second.path());
+        source.load().unwrap();
+        std::fs::remove_dir_all(second.path()).unwrap();
+        std::fs::write(first.path().join("b.yaml"), service("b")).unwrap();
+        let err = source.load().unwrap_err().to_string();
+        assert!(err.contains(&second.path().display().to_string()), "{err}");
+        // Once it is back, both folders are read again.
+        std::fs::create_dir(second.path()).unwrap();
+        std::fs::write(second.path().join("p.yaml"), policy("4")).unwrap();
+        let outcome = source.load().unwrap();
+        assert_eq!(outcome.model.services.len(), 2);
+        assert_eq!(attempts(&outcome.model), Some(4));
+    }
+
+    #[test]
+    fn the_same_folder_twice_is_refused_however_it_is_spelled() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mesh")).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let err = DirSource::open_all([
+            dir.path().join("mesh"),
+            other.path().to_owned(),
+            dir.path().join("mesh/../mesh/."),
+        ])
+        .unwrap_err();
+        assert!(matches!(err, Error::SameDir { .. }), "{err}");
+        assert!(err.to_string().contains("are the same folder"), "{err}");
+        assert!(matches!(DirSource::open_all([]), Err(Error::NoDir)));
+        // A missing second folder is the same error as a missing only folder.
+        let err =
+            DirSource::open_all([dir.path().to_owned(), dir.path().join("nope")]).unwrap_err();
+        assert!(matches!(err, Error::ReadDir { .. }), "{err}");
+    }
+
+    /// The real watcher (inotify, debounced): a write in the second folder is published.
+    #[tokio::test]
+    async fn the_watcher_follows_every_folder() {
+        let (first, second) = two_folders();
+        std::fs::write(first.path().join("a.yaml"), service("a")).unwrap();
+        let dirs = [first.path().to_owned(), second.path().to_owned()];
+        let mut source = DirSource::open_all(dirs.clone()).unwrap();
+        let watcher = DirWatcher::start(&dirs, Duration::from_millis(50)).unwrap();
+        let publisher = Publisher::new(std::sync::Arc::new(crate::metrics::Metrics::new()));
+        let loaded = source.load().unwrap();
+        publisher.publish(loaded.model, loaded.rejected);
+        let mut models = publisher.models();
+        let (stop, shutdown) = watch::channel(false);
+        let task = watcher.spawn(source, publisher.clone(), shutdown);
+
+        std::fs::write(second.path().join("p.yaml"), policy("7")).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            models.wait_for(|m| attempts(m) == Some(7)),
+        )
+        .await
+        .expect("the change in the second folder is published")
+        .unwrap();
+        assert_eq!(models.borrow().services.len(), 1, "the first folder kept");
+        stop.send_replace(true);
+        task.await.unwrap();
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl Fixture {
             }
         }
         let cp = ControlPlane::start(Settings {
-            source: Source::Dir(dir.path().to_owned()),
+            source: Source::Dir(vec![dir.path().to_owned()]),
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             debounce: Duration::from_millis(50),
