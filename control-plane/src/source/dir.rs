@@ -12,7 +12,7 @@
 //! in one of the folders changes, debounced, which also covers editors that save by
 //! renaming. If a folder cannot be listed, the whole load fails and nothing changes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -47,7 +47,13 @@ pub struct DirSource {
     dirs: Vec<PathBuf>,
     objects: BTreeMap<ObjectKey, Loaded>,
     rejected: Vec<RejectedObject>,
+    /// Invalid fields ignored in objects in force (a pod's bad weight), as last logged:
+    /// each is logged when it appears, not at every reload.
+    ignored: BTreeSet<IgnoredField>,
 }
+
+/// An invalid field that cost its object nothing but itself: the object, where, why.
+type IgnoredField = (ObjectKey, String, String);
 
 /// What one load has read so far.
 #[derive(Default)]
@@ -61,6 +67,8 @@ struct Pass {
     unreadable: HashSet<String>,
     /// Rejected documents that name their object, by index into `rejected`.
     rejected_keys: Vec<(usize, ObjectKey)>,
+    /// Invalid fields ignored in valid objects.
+    ignored: BTreeSet<IgnoredField>,
 }
 
 /// The result of one load.
@@ -70,6 +78,8 @@ pub struct LoadOutcome {
     pub model: Model,
     /// Every document currently rejected.
     pub rejected: Vec<RejectedObject>,
+    /// Invalid fields this load found for the first time (each is logged once).
+    pub newly_ignored: usize,
 }
 
 impl DirSource {
@@ -107,6 +117,7 @@ impl DirSource {
             dirs: opened.into_iter().map(|(dir, _)| dir).collect(),
             objects: BTreeMap::new(),
             rejected: Vec::new(),
+            ignored: BTreeSet::new(),
         })
     }
 
@@ -132,6 +143,7 @@ impl DirSource {
             mut rejected,
             unreadable,
             rejected_keys,
+            ignored,
         } = pass;
 
         for (i, key) in rejected_keys {
@@ -150,10 +162,15 @@ impl DirSource {
         }
 
         self.report(&mut rejected);
+        let newly_ignored = self.report_ignored(ignored);
         self.objects = next;
         self.rejected = rejected.clone();
         let model = self.objects.values().map(|l| l.object.clone()).collect();
-        Ok(LoadOutcome { model, rejected })
+        Ok(LoadOutcome {
+            model,
+            rejected,
+            newly_ignored,
+        })
     }
 
     /// Logs new and resolved rejections once (not on every reload), keeping first-seen times.
@@ -184,6 +201,24 @@ impl DirSource {
                 info!(file = %old.file, document = old.document, object = old.object.as_deref(), "a previously rejected document is no longer rejected");
             }
         }
+    }
+}
+
+impl DirSource {
+    /// Logs each ignored field once, when it first appears (a pod's bad weight would
+    /// otherwise be logged at every reload of any file).
+    /// Returns how many were logged.
+    fn report_ignored(&mut self, ignored: BTreeSet<IgnoredField>) -> usize {
+        let mut logged = 0;
+        for (object, path, reason) in ignored.difference(&self.ignored) {
+            warn!(
+                %object, %path, %reason,
+                "ignoring an invalid field; the object is used without it"
+            );
+            logged += 1;
+        }
+        self.ignored = ignored;
+        logged
     }
 }
 
@@ -225,7 +260,8 @@ fn read_file(path: &Path, pass: &mut Pass) {
                 continue;
             }
         };
-        match api::decode(value) {
+        let mut ignored = Vec::new();
+        match api::decode_noting(value, &mut ignored) {
             Ok(Decoded::Object(object)) => {
                 let key = object.key();
                 if let Some(first) = pass.next.get(&key) {
@@ -237,6 +273,8 @@ fn read_file(path: &Path, pass: &mut Pass) {
                         .push(reject(Some(&doc), Some(&key), String::new(), reason));
                     continue;
                 }
+                pass.ignored
+                    .extend(ignored.into_iter().map(|e| (key.clone(), e.path, e.reason)));
                 let loaded = Loaded {
                     object,
                     file: shown.clone(),
@@ -374,7 +412,9 @@ impl DirWatcher {
                     }
                 };
                 match outcome {
-                    Ok(LoadOutcome { model, rejected }) => {
+                    Ok(LoadOutcome {
+                        model, rejected, ..
+                    }) => {
                         debug!(dirs = ?source.dirs(), rejected = rejected.len(), "folder reloaded");
                         publisher.publish(model, rejected);
                     }
@@ -438,6 +478,36 @@ mod tests {
         assert_eq!(r.path, "spec.retry.attempts");
         assert!(r.reason.contains("between 1 and 10"), "{r}");
         assert!(!r.kept_previous);
+    }
+
+    #[test]
+    fn a_bad_pod_weight_is_logged_once_until_its_value_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |weight: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: demo\n  \
+                 annotations: {{bulwark.io/weight: {weight:?}}}\nstatus: {{podIP: 10.0.0.1}}\n"
+            )
+        };
+        let file = dir.path().join("pods.yaml");
+        std::fs::write(&file, pod("heavy")).unwrap();
+        let mut source = DirSource::open(dir.path()).unwrap();
+        let first = source.load().unwrap();
+        assert_eq!(first.model.count(Kind::Pod), 1, "the pod stays in force");
+        assert!(first.rejected.is_empty());
+        assert_eq!(first.newly_ignored, 1);
+        std::fs::write(dir.path().join("other.yaml"), service("a")).unwrap();
+        assert_eq!(source.load().unwrap().newly_ignored, 0, "a reload is quiet");
+        std::fs::write(&file, pod("-1")).unwrap();
+        assert_eq!(source.load().unwrap().newly_ignored, 1, "a new bad value");
+        std::fs::write(&file, pod("3")).unwrap();
+        assert_eq!(source.load().unwrap().newly_ignored, 0);
+        std::fs::write(&file, pod("-1")).unwrap();
+        assert_eq!(
+            source.load().unwrap().newly_ignored,
+            1,
+            "broken again after a fix"
+        );
     }
 
     #[test]
