@@ -29,6 +29,32 @@ pub fn control_plane_settings(
     }
 }
 
+/// Control plane settings for a test against an in-test API server: its kubeconfig, a
+/// Lease held as `identity` with short terms, Gateway API discovery asked every
+/// `gateway_api_recheck`, loopback ports.
+pub fn kubernetes_control_plane_settings(
+    kubeconfig: std::path::PathBuf,
+    identity: &str,
+    gateway_api_recheck: Duration,
+) -> bulwark_control_plane::Settings {
+    use bulwark_control_plane::lease::LeaseSettings;
+    use bulwark_control_plane::source::kubernetes::KubernetesSettings;
+    bulwark_control_plane::Settings {
+        source: Source::Kubernetes(KubernetesSettings {
+            kubeconfig: Some(kubeconfig),
+            lease: LeaseSettings {
+                duration: Duration::from_secs(3),
+                retry: Duration::from_millis(200),
+                ..LeaseSettings::new("bulwark-system", identity)
+            },
+            gateway_api_recheck,
+        }),
+        grpc_addr: loopback(),
+        admin_addr: loopback(),
+        debounce: Duration::from_millis(50),
+    }
+}
+
 /// `127.0.0.1:0`.
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))

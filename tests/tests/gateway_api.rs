@@ -8,12 +8,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bulwark_agent::Agent;
-use bulwark_control_plane::lease::LeaseSettings;
-use bulwark_control_plane::source::kubernetes::KubernetesSettings;
-use bulwark_control_plane::{ControlPlane, Settings, Source};
+use bulwark_control_plane::{ControlPlane, Settings};
 use bulwark_tests::apiserver::{ApiServer, GATEWAY_GROUP};
 use bulwark_tests::client::HttpClient;
-use bulwark_tests::harness::{agent_settings, loopback};
+use bulwark_tests::harness::{agent_settings, kubernetes_control_plane_settings};
 use bulwark_tests::mesh::NAMESPACE;
 use bulwark_tests::poll_until;
 use serde_json::Value;
@@ -26,20 +24,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const RECHECK: Duration = Duration::from_millis(200);
 
 fn settings(kubeconfig: PathBuf) -> Settings {
-    Settings {
-        source: Source::Kubernetes(KubernetesSettings {
-            kubeconfig: Some(kubeconfig),
-            lease: LeaseSettings {
-                duration: Duration::from_secs(3),
-                retry: Duration::from_millis(200),
-                ..LeaseSettings::new("bulwark-system", "cp-1")
-            },
-            gateway_api_recheck: RECHECK,
-        }),
-        grpc_addr: loopback(),
-        admin_addr: loopback(),
-        debounce: Duration::from_millis(50),
-    }
+    kubernetes_control_plane_settings(kubeconfig, "cp-1", RECHECK)
 }
 
 fn apply_service(server: &ApiServer, name: &str, ip: &str) {
@@ -244,13 +229,11 @@ async fn httproutes_are_watched_when_the_gateway_api_is_installed() {
     cp.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_the_gateway_api_the_control_plane_stays_quiet_and_serves_agents() {
-    let server = ApiServer::start().await;
-    apply_service(&server, "orders", "127.0.0.31");
-    apply_service(&server, "orders-v2", "127.0.0.32");
-    // Stored, but the group is not served: nothing should read it.
-    server.apply(&http_route(10, ""));
+/// Serves `orders` and `orders-v2` from `server`, which does not serve the Gateway API
+/// (yet), and starts the control plane and an agent, which knows `orders` and no routes.
+async fn start_without_gateway_api(server: &ApiServer) -> (ControlPlane, Agent) {
+    apply_service(server, "orders", "127.0.0.31");
+    apply_service(server, "orders-v2", "127.0.0.32");
     let cp = ControlPlane::start(settings(server.kubeconfig("cp-1")))
         .await
         .expect("the control plane starts without the Gateway API");
@@ -263,6 +246,15 @@ async fn without_the_gateway_api_the_control_plane_stays_quiet_and_serves_agents
         Value::Array(Vec::new()),
         "no routes without the CRDs"
     );
+    (cp, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_gateway_api_the_control_plane_stays_quiet_and_serves_agents() {
+    let server = ApiServer::start().await;
+    // Stored, but the group is not served: nothing should read it.
+    server.apply(&http_route(10, ""));
+    let (cp, agent) = start_without_gateway_api(&server).await;
 
     // Later changes still reach the agent: the source is synced without HTTPRoutes.
     apply_service(&server, "payments", "127.0.0.33");
@@ -302,20 +294,7 @@ fn route_requests(server: &ApiServer) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_api_crds_installed_later_are_found_and_deleted_ones_drop_their_routes() {
     let server = ApiServer::start().await;
-    apply_service(&server, "orders", "127.0.0.31");
-    apply_service(&server, "orders-v2", "127.0.0.32");
-    let cp = ControlPlane::start(settings(server.kubeconfig("cp-1")))
-        .await
-        .expect("the control plane starts without the Gateway API");
-    let agent = Agent::start(agent_settings(cp.grpc_addr(), "client", None))
-        .await
-        .expect("the agent starts");
-    let routes = wait_for_routes(&agent, "the agent knows orders", |_| true).await;
-    assert_eq!(
-        routes,
-        Value::Array(Vec::new()),
-        "no routes without the CRDs"
-    );
+    let (cp, agent) = start_without_gateway_api(&server).await;
 
     // The CRDs are installed, then a route is created: re-discovery finds the group.
     server.serve_gateway_api();

@@ -9,12 +9,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bulwark_agent::Agent;
-use bulwark_control_plane::lease::LeaseSettings;
-use bulwark_control_plane::source::kubernetes::{GATEWAY_API_RECHECK, KubernetesSettings};
-use bulwark_control_plane::{ControlPlane, Settings, Source};
+use bulwark_control_plane::source::kubernetes::GATEWAY_API_RECHECK;
+use bulwark_control_plane::{ControlPlane, Settings};
 use bulwark_tests::apiserver::ApiServer;
 use bulwark_tests::client::HttpClient;
-use bulwark_tests::harness::{agent_settings, loopback};
+use bulwark_tests::harness::{agent_settings, kubernetes_control_plane_settings};
 use bulwark_tests::mesh::NAMESPACE;
 use bulwark_tests::poll_until;
 use serde_json::Value;
@@ -23,20 +22,7 @@ use serde_json::Value;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn settings(kubeconfig: PathBuf, identity: &str) -> Settings {
-    Settings {
-        source: Source::Kubernetes(KubernetesSettings {
-            kubeconfig: Some(kubeconfig),
-            lease: LeaseSettings {
-                duration: Duration::from_secs(3),
-                retry: Duration::from_millis(200),
-                ..LeaseSettings::new("bulwark-system", identity)
-            },
-            gateway_api_recheck: GATEWAY_API_RECHECK,
-        }),
-        grpc_addr: loopback(),
-        admin_addr: loopback(),
-        debounce: Duration::from_millis(50),
-    }
+    kubernetes_control_plane_settings(kubeconfig, identity, GATEWAY_API_RECHECK)
 }
 
 fn service(name: &str, ip: &str) -> [String; 3] {
