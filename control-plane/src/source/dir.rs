@@ -14,6 +14,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use notify_debouncer_full::notify::event::{
@@ -342,7 +344,15 @@ fn is_change(kind: &EventKind) -> bool {
 pub struct DirWatcher {
     debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
     changes: mpsc::Receiver<()>,
+    /// Set when a watched folder itself was removed (its watch went with it).
+    folder_removed: Arc<AtomicBool>,
+    /// How often the folders are read again while one of them cannot be.
+    retry: Duration,
 }
+
+/// While a folder cannot be read (deleted, or replaced by a deploy tool), it is looked
+/// for this often: its watch went with it, so no event would say it is back.
+const RETRY_UNREADABLE: Duration = Duration::from_secs(2);
 
 impl DirWatcher {
     /// Starts watching `dirs`; a change in any of them is reported once per `debounce`
@@ -354,9 +364,21 @@ impl DirWatcher {
         };
         // One pending signal is enough: a reload reads everything anyway.
         let (tx, changes) = mpsc::channel(1);
+        let folder_removed = Arc::new(AtomicBool::new(false));
+        let removed = Arc::clone(&folder_removed);
+        let watched = dirs.to_vec();
         let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
             let changed = match result {
-                Ok(events) => events.iter().any(|e| is_change(&e.event.kind)),
+                Ok(events) => {
+                    let folder_gone = events.iter().any(|e| {
+                        matches!(e.event.kind, EventKind::Remove(_))
+                            && e.event.paths.iter().any(|path| watched.contains(path))
+                    });
+                    if folder_gone {
+                        removed.store(true, Ordering::Relaxed);
+                    }
+                    events.iter().any(|e| is_change(&e.event.kind))
+                }
                 Err(errors) => {
                     for error in errors {
                         warn!(%error, "file watcher error; reloading the folders to be safe");
@@ -376,7 +398,12 @@ impl DirWatcher {
                 .watch(dir, RecursiveMode::NonRecursive)
                 .map_err(watch_error(dir))?;
         }
-        Ok(DirWatcher { debouncer, changes })
+        Ok(DirWatcher {
+            debouncer,
+            changes,
+            folder_removed,
+            retry: RETRY_UNREADABLE,
+        })
     }
 
     /// Reloads `source` on every change and publishes the outcome, until `shutdown` is set.
@@ -387,16 +414,27 @@ impl DirWatcher {
         mut shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
         let DirWatcher {
-            debouncer,
+            mut debouncer,
             mut changes,
+            folder_removed,
+            retry,
         } = self;
         tokio::spawn(async move {
-            // Dropping the debouncer stops its threads when this task ends.
-            let _debouncer = debouncer;
+            // The debouncer lives in this task: dropping it when the task ends stops its
+            // threads, and a folder that comes back is watched again from here.
+            let mut unreadable = false;
             loop {
+                let retry_timer = async {
+                    if unreadable {
+                        tokio::time::sleep(retry).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 tokio::select! {
                     _ = crate::stopped(&mut shutdown) => break,
                     change = changes.recv() => if change.is_none() { break },
+                    () = retry_timer => {}
                 }
                 let reloaded = tokio::task::spawn_blocking(move || {
                     let outcome = source.load();
@@ -415,13 +453,32 @@ impl DirWatcher {
                     Ok(LoadOutcome {
                         model, rejected, ..
                     }) => {
+                        let was_unreadable = std::mem::take(&mut unreadable);
+                        if was_unreadable {
+                            info!(dirs = ?source.dirs(), "every source folder is readable again");
+                        }
+                        // A folder deleted (and created again by now, or while it was
+                        // unreadable) lost its watch with it: watch the one there now.
+                        if folder_removed.swap(false, Ordering::Relaxed) || was_unreadable {
+                            for dir in source.dirs() {
+                                if let Err(error) =
+                                    debouncer.watch(dir, RecursiveMode::NonRecursive)
+                                {
+                                    warn!(dir = %dir.display(), %error, "cannot watch the folder again");
+                                }
+                            }
+                        }
                         debug!(dirs = ?source.dirs(), rejected = rejected.len(), "folder reloaded");
                         publisher.publish(model, rejected);
                     }
-                    Err(error) => warn!(
-                        %error,
-                        "cannot reload the source folders; the last loaded configuration stays in force"
-                    ),
+                    Err(error) if !unreadable => {
+                        unreadable = true;
+                        warn!(
+                            %error,
+                            "cannot reload the source folders; the last loaded configuration stays in force"
+                        );
+                    }
+                    Err(error) => debug!(%error, "a source folder is still unreadable"),
                 }
             }
         })
@@ -786,6 +843,47 @@ mod tests {
         .expect("the change in the second folder is published")
         .unwrap();
         assert_eq!(models.borrow().services.len(), 1, "the first folder kept");
+        stop.send_replace(true);
+        task.await.unwrap();
+    }
+
+    /// A folder deleted and created again (its inotify watch went with it) is found
+    /// again and watched: later writes in it are published.
+    #[tokio::test]
+    async fn a_folder_deleted_and_created_again_is_watched_again() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("mesh");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("p.yaml"), policy("2")).unwrap();
+        let dirs = [dir.clone()];
+        let mut source = DirSource::open_all(dirs.clone()).unwrap();
+        let mut watcher = DirWatcher::start(&dirs, Duration::from_millis(50)).unwrap();
+        watcher.retry = Duration::from_millis(100);
+        let publisher = Publisher::new(std::sync::Arc::new(crate::metrics::Metrics::new()));
+        let loaded = source.load().unwrap();
+        publisher.publish(loaded.model, loaded.rejected);
+        let models = publisher.models();
+        let (stop, shutdown) = watch::channel(false);
+        let task = watcher.spawn(source, publisher.clone(), shutdown);
+        let published = |attempts_wanted: u32| {
+            let mut models = models.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    models.wait_for(|m| attempts(m) == Some(attempts_wanted)),
+                )
+                .await
+                .is_ok()
+            }
+        };
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("p.yaml"), policy("3")).unwrap();
+        assert!(published(3).await, "the new folder is read");
+        // Now only the new watch can see this write.
+        std::fs::write(dir.join("p.yaml"), policy("4")).unwrap();
+        assert!(published(4).await, "the new folder is watched");
         stop.send_replace(true);
         task.await.unwrap();
     }
