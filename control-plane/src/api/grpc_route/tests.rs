@@ -186,3 +186,29 @@ fn a_gateway_route_is_not_ours() {
         .unwrap();
     assert!(r.parents.is_empty() && r.rules.is_empty());
 }
+
+#[test]
+fn the_readme_example_decodes() {
+    let r = route(
+        "  parentRefs:
+    - {group: \"\", kind: Service, name: greeter, port: 50051}
+  rules:
+    - matches:                       # one method to v2
+        - method: {service: helloworld.Greeter, method: SayHelloAgain}
+      backendRefs: [{name: greeter-v2, port: 50051}]
+    - matches:                       # callers that send this metadata to v2
+        - headers: [{name: x-canary, value: \"true\"}]
+      backendRefs: [{name: greeter-v2, port: 50051}]
+    - backendRefs:                   # everything else 90/10
+        - {name: greeter-v1, port: 50051, weight: 90}
+        - {name: greeter-v2, port: 50051, weight: 10}
+",
+    )
+    .unwrap();
+    assert_eq!(r.rules.len(), 3);
+    assert_eq!(
+        r.rules[0].matches[0].path,
+        PathMatch::Exact("/helloworld.Greeter/SayHelloAgain".into())
+    );
+    assert_eq!(r.rules[2].backends[0].weight, 90);
+}
