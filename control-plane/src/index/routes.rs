@@ -25,8 +25,11 @@ use crate::model::{Kind, Model, ObjectName, Protocol, Service, ServicePort};
 /// The routes attached to each service (namespace, name), with the parent reference
 /// that attaches them.
 pub(super) struct Attached<'a> {
-    by_service: HashMap<(&'a str, &'a str), Vec<(Kind, &'a HttpRoute, &'a ParentRef)>>,
+    by_service: HashMap<(&'a str, &'a str), Vec<Attachment<'a>>>,
 }
+
+/// A route of some kind, attached by one of its parent references.
+type Attachment<'a> = (Kind, &'a HttpRoute, &'a ParentRef);
 
 impl<'a> Attached<'a> {
     /// Attaches every route of the model, reporting parents and backends that do not
