@@ -316,8 +316,9 @@ pub fn spawn(
     })
 }
 
-/// Writes the `status.parents` of every route (HTTPRoute, GRPCRoute) whose entries are out of date;
-/// `written` holds what was patched and not yet seen back (without transition times).
+/// Writes the `status.parents` of every route (HTTPRoute, GRPCRoute) whose entries are
+/// out of date; `written` holds what was patched and not yet seen back (without
+/// transition times).
 async fn write_routes(
     client: &Client,
     snapshot: &Observed,

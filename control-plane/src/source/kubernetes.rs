@@ -560,13 +560,14 @@ async fn gateway_api_served(
     }
 }
 
-/// Follows one route kind (HTTPRoutes or GRPCRoutes) while API discovery shows it in
-/// `gateway.networking.k8s.io/v1` (each kind on its own: GRPCRoute came to the standard
-/// channel later than HTTPRoute, so a cluster may serve one and not the other), so that a cluster without the Gateway API CRDs gets no failing watch and
-/// no error every few seconds. While the group is absent the kind counts as listed and
-/// empty, so the other kinds' model is published, and discovery is asked again every
-/// `recheck`. When the group goes away (the CRDs are deleted) the routes are dropped
-/// from the model, once, with one log line, and the source goes back to waiting.
+/// Follows one route kind (HTTPRoutes or GRPCRoutes) while API discovery lists it in
+/// `gateway.networking.k8s.io/v1`, each kind on its own (GRPCRoute reached the standard
+/// channel later than HTTPRoute, so a cluster may serve one and not the other), so that
+/// a cluster without the CRD gets no failing watch and no error every few seconds.
+/// While the kind is absent it counts as listed and empty, so the other kinds' model is
+/// published, and discovery is asked again every `recheck`. When the kind goes away
+/// (its CRD is deleted) its routes are dropped from the model, once, with one log line,
+/// and the source goes back to waiting.
 async fn follow_routes(
     kind: Kind,
     client: Client,
@@ -647,8 +648,8 @@ async fn follow_routes(
 
 /// Starts a watcher per kind and the task that publishes models through `publisher`
 /// after each burst of events (quiet for `debounce`).
-/// HTTPRoutes and GRPCRoutes are each watched only while API discovery shows them, asked again
-/// every `gateway_api_recheck` while it does not.
+/// HTTPRoutes and GRPCRoutes are each watched only while API discovery shows them,
+/// asked again every `gateway_api_recheck` while it does not.
 pub fn spawn(
     client: &Client,
     publisher: Publisher,
