@@ -14,6 +14,7 @@ use crate::model::{Kind, Object, ObjectKey, ObjectName};
 
 pub mod endpoint_slice;
 pub mod grpc_code;
+pub mod grpc_route;
 pub mod http_route;
 pub mod meta;
 pub mod pod;
@@ -192,6 +193,9 @@ pub fn decode_noting(value: Value, ignored: &mut Vec<FieldError>) -> Result<Deco
         Kind::HttpRoute => typed::<http_route::HttpRouteDocument>(value)
             .and_then(TryInto::try_into)
             .map(Object::HttpRoute),
+        Kind::GrpcRoute => typed::<grpc_route::GrpcRouteDocument>(value)
+            .and_then(TryInto::try_into)
+            .map(Object::GrpcRoute),
     };
     object
         .map(Decoded::Object)
@@ -211,6 +215,7 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Option<Kind>, DecodeError> {
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
             Some(Kind::HttpRoute)
         }
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => Some(Kind::GrpcRoute),
         _ => None,
     };
     // Our own group is never "someone else's manifest": a typo there must be reported.

@@ -57,15 +57,16 @@ pub const RBAC_RULES: &[Rule] = &[
         ],
         verbs: &["patch"],
     },
-    // issue 6: traffic splitting by Gateway API HTTPRoutes (watched only when served).
+    // issue 6: traffic splitting by Gateway API HTTPRoutes and GRPCRoutes (each watched
+    // only when served).
     Rule {
         api_groups: &["gateway.networking.k8s.io"],
-        resources: &["httproutes"],
+        resources: &["httproutes", "grpcroutes"],
         verbs: &["list", "watch"],
     },
     Rule {
         api_groups: &["gateway.networking.k8s.io"],
-        resources: &["httproutes/status"],
+        resources: &["httproutes/status", "grpcroutes/status"],
         verbs: &["patch"],
     },
     Rule {

@@ -61,11 +61,14 @@ pub enum Kind {
     ShardTopology,
     /// `gateway.networking.k8s.io/v1/HTTPRoute` with Service parents (traffic splitting).
     HttpRoute,
+    /// `gateway.networking.k8s.io/v1/GRPCRoute` with Service parents, translated to the
+    /// HTTP requests gRPC makes (traffic splitting of gRPC services).
+    GrpcRoute,
 }
 
 impl Kind {
     /// Every kind, for metrics that report zero counts too.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -73,6 +76,7 @@ impl Kind {
         Kind::RateLimitPolicy,
         Kind::ShardTopology,
         Kind::HttpRoute,
+        Kind::GrpcRoute,
     ];
 
     /// The Kubernetes kind name.
@@ -85,7 +89,18 @@ impl Kind {
             Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::ShardTopology => "ShardTopology",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
+    }
+}
+
+impl Kind {
+    /// The Gateway API route kinds, in the order they rank on a precedence tie.
+    pub const ROUTES: [Kind; 2] = [Kind::HttpRoute, Kind::GrpcRoute];
+
+    /// Whether the kind is a Gateway API route (HTTPRoute or GRPCRoute).
+    pub const fn is_route(self) -> bool {
+        matches!(self, Kind::HttpRoute | Kind::GrpcRoute)
     }
 }
 
@@ -127,6 +142,8 @@ pub enum Object {
     ShardTopology(Box<ShardTopology>),
     /// An HTTPRoute.
     HttpRoute(HttpRoute),
+    /// A GRPCRoute, as the HTTPRoute it translates to.
+    GrpcRoute(HttpRoute),
 }
 
 impl Object {
@@ -140,6 +157,7 @@ impl Object {
             Object::RateLimitPolicy(o) => (Kind::RateLimitPolicy, &o.name),
             Object::ShardTopology(o) => (Kind::ShardTopology, &o.name),
             Object::HttpRoute(o) => (Kind::HttpRoute, &o.name),
+            Object::GrpcRoute(o) => (Kind::GrpcRoute, &o.name),
         };
         ObjectKey {
             kind,
@@ -165,6 +183,8 @@ pub struct Model {
     pub shard_topologies: BTreeMap<ObjectName, ShardTopology>,
     /// HTTPRoutes by name.
     pub http_routes: BTreeMap<ObjectName, HttpRoute>,
+    /// GRPCRoutes by name, translated to HTTP routes.
+    pub grpc_routes: BTreeMap<ObjectName, HttpRoute>,
 }
 
 impl Model {
@@ -192,6 +212,9 @@ impl Model {
             Object::HttpRoute(o) => {
                 self.http_routes.insert(o.name.clone(), o);
             }
+            Object::GrpcRoute(o) => {
+                self.grpc_routes.insert(o.name.clone(), o);
+            }
         }
     }
 
@@ -205,6 +228,16 @@ impl Model {
             Kind::RateLimitPolicy => self.rate_limit_policies.len(),
             Kind::ShardTopology => self.shard_topologies.len(),
             Kind::HttpRoute => self.http_routes.len(),
+            Kind::GrpcRoute => self.grpc_routes.len(),
+        }
+    }
+
+    /// The routes of a route kind (HTTPRoutes or GRPCRoutes); none for other kinds.
+    pub fn routes(&self, kind: Kind) -> Option<&BTreeMap<ObjectName, HttpRoute>> {
+        match kind {
+            Kind::HttpRoute => Some(&self.http_routes),
+            Kind::GrpcRoute => Some(&self.grpc_routes),
+            _ => None,
         }
     }
 }

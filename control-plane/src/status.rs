@@ -1,7 +1,7 @@
 //! Policy status: judges every Bulwark policy the Kubernetes source sees and writes its
 //! `Accepted` condition, only from the replica holding the status Lease and only when
-//! the condition changed. HTTPRoutes with Service parents get their `status.parents`
-//! entries the same way ([`http_route`]).
+//! the condition changed. HTTPRoutes and GRPCRoutes with Service parents get their
+//! `status.parents` entries the same way ([`route`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::model::{Kind, Model, ObjectKey, ObjectName, TargetRef};
 use crate::source::kubernetes::{Observed, PolicyObservation, resource};
 
-pub mod http_route;
+pub mod route;
 
 /// How often the writer re-checks everything even without news (a status someone else
 /// overwrote is put right within this time).
@@ -60,7 +60,7 @@ fn targets<'m>(model: &'m Model, key: &ObjectKey) -> Option<&'m [TargetRef]> {
             .shard_topologies
             .get(&key.name)
             .map(|p| &p.targets[..]),
-        Kind::Service | Kind::EndpointSlice | Kind::Pod | Kind::HttpRoute => None,
+        Kind::Service | Kind::EndpointSlice | Kind::Pod | Kind::HttpRoute | Kind::GrpcRoute => None,
     }
 }
 
@@ -247,7 +247,7 @@ pub fn spawn(
     tokio::spawn(async move {
         // What we patched and have not seen come back through the watch yet.
         let mut written: BTreeMap<ObjectKey, (Option<i64>, Verdict)> = BTreeMap::new();
-        let mut routes_written: BTreeMap<ObjectName, String> = BTreeMap::new();
+        let mut routes_written: BTreeMap<ObjectKey, String> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = crate::stopped(&mut shutdown) => break,
@@ -316,12 +316,13 @@ pub fn spawn(
     })
 }
 
-/// Writes the `status.parents` of every HTTPRoute whose entries are out of date;
-/// `written` holds what was patched and not yet seen back (without transition times).
+/// Writes the `status.parents` of every route (HTTPRoute, GRPCRoute) whose entries are
+/// out of date; `written` holds what was patched and not yet seen back (without
+/// transition times).
 async fn write_routes(
     client: &Client,
     snapshot: &Observed,
-    written: &mut BTreeMap<ObjectName, String>,
+    written: &mut BTreeMap<ObjectKey, String>,
     metrics: &Metrics,
 ) {
     written.retain(|name, _| snapshot.routes.contains_key(name));
@@ -329,33 +330,34 @@ async fn write_routes(
         .ok()
         .and_then(|t| t.as_str().map(str::to_owned))
         .unwrap_or_default();
-    for (name, observation) in &snapshot.routes {
-        let Some(parents) = http_route::desired(name, observation, &snapshot.model, &now) else {
-            written.remove(name);
+    for (key, observation) in &snapshot.routes {
+        let name = &key.name;
+        let Some(parents) = route::desired(key, observation, &snapshot.model, &now) else {
+            written.remove(key);
             continue;
         };
         let fingerprint = without_times(&parents, observation.generation);
-        if written.get(name) == Some(&fingerprint) {
+        if written.get(key) == Some(&fingerprint) {
             continue;
         }
         let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &name.namespace, &resource(Kind::HttpRoute));
+            Api::namespaced_with(client.clone(), &name.namespace, &resource(key.kind));
         let patch = serde_json::json!({ "status": { "parents": parents } });
         match api
             .patch_status(&name.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => {
-                info!(route = %name, "HTTPRoute status written");
+                info!(kind = key.kind.as_str(), route = %name, "route status written");
                 metrics.status_writes.inc();
-                written.insert(name.clone(), fingerprint);
+                written.insert(key.clone(), fingerprint);
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {
-                debug!(route = %name, "the route went away before its status was written");
+                debug!(kind = key.kind.as_str(), route = %name, "the route went away before its status was written");
             }
             Err(error) => {
                 metrics.status_write_errors.inc();
-                warn!(route = %name, %error, "cannot write the HTTPRoute's status; retrying later");
+                warn!(kind = key.kind.as_str(), route = %name, %error, "cannot write the route's status; retrying later");
             }
         }
     }

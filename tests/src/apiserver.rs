@@ -48,7 +48,7 @@ pub struct Resource {
 }
 
 /// Every resource the control plane touches.
-pub const RESOURCES: [Resource; 8] = [
+pub const RESOURCES: [Resource; 9] = [
     Resource {
         group: "",
         version: "v1",
@@ -97,6 +97,12 @@ pub const RESOURCES: [Resource; 8] = [
         version: "v1",
         plural: "httproutes",
         kind: "HTTPRoute",
+    },
+    Resource {
+        group: GATEWAY_GROUP,
+        version: "v1",
+        plural: "grpcroutes",
+        kind: "GRPCRoute",
     },
 ];
 
@@ -621,7 +627,7 @@ impl ApiServer {
     }
 
     /// Installs the Gateway API CRDs: `/apis/gateway.networking.k8s.io/v1` and its
-    /// HTTPRoutes are served from now on.
+    /// HTTPRoutes and GRPCRoutes are served from now on.
     pub fn serve_gateway_api(&self) {
         self.shared.lock().gateway_api = true;
     }
@@ -735,6 +741,11 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
                      "patch", "create", "update", "watch"]},
                     {"name": "httproutes/status", "singularName": "", "namespaced": true,
                      "kind": "HTTPRoute", "verbs": ["get", "patch", "update"]},
+                    {"name": "grpcroutes", "singularName": "grpcroute", "namespaced": true,
+                     "kind": "GRPCRoute", "verbs": ["delete", "deletecollection", "get", "list",
+                     "patch", "create", "update", "watch"]},
+                    {"name": "grpcroutes/status", "singularName": "", "namespaced": true,
+                     "kind": "GRPCRoute", "verbs": ["get", "patch", "update"]},
                 ],
             }),
         );

@@ -1,4 +1,4 @@
-//! HTTPRoutes from Kubernetes, against the kit's in-test API server and a real agent:
+//! HTTPRoutes and GRPCRoutes from Kubernetes, against the kit's in-test API server and a real agent:
 //! with the Gateway API CRDs installed the control plane watches HTTPRoutes and their
 //! rules reach the agent; without them it does not touch the group, reports nothing and
 //! keeps serving agents; CRDs installed after it started are found by re-discovery, and
@@ -79,7 +79,12 @@ async fn wait_for_routes(agent: &Agent, what: &str, check: impl Fn(&Value) -> bo
 /// Our `status.parents` entry's conditions of route `orders-canary`, as
 /// (type, status, reason, message, observedGeneration).
 fn route_conditions(server: &ApiServer) -> Vec<(String, String, String, String, i64)> {
-    let Some(route) = server.get("HTTPRoute", NAMESPACE, "orders-canary") else {
+    conditions_of(server, "HTTPRoute")
+}
+
+/// [`route_conditions`] of the `orders-canary` of a route kind.
+fn conditions_of(server: &ApiServer, kind: &str) -> Vec<(String, String, String, String, i64)> {
+    let Some(route) = server.get(kind, NAMESPACE, "orders-canary") else {
         return Vec::new();
     };
     let text = |c: &Value, k: &str| c[k].as_str().unwrap_or_default().to_owned();
@@ -354,6 +359,118 @@ async fn gateway_api_crds_installed_later_are_found_and_deleted_ones_drop_their_
         .iter()
         .filter(|r| r.group == GATEWAY_GROUP)
     {
+        assert!(
+            bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
+            "{r:?} is not in the ClusterRole"
+        );
+    }
+    agent.shutdown().await;
+    cp.shutdown().await;
+}
+
+fn grpc_route(method: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+         metadata: {{name: orders-canary, namespace: {NAMESPACE}}}\n\
+         spec:\n  parentRefs: [{{group: '', kind: Service, name: orders, port: 80}}]\n  rules:\n\
+         \x20 - matches: [{{method: {{service: shop.Orders, method: {method}}}}}]\n\
+         \x20   backendRefs: [{{name: orders-v2, port: 80}}]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcroutes_are_watched_reach_the_agent_and_get_status() {
+    let server = ApiServer::start().await;
+    server.serve_gateway_api();
+    apply_service(&server, "orders", "127.0.0.31");
+    apply_service(&server, "orders-v2", "127.0.0.32");
+    server.apply(&grpc_route("Place"));
+    let cp = ControlPlane::start(settings(server.kubeconfig("cp-1")))
+        .await
+        .expect("the control plane lists the cluster and starts");
+    let agent = Agent::start(agent_settings(cp.grpc_addr(), "client", None))
+        .await
+        .expect("the agent starts");
+
+    let path = |routes: &Value| {
+        routes[0]["matches"][0]["path"]["value"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let routes = wait_for_routes(&agent, "the GRPCRoute reaches the agent", |r| {
+        path(r).as_deref() == Some("/shop.Orders/Place")
+    })
+    .await;
+    assert_eq!(
+        routes[0]["route"],
+        format!("GRPCRoute {NAMESPACE}/orders-canary")
+    );
+    assert_eq!(
+        routes[0]["backends"][0]["service"],
+        format!("orders-v2.{NAMESPACE}:80")
+    );
+    assert_eq!(routes[0]["backends"][0]["resolved"], true);
+
+    let accepted = |c: &[(String, String, String, String, i64)]| {
+        c.len() == 2 && c.iter().all(|c| c.1 == "True")
+    };
+    poll_until(
+        DEADLINE,
+        "the GRPCRoute is Accepted and ResolvedRefs",
+        || async { Some(()).filter(|()| accepted(&conditions_of(&server, "GRPCRoute"))) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", conditions_of(&server, "GRPCRoute")));
+
+    // An edit reaches the agent; an invalid version is refused by field path with a
+    // status, and the last valid one stays in force.
+    server.apply(&grpc_route("Cancel"));
+    wait_for_routes(&agent, "the edited GRPCRoute reaches the agent", |r| {
+        path(r).as_deref() == Some("/shop.Orders/Cancel")
+    })
+    .await;
+    server.apply(&grpc_route("'Can cel'"));
+    let refused = poll_until(DEADLINE, "the bad GRPCRoute is not accepted", || async {
+        conditions_of(&server, "GRPCRoute")
+            .into_iter()
+            .next()
+            .filter(|c| c.1 == "False")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(refused.2, "UnsupportedValue");
+    assert!(
+        refused.3.contains("spec.rules[0].matches[0].method.method")
+            && refused
+                .3
+                .contains("the last accepted version stays in force"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        path(&orders_routes(&agent).await.unwrap_or_default()).as_deref(),
+        Some("/shop.Orders/Cancel")
+    );
+
+    assert!(server.delete("GRPCRoute", NAMESPACE, "orders-canary"));
+    wait_for_routes(&agent, "the GRPCRoute is gone at the agent", |r| {
+        r.as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+
+    let gateway: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.group == GATEWAY_GROUP)
+        .collect();
+    for (resource, verb) in [("grpcroutes", "watch"), ("grpcroutes/status", "patch")] {
+        assert!(
+            gateway
+                .iter()
+                .any(|r| r.resource == resource && r.verb == verb),
+            "no {verb} of {resource}: {gateway:?}"
+        );
+    }
+    for r in &gateway {
         assert!(
             bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
             "{r:?} is not in the ClusterRole"

@@ -112,14 +112,17 @@ fn status_patches(server: &ApiServer, name: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
     let server = ApiServer::start().await;
-    // issue 6: with the Gateway API installed and a route on reviews (no backends: to
-    // reviews itself), so that the HTTPRoute rules are exercised too.
+    // issue 6: with the Gateway API installed and a route of each kind on reviews (no
+    // backends: to reviews itself), so that the HTTPRoute and GRPCRoute rules are
+    // exercised too.
     server.serve_gateway_api();
-    server.apply(&format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
-         metadata: {{name: reviews-route, namespace: {NAMESPACE}}}\n\
-         spec: {{parentRefs: [{{group: '', kind: Service, name: reviews}}]}}\n"
-    ));
+    for kind in ["HTTPRoute", "GRPCRoute"] {
+        server.apply(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\n\
+             metadata: {{name: reviews-route, namespace: {NAMESPACE}}}\n\
+             spec: {{parentRefs: [{{group: '', kind: Service, name: reviews}}]}}\n"
+        ));
+    }
     for manifest in service("reviews", "127.0.0.21") {
         server.apply(&manifest);
     }
@@ -324,14 +327,16 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
         "{settled} patches for two changes of the condition"
     );
 
-    // The route got its status (from the lease holder).
-    poll_until(DEADLINE, "the HTTPRoute's status", || async {
-        server
-            .get("HTTPRoute", NAMESPACE, "reviews-route")
-            .filter(|r| r["status"]["parents"][0]["controllerName"] == "bulwark.io/mesh")
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    // The routes got their status (from the lease holder).
+    for kind in ["HTTPRoute", "GRPCRoute"] {
+        poll_until(DEADLINE, &format!("the {kind}'s status"), || async {
+            server
+                .get(kind, NAMESPACE, "reviews-route")
+                .filter(|r| r["status"]["parents"][0]["controllerName"] == "bulwark.io/mesh")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
 
     // Every call the control plane made is one its RBAC rules allow.
     let requests = server.requests();

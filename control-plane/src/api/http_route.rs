@@ -258,7 +258,7 @@ impl TryFrom<HttpRouteDocument> for model::HttpRoute {
 }
 
 /// The Service parents; other parents (Gateways) are skipped.
-fn parents(
+pub(super) fn parents(
     refs: Vec<ParentReference>,
     namespace: &str,
 ) -> Result<Vec<model::ParentRef>, FieldError> {
@@ -303,7 +303,7 @@ fn parents(
     Ok(out)
 }
 
-fn unsupported(value: Option<&Value>) -> bool {
+pub(super) fn unsupported(value: Option<&Value>) -> bool {
     match value {
         None | Some(Value::Null) => false,
         Some(Value::Sequence(s)) => !s.is_empty(),
@@ -373,7 +373,10 @@ fn rule(spec: RuleSpec, at: &str, namespace: &str) -> Result<model::Rule, FieldE
 }
 
 /// The rule's filters: at most one `RequestHeaderModifier`; any other type is refused.
-fn filters(specs: Vec<FilterSpec>, at: &str) -> Result<Option<model::HeaderModifier>, FieldError> {
+pub(super) fn filters(
+    specs: Vec<FilterSpec>,
+    at: &str,
+) -> Result<Option<model::HeaderModifier>, FieldError> {
     let mut modifier = None;
     for (i, f) in specs.into_iter().enumerate() {
         let fat = item(at, i);
@@ -590,7 +593,7 @@ fn path(spec: PathSpec, at: &str) -> Result<model::PathMatch, FieldError> {
     Ok(model::PathMatch::Prefix(prefix.to_owned()))
 }
 
-fn header(spec: HeaderSpec, at: &str) -> Result<model::HeaderMatch, FieldError> {
+pub(super) fn header(spec: HeaderSpec, at: &str) -> Result<model::HeaderMatch, FieldError> {
     let name = spec
         .name
         .filter(|n| !n.is_empty())
@@ -649,7 +652,11 @@ pub fn regex(pattern: &str, at: &str) -> Result<(), FieldError> {
         .map_err(|e| FieldError::new(at, format!("invalid regular expression: {e}")))
 }
 
-fn backend(spec: BackendRefSpec, at: &str, namespace: &str) -> Result<model::Backend, FieldError> {
+pub(super) fn backend(
+    spec: BackendRefSpec,
+    at: &str,
+    namespace: &str,
+) -> Result<model::Backend, FieldError> {
     match spec.group.as_deref() {
         None => {}
         group if is_core(group) => {}

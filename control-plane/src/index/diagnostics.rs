@@ -62,7 +62,9 @@ pub enum Diagnostic {
     /// An HTTPRoute backend names a Service or port that does not exist: its share of
     /// the traffic gets 500.
     UnresolvedBackend {
-        /// The HTTPRoute.
+        /// HTTPRoute or GRPCRoute.
+        kind: Kind,
+        /// The route.
         route: ObjectName,
         /// The backend Service's name (in the route's namespace).
         service: String,
@@ -115,12 +117,13 @@ impl Diagnostic {
                 "RateLimitPolicy targets a Service without a selector; no pod enforces it"
             ),
             Diagnostic::UnresolvedBackend {
+                kind,
                 route,
                 service,
                 port,
             } => warn!(
-                %route, %service, port,
-                "HTTPRoute backend names no such Service port; its share of requests gets 500"
+                kind = kind.as_str(), %route, %service, port,
+                "route backend names no such Service port; its share of requests gets 500"
             ),
         }
     }
@@ -170,12 +173,13 @@ impl fmt::Display for Diagnostic {
                 "RateLimitPolicy {policy} targets Service {service}, which has no selector"
             ),
             Diagnostic::UnresolvedBackend {
+                kind,
                 route,
                 service,
                 port,
             } => write!(
                 f,
-                "HTTPRoute {route}: backend Service {service} port {port} does not exist; \
+                "{kind} {route}: backend Service {service} port {port} does not exist; \
                  its share of requests gets 500"
             ),
         }

@@ -1,11 +1,18 @@
-//! Traffic splitting: the rules of the HTTPRoutes attached to each service port, in
-//! the Gateway API's precedence order, in wire form.
+//! Traffic splitting: the rules of the HTTPRoutes and GRPCRoutes attached to each
+//! service port, in the Gateway API's precedence order, in wire form.
 //!
 //! Precedence is decided per match, across every rule of every route on the port: the
 //! more specific match first (exact path, regex, longest prefix, method, most headers),
 //! then the older route (`creationTimestamp`, unknown counting as newest), then the
-//! route's `namespace/name`, then rule and match order in the route. So each wire entry
-//! carries one match, and the agent takes the first entry that matches.
+//! route's `namespace/name`, then HTTPRoute before GRPCRoute, then rule and match order
+//! in the route. So each wire entry carries one match, and the agent takes the first
+//! entry that matches.
+//!
+//! The Gateway API merges the HTTPRoutes and GRPCRoutes of one port. A GRPCRoute's
+//! matches are already paths here (`/service/method` exact, `/service` prefix, a
+//! method-only or RegularExpression match a regular expression), so both kinds rank
+//! together by the one ranking above: a gRPC call goes to the most specific match of
+//! either kind.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -18,15 +25,24 @@ use crate::model::{Kind, Model, ObjectName, Protocol, Service, ServicePort};
 /// The routes attached to each service (namespace, name), with the parent reference
 /// that attaches them.
 pub(super) struct Attached<'a> {
-    by_service: HashMap<(&'a str, &'a str), Vec<(&'a HttpRoute, &'a ParentRef)>>,
+    by_service: HashMap<(&'a str, &'a str), Vec<Attachment<'a>>>,
 }
+
+/// A route of some kind, attached by one of its parent references.
+type Attachment<'a> = (Kind, &'a HttpRoute, &'a ParentRef);
 
 impl<'a> Attached<'a> {
     /// Attaches every route of the model, reporting parents and backends that do not
     /// resolve.
     pub(super) fn new(model: &'a Model, diagnostics: &mut BTreeSet<Diagnostic>) -> Self {
         let mut by_service: HashMap<_, Vec<_>> = HashMap::new();
-        for r in model.http_routes.values() {
+        let routes = Kind::ROUTES.into_iter().flat_map(|kind| {
+            model
+                .routes(kind)
+                .into_iter()
+                .flat_map(move |routes| routes.values().map(move |r| (kind, r)))
+        });
+        for (kind, r) in routes {
             let namespace = r.name.namespace.as_str();
             for parent in &r.parents {
                 match model
@@ -35,7 +51,7 @@ impl<'a> Attached<'a> {
                 {
                     None => {
                         diagnostics.insert(Diagnostic::MissingService {
-                            kind: Kind::HttpRoute,
+                            kind,
                             policy: r.name.clone(),
                             service: parent.service.clone(),
                         });
@@ -47,7 +63,7 @@ impl<'a> Attached<'a> {
                             .any(|p| p.protocol == Protocol::Tcp && parent.covers(p.port, &p.name))
                         {
                             diagnostics.insert(Diagnostic::MissingSection {
-                                kind: Kind::HttpRoute,
+                                kind,
                                 policy: r.name.clone(),
                                 service: parent.service.clone(),
                                 section: describe_parent(parent),
@@ -58,7 +74,7 @@ impl<'a> Attached<'a> {
                 by_service
                     .entry((namespace, parent.service.as_str()))
                     .or_default()
-                    .push((r, parent));
+                    .push((kind, r, parent));
             }
             for rule in &r.rules {
                 for backend in &rule.backends {
@@ -72,6 +88,7 @@ impl<'a> Attached<'a> {
                         });
                     if !resolved {
                         diagnostics.insert(Diagnostic::UnresolvedBackend {
+                            kind,
                             route: r.name.clone(),
                             service: backend.service.clone(),
                             port: backend.port,
@@ -92,13 +109,14 @@ impl<'a> Attached<'a> {
         // A route attached twice to the same port (by name and by number) counts once.
         let mut seen = HashSet::new();
         let mut entries = Vec::new();
-        for &(r, parent) in attached {
-            if !parent.covers(port.port, &port.name) || !seen.insert(&r.name) {
+        for &(kind, r, parent) in attached {
+            if !parent.covers(port.port, &port.name) || !seen.insert((kind, &r.name)) {
                 continue;
             }
             for (rule_index, rule) in r.rules.iter().enumerate() {
                 for (match_index, m) in rule.matches.iter().enumerate() {
                     entries.push(Entry {
+                        kind,
                         route: r,
                         rule_index,
                         match_index,
@@ -115,6 +133,7 @@ impl<'a> Attached<'a> {
                         .cmp(&(b.route.created.is_none(), b.route.created))
                 })
                 .then_with(|| a.route.name.cmp(&b.route.name))
+                .then_with(|| a.kind.cmp(&b.kind))
                 .then_with(|| (a.rule_index, a.match_index).cmp(&(b.rule_index, b.match_index)))
         });
         entries
@@ -125,6 +144,7 @@ impl<'a> Attached<'a> {
 }
 
 struct Entry<'a> {
+    kind: Kind,
     route: &'a HttpRoute,
     rule_index: usize,
     match_index: usize,
@@ -164,7 +184,13 @@ fn wire_rule(e: &Entry<'_>, service: &Service, port: &ServicePort) -> proto::Htt
             .collect()
     };
     proto::HttpRouteRule {
-        source: e.route.name.to_string(),
+        // `namespace/name` for an HTTPRoute (as before GRPCRoutes), `GRPCRoute
+        // namespace/name` for a GRPCRoute: the agent's metrics and admin page tell them
+        // apart.
+        source: match e.kind {
+            Kind::GrpcRoute => format!("{} {}", e.kind, e.route.name),
+            _ => e.route.name.to_string(),
+        },
         rule_index: u32::try_from(e.rule_index).unwrap_or(u32::MAX),
         matches: vec![wire_match(e.m)],
         backends,

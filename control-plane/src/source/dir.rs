@@ -538,6 +538,36 @@ mod tests {
     }
 
     #[test]
+    fn a_grpc_route_is_read_and_an_unknown_field_is_reported_with_file_line_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let grpc_route = |name: &str, method: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+                 metadata: {{name: {name}, namespace: demo}}\n\
+                 spec:\n  parentRefs: [{{group: '', kind: Service, name: a}}]\n  rules:\n\
+                 \x20 - matches: [{{method: {method}}}]\n"
+            )
+        };
+        let text = format!(
+            "{}---\n{}---\n{}",
+            service("a"),
+            grpc_route("good", "{service: a.Greeter}"),
+            grpc_route("typo", "{service: a.Greeter, methd: SayHello}")
+        );
+        std::fs::write(dir.path().join("routes.yaml"), text).unwrap();
+        let outcome = DirSource::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(outcome.model.count(Kind::GrpcRoute), 1);
+        assert_eq!(outcome.rejected.len(), 1);
+        let r = &outcome.rejected[0];
+        assert!(r.file.ends_with("routes.yaml"), "{r}");
+        assert_eq!(r.document, Some(2));
+        assert_eq!(r.line, Some(13), "where its --- is");
+        assert_eq!(r.object.as_deref(), Some("GRPCRoute demo/typo"));
+        assert_eq!(r.path, "spec.rules[0].matches[0].method.methd");
+        assert!(r.reason.contains("unknown field `methd`"), "{r}");
+    }
+
+    #[test]
     fn a_bad_pod_weight_is_logged_once_until_its_value_changes() {
         let dir = tempfile::tempdir().unwrap();
         let pod = |weight: &str| {

@@ -98,6 +98,7 @@ pub fn resource(kind: Kind) -> ApiResource {
         Kind::RateLimitPolicy => (POLICY_GROUP, "v1alpha1", "ratelimitpolicies"),
         Kind::ShardTopology => (POLICY_GROUP, "v1alpha1", "shardtopologies"),
         Kind::HttpRoute => (api::http_route::GATEWAY_GROUP, "v1", "httproutes"),
+        Kind::GrpcRoute => (api::http_route::GATEWAY_GROUP, "v1", "grpcroutes"),
     };
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(group, version, kind.as_str()),
@@ -126,7 +127,8 @@ pub struct PolicyObservation {
     pub kept_previous: bool,
 }
 
-/// What the source knows about an HTTPRoute with Service parents, for its status.
+/// What the source knows about a route (HTTPRoute, GRPCRoute) with Service parents,
+/// for its status.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouteObservation {
     /// `metadata.generation` of the version seen last.
@@ -149,11 +151,11 @@ pub struct Observed {
     pub model: Arc<Model>,
     /// Every policy by key.
     pub policies: BTreeMap<ObjectKey, PolicyObservation>,
-    /// Every HTTPRoute with a Service parent, by name.
-    pub routes: BTreeMap<ObjectName, RouteObservation>,
+    /// Every route (HTTPRoute, GRPCRoute) with a Service parent, by kind and name.
+    pub routes: BTreeMap<ObjectKey, RouteObservation>,
 }
 
-/// The Service entries of an HTTPRoute's `spec.parentRefs` and its `status.parents`.
+/// The Service entries of a route's `spec.parentRefs` and its `status.parents`.
 fn route_parts(object: &DynamicObject) -> (Vec<Json>, Vec<Json>) {
     let list = |value: Option<&Json>| match value {
         Some(Json::Array(items)) => items.clone(),
@@ -176,7 +178,7 @@ struct Entry {
     error: Option<(FieldError, Timestamp)>,
     generation: Option<i64>,
     status: PolicyStatus,
-    /// For HTTPRoutes: the Service parentRefs and `status.parents`.
+    /// For routes: the Service parentRefs and `status.parents`.
     route: Option<(Vec<Json>, Vec<Json>)>,
     /// Invalid fields of the version in force that were ignored (a pod's bad weight
     /// annotation), remembered so that each is logged once, not at every re-decode.
@@ -250,7 +252,7 @@ impl Cache {
             PolicyStatus::default()
         };
         let generation = object.metadata.generation;
-        let route = (kind == Kind::HttpRoute).then(|| route_parts(object));
+        let route = kind.is_route().then(|| route_parts(object));
         let mut ignored = Vec::new();
         match decode(kind, object, &mut ignored) {
             Ok(good) => Entry {
@@ -377,15 +379,13 @@ impl Cache {
             .all(|k| self.kinds.get(k).is_some_and(|c| c.synced))
     }
 
-    /// The HTTPRoutes with Service parents, for their status.
-    fn routes(&self) -> BTreeMap<ObjectName, RouteObservation> {
-        let Some(cache) = self.kinds.get(&Kind::HttpRoute) else {
-            return BTreeMap::new();
-        };
-        cache
-            .entries
+    /// The routes (HTTPRoutes, GRPCRoutes) with Service parents, for their status.
+    fn routes(&self) -> BTreeMap<ObjectKey, RouteObservation> {
+        Kind::ROUTES
             .iter()
-            .filter_map(|(name, entry)| {
+            .filter_map(|kind| self.kinds.get(kind).map(|cache| (*kind, cache)))
+            .flat_map(|(kind, cache)| cache.entries.iter().map(move |e| (kind, e)))
+            .filter_map(|(kind, (name, entry))| {
                 let (parent_refs, status_parents) = entry.route.clone()?;
                 (!parent_refs.is_empty()).then(|| {
                     let observation = RouteObservation {
@@ -395,7 +395,11 @@ impl Cache {
                         error: entry.error.as_ref().map(|(e, _)| e.clone()),
                         kept_previous: entry.good.is_some(),
                     };
-                    (name.clone(), observation)
+                    let key = ObjectKey {
+                        kind,
+                        name: name.clone(),
+                    };
+                    (key, observation)
                 })
             })
             .collect()
@@ -481,7 +485,7 @@ fn not_served(error: &watcher::Error) -> bool {
     }
 }
 
-/// Follows one kind until `shutdown` or until nobody listens; for HTTPRoutes also until
+/// Follows one kind until `shutdown` or until nobody listens; for routes also until
 /// the API server stops serving them (the Gateway API CRDs were deleted), which the
 /// caller handles through discovery instead of retrying a 404 forever.
 async fn follow(
@@ -504,7 +508,7 @@ async fn follow(
                     return Stopped::Shutdown;
                 }
             }
-            Some(Err(error)) if kind == Kind::HttpRoute && not_served(&error) => {
+            Some(Err(error)) if kind.is_route() && not_served(&error) => {
                 debug!(kind = kind.as_str(), %error, "the API server no longer serves the kind");
                 return Stopped::NotServed;
             }
@@ -533,17 +537,18 @@ async fn pause(duration: Duration, shutdown: &mut watch::Receiver<bool>) -> bool
     }
 }
 
-/// Whether API discovery lists `httproutes` in `group_version`; `None` on shutdown.
+/// Whether API discovery lists `plural` in `group_version`; `None` on shutdown.
 /// Failures that are no answer about the group (the API server is away, RBAC) are
 /// retried.
 async fn gateway_api_served(
     client: &Client,
     group_version: &str,
+    plural: &str,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<bool> {
     loop {
         match client.list_api_group_resources(group_version).await {
-            Ok(list) => return Some(list.resources.iter().any(|r| r.name == "httproutes")),
+            Ok(list) => return Some(list.resources.iter().any(|r| r.name == plural)),
             Err(kube::Error::Api(status)) if status.code == 404 => return Some(false),
             Err(error) => {
                 debug!(%error, "API discovery of the Gateway API failed; retrying");
@@ -555,33 +560,39 @@ async fn gateway_api_served(
     }
 }
 
-/// Follows HTTPRoutes while the cluster serves `gateway.networking.k8s.io/v1` (API
-/// discovery), so that a cluster without the Gateway API CRDs gets no failing watch and
-/// no error every few seconds. While the group is absent the kind counts as listed and
-/// empty, so the other kinds' model is published, and discovery is asked again every
-/// `recheck`. When the group goes away (the CRDs are deleted) the routes are dropped
-/// from the model, once, with one log line, and the source goes back to waiting.
-async fn follow_http_routes(
+/// Follows one route kind (HTTPRoutes or GRPCRoutes) while API discovery lists it in
+/// `gateway.networking.k8s.io/v1`, each kind on its own (GRPCRoute reached the standard
+/// channel later than HTTPRoute, so a cluster may serve one and not the other), so that
+/// a cluster without the CRD gets no failing watch and no error every few seconds.
+/// While the kind is absent it counts as listed and empty, so the other kinds' model is
+/// published, and discovery is asked again every `recheck`. When the kind goes away
+/// (its CRD is deleted) its routes are dropped from the model, once, with one log line,
+/// and the source goes back to waiting.
+async fn follow_routes(
+    kind: Kind,
     client: Client,
     events: mpsc::Sender<(Kind, Event<DynamicObject>)>,
     mut shutdown: watch::Receiver<bool>,
     recheck: Duration,
 ) {
-    let group_version = format!("{}/v1", api::http_route::GATEWAY_GROUP);
+    let resource = resource(kind);
+    let group_version = resource.api_version.clone();
+    let plural = resource.plural.as_str();
     // Whether the (empty) absence has been published since the group was last served.
     let mut reported_absent = false;
-    // Whether the last watch ended because the API server stopped serving HTTPRoutes.
+    // Whether the last watch ended because the API server stopped serving the kind.
     let mut lost = false;
     loop {
-        let served = gateway_api_served(&client, &group_version, &mut shutdown).await;
+        let served = gateway_api_served(&client, &group_version, plural, &mut shutdown).await;
         let Some(served) = served else { return };
         if served && lost {
-            // Discovery still lists HTTPRoutes although their watch got a 404 (a CRD
+            // Discovery still lists the kind although their watch got a 404 (a CRD
             // being deleted, or an API server that disagrees with itself): look again
             // later rather than spin between the two.
             debug!(
                 %group_version,
-                "HTTPRoutes are not served yet discovery lists them; looking again later"
+                kind = kind.as_str(),
+                "the kind is not served yet discovery lists it; looking again later"
             );
             lost = false;
             if !pause(recheck, &mut shutdown).await {
@@ -590,10 +601,10 @@ async fn follow_http_routes(
             continue;
         }
         if served {
-            info!(%group_version, "the Gateway API is installed; watching HTTPRoutes");
+            info!(%group_version, kind = kind.as_str(), "the Gateway API serves the kind; watching it");
             reported_absent = false;
-            let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource(Kind::HttpRoute));
-            match follow(Kind::HttpRoute, api, &events, &mut shutdown).await {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+            match follow(kind, api, &events, &mut shutdown).await {
                 Stopped::Shutdown => return,
                 Stopped::NotServed => {
                     // Ask discovery at once, so that routes of deleted CRDs go promptly.
@@ -606,22 +617,24 @@ async fn follow_http_routes(
             if lost {
                 warn!(
                     %group_version,
+                    kind = kind.as_str(),
                     recheck_secs = recheck.as_secs_f64(),
-                    "the Gateway API is no longer served (were its CRDs deleted?); HTTPRoutes \
+                    "the Gateway API kind is no longer served (was its CRD deleted?); its routes \
                      (traffic splitting) are dropped and not watched until it is back"
                 );
             } else {
                 info!(
                     %group_version,
+                    kind = kind.as_str(),
                     recheck_secs = recheck.as_secs_f64(),
-                    "the Gateway API CRDs are not installed; HTTPRoutes (traffic splitting) are \
-                     not watched until they are"
+                    "the Gateway API CRD of the kind is not installed; its routes (traffic \
+                     splitting) are not watched until it is"
                 );
             }
             reported_absent = true;
             // An empty relist: whatever the last watch held is dropped.
             for event in [Event::Init, Event::InitDone] {
-                if events.send((Kind::HttpRoute, event)).await.is_err() {
+                if events.send((kind, event)).await.is_err() {
                     return;
                 }
             }
@@ -635,8 +648,8 @@ async fn follow_http_routes(
 
 /// Starts a watcher per kind and the task that publishes models through `publisher`
 /// after each burst of events (quiet for `debounce`).
-/// HTTPRoutes are watched only while API discovery shows the Gateway API, asked again
-/// every `gateway_api_recheck` while it does not.
+/// HTTPRoutes and GRPCRoutes are each watched only while API discovery shows them,
+/// asked again every `gateway_api_recheck` while it does not.
 pub fn spawn(
     client: &Client,
     publisher: Publisher,
@@ -650,8 +663,9 @@ pub fn spawn(
         let client = client.clone();
         let events = events.clone();
         let mut shutdown = shutdown.clone();
-        let task = if kind == Kind::HttpRoute {
-            tokio::spawn(follow_http_routes(
+        let task = if kind.is_route() {
+            tokio::spawn(follow_routes(
+                kind,
                 client,
                 events,
                 shutdown,
@@ -886,5 +900,53 @@ mod tests {
         assert!(!not_served(&watcher::Error::WatchStartFailed(api(403))));
         assert!(!not_served(&watcher::Error::WatchFailed(api(503))));
         assert!(!not_served(&watcher::Error::NoResourceVersion));
+    }
+
+    #[test]
+    fn grpc_routes_are_decoded_and_observed_next_to_http_routes() {
+        let route = |kind: Kind, name: &str| {
+            DynamicObject::new(name, &resource(kind))
+                .within("shop")
+                .data(serde_json::json!({
+                    "spec": {
+                        "parentRefs": [{"group": "", "kind": "Service", "name": "greeter"}],
+                        "rules": [{"matches": [{"method": {"service": "a.Greeter"}}]}],
+                    },
+                }))
+        };
+        let mut cache = Cache::default();
+        // The same name in both kinds: two routes, two observations.
+        cache.apply(
+            Kind::GrpcRoute,
+            Event::Apply(route(Kind::GrpcRoute, "greeter")),
+        );
+        let mut http = route(Kind::HttpRoute, "greeter");
+        http.data["spec"]["rules"] = serde_json::json!([{}]);
+        cache.apply(Kind::HttpRoute, Event::Apply(http));
+        let (model, rejected, _) = cache.snapshot();
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let name = ObjectName::new("shop", "greeter");
+        assert_eq!(
+            model.grpc_routes[&name].rules[0].matches[0].path,
+            crate::model::http_route::PathMatch::Prefix("/a.Greeter".into())
+        );
+        assert!(model.http_routes.contains_key(&name));
+        let kinds: Vec<Kind> = cache.routes().into_keys().map(|k| k.kind).collect();
+        assert_eq!(kinds, [Kind::HttpRoute, Kind::GrpcRoute]);
+
+        // An invalid GRPCRoute is observed with its error, for its status.
+        let mut bad = route(Kind::GrpcRoute, "greeter");
+        bad.data["spec"]["rules"][0]["matches"][0]["method"] = serde_json::json!({"type": "Exact"});
+        cache.apply(Kind::GrpcRoute, Event::Apply(bad));
+        let routes = cache.routes();
+        let observed = &routes[&ObjectKey {
+            kind: Kind::GrpcRoute,
+            name,
+        }];
+        assert_eq!(
+            observed.error.as_ref().map(|e| e.path.as_str()),
+            Some("spec.rules[0].matches[0].method")
+        );
+        assert!(observed.kept_previous);
     }
 }

@@ -256,7 +256,7 @@ fn v1beta1_is_read_too_and_other_gateway_kinds_are_skipped() {
         decode(serde_yaml_ng::from_str(yaml).unwrap()),
         Ok(Decoded::Object(Object::HttpRoute(_)))
     ));
-    let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: r}\n";
+    let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: TLSRoute\nmetadata: {name: r}\n";
     assert!(matches!(
         decode(serde_yaml_ng::from_str(yaml).unwrap()),
         Ok(Decoded::Skipped { .. })

@@ -158,3 +158,51 @@ fn unresolvable_backends_are_still_sent_and_diagnosed() {
         "{text:?}"
     );
 }
+
+fn grpc_route(name: &str, created: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+         metadata: {{name: {name}, namespace: shop, creationTimestamp: '{created}'}}\nspec:\n{spec}"
+    )
+}
+
+#[test]
+fn grpc_and_http_routes_on_one_port_rank_together_by_their_paths() {
+    let parent = "  parentRefs: [{group: '', kind: Service, name: orders, port: 9090}]\n";
+    let yaml = format!(
+        "{SERVICES}{}{}",
+        grpc_route(
+            "greeter",
+            "2024-02-01T00:00:00Z",
+            &format!(
+                "{parent}  rules:\n  - backendRefs: [{{name: orders-v2, port: 80, weight: 9}}]\n\
+                 \x20 - matches: [{{method: {{service: a.Greeter, method: SayHello}}}}]\n\
+                 \x20 - matches: [{{method: {{service: a.Greeter}}}}]\n\
+                 \x20 - matches: [{{method: {{method: Ping}}, headers: [{{name: x-canary, value: 'on'}}]}}]\n"
+            )
+        ),
+        route(
+            "greeter",
+            "2024-01-01T00:00:00Z",
+            &format!("{parent}  rules:\n  - matches: [{{path: {{value: /a.Greeter}}}}]\n"),
+        ),
+    );
+    // Path types on the wire: 0 exact, 1 prefix, 2 regex. The exact method first, then
+    // the regex (method only), then the service prefixes (the older HTTPRoute wins the
+    // equal one), then everything.
+    assert_eq!(
+        summary(&port_rules(&yaml, 1)),
+        [
+            "GRPCRoute shop/greeter#1 0:/a.Greeter/SayHello",
+            "GRPCRoute shop/greeter#3 2:/[^/]+/Ping h1",
+            "shop/greeter#0 1:/a.Greeter",
+            "GRPCRoute shop/greeter#2 1:/a.Greeter",
+            "GRPCRoute shop/greeter#0 1:/",
+        ]
+    );
+    let rules = port_rules(&yaml, 1);
+    assert_eq!(rules[4].backends[0].name, "orders-v2");
+    assert_eq!(rules[4].backends[0].weight, 9);
+    // The parent port narrows the route: port 80 carries none of it.
+    assert!(port_rules(&yaml, 0).is_empty());
+}

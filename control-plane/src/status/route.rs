@@ -1,4 +1,5 @@
-//! HTTPRoute status (Gateway API): for each Service parent, an entry in
+//! Route status (Gateway API HTTPRoute and GRPCRoute, the same for both kinds): for
+//! each Service parent, an entry in
 //! `status.parents` with our `controllerName` and two conditions, `Accepted` (the route
 //! is valid and its parent port exists) and `ResolvedRefs` (every backend exists).
 //! Entries of other controllers (a Gateway implementation's) are kept as they are.
@@ -6,7 +7,7 @@
 use serde_json::{Value as Json, json};
 
 use crate::model::http_route::HttpRoute;
-use crate::model::{Model, ObjectName, Protocol};
+use crate::model::{Model, ObjectKey, ObjectName, Protocol};
 use crate::source::kubernetes::RouteObservation;
 
 /// Our `controllerName` in `status.parents[]`.
@@ -38,7 +39,7 @@ impl Verdict {
 
 /// The conditions of one Service parent of a route.
 pub fn judge(
-    name: &ObjectName,
+    key: &ObjectKey,
     parent_ref: &Json,
     observation: &RouteObservation,
     model: &Model,
@@ -56,7 +57,8 @@ pub fn judge(
             format!("{error}{kept}"),
         )];
     }
-    let Some(route) = model.http_routes.get(name) else {
+    let name = &key.name;
+    let Some(route) = model.routes(key.kind).and_then(|routes| routes.get(name)) else {
         return vec![Verdict::new(
             "Accepted",
             false,
@@ -140,7 +142,7 @@ fn resolved_refs(route: &HttpRoute, model: &Model) -> Verdict {
 /// current generation). Other controllers' entries are kept; a condition keeps its
 /// `lastTransitionTime` while its status does not change.
 pub fn desired(
-    name: &ObjectName,
+    key: &ObjectKey,
     observation: &RouteObservation,
     model: &Model,
     now: &str,
@@ -156,7 +158,7 @@ pub fn desired(
             .find(|e| e.get("parentRef") == Some(parent_ref))
             .and_then(|e| e.get("conditions"))
             .and_then(Json::as_array);
-        let conditions: Vec<Json> = judge(name, parent_ref, observation, model)
+        let conditions: Vec<Json> = judge(key, parent_ref, observation, model)
             .into_iter()
             .map(|v| {
                 let status = if v.ok { "True" } else { "False" };
@@ -212,6 +214,7 @@ pub fn desired(
 mod tests {
     use super::*;
     use crate::api::FieldError;
+    use crate::model::Kind;
     use crate::testing::model;
 
     const YAML: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: orders, namespace: shop}\n\
@@ -233,7 +236,10 @@ mod tests {
 
     #[test]
     fn each_service_parent_gets_accepted_and_resolved_refs_and_other_controllers_are_kept() {
-        let name = ObjectName::new("shop", "canary");
+        let name = ObjectKey {
+            kind: Kind::HttpRoute,
+            name: ObjectName::new("shop", "canary"),
+        };
         let gateway = json!({"parentRef": {"name": "gw"}, "controllerName": "example.com/gw", "conditions": []});
         let obs = observation(vec![gateway.clone()]);
         let m = model(YAML);
@@ -261,7 +267,10 @@ mod tests {
 
     #[test]
     fn an_invalid_route_or_a_missing_parent_is_not_accepted() {
-        let name = ObjectName::new("shop", "canary");
+        let name = ObjectKey {
+            kind: Kind::HttpRoute,
+            name: ObjectName::new("shop", "canary"),
+        };
         let mut obs = observation(Vec::new());
         obs.error = Some(FieldError::new("spec.rules[0].filters", "not supported"));
         obs.kept_previous = true;
@@ -280,5 +289,30 @@ mod tests {
         let wrong_port = json!({"group": "", "kind": "Service", "name": "orders", "port": 81});
         let v = judge(&name, &wrong_port, &obs, &model(YAML));
         assert_eq!((v[0].ok, v[0].reason), (false, "NoMatchingParent"));
+    }
+
+    #[test]
+    fn a_grpc_route_is_judged_from_the_grpc_routes_of_the_model() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: orders, namespace: shop}\n\
+            spec: {ports: [{name: grpc, port: 9090}]}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+            metadata: {name: canary, namespace: shop}\n\
+            spec:\n  parentRefs: [{group: '', kind: Service, name: orders}]\n\
+            \x20 rules: [{backendRefs: [{name: orders, port: 9090}]}]\n";
+        let grpc = ObjectKey {
+            kind: Kind::GrpcRoute,
+            name: ObjectName::new("shop", "canary"),
+        };
+        let obs = observation(Vec::new());
+        let v = judge(&grpc, &obs.parent_refs[0], &obs, &model(yaml));
+        assert_eq!(v.len(), 2);
+        assert!(v.iter().all(|v| v.ok), "{v:?}");
+        // No HTTPRoute of that name: that one is not in the model.
+        let http = ObjectKey {
+            kind: Kind::HttpRoute,
+            ..grpc
+        };
+        let v = judge(&http, &obs.parent_refs[0], &obs, &model(yaml));
+        assert_eq!((v[0].ok, v[0].reason), (false, "Pending"));
     }
 }
