@@ -14,7 +14,7 @@ use serde_yaml_ng::Value;
 
 use super::http_route::{
     self, BackendRefSpec, FilterSpec, HeaderSpec, MAX_BACKENDS, MAX_HEADERS, MAX_MATCHES,
-    MAX_RULES, MAX_TOTAL_MATCHES, ParentReference,
+    ParentReference,
 };
 use super::meta::ObjectMeta;
 use super::{FieldError, field, item};
@@ -46,7 +46,7 @@ pub struct GrpcRouteSpec {
 }
 
 /// `spec.rules[]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcRuleSpec {
     /// The rule's name (informational).
@@ -88,53 +88,8 @@ impl TryFrom<GrpcRouteDocument> for model::HttpRoute {
     type Error = FieldError;
 
     fn try_from(doc: GrpcRouteDocument) -> Result<Self, FieldError> {
-        let name = doc.metadata.object_name()?;
-        let created = doc.metadata.creation_timestamp;
         let spec = doc.spec.ok_or_else(|| FieldError::required("spec"))?;
-        let parents = http_route::parents(spec.parent_refs.unwrap_or_default(), &name.namespace)?;
-        if parents.is_empty() {
-            // A route of some Gateway: not ours to judge.
-            return Ok(model::HttpRoute {
-                name,
-                created,
-                parents,
-                rules: Vec::new(),
-            });
-        }
-        let specs = spec.rules.unwrap_or_else(|| {
-            vec![GrpcRuleSpec {
-                name: None,
-                matches: None,
-                filters: None,
-                backend_refs: None,
-                session_persistence: None,
-            }]
-        });
-        if specs.len() > MAX_RULES {
-            return Err(FieldError::new(
-                "spec.rules",
-                format!("at most {MAX_RULES} rules, got {}", specs.len()),
-            ));
-        }
-        let mut rules = Vec::with_capacity(specs.len());
-        let mut total = 0;
-        for (i, spec) in specs.into_iter().enumerate() {
-            let rule = rule(spec, &item("spec.rules", i), &name.namespace)?;
-            total += rule.matches.len();
-            rules.push(rule);
-        }
-        if total > MAX_TOTAL_MATCHES {
-            return Err(FieldError::new(
-                "spec.rules",
-                format!("at most {MAX_TOTAL_MATCHES} matches over all rules, got {total}"),
-            ));
-        }
-        Ok(model::HttpRoute {
-            name,
-            created,
-            parents,
-            rules,
-        })
+        http_route::route(doc.metadata, spec.parent_refs, spec.rules, rule)
     }
 }
 

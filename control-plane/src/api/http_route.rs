@@ -81,7 +81,7 @@ pub struct ParentReference {
 }
 
 /// `spec.rules[]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleSpec {
     /// The rule's name (informational).
@@ -205,56 +205,58 @@ impl TryFrom<HttpRouteDocument> for model::HttpRoute {
     type Error = FieldError;
 
     fn try_from(doc: HttpRouteDocument) -> Result<Self, FieldError> {
-        let name = doc.metadata.object_name()?;
-        let created = doc.metadata.creation_timestamp;
         let spec = doc.spec.ok_or_else(|| FieldError::required("spec"))?;
-        let parents = parents(spec.parent_refs.unwrap_or_default(), &name.namespace)?;
-        if parents.is_empty() {
-            // A route of some Gateway: not ours to judge.
-            return Ok(model::HttpRoute {
-                name,
-                created,
-                parents,
-                rules: Vec::new(),
-            });
-        }
-        let specs = spec.rules.unwrap_or_else(|| {
-            vec![RuleSpec {
-                name: None,
-                matches: None,
-                filters: None,
-                backend_refs: None,
-                timeouts: None,
-                retry: None,
-                session_persistence: None,
-            }]
-        });
-        if specs.len() > MAX_RULES {
-            return Err(FieldError::new(
-                "spec.rules",
-                format!("at most {MAX_RULES} rules, got {}", specs.len()),
-            ));
-        }
-        let mut rules = Vec::with_capacity(specs.len());
-        let mut total = 0;
-        for (i, spec) in specs.into_iter().enumerate() {
-            let rule = rule(spec, &item("spec.rules", i), &name.namespace)?;
-            total += rule.matches.len();
-            rules.push(rule);
-        }
-        if total > MAX_TOTAL_MATCHES {
-            return Err(FieldError::new(
-                "spec.rules",
-                format!("at most {MAX_TOTAL_MATCHES} matches over all rules, got {total}"),
-            ));
-        }
-        Ok(model::HttpRoute {
+        route(doc.metadata, spec.parent_refs, spec.rules, rule)
+    }
+}
+
+/// The validated route of either kind: its Service parents and its rules (one rule
+/// matching everything when `specs` is absent), each validated by `rule`, within the
+/// Gateway API's limits on rules and matches.
+pub(super) fn route<S: Default>(
+    metadata: ObjectMeta,
+    parent_refs: Option<Vec<ParentReference>>,
+    specs: Option<Vec<S>>,
+    rule: fn(S, &str, &str) -> Result<model::Rule, FieldError>,
+) -> Result<model::HttpRoute, FieldError> {
+    let name = metadata.object_name()?;
+    let created = metadata.creation_timestamp;
+    let parents = parents(parent_refs.unwrap_or_default(), &name.namespace)?;
+    if parents.is_empty() {
+        // A route of some Gateway: not ours to judge.
+        return Ok(model::HttpRoute {
             name,
             created,
             parents,
-            rules,
-        })
+            rules: Vec::new(),
+        });
     }
+    let specs = specs.unwrap_or_else(|| vec![S::default()]);
+    if specs.len() > MAX_RULES {
+        return Err(FieldError::new(
+            "spec.rules",
+            format!("at most {MAX_RULES} rules, got {}", specs.len()),
+        ));
+    }
+    let mut rules = Vec::with_capacity(specs.len());
+    let mut total = 0;
+    for (i, spec) in specs.into_iter().enumerate() {
+        let rule = rule(spec, &item("spec.rules", i), &name.namespace)?;
+        total += rule.matches.len();
+        rules.push(rule);
+    }
+    if total > MAX_TOTAL_MATCHES {
+        return Err(FieldError::new(
+            "spec.rules",
+            format!("at most {MAX_TOTAL_MATCHES} matches over all rules, got {total}"),
+        ));
+    }
+    Ok(model::HttpRoute {
+        name,
+        created,
+        parents,
+        rules,
+    })
 }
 
 /// The Service parents; other parents (Gateways) are skipped.
