@@ -14,6 +14,7 @@
 //! ```
 
 pub mod apiserver;
+pub mod canary;
 pub mod client;
 pub mod eventually;
 pub mod grpc;

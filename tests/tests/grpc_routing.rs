@@ -6,71 +6,12 @@
 use std::collections::BTreeMap;
 
 use bulwark_tests::HttpClient;
-use bulwark_tests::assert_eventually;
-use bulwark_tests::harness::{Harness, loopback};
-use bulwark_tests::mesh::{Mesh, NAMESPACE};
-use bulwark_tests::upstream::{Knobs, Upstream};
+use bulwark_tests::canary::{self, Versions};
+use bulwark_tests::harness::Harness;
 
-/// The parent `greeter` and its two versions, each a Service with one upstream.
-struct Versions {
-    ups: Vec<Upstream>,
-}
-
-impl Versions {
-    async fn start() -> Versions {
-        let mut ups = Vec::new();
-        for name in ["greeter", "greeter-v1", "greeter-v2"] {
-            ups.push(
-                Upstream::start(loopback(), name, Knobs::healthy())
-                    .await
-                    .expect("upstream starts"),
-            );
-        }
-        Versions { ups }
-    }
-
-    fn mesh(&self) -> Mesh {
-        Mesh::with_services(self.ups.iter().map(|u| (u.name(), vec![u.addr()])))
-            .expect("a temporary mesh folder")
-    }
-}
-
-/// A GRPCRoute named `greeter-canary` on Service `greeter` with these `rules` lines.
+/// The GRPCRoute `greeter-canary` on Service `greeter` with these `rules` lines.
 fn route(rules: &str) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
-metadata:
-  name: greeter-canary
-  namespace: {NAMESPACE}
-spec:
-  parentRefs:
-    - group: \"\"
-      kind: Service
-      name: greeter
-      port: 80
-  rules:
-{rules}"
-    )
-}
-
-/// The routes the agent has in force on `greeter.test:80`.
-async fn routes(h: &Harness) -> serde_json::Value {
-    let config = h.config().await;
-    config["config"]["destinations"]
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["name"] == "greeter.test:80"))
-        .map(|d| d["routes"].clone())
-        .unwrap_or_default()
-}
-
-async fn start(versions: &Versions, route_yaml: &str) -> Harness {
-    let mesh = versions.mesh();
-    mesh.write("route.yaml", route_yaml)
-        .expect("the mesh folder is writable");
-    let h = Harness::start(mesh).await;
-    assert_eventually!(routes(&h).await.as_array().is_some_and(|r| !r.is_empty()));
-    h
+    canary::route("GRPCRoute", "greeter", rules)
 }
 
 /// One gRPC call over h2c through the agent: who answered (or the agent's gRPC status
@@ -96,17 +37,15 @@ async fn call(h: &Harness, method: &str, metadata: &[(&str, &str)]) -> String {
 
 #[tokio::test]
 async fn a_90_10_split_of_grpc_calls_lands_within_its_bound() {
-    let versions = Versions::start().await;
-    let h = start(
-        &versions,
-        &route(
+    let versions = Versions::start("greeter").await;
+    let h = versions
+        .harness(&route(
             "    - backendRefs:
         - {name: greeter-v1, port: 80, weight: 90}
         - {name: greeter-v2, port: 80, weight: 10}
 ",
-        ),
-    )
-    .await;
+        ))
+        .await;
     let mut seen: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..400 {
         *seen
@@ -138,10 +77,9 @@ async fn a_90_10_split_of_grpc_calls_lands_within_its_bound() {
 
 #[tokio::test]
 async fn method_and_header_matches_pick_their_backend_and_the_rest_goes_to_the_parent() {
-    let versions = Versions::start().await;
-    let h = start(
-        &versions,
-        &route(
+    let versions = Versions::start("greeter").await;
+    let h = versions
+        .harness(&route(
             "    - matches:
         - method: {service: helloworld.Greeter, method: SayHelloAgain}
       backendRefs: [{name: greeter-v2, port: 80}]
@@ -152,9 +90,8 @@ async fn method_and_header_matches_pick_their_backend_and_the_rest_goes_to_the_p
         - method: {method: Ping}
       backendRefs: [{name: greeter-v9, port: 80}]
 ",
-        ),
-    )
-    .await;
+        ))
+        .await;
     // The method match sends one method to v2, whatever the metadata.
     for metadata in [&[][..], &[("x-canary", "true")][..]] {
         assert_eq!(

@@ -7,56 +7,18 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bulwark_tests::assert_eventually;
+use bulwark_tests::canary::{self, Versions};
 use bulwark_tests::client::HttpClient;
 use bulwark_tests::eventually::poll_until;
-use bulwark_tests::harness::{Harness, loopback};
-use bulwark_tests::mesh::{Mesh, NAMESPACE};
-use bulwark_tests::upstream::{Knobs, Reply, Upstream};
+use bulwark_tests::harness::Harness;
+use bulwark_tests::upstream::Reply;
 use http::Method;
 
 const ORDERS: &str = "http://orders.test";
 
-/// The parent `orders` and its two versions, each a Service with one upstream.
-struct Versions {
-    ups: Vec<Upstream>,
-}
-
-impl Versions {
-    async fn start() -> Versions {
-        let mut ups = Vec::new();
-        for name in ["orders", "orders-v1", "orders-v2"] {
-            ups.push(
-                Upstream::start(loopback(), name, Knobs::healthy())
-                    .await
-                    .expect("upstream starts"),
-            );
-        }
-        Versions { ups }
-    }
-
-    fn mesh(&self) -> Mesh {
-        Mesh::with_services(self.ups.iter().map(|u| (u.name(), vec![u.addr()])))
-            .expect("a temporary mesh folder")
-    }
-}
-
-/// An HTTPRoute named `orders-canary` on Service `orders` with these `rules` lines.
+/// The HTTPRoute `orders-canary` on Service `orders` with these `rules` lines.
 fn route(rules: &str) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: orders-canary
-  namespace: {NAMESPACE}
-spec:
-  parentRefs:
-    - group: \"\"
-      kind: Service
-      name: orders
-      port: 80
-  rules:
-{rules}"
-    )
+    canary::route("HTTPRoute", "orders", rules)
 }
 
 fn split(v1: u32, v2: u32) -> String {
@@ -66,25 +28,6 @@ fn split(v1: u32, v2: u32) -> String {
         - {{name: orders-v2, port: 80, weight: {v2}}}
 "
     ))
-}
-
-/// The routes the agent has in force on `orders.test:80`.
-async fn routes(h: &Harness) -> serde_json::Value {
-    let config = h.config().await;
-    config["config"]["destinations"]
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["name"] == "orders.test:80"))
-        .map(|d| d["routes"].clone())
-        .unwrap_or_default()
-}
-
-async fn start(versions: &Versions, route_yaml: &str) -> Harness {
-    let mesh = versions.mesh();
-    mesh.write("route.yaml", route_yaml)
-        .expect("the mesh folder is writable");
-    let h = Harness::start(mesh).await;
-    assert_eventually!(routes(&h).await.as_array().is_some_and(|r| !r.is_empty()));
-    h
 }
 
 /// Who answered `n` requests, by upstream name (`status NNN` for agent-made answers).
@@ -126,8 +69,8 @@ async fn who(h: &Harness, method: Method, path: &str, headers: &[(&str, &str)]) 
 
 #[tokio::test]
 async fn a_90_10_split_lands_within_its_bound_and_is_counted_per_backend() {
-    let versions = Versions::start().await;
-    let h = start(&versions, &split(90, 10)).await;
+    let versions = Versions::start("orders").await;
+    let h = versions.harness(&split(90, 10)).await;
     let seen = tally(&h, Method::GET, &format!("{ORDERS}/orders"), &[], 400).await;
     let v1 = seen.get("orders-v1").copied().unwrap_or(0);
     let v2 = seen.get("orders-v2").copied().unwrap_or(0);
@@ -163,7 +106,7 @@ async fn a_90_10_split_lands_within_its_bound_and_is_counted_per_backend() {
     );
 
     // /config shows the route, its weights and that both backends resolve.
-    let shown = routes(&h).await;
+    let shown = versions.routes(&h).await;
     assert_eq!(shown[0]["route"], "test/orders-canary");
     assert_eq!(shown[0]["backends"][0]["service"], "orders-v1.test:80");
     assert_eq!(shown[0]["backends"][0]["weight"], 90);
@@ -173,10 +116,9 @@ async fn a_90_10_split_lands_within_its_bound_and_is_counted_per_backend() {
 
 #[tokio::test]
 async fn header_path_and_method_matches_pick_their_backend_and_the_rest_goes_to_the_parent() {
-    let versions = Versions::start().await;
-    let h = start(
-        &versions,
-        &route(
+    let versions = Versions::start("orders").await;
+    let h = versions
+        .harness(&route(
             "    - matches:
         - headers: [{name: x-canary, value: \"true\"}]
       filters:
@@ -193,9 +135,8 @@ async fn header_path_and_method_matches_pick_their_backend_and_the_rest_goes_to_
         - path: {type: RegularExpression, value: \"/items/[0-9]+\"}
       backendRefs: [{name: orders-v2, port: 80}]
 ",
-        ),
-    )
-    .await;
+        ))
+        .await;
     let canary = [("x-canary", "true")];
     assert_eq!(
         who(&h, Method::GET, "/anything", &canary).await,
@@ -250,10 +191,9 @@ async fn header_path_and_method_matches_pick_their_backend_and_the_rest_goes_to_
 
 #[tokio::test]
 async fn an_unknown_backend_gets_500_for_its_share_and_the_parent_may_be_a_backend() {
-    let versions = Versions::start().await;
-    let h = start(
-        &versions,
-        &route(
+    let versions = Versions::start("orders").await;
+    let h = versions
+        .harness(&route(
             "    - matches: [{path: {value: /half}}]
       backendRefs:
         - {name: orders, port: 80}
@@ -263,9 +203,8 @@ async fn an_unknown_backend_gets_500_for_its_share_and_the_parent_may_be_a_backe
     - matches: [{path: {value: /off}}]
       backendRefs: [{name: orders-v1, port: 80, weight: 0}]
 ",
-        ),
-    )
-    .await;
+        ))
+        .await;
     let seen = tally(&h, Method::GET, &format!("{ORDERS}/half"), &[], 20).await;
     assert_eq!(seen.get("orders"), Some(&10), "{seen:?}");
     assert_eq!(
@@ -288,7 +227,7 @@ async fn an_unknown_backend_gets_500_for_its_share_and_the_parent_may_be_a_backe
     assert_eq!(rsp.status, 200);
     assert_eq!(rsp.grpc_status(), Some(13), "INTERNAL");
     assert_eq!(rsp.reason(), Some("backend-not-found"));
-    let shown = routes(&h).await;
+    let shown = versions.routes(&h).await;
     let half = shown
         .as_array()
         .unwrap()
@@ -306,8 +245,8 @@ async fn an_unknown_backend_gets_500_for_its_share_and_the_parent_may_be_a_backe
 
 #[tokio::test]
 async fn an_edited_route_changes_the_split_without_dropping_requests() {
-    let versions = Versions::start().await;
-    let h = start(&versions, &split(100, 0)).await;
+    let versions = Versions::start("orders").await;
+    let h = versions.harness(&split(100, 0)).await;
     assert_eq!(
         tally(&h, Method::GET, ORDERS, &[], 10)
             .await
@@ -351,8 +290,8 @@ async fn an_edited_route_changes_the_split_without_dropping_requests() {
 
 #[tokio::test]
 async fn an_invalid_route_keeps_the_last_good_one_and_is_reported_with_its_field() {
-    let versions = Versions::start().await;
-    let h = start(&versions, &split(0, 1)).await;
+    let versions = Versions::start("orders").await;
+    let h = versions.harness(&split(0, 1)).await;
     let version = h.config_version().await;
     h.mesh
         .write(
