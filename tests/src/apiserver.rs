@@ -653,6 +653,13 @@ impl ApiServer {
         self.shared.lock().requests.clone()
     }
 
+    /// The requests to the Gateway API group served (or refused) so far.
+    pub fn gateway_requests(&self) -> Vec<Recorded> {
+        let mut requests = self.requests();
+        requests.retain(|r| r.group == GATEWAY_GROUP);
+        requests
+    }
+
     /// Forgets the event history: a watch resuming from any earlier version gets 410.
     pub fn compact(&self) {
         let mut state = self.shared.lock();
@@ -1010,4 +1017,15 @@ fn watch(
         .header("content-type", "application/json")
         .body(BodyExt::boxed(body))
         .expect("a valid response")
+}
+
+/// Panics unless the control plane's RBAC rules (the chart's ClusterRole) allow every
+/// one of `requests`.
+pub fn assert_rbac_allows(requests: &[Recorded]) {
+    for r in requests {
+        assert!(
+            bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
+            "{r:?} is not in the ClusterRole"
+        );
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bulwark_agent::Agent;
 use bulwark_control_plane::{ControlPlane, Settings};
-use bulwark_tests::apiserver::{ApiServer, GATEWAY_GROUP};
+use bulwark_tests::apiserver::{ApiServer, assert_rbac_allows};
 use bulwark_tests::client::HttpClient;
 use bulwark_tests::harness::{agent_settings, kubernetes_control_plane_settings};
 use bulwark_tests::mesh::NAMESPACE;
@@ -209,11 +209,7 @@ async fn httproutes_are_watched_when_the_gateway_api_is_installed() {
     .await;
 
     // Everything the control plane asked of the group is allowed by its RBAC rules.
-    let gateway: Vec<_> = server
-        .requests()
-        .into_iter()
-        .filter(|r| r.group == GATEWAY_GROUP)
-        .collect();
+    let gateway = server.gateway_requests();
     assert!(gateway.iter().any(|r| r.verb == "watch"), "{gateway:?}");
     assert!(
         gateway
@@ -224,12 +220,7 @@ async fn httproutes_are_watched_when_the_gateway_api_is_installed() {
     // One patch per change of verdict or generation (four of them), not a rewrite loop.
     let patches = gateway.iter().filter(|r| r.verb == "patch").count();
     assert!((4..=6).contains(&patches), "{patches} status patches");
-    for r in &gateway {
-        assert!(
-            bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
-            "{r:?} is not in the ClusterRole"
-        );
-    }
+    assert_rbac_allows(&gateway);
     agent.shutdown().await;
     cp.shutdown().await;
 }
@@ -277,12 +268,11 @@ async fn without_the_gateway_api_the_control_plane_stays_quiet_and_serves_agents
     let cp_admin = HttpClient::direct(cp.admin_addr());
     let errors = cp_admin.get("/errors", &[]).await.unwrap().text();
     assert_eq!(errors.trim(), "[]", "nothing is reported: {errors}");
-    let gateway = server
-        .requests()
-        .into_iter()
-        .filter(|r| r.group == GATEWAY_GROUP)
-        .count();
-    assert_eq!(gateway, 0, "no list or watch of a group that is not there");
+    let gateway = server.gateway_requests();
+    assert!(
+        gateway.is_empty(),
+        "no list or watch of a group that is not there: {gateway:?}"
+    );
     agent.shutdown().await;
     cp.shutdown().await;
 }
@@ -290,9 +280,9 @@ async fn without_the_gateway_api_the_control_plane_stays_quiet_and_serves_agents
 /// The HTTPRoute list and watch requests served so far.
 fn route_requests(server: &ApiServer) -> usize {
     server
-        .requests()
+        .gateway_requests()
         .iter()
-        .filter(|r| r.group == GATEWAY_GROUP && matches!(r.verb.as_str(), "list" | "watch"))
+        .filter(|r| matches!(r.verb.as_str(), "list" | "watch"))
         .count()
 }
 
@@ -354,16 +344,7 @@ async fn gateway_api_crds_installed_later_are_found_and_deleted_ones_drop_their_
         v2_weight(r) == Some(40)
     })
     .await;
-    for r in server
-        .requests()
-        .iter()
-        .filter(|r| r.group == GATEWAY_GROUP)
-    {
-        assert!(
-            bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
-            "{r:?} is not in the ClusterRole"
-        );
-    }
+    assert_rbac_allows(&server.gateway_requests());
     agent.shutdown().await;
     cp.shutdown().await;
 }
@@ -457,11 +438,7 @@ async fn grpcroutes_are_watched_reach_the_agent_and_get_status() {
     })
     .await;
 
-    let gateway: Vec<_> = server
-        .requests()
-        .into_iter()
-        .filter(|r| r.group == GATEWAY_GROUP)
-        .collect();
+    let gateway = server.gateway_requests();
     for (resource, verb) in [("grpcroutes", "watch"), ("grpcroutes/status", "patch")] {
         assert!(
             gateway
@@ -470,12 +447,7 @@ async fn grpcroutes_are_watched_reach_the_agent_and_get_status() {
             "no {verb} of {resource}: {gateway:?}"
         );
     }
-    for r in &gateway {
-        assert!(
-            bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
-            "{r:?} is not in the ClusterRole"
-        );
-    }
+    assert_rbac_allows(&gateway);
     agent.shutdown().await;
     cp.shutdown().await;
 }
