@@ -12,12 +12,9 @@
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use super::http_route::{
-    self, BackendRefSpec, FilterSpec, HeaderSpec, MAX_BACKENDS, MAX_HEADERS, MAX_MATCHES,
-    ParentReference,
-};
+use super::http_route::{self, BackendRefSpec, FilterSpec, HeaderSpec, ParentReference};
 use super::meta::ObjectMeta;
-use super::{FieldError, field, item};
+use super::{FieldError, field};
 use crate::model::http_route as model;
 
 /// Longest service or method name (the Gateway API's limit).
@@ -102,44 +99,14 @@ fn rule(spec: GrpcRuleSpec, at: &str, namespace: &str) -> Result<model::Rule, Fi
             "not supported: use a ResiliencePolicy loadBalancer with ConsistentHash",
         ));
     }
-    let specs = spec.matches.unwrap_or_default();
-    if specs.len() > MAX_MATCHES {
-        return Err(FieldError::new(
-            field(at, "matches"),
-            format!("at most {MAX_MATCHES} matches, got {}", specs.len()),
-        ));
-    }
-    let mut matches = Vec::with_capacity(specs.len().max(1));
-    for (i, m) in specs.into_iter().enumerate() {
-        matches.push(grpc_match(m, &item(&field(at, "matches"), i))?);
-    }
-    if matches.is_empty() {
-        matches.push(model::Match {
-            path: model::PathMatch::Prefix("/".to_owned()),
-            headers: Vec::new(),
-            method: None,
-        });
-    }
-    let refs = spec.backend_refs.unwrap_or_default();
-    if refs.len() > MAX_BACKENDS {
-        return Err(FieldError::new(
-            field(at, "backendRefs"),
-            format!("at most {MAX_BACKENDS} backendRefs, got {}", refs.len()),
-        ));
-    }
-    let mut backends = Vec::with_capacity(refs.len());
-    for (i, r) in refs.into_iter().enumerate() {
-        backends.push(http_route::backend(
-            r,
-            &item(&field(at, "backendRefs"), i),
-            namespace,
-        )?);
-    }
-    Ok(model::Rule {
-        matches,
-        backends,
+    http_route::rule_of(
+        spec.matches,
+        grpc_match,
+        spec.backend_refs,
         request_headers,
-    })
+        at,
+        namespace,
+    )
 }
 
 fn grpc_match(spec: GrpcMatchSpec, at: &str) -> Result<model::Match, FieldError> {
@@ -147,28 +114,7 @@ fn grpc_match(spec: GrpcMatchSpec, at: &str) -> Result<model::Match, FieldError>
         None => model::PathMatch::Prefix("/".to_owned()),
         Some(m) => method(m, &field(at, "method"))?,
     };
-    let specs = spec.headers.unwrap_or_default();
-    if specs.len() > MAX_HEADERS {
-        return Err(FieldError::new(
-            field(at, "headers"),
-            format!("at most {MAX_HEADERS} header matches, got {}", specs.len()),
-        ));
-    }
-    let mut headers: Vec<model::HeaderMatch> = Vec::with_capacity(specs.len());
-    for (i, h) in specs.into_iter().enumerate() {
-        let hat = item(&field(at, "headers"), i);
-        let header = http_route::header(h, &hat)?;
-        if headers.iter().any(|o| o.name == header.name) {
-            return Err(FieldError::new(
-                field(&hat, "name"),
-                format!(
-                    "header {:?} is matched twice (names are case-insensitive)",
-                    header.name
-                ),
-            ));
-        }
-        headers.push(header);
-    }
+    let headers = http_route::headers(spec.headers, at)?;
     // Every gRPC call is a POST; the method is left open so that the entry ranks like
     // an HTTPRoute match on the same path (see the module documentation).
     Ok(model::Match {

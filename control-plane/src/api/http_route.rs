@@ -338,7 +338,28 @@ fn rule(spec: RuleSpec, at: &str, namespace: &str) -> Result<model::Rule, FieldE
             return Err(FieldError::new(field(at, name), reason));
         }
     }
-    let specs = spec.matches.unwrap_or_default();
+    rule_of(
+        spec.matches,
+        route_match,
+        spec.backend_refs,
+        request_headers,
+        at,
+        namespace,
+    )
+}
+
+/// A rule of either kind from its decoded filters, its `matches` (each validated by the
+/// kind's function; none: one match of every request) and its `backendRefs`, within the
+/// Gateway API's limits.
+pub(super) fn rule_of<M>(
+    matches: Option<Vec<M>>,
+    one_match: fn(M, &str) -> Result<model::Match, FieldError>,
+    backend_refs: Option<Vec<BackendRefSpec>>,
+    request_headers: Option<model::HeaderModifier>,
+    at: &str,
+    namespace: &str,
+) -> Result<model::Rule, FieldError> {
+    let specs = matches.unwrap_or_default();
     if specs.len() > MAX_MATCHES {
         return Err(FieldError::new(
             field(at, "matches"),
@@ -347,7 +368,7 @@ fn rule(spec: RuleSpec, at: &str, namespace: &str) -> Result<model::Rule, FieldE
     }
     let mut matches = Vec::with_capacity(specs.len().max(1));
     for (i, m) in specs.into_iter().enumerate() {
-        matches.push(route_match(m, &item(&field(at, "matches"), i))?);
+        matches.push(one_match(m, &item(&field(at, "matches"), i))?);
     }
     if matches.is_empty() {
         matches.push(model::Match {
@@ -356,7 +377,7 @@ fn rule(spec: RuleSpec, at: &str, namespace: &str) -> Result<model::Rule, FieldE
             method: None,
         });
     }
-    let refs = spec.backend_refs.unwrap_or_default();
+    let refs = backend_refs.unwrap_or_default();
     if refs.len() > MAX_BACKENDS {
         return Err(FieldError::new(
             field(at, "backendRefs"),
@@ -490,18 +511,12 @@ fn header_name(name: Option<String>, at: &str) -> Result<String, FieldError> {
     }
 }
 
-fn route_match(spec: MatchSpec, at: &str) -> Result<model::Match, FieldError> {
-    if unsupported(spec.query_params.map(Value::Sequence).as_ref()) {
-        return Err(FieldError::new(
-            field(at, "queryParams"),
-            "query parameter matches are not supported by Bulwark yet",
-        ));
-    }
-    let path = match spec.path {
-        None => model::PathMatch::Prefix("/".to_owned()),
-        Some(p) => path(p, &field(at, "path"))?,
-    };
-    let specs = spec.headers.unwrap_or_default();
+/// A match's `headers` (all must hold), at most [`MAX_HEADERS`], no name twice.
+pub(super) fn headers(
+    specs: Option<Vec<HeaderSpec>>,
+    at: &str,
+) -> Result<Vec<model::HeaderMatch>, FieldError> {
+    let specs = specs.unwrap_or_default();
     if specs.len() > MAX_HEADERS {
         return Err(FieldError::new(
             field(at, "headers"),
@@ -523,6 +538,21 @@ fn route_match(spec: MatchSpec, at: &str) -> Result<model::Match, FieldError> {
         }
         headers.push(header);
     }
+    Ok(headers)
+}
+
+fn route_match(spec: MatchSpec, at: &str) -> Result<model::Match, FieldError> {
+    if unsupported(spec.query_params.map(Value::Sequence).as_ref()) {
+        return Err(FieldError::new(
+            field(at, "queryParams"),
+            "query parameter matches are not supported by Bulwark yet",
+        ));
+    }
+    let path = match spec.path {
+        None => model::PathMatch::Prefix("/".to_owned()),
+        Some(p) => path(p, &field(at, "path"))?,
+    };
+    let headers = headers(spec.headers, at)?;
     let method = spec
         .method
         .map(|m| {
