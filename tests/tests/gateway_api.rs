@@ -126,15 +126,8 @@ fn v2_weight(routes: &Value) -> Option<u64> {
 async fn httproutes_are_watched_when_the_gateway_api_is_installed() {
     let server = ApiServer::start().await;
     server.serve_gateway_api();
-    apply_service(&server, "orders", "127.0.0.31");
-    apply_service(&server, "orders-v2", "127.0.0.32");
     server.apply(&http_route(10, ""));
-    let cp = ControlPlane::start(settings(server.kubeconfig("cp-1")))
-        .await
-        .expect("the control plane lists the cluster and starts");
-    let agent = Agent::start(agent_settings(cp.grpc_addr(), "client", None))
-        .await
-        .expect("the agent starts");
+    let (cp, agent) = start(&server).await;
 
     let routes = wait_for_routes(&agent, "the route reaches the agent", |r| {
         v2_weight(r) == Some(10)
@@ -225,17 +218,24 @@ async fn httproutes_are_watched_when_the_gateway_api_is_installed() {
     cp.shutdown().await;
 }
 
-/// Serves `orders` and `orders-v2` from `server`, which does not serve the Gateway API
-/// (yet), and starts the control plane and an agent, which knows `orders` and no routes.
-async fn start_without_gateway_api(server: &ApiServer) -> (ControlPlane, Agent) {
+/// Serves `orders` and `orders-v2` from `server` and starts the control plane and an
+/// agent on it.
+async fn start(server: &ApiServer) -> (ControlPlane, Agent) {
     apply_service(server, "orders", "127.0.0.31");
     apply_service(server, "orders-v2", "127.0.0.32");
     let cp = ControlPlane::start(settings(server.kubeconfig("cp-1")))
         .await
-        .expect("the control plane starts without the Gateway API");
+        .expect("the control plane lists the cluster and starts");
     let agent = Agent::start(agent_settings(cp.grpc_addr(), "client", None))
         .await
         .expect("the agent starts");
+    (cp, agent)
+}
+
+/// [`start`] on a `server` that does not serve the Gateway API (yet): the agent knows
+/// `orders` and no routes.
+async fn start_without_gateway_api(server: &ApiServer) -> (ControlPlane, Agent) {
+    let (cp, agent) = start(server).await;
     let routes = wait_for_routes(&agent, "the agent knows orders", |_| true).await;
     assert_eq!(
         routes,
@@ -363,15 +363,8 @@ fn grpc_route(method: &str) -> String {
 async fn grpcroutes_are_watched_reach_the_agent_and_get_status() {
     let server = ApiServer::start().await;
     server.serve_gateway_api();
-    apply_service(&server, "orders", "127.0.0.31");
-    apply_service(&server, "orders-v2", "127.0.0.32");
     server.apply(&grpc_route("Place"));
-    let cp = ControlPlane::start(settings(server.kubeconfig("cp-1")))
-        .await
-        .expect("the control plane lists the cluster and starts");
-    let agent = Agent::start(agent_settings(cp.grpc_addr(), "client", None))
-        .await
-        .expect("the agent starts");
+    let (cp, agent) = start(&server).await;
 
     let path = |routes: &Value| {
         routes[0]["matches"][0]["path"]["value"]
