@@ -44,3 +44,22 @@ impl ObjectMeta {
         Ok(ObjectName::new(namespace, name))
     }
 }
+
+/// Most labels a selector may name (one home for the schema and the check).
+pub const MAX_SELECTOR_LABELS: usize = 16;
+/// Longest label value Kubernetes allows.
+pub const MAX_LABEL_VALUE: usize = 63;
+
+/// The schema of a `matchLabels` map: one to [`MAX_SELECTOR_LABELS`] labels, values at
+/// most [`MAX_LABEL_VALUE`] long (bounded for the CEL cost estimator), and no `default`:
+/// schemars derives `{}` from `#[serde(default)]`, which fails `minProperties`, and the
+/// API server refuses a CRD whose default does not validate against its own schema.
+pub fn label_selector(schema: &mut schemars::Schema) {
+    schema.remove("default");
+    schema.insert("minProperties".into(), 1.into());
+    schema.insert("maxProperties".into(), MAX_SELECTOR_LABELS.into());
+    schema.insert(
+        "additionalProperties".into(),
+        serde_json::json!({"type": "string", "maxLength": MAX_LABEL_VALUE}),
+    );
+}

@@ -113,6 +113,7 @@ pub struct KeySpec {
 /// `spec.limits[].key.type`: None (one bucket for all, the default), ClientAddress
 /// (one per client IP) or Header (one per value of `header`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[schemars(extend("maxLength" = 32))]
 pub enum KeyType {
     /// One bucket for everyone.
     None,

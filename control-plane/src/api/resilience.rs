@@ -329,7 +329,7 @@ pub struct BulkheadSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "(has(self.strategy) && self.strategy == 'ConsistentHash') == has(self.hashOn)",
+        "rule": "has(self.strategy) && self.strategy == 'ConsistentHash' ? has(self.hashOn) : !has(self.hashOn)",
         "message": "hashOn is required for ConsistentHash, and only allowed then",
     },
     {
@@ -378,6 +378,9 @@ pub struct WeightSpec {
 
 /// `spec.loadBalancer.strategy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+// Bounded for the API server's CEL cost estimator, which counts enums as unbounded
+// strings before 1.30.
+#[schemars(extend("maxLength" = 32))]
 pub enum StrategySpec {
     /// Power of two choices on in-flight requests.
     LeastRequest,
@@ -498,7 +501,9 @@ impl LoadBalancerSpec {
                         ));
                     }
                     Ok(model::WeightRule {
-                        match_labels: w.selector.match_labels,
+                        match_labels: w
+                            .selector
+                            .checked_labels(&field(&field(&at, "selector"), "matchLabels"))?,
                         weight: w.weight,
                     })
                 })
@@ -1213,6 +1218,22 @@ mod tests {
                 "  loadBalancer: {strategy: WeightedRoundRobin, weights: [{selector: {matchLabels: {a: b}}, weight: 1}, {selector: {}, weight: 2}]}\n"
             ),
             "spec.loadBalancer.weights[1].selector.matchLabels: needs at least one label"
+        );
+        // The schema's bounds hold in the folder source too.
+        let long = "v".repeat(64);
+        assert_eq!(
+            error(&format!(
+                "  loadBalancer: {{strategy: WeightedRoundRobin, weights: [{{selector: {{matchLabels: {{tier: {long}}}}}, weight: 1}}]}}\n"
+            )),
+            "spec.loadBalancer.weights[0].selector.matchLabels.tier: is 64 characters long; at most 63"
+        );
+        let many: Vec<String> = (0..17).map(|i| format!("l{i}: x")).collect();
+        assert_eq!(
+            error(&format!(
+                "  loadBalancer: {{strategy: WeightedRoundRobin, weights: [{{selector: {{matchLabels: {{{}}}}}, weight: 1}}]}}\n",
+                many.join(", ")
+            )),
+            "spec.loadBalancer.weights[0].selector.matchLabels: names 17 labels; at most 16"
         );
         assert_eq!(
             error("  loadBalancer: {strategy: WeightedRoundRobin, weights: []}\n"),

@@ -120,7 +120,7 @@ pub struct ShardTopologySpec {
         "message": "name is required for Header, Query and GrpcMetadata keys, and only allowed then",
     },
     {
-        "rule": "!has(self.type) || self.type != 'Path' || (has(self.segment) != has(self.pattern))",
+        "rule": "!has(self.type) || self.type != 'Path' || (has(self.segment) ? !has(self.pattern) : has(self.pattern))",
         "message": "a Path key needs exactly one of segment and pattern",
     },
     {
@@ -151,6 +151,7 @@ pub struct ShardKeySpec {
 
 /// `spec.key.type`: Header, Path, Query or GrpcMetadata.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[schemars(extend("maxLength" = 32))]
 pub enum ShardKeyType {
     /// A request header.
     Header,
@@ -183,6 +184,7 @@ pub struct MissingKeySpec {
 /// `spec.missingKey.action`: Reject (400 shard-key-missing, the default) or
 /// DefaultShard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[schemars(extend("maxLength" = 32))]
 pub enum MissingKeyAction {
     /// Answer 400 with x-bulwark-reason shard-key-missing.
     Reject,
@@ -196,11 +198,11 @@ pub enum MissingKeyAction {
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.type)", "message": "type is required"},
     {
-        "rule": "!has(self.type) || (self.type == 'Range') == has(self.ranges)",
+        "rule": "!has(self.type) || (self.type == 'Range' ? has(self.ranges) : !has(self.ranges))",
         "message": "ranges is required for Range, and only allowed then",
     },
     {
-        "rule": "!has(self.type) || (self.type == 'Directory') == has(self.directory)",
+        "rule": "!has(self.type) || (self.type == 'Directory' ? has(self.directory) : !has(self.directory))",
         "message": "directory is required for Directory, and only allowed then",
     },
     {
@@ -230,6 +232,7 @@ pub struct StrategySpec {
 
 /// `spec.strategy.type`: Hash, ConsistentHash, Range or Directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[schemars(extend("maxLength" = 32))]
 pub enum StrategyType {
     /// Hash modulo the number of shards.
     Hash,
@@ -272,7 +275,10 @@ pub struct RangeSpec {
 pub struct DirectorySpec {
     /// Key to shard name, e.g. acme: "3"; every shard must be in spec.shards.
     #[serde(default)]
-    #[schemars(extend("maxProperties" = 10000))]
+    #[schemars(extend(
+        "maxProperties" = 10000,
+        "additionalProperties" = {"type": "string", "maxLength": 63}
+    ))]
     pub entries: BTreeMap<String, String>,
     /// The shard of keys not in the table. Default: such requests are treated as
     /// having no key (see missingKey).
@@ -306,9 +312,31 @@ pub struct ShardSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SelectorSpec {
     /// Labels an endpoint's pod must all carry. At least one.
+    // Absent reads as empty so that our own check names the field (see label_selector).
     #[serde(default)]
-    #[schemars(extend("minProperties" = 1))]
+    #[schemars(transform = crate::api::meta::label_selector)]
     pub match_labels: BTreeMap<String, String>,
+}
+
+impl SelectorSpec {
+    /// The labels, within the schema's bounds (`path` is the `matchLabels` field's). An
+    /// empty map passes: each caller refuses it with its own reason.
+    pub fn checked_labels(self, path: &str) -> Result<BTreeMap<String, String>, FieldError> {
+        use crate::api::meta::{MAX_LABEL_VALUE, MAX_SELECTOR_LABELS};
+        if self.match_labels.len() > MAX_SELECTOR_LABELS {
+            return Err(FieldError::new(
+                path,
+                format!(
+                    "names {} labels; at most {MAX_SELECTOR_LABELS}",
+                    self.match_labels.len()
+                ),
+            ));
+        }
+        for (key, value) in &self.match_labels {
+            at_most(value, MAX_LABEL_VALUE, &field(path, key))?;
+        }
+        Ok(self.match_labels)
+    }
 }
 
 /// `spec.reads`.
@@ -317,15 +345,21 @@ pub struct SelectorSpec {
 pub struct ReadsSpec {
     /// HTTP methods that are reads. Default [GET, HEAD, OPTIONS].
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16), inner(regex(pattern = "^[A-Z]+$")))]
+    #[schemars(
+        length(max = 16),
+        inner(regex(pattern = "^[A-Z]+$"), length(max = MAX_METHOD))
+    )]
     pub methods: Option<Vec<String>>,
     /// Regular expressions over the path that make a request a read whatever its method.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = MAX_PATTERN)))]
     pub paths: Option<Vec<String>>,
     /// gRPC methods that are reads, as /package.Service/Method.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 256), inner(regex(pattern = "^/[^/]+/[^/]+$")))]
+    #[schemars(
+        length(max = 256),
+        inner(regex(pattern = "^/[^/]+/[^/]+$"), length(max = MAX_PATTERN))
+    )]
     pub grpc_methods: Option<Vec<String>>,
 }
 
@@ -341,7 +375,25 @@ pub struct ReadYourWritesSpec {
     /// A request header (lower case) that identifies the client. Default: the client
     /// address.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub client_header: Option<String>,
+}
+
+/// Longest HTTP method name in `spec.reads.methods`.
+const MAX_METHOD: usize = 32;
+/// Longest path regex or gRPC method in `spec.reads`.
+const MAX_PATTERN: usize = 1024;
+
+/// Refuses a value longer than the schema allows, so that the folder source accepts what
+/// the API server accepts and no more.
+fn at_most(value: &str, max: usize, path: &str) -> Result<(), FieldError> {
+    if value.len() > max {
+        return Err(FieldError::new(
+            path,
+            format!("is {} characters long; at most {max}", value.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// Default `readYourWrites.window`.
@@ -358,6 +410,7 @@ impl TryFrom<ShardTopologyDocument> for model::ShardTopology {
 }
 
 fn header_name(value: String, path: &str) -> Result<String, FieldError> {
+    at_most(&value, 256, path)?;
     let valid = http::HeaderName::from_str(&value).is_ok()
         && !value.bytes().any(|b| b.is_ascii_uppercase());
     if valid {
@@ -432,6 +485,7 @@ impl ShardTopologySpec {
                     .methods
                     .unwrap_or_else(|| DEFAULT_READ_METHODS.map(str::to_owned).to_vec());
                 for (i, m) in methods.iter().enumerate() {
+                    at_most(m, MAX_METHOD, &item("spec.reads.methods", i))?;
                     if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
                         return Err(FieldError::new(
                             item("spec.reads.methods", i),
@@ -441,10 +495,12 @@ impl ShardTopologySpec {
                 }
                 let paths = r.paths.unwrap_or_default();
                 for (i, p) in paths.iter().enumerate() {
+                    at_most(p, MAX_PATTERN, &item("spec.reads.paths", i))?;
                     regex(p, &item("spec.reads.paths", i))?;
                 }
                 let grpc_methods = r.grpc_methods.unwrap_or_default();
                 for (i, m) in grpc_methods.iter().enumerate() {
+                    at_most(m, MAX_PATTERN, &item("spec.reads.grpcMethods", i))?;
                     let parts: Vec<&str> = m.split('/').collect();
                     if !(parts.len() == 3
                         && parts[0].is_empty()
@@ -515,7 +571,9 @@ fn validate_shards(shards: Option<Vec<ShardSpec>>) -> Result<Vec<model::Shard>, 
             ));
         }
         let primary = match shard.primary {
-            Some(p) if !p.match_labels.is_empty() => p.match_labels,
+            Some(p) if !p.match_labels.is_empty() => {
+                p.checked_labels(&field(&path, "primary.matchLabels"))?
+            }
             _ => {
                 return Err(FieldError::new(
                     field(&path, "primary"),
@@ -531,7 +589,7 @@ fn validate_shards(shards: Option<Vec<ShardSpec>>) -> Result<Vec<model::Shard>, 
                     "must hold at least one label (an empty selector would match every endpoint)",
                 ));
             }
-            Some(r) => Some(r.match_labels),
+            Some(r) => Some(r.checked_labels(&field(&path, "replicas.matchLabels"))?),
         };
         if replicas.as_ref() == Some(&primary) {
             return Err(FieldError::new(

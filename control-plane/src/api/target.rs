@@ -17,11 +17,11 @@ use crate::model;
 pub struct TargetRef {
     /// The API group of the target: "" (the core group of Service). Default "".
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = "^$"), extend("default" = ""))]
+    #[schemars(regex(pattern = "^$"), length(max = 253), extend("default" = ""))]
     pub group: Option<String>,
     /// The kind of the target: Service. Required.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = "^Service$"))]
+    #[schemars(regex(pattern = "^Service$"), length(max = 63))]
     pub kind: Option<String>,
     /// The Service's name, in the policy's namespace. Required.
     #[serde(skip_serializing_if = "Option::is_none")]
