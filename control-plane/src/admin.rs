@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::agents::{AgentQuery, AgentRegistry};
+use crate::lease::ApiReach;
 use crate::metrics::Metrics;
 use crate::source::RejectedObject;
 
@@ -40,6 +41,36 @@ pub struct AdminState {
     pub rejections: watch::Receiver<Arc<[RejectedObject]>>,
     /// Set once the first load is done, for `/ready`.
     pub ready: Arc<AtomicBool>,
+    /// Whether the API server answers (Kubernetes source), for `/ready`.
+    pub api_reach: Option<watch::Receiver<ApiReach>>,
+}
+
+/// `/ready`: 200 once the first load is done, while the API server (if any) answers.
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    if !state.ready.load(Ordering::Acquire) {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first load of the source has not finished\n",
+        );
+    }
+    let failing = state
+        .api_reach
+        .as_ref()
+        .and_then(|reach| match &*reach.borrow() {
+            ApiReach::Answering => None,
+            ApiReach::Failing { why, .. } => Some(why.clone()),
+        });
+    match failing {
+        None => text(StatusCode::OK, "ready\n"),
+        Some(why) => with_type(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            format!(
+                "not ready: {why}; agents keep the last config, but cluster changes and policy \
+                 status wait until the API server answers\n"
+            ),
+        ),
+    }
 }
 
 /// Serves admin requests on `listener` until `shutdown` is set.
@@ -98,11 +129,7 @@ pub fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes
     }
     match path {
         "/metrics" => with_type(StatusCode::OK, OPENMETRICS, state.metrics.encode()),
-        "/ready" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the first load of the source has not finished\n",
-        ),
+        "/ready" => ready(state),
         "/agents" => match agent_query(request.uri().query()) {
             Ok(query) => {
                 let page = state.agents.page(&query);
@@ -207,6 +234,7 @@ mod tests {
             metrics,
             rejections,
             ready: Arc::new(AtomicBool::new(ready)),
+            api_reach: None,
         }
     }
 
@@ -228,6 +256,25 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(get(&state(true, vec![]), "/ready").0, StatusCode::OK);
+    }
+
+    #[test]
+    fn ready_fails_while_the_api_server_does_not_answer() {
+        let (reach, api_reach) = watch::channel(ApiReach::Answering);
+        let state = AdminState {
+            api_reach: Some(api_reach),
+            ..state(true, vec![])
+        };
+        assert_eq!(get(&state, "/ready").0, StatusCode::OK);
+        reach.send_replace(ApiReach::Failing {
+            for_secs: 15,
+            why: "the API server refuses our credentials (401 Unauthorized)".into(),
+        });
+        let (status, body) = get(&state, "/ready");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("refuses our credentials (401"), "{body}");
+        reach.send_replace(ApiReach::Answering);
+        assert_eq!(get(&state, "/ready").0, StatusCode::OK);
     }
 
     #[test]

@@ -25,6 +25,8 @@ use tracing::{debug, info, warn};
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(15);
 /// Default interval between renewals and acquisition attempts.
 pub const DEFAULT_RETRY: Duration = Duration::from_secs(2);
+/// The Lease's name (the chart's Role grants get and update on this name only).
+pub const LEASE_NAME: &str = "bulwark-control-plane";
 
 /// Which Lease, and who we are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,7 +48,7 @@ impl LeaseSettings {
     pub fn new(namespace: impl Into<String>, identity: impl Into<String>) -> Self {
         LeaseSettings {
             namespace: namespace.into(),
-            name: "bulwark-control-plane".to_owned(),
+            name: LEASE_NAME.to_owned(),
             identity: identity.into(),
             duration: DEFAULT_DURATION,
             retry: DEFAULT_RETRY,
@@ -67,32 +69,86 @@ struct Elector {
     settings: LeaseSettings,
     observed: Option<Observed>,
     last_renewed: Option<Instant>,
+    /// Since when, and why, every request to the API server has failed.
+    failing: Option<(Instant, String)>,
+}
+
+/// Whether the control plane can talk to the API server, as the elector sees it every
+/// round: `/ready` fails once requests have failed for a whole lease duration, since
+/// from then on policy status is not written and changes in the cluster are not seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiReach {
+    /// The last request got an answer (a missing Lease or a lost race included).
+    Answering,
+    /// Every request has failed for at least a lease duration.
+    Failing {
+        /// How long, when it was published.
+        for_secs: u64,
+        /// What failed and what to check.
+        why: String,
+    },
+}
+
+/// What an operator should check when a request to the API server fails.
+fn hint(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if status.code == 401 => format!(
+            "the API server refuses our credentials ({} {}): is the ServiceAccount token valid \
+             (deleted or rotated ServiceAccount, wrong audience)?",
+            status.code, status.reason
+        ),
+        kube::Error::Api(status) if status.code == 403 => format!(
+            "the API server forbids reading the Lease ({}): check the chart's Role and \
+             RoleBinding for leases in this namespace",
+            status.message
+        ),
+        other => format!("cannot reach the API server: {other}"),
+    }
 }
 
 /// Runs the elector until `shutdown`; the receiver says whether we hold the lease.
 /// On shutdown the holder releases the lease so another replica takes over at once.
+/// The third receiver says whether the API server answers (for `/ready`).
 pub fn spawn(
     client: Client,
     settings: LeaseSettings,
     mut shutdown: watch::Receiver<bool>,
-) -> (JoinHandle<()>, watch::Receiver<bool>) {
+) -> (
+    JoinHandle<()>,
+    watch::Receiver<bool>,
+    watch::Receiver<ApiReach>,
+) {
     let (leader, is_leader) = watch::channel(false);
+    let (reach, api_reach) = watch::channel(ApiReach::Answering);
     let api = Api::namespaced(client, &settings.namespace);
     let mut elector = Elector {
         api,
         settings,
         observed: None,
         last_renewed: None,
+        failing: None,
     };
     let task = tokio::spawn(async move {
         loop {
             let leading = elector.step().await;
+            let now_reach = elector.reach(Instant::now());
+            reach.send_if_modified(|current| {
+                if *current == now_reach {
+                    return false;
+                }
+                // The duration inside changes every round: publish only the change of state.
+                let changed = std::mem::discriminant(current) != std::mem::discriminant(&now_reach);
+                *current = now_reach.clone();
+                changed
+            });
             leader.send_if_modified(|current| {
                 if *current == leading {
                     return false;
                 }
                 if leading {
                     info!(lease = %elector.settings.name, identity = %elector.settings.identity, "took the status lease; this replica writes policy status");
+                } else if let Some((_, why)) = &elector.failing {
+                    warn!(lease = %elector.settings.name, %why, "gave up the status lease: the API server has not answered for a lease duration; policy status is not written and /ready fails until it does");
                 } else {
                     info!(lease = %elector.settings.name, "not the status lease holder; another replica writes policy status");
                 }
@@ -109,7 +165,7 @@ pub fn spawn(
             leader.send_replace(false);
         }
     });
-    (task, is_leader)
+    (task, is_leader, api_reach)
 }
 
 fn seconds(d: Duration) -> i32 {
@@ -117,13 +173,49 @@ fn seconds(d: Duration) -> i32 {
 }
 
 impl Elector {
+    /// Whether the API server answers, as of `now`.
+    fn reach(&self, now: Instant) -> ApiReach {
+        match &self.failing {
+            Some((since, why)) if now.duration_since(*since) >= self.settings.duration => {
+                ApiReach::Failing {
+                    for_secs: now.duration_since(*since).as_secs(),
+                    why: why.clone(),
+                }
+            }
+            _ => ApiReach::Answering,
+        }
+    }
+
+    /// Notes a failed request: logged once per failing run, not every round.
+    fn failed(&mut self, now: Instant, error: &kube::Error) {
+        let why = hint(error);
+        if self.failing.is_none() {
+            warn!(%error, lease = %self.settings.name, "{why}");
+        }
+        let since = self.failing.take().map_or(now, |(since, _)| since);
+        self.failing = Some((since, why));
+    }
+
+    /// Notes an answer from the API server.
+    fn answered(&mut self) {
+        if let Some((since, _)) = self.failing.take() {
+            info!(
+                failed_for_secs = since.elapsed().as_secs(),
+                "the API server answers again"
+            );
+        }
+    }
+
     /// One round: returns whether we hold the lease afterwards.
     async fn step(&mut self) -> bool {
         let now = Instant::now();
         let current = match self.api.get_opt(&self.settings.name).await {
-            Ok(current) => current,
+            Ok(current) => {
+                self.answered();
+                current
+            }
             Err(error) => {
-                warn!(%error, lease = %self.settings.name, "cannot read the status lease");
+                self.failed(now, &error);
                 return self.still_leading(now);
             }
         };

@@ -162,7 +162,7 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::new());
         let publisher = Publisher::new(Arc::clone(&metrics));
         let (shutdown, stop) = watch::channel(false);
-        let mut tasks =
+        let (mut tasks, api_reach) =
             start_source(&settings, publisher.clone(), Arc::clone(&metrics), &stop).await?;
         let mut models = publisher.models();
         let model = Arc::clone(&models.borrow_and_update());
@@ -177,6 +177,7 @@ impl ControlPlane {
             agents: Arc::clone(&agents),
             rejections: publisher.rejections(),
             ready: Arc::clone(&ready),
+            api_reach,
         });
 
         tasks.extend([
@@ -259,14 +260,18 @@ impl Drop for ControlPlane {
 /// How often start-up reports that it still waits for the cluster.
 const SYNC_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The tasks that follow the source, named for the logs.
+type SourceTasks = Vec<(&'static str, JoinHandle<()>)>;
+
 /// Loads the source once (the folder, or a first complete list of the cluster) and
-/// starts the tasks that follow it. Kubernetes also gets the status writer and its Lease.
+/// starts the tasks that follow it. Kubernetes also gets the status writer and its Lease,
+/// whose elector says whether the API server answers.
 async fn start_source(
     settings: &Settings,
     publisher: Publisher,
     metrics: Arc<Metrics>,
     stop: &watch::Receiver<bool>,
-) -> Result<Vec<(&'static str, JoinHandle<()>)>, Error> {
+) -> Result<(SourceTasks, Option<watch::Receiver<lease::ApiReach>>), Error> {
     match &settings.source {
         Source::Dir(dirs) => {
             let source = DirSource::open_all(dirs.iter().cloned())?;
@@ -287,10 +292,10 @@ async fn start_source(
                 "source loaded"
             );
             publisher.publish(loaded.model, loaded.rejected);
-            Ok(vec![(
-                "source",
-                watcher.spawn(source, publisher, stop.clone()),
-            )])
+            Ok((
+                vec![("source", watcher.spawn(source, publisher, stop.clone()))],
+                None,
+            ))
         }
         Source::Kubernetes(kube_settings) => {
             let client = source::kubernetes::client(kube_settings)
@@ -325,14 +330,14 @@ async fn start_source(
                 "cluster listed"
             );
             let mut tasks = source.tasks;
-            let (lease, leader) =
+            let (lease, leader, api_reach) =
                 lease::spawn(client.clone(), kube_settings.lease.clone(), stop.clone());
             tasks.push(("lease", lease));
             tasks.push((
                 "status",
                 status::spawn(client, source.observed, leader, metrics, stop.clone()),
             ));
-            Ok(tasks)
+            Ok((tasks, Some(api_reach)))
         }
     }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bulwark_control_plane::source::kubernetes;
 use bulwark_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, Settings, Source, webhook};
 use clap::{Parser, ValueEnum};
 use tracing::{error, info};
@@ -88,9 +89,32 @@ fn parse_debounce(value: &str) -> Result<Duration, String> {
     Ok(d.as_std())
 }
 
+/// kube's client logs a WARN for every error answer that is not a JSON Status, such as
+/// the plain-text 404 of a group the API server does not serve (the Gateway API before
+/// its CRDs are installed, asked every recheck). The control plane handles those answers
+/// and says what they mean itself, so that module is quiet below ERROR unless RUST_LOG
+/// names kube_client.
+const QUIET_KUBE_CLIENT: &str = "kube_client::client=error";
+
+/// The log filter: RUST_LOG (default `info`), with kube's client quiet unless named.
+fn log_filter(rust_log: Option<&str>) -> EnvFilter {
+    let spec = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    let filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    if spec.contains("kube_client") {
+        return filter;
+    }
+    match QUIET_KUBE_CLIENT.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    // Colour codes only for a person at a terminal; a log file or collector gets plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -111,19 +135,26 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 }
 
 /// Starts the injection webhook, asking the API server's version when the sidecar mode
-/// is `Auto`.
+/// is `Auto`: through the Kubernetes source's client settings (its kubeconfig), else the
+/// default client configuration (in a pod, or KUBECONFIG).
 async fn start_webhook(
     addr: SocketAddr,
     cert_dir: PathBuf,
     config: &std::path::Path,
+    source: &Source,
 ) -> anyhow::Result<webhook::Webhook> {
     let inject = webhook::InjectConfig::load(config)?;
     let native = match webhook::native_sidecars(inject.sidecar_mode, "", "") {
         Some(native) => native,
         None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("cannot reach the API server to learn its version (set sidecarMode)")?;
+            let kubeconfig = match source {
+                Source::Kubernetes(k) => k.kubeconfig.as_deref(),
+                Source::Dir(_) => None,
+            };
+            let client = kubernetes::client_from(kubeconfig).await.context(
+                "cannot reach the API server to learn its version (or set sidecarMode in the \
+                 webhook config)",
+            )?;
             webhook::detect_native(inject.sidecar_mode, &client).await?
         }
     };
@@ -180,7 +211,15 @@ async fn main() -> anyhow::Result<()> {
     // issue 5: the injection webhook starts first, so pods created while the source
     // syncs are not refused.
     let _webhook = match args.webhook_addr {
-        Some(addr) => Some(start_webhook(addr, args.webhook_cert_dir, &args.webhook_config).await?),
+        Some(addr) => Some(
+            start_webhook(
+                addr,
+                args.webhook_cert_dir,
+                &args.webhook_config,
+                &settings.source,
+            )
+            .await?,
+        ),
         None => None,
     };
     let mut control_plane = ControlPlane::start(settings)
@@ -207,6 +246,21 @@ mod tests {
         )
         .map_err(|e| e.to_string())?;
         Source::combine(args.source).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn kube_clients_parse_warnings_are_quiet_unless_asked_for() {
+        for rust_log in [
+            None,
+            Some("info"),
+            Some("debug"),
+            Some("bulwark=trace,warn"),
+        ] {
+            let filter = log_filter(rust_log).to_string();
+            assert!(filter.contains(QUIET_KUBE_CLIENT), "{rust_log:?}: {filter}");
+        }
+        let filter = log_filter(Some("info,kube_client=debug")).to_string();
+        assert!(!filter.contains(QUIET_KUBE_CLIENT), "{filter}");
     }
 
     #[test]

@@ -17,7 +17,11 @@ fn root() -> &'static Path {
 #[test]
 fn committed_files_match_the_types() {
     let files = crds::files().unwrap();
-    assert_eq!(files.len(), 4, "three CRDs and the RBAC rules");
+    assert_eq!(
+        files.len(),
+        5,
+        "three CRDs, the ClusterRole's and the Role's rules"
+    );
     for (path, generated) in files {
         let committed = std::fs::read_to_string(root().join(&path))
             .unwrap_or_else(|e| panic!("{path}: {e}; run `make crds`"));
@@ -114,7 +118,33 @@ fn rbac_rules_cover_what_the_control_plane_does_and_no_writes_to_the_mesh() {
         "ratelimitpolicies/status",
         "patch"
     ));
-    assert!(crds::allows("coordination.k8s.io", "leases", "update"));
+    // The Lease only in the control plane's namespace, and only ours by name.
+    assert!(!crds::allows("coordination.k8s.io", "leases", "update"));
+    assert!(!crds::allows("coordination.k8s.io", "leases", "create"));
+    assert!(crds::allows_in_own_namespace(
+        "coordination.k8s.io",
+        "leases",
+        "update",
+        Some(bulwark_control_plane::lease::LEASE_NAME)
+    ));
+    assert!(!crds::allows_in_own_namespace(
+        "coordination.k8s.io",
+        "leases",
+        "update",
+        Some("kube-controller-manager")
+    ));
+    assert!(crds::allows_in_own_namespace(
+        "coordination.k8s.io",
+        "leases",
+        "create",
+        None
+    ));
+    assert!(crds::allows_in_own_namespace(
+        "bulwark.io",
+        "resiliencepolicies",
+        "watch",
+        None
+    ));
     assert!(
         !crds::allows("bulwark.io", "resiliencepolicies", "patch"),
         "spec is the user's"

@@ -180,6 +180,9 @@ struct State {
     gateway_api: bool,
     /// How often `/apis/gateway.networking.k8s.io/v1` was asked for.
     discovery_requests: usize,
+    /// Bearer tokens refused with 401, as a real server refuses a deleted
+    /// ServiceAccount's token.
+    revoked: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -277,6 +280,16 @@ fn respond(code: StatusCode, body: &Value) -> Response<Body> {
 
 fn error(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     respond(code, &status(code, reason, message))
+}
+
+/// What a real API server answers for a group it does not serve: Go's plain-text 404,
+/// not a JSON Status (clients must not log it as a malformed error).
+fn group_not_served() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::NOT_FOUND)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(b"404 page not found\n")).boxed())
+        .expect("a valid response")
 }
 
 /// What a request path names.
@@ -632,6 +645,16 @@ impl ApiServer {
         self.shared.lock().gateway_api = true;
     }
 
+    /// Refuses `token` with 401 from now on (a deleted or rotated ServiceAccount).
+    pub fn revoke_token(&self, token: &str) {
+        self.shared.lock().revoked.insert(token.to_owned());
+    }
+
+    /// Accepts `token` again.
+    pub fn restore_token(&self, token: &str) {
+        self.shared.lock().revoked.remove(token);
+    }
+
     /// Uninstalls the Gateway API CRDs: discovery and HTTPRoute requests answer 404 from
     /// now on, and open HTTPRoute watches end (as the API server ends them when a CRD
     /// goes). Stored routes are kept and no DELETED events are sent (a real API server
@@ -708,6 +731,14 @@ impl Drop for ApiServer {
 
 async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
     let (parts, body) = request.into_parts();
+    let token = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if token.is_some_and(|t| shared.lock().revoked.contains(t)) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    }
     // issue 5: `/version` (public, not a resource: not recorded).
     if parts.method == Method::GET && parts.uri.path() == "/version" {
         let (major, minor) = shared
@@ -731,11 +762,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
     if parts.method == Method::GET && parts.uri.path().trim_end_matches('/') == discovery {
         shared.lock().discovery_requests += 1;
         if !gateway_api {
-            return error(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                "the server could not find the requested resource",
-            );
+            return group_not_served();
         }
         return respond(
             StatusCode::OK,
@@ -817,11 +844,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
     });
     // Recorded all the same, so that a test can tell that nobody asked for it.
     if target.resource.group == GATEWAY_GROUP && !gateway_api {
-        return error(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the server could not find the requested resource",
-        );
+        return group_not_served();
     }
     let resource = target.resource;
     let namespace = target
@@ -1019,13 +1042,23 @@ fn watch(
         .expect("a valid response")
 }
 
-/// Panics unless the control plane's RBAC rules (the chart's ClusterRole) allow every
-/// one of `requests`.
+/// The namespace the tests' control planes run in (their Lease's).
+pub const CONTROL_PLANE_NAMESPACE: &str = "bulwark-system";
+
+/// Whether the control plane's RBAC rules (the chart's ClusterRole, and its Role in
+/// [`CONTROL_PLANE_NAMESPACE`]) allow `r`.
+pub fn rbac_allows(r: &Recorded) -> bool {
+    use bulwark_control_plane::crds;
+    if r.namespace.as_deref() == Some(CONTROL_PLANE_NAMESPACE) {
+        crds::allows_in_own_namespace(&r.group, &r.resource, &r.verb, r.name.as_deref())
+    } else {
+        crds::allows(&r.group, &r.resource, &r.verb)
+    }
+}
+
+/// Panics unless the control plane's RBAC rules allow every one of `requests`.
 pub fn assert_rbac_allows(requests: &[Recorded]) {
     for r in requests {
-        assert!(
-            bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
-            "{r:?} is not in the ClusterRole"
-        );
+        assert!(rbac_allows(r), "{r:?} is not allowed by the chart's RBAC");
     }
 }

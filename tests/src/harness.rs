@@ -45,7 +45,7 @@ pub fn kubernetes_control_plane_settings(
             lease: LeaseSettings {
                 duration: Duration::from_secs(3),
                 retry: Duration::from_millis(200),
-                ..LeaseSettings::new("bulwark-system", identity)
+                ..LeaseSettings::new(crate::apiserver::CONTROL_PLANE_NAMESPACE, identity)
             },
             gateway_api_recheck,
         }),

@@ -11,13 +11,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark_control_plane::crds::RBAC_RULES;
+use bulwark_control_plane::crds::{NAMESPACE_RBAC_RULES, RBAC_RULES, Rule};
 use bulwark_control_plane::webhook::{self, InjectConfig, Webhook};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -115,6 +115,8 @@ fn check_types(docs: &[Value]) -> Vec<String> {
             "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(doc)),
             "ClusterRole" => drop(typed::<ClusterRole>(doc)),
             "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(doc)),
+            "Role" => drop(typed::<Role>(doc)),
+            "RoleBinding" => drop(typed::<RoleBinding>(doc)),
             "MutatingWebhookConfiguration" => drop(typed::<MutatingWebhookConfiguration>(doc)),
             "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(doc)),
             "ServiceMonitor" => {
@@ -211,6 +213,8 @@ fn default_manifests_parse_into_their_types_with_no_unknown_fields() {
             "Deployment",
             "MutatingWebhookConfiguration",
             "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
             "Secret",
             "Service",
             "Service",
@@ -288,16 +292,40 @@ fn overridden_manifests_parse_into_their_types_too() {
 fn the_cluster_role_is_exactly_the_generated_rules() {
     let docs = render(&[]);
     let role: ClusterRole = typed(find(&docs, "ClusterRole", "bulwark-control-plane"));
-    let expected: Vec<PolicyRule> = RBAC_RULES
-        .iter()
-        .map(|rule| PolicyRule {
-            api_groups: Some(rule.api_groups.iter().map(|s| s.to_string()).collect()),
-            resources: Some(rule.resources.iter().map(|s| s.to_string()).collect()),
-            verbs: rule.verbs.iter().map(|s| s.to_string()).collect(),
-            ..PolicyRule::default()
-        })
-        .collect();
-    assert_eq!(role.rules.unwrap(), expected);
+    let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let policy_rules = |rules: &[Rule]| -> Vec<PolicyRule> {
+        rules
+            .iter()
+            .map(|rule| PolicyRule {
+                api_groups: Some(strings(rule.api_groups)),
+                resources: Some(strings(rule.resources)),
+                resource_names: (!rule.resource_names.is_empty())
+                    .then(|| strings(rule.resource_names)),
+                verbs: strings(rule.verbs),
+                ..PolicyRule::default()
+            })
+            .collect()
+    };
+    assert_eq!(role.rules.unwrap(), policy_rules(RBAC_RULES));
+    assert!(
+        !RBAC_RULES.iter().any(|r| r.resources.contains(&"leases")),
+        "no lease rights cluster-wide"
+    );
+    // The Lease: a Role in the release's namespace only.
+    let namespaced: Role = typed(find(&docs, "Role", "bulwark-control-plane"));
+    assert_eq!(namespaced.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(
+        namespaced.rules.unwrap(),
+        policy_rules(NAMESPACE_RBAC_RULES)
+    );
+    let role_binding: RoleBinding = typed(find(&docs, "RoleBinding", "bulwark-control-plane"));
+    assert_eq!(
+        (
+            role_binding.role_ref.kind.as_str(),
+            role_binding.role_ref.name.as_str()
+        ),
+        ("Role", "bulwark-control-plane")
+    );
     let binding: ClusterRoleBinding =
         typed(find(&docs, "ClusterRoleBinding", "bulwark-control-plane"));
     assert_eq!(binding.role_ref.name, "bulwark-control-plane");

@@ -343,11 +343,13 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
     assert!(requests.iter().any(|r| r.verb == "watch"));
     for r in &requests {
         assert!(
-            bulwark_control_plane::crds::allows(&r.group, &r.resource, &r.verb),
-            "{} {} in group {:?} is not covered by the RBAC rules",
+            bulwark_tests::apiserver::rbac_allows(r),
+            "{} {} {:?} in group {:?} (namespace {:?}) is not covered by the RBAC rules",
             r.verb,
             r.resource,
-            r.group
+            r.name,
+            r.group,
+            r.namespace
         );
         if r.verb == "patch" {
             assert_eq!(
@@ -357,7 +359,10 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
         }
     }
     // ... and every rule is needed: nothing is granted that the control plane never uses.
-    for rule in bulwark_control_plane::crds::RBAC_RULES {
+    let rules = bulwark_control_plane::crds::RBAC_RULES
+        .iter()
+        .chain(bulwark_control_plane::crds::NAMESPACE_RBAC_RULES);
+    for rule in rules {
         for group in rule.api_groups {
             for resource in rule.resources {
                 for verb in rule.verbs {
@@ -643,5 +648,49 @@ async fn the_control_plane_waits_for_an_api_server_that_is_down_at_start() {
     })
     .await;
     agent.shutdown().await;
+    cp.shutdown().await;
+}
+
+/// A control plane whose ServiceAccount token stops working says that it cannot
+/// authenticate (not that another replica holds the lease), fails `/ready` with the
+/// reason once a lease duration has passed, and is ready again when the token works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_fails_readiness_with_the_reason() {
+    let server = ApiServer::start().await;
+    for manifest in service("reviews", "127.0.0.21") {
+        server.apply(&manifest);
+    }
+    let cp = ControlPlane::start(settings(server.kubeconfig("cp-1"), "cp-1"))
+        .await
+        .expect("the control plane starts");
+    let admin = cp.admin_addr();
+    let ready = || bulwark_tests::client::get(admin, "/ready", &[]);
+    poll_until(DEADLINE, "the replica holds the lease", || async {
+        server
+            .get("Lease", "bulwark-system", "bulwark-control-plane")
+            .filter(|l| l["spec"]["holderIdentity"] == "cp-1")
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready().await.unwrap().status, 200);
+
+    server.revoke_token("cp-1");
+    let body = poll_until(DEADLINE, "/ready fails with the reason", || async {
+        let response = ready().await.ok()?;
+        (response.status == 503).then(|| response.text())
+    })
+    .await
+    .unwrap();
+    assert!(
+        body.contains("refuses our credentials (401") && body.contains("ServiceAccount token"),
+        "{body}"
+    );
+
+    server.restore_token("cp-1");
+    poll_until(DEADLINE, "ready again once the token works", || async {
+        (ready().await.ok()?.status == 200).then_some(())
+    })
+    .await
+    .unwrap();
     cp.shutdown().await;
 }

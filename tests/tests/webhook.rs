@@ -741,3 +741,97 @@ async fn an_unknown_inject_value_is_ignored_with_a_warning() {
     apply(&pod, &response);
     assert!(response["warnings"][0].is_string());
 }
+
+/// With `--source kubernetes:PATH` and sidecarMode Auto, the binary asks the API server's
+/// version through that kubeconfig, with no KUBECONFIG and no ~/.kube/config to fall back
+/// on; and its log, written to a file, carries no terminal colour codes.
+#[tokio::test]
+async fn the_binary_learns_the_version_through_its_source_kubeconfig() {
+    let api = bulwark_tests::apiserver::ApiServer::start().await;
+    api.set_version("1", "24");
+    let kubeconfig = api.kubeconfig("bulwark-control-plane");
+    let binary = bulwark_tests::netns::binary("bulwark-control-plane").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("tls");
+    std::fs::create_dir(&certs).unwrap();
+    let ca = write_certs(&certs);
+    let config = dir.path().join("inject.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "image: {IMAGE}\ncontrolPlaneAddress: {CP_ADDR}\ncontrolPlaneNamespace: {CP_NAMESPACE}\n\
+             version: 0.1.0\n"
+        ),
+    )
+    .unwrap();
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = dir.path().join("control-plane.log");
+    let mut child = tokio::process::Command::new(&binary)
+        .arg(format!("--source=kubernetes:{}", kubeconfig.display()))
+        .args(["--grpc-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0"])
+        .args(["--lease-namespace=bulwark-system", "--identity=cp-0"])
+        .arg(format!("--webhook-addr={addr}"))
+        .arg(format!("--webhook-cert-dir={}", certs.display()))
+        .arg(format!("--webhook-config={}", config.display()))
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pod = fixture("plain.yaml");
+    let body = serde_json::to_vec(&review(&pod, "shop", "CREATE")).unwrap();
+    let reply = bulwark_tests::poll_until(
+        Duration::from_secs(60),
+        "the binary's webhook answers",
+        || {
+            let (ca, body) = (ca.clone(), body.clone());
+            async move {
+                send(
+                    addr,
+                    &ca,
+                    Method::POST,
+                    webhook::ENABLED_NAMESPACE_PATH,
+                    body,
+                )
+                .await
+                .ok()
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!("{e}\n{log}")
+    });
+    let response: Value = serde_json::from_slice::<Value>(&reply.1).unwrap()["response"].clone();
+    let (_, typed) = apply(&pod, &response);
+    // 1.24 has no native sidecars: the agent is an ordinary first container.
+    assert_eq!(typed.spec.unwrap().containers[0].name, "bulwark-agent");
+    // The API server serves no Gateway API: the control plane says so once, and the
+    // client library's own complaint about the plain-text 404 is not logged.
+    let text = bulwark_tests::poll_until(
+        Duration::from_secs(60),
+        "the control plane reports the Gateway API missing",
+        || async {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("the Gateway API CRD of the kind is not installed"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+    child.kill().await.unwrap();
+    assert!(text.contains("INFO"), "the log has lines: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no colour codes in a log file: {text:?}"
+    );
+    assert!(!text.contains("Unsuccessful data error parse"), "{text}");
+}

@@ -73,7 +73,13 @@ pub enum KubeError {
 
 /// Builds a client from the settings.
 pub async fn client(settings: &KubernetesSettings) -> Result<Client, KubeError> {
-    let config = match &settings.kubeconfig {
+    client_from(settings.kubeconfig.as_deref()).await
+}
+
+/// Builds a client from a kubeconfig file, or without one from the pod's service account
+/// or KUBECONFIG.
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
         None => kube::Config::infer()
             .await
             .map_err(|e| KubeError::Config(e.to_string()))?,
