@@ -1,7 +1,10 @@
 //! Compiles `proto/bulwark/**/*.proto` with protox (pure Rust), so no `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/bulwark/mesh/v1/discovery.proto"];
+    let files = [
+        "proto/bulwark/mesh/v1/discovery.proto",
+        "proto/bulwark/identity/v1/identity.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

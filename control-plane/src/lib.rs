@@ -28,6 +28,7 @@ pub mod api;
 pub mod compat;
 pub mod crds;
 pub mod duration;
+pub mod identity;
 pub mod grpc;
 pub mod index;
 pub mod lease;

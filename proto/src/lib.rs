@@ -1,4 +1,5 @@
-//! Bulwark's agent <-> control-plane API, generated from `proto/bulwark/mesh/v1/discovery.proto`.
+//! Bulwark's agent <-> control-plane API, generated from `proto/bulwark/mesh/v1/discovery.proto`
+//! (configuration) and `proto/bulwark/identity/v1/identity.proto` (certificates).
 
 /// Version 1 of the mesh discovery API.
 pub mod mesh {
@@ -10,6 +11,15 @@ pub mod mesh {
 }
 
 pub use mesh::v1;
+
+/// Version 1 of the workload identity API.
+pub mod identity {
+    /// Messages and the `Identity` service.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("bulwark.identity.v1");
+    }
+}
 
 /// The highest API revision this build understands (see `Identity.protocol_version`
 /// in the .proto for what each adds).
