@@ -13,6 +13,7 @@ pub mod bulkhead;
 pub mod config;
 pub mod destination;
 pub mod endpoint;
+pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod proxy;
