@@ -7,6 +7,7 @@
 
 pub mod authority;
 pub mod service;
+pub mod serving;
 pub mod spiffe;
 pub mod token;
 
