@@ -12,6 +12,7 @@ use serde_yaml_ng::Value;
 
 use crate::model::{Kind, Object, ObjectKey, ObjectName};
 
+pub mod authorization;
 pub mod endpoint_slice;
 pub mod grpc_code;
 pub mod grpc_route;

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::timestamp::Timestamp;
 
+pub mod authorization;
 pub mod http_route;
 pub mod policy;
 pub mod shard;
