@@ -344,6 +344,7 @@ mod tests {
                 }],
             }],
             inbound: Some(v1::Inbound {
+                authorization: Vec::new(),
                 rate_limits: vec![v1::RateLimit {
                     source: "demo/frontend".into(),
                     name: "total".into(),

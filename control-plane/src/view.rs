@@ -79,6 +79,8 @@ impl PendingSnapshot {
     fn inbound_message(&self) -> proto::Inbound {
         proto::Inbound {
             rate_limits: self.inbound.to_vec(),
+            // AuthorizationPolicy reaches agents with the inbound identity work.
+            authorization: Vec::new(),
         }
     }
 
