@@ -197,6 +197,9 @@ pub fn decode_noting(value: Value, ignored: &mut Vec<FieldError>) -> Result<Deco
         Kind::GrpcRoute => typed::<grpc_route::GrpcRouteDocument>(value)
             .and_then(TryInto::try_into)
             .map(Object::GrpcRoute),
+        Kind::AuthorizationPolicy => typed::<authorization::AuthorizationPolicyDocument>(value)
+            .and_then(TryInto::try_into)
+            .map(Object::AuthorizationPolicy),
     };
     object
         .map(Decoded::Object)
@@ -212,6 +215,7 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Option<Kind>, DecodeError> {
         (POLICY_API_VERSION, "ResiliencePolicy") => Some(Kind::ResiliencePolicy),
         (POLICY_API_VERSION, "RateLimitPolicy") => Some(Kind::RateLimitPolicy),
         (POLICY_API_VERSION, "ShardTopology") => Some(Kind::ShardTopology),
+        (POLICY_API_VERSION, "AuthorizationPolicy") => Some(Kind::AuthorizationPolicy),
         // v1beta1 has the same schema for what we read; clusters still serve both.
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
             Some(Kind::HttpRoute)
@@ -227,7 +231,8 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Option<Kind>, DecodeError> {
                 "",
                 format!(
                     "unsupported kind {kind} in {api_version}: this control plane understands \
-                     ResiliencePolicy, RateLimitPolicy and ShardTopology in {POLICY_API_VERSION}"
+                     ResiliencePolicy, RateLimitPolicy, ShardTopology and AuthorizationPolicy in \
+                     {POLICY_API_VERSION}"
                 ),
             ),
         });

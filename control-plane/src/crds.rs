@@ -5,6 +5,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde::Serialize;
 
+use crate::api::authorization::AuthorizationPolicy;
 use crate::api::ratelimit::RateLimitPolicy;
 use crate::api::resilience::ResiliencePolicy;
 use crate::api::shard::ShardTopology;
@@ -64,7 +65,12 @@ pub const RBAC_RULES: &[Rule] = &[
     },
     Rule {
         api_groups: &["bulwark.io"],
-        resources: &["resiliencepolicies", "ratelimitpolicies", "shardtopologies"],
+        resources: &[
+            "resiliencepolicies",
+            "ratelimitpolicies",
+            "shardtopologies",
+            "authorizationpolicies",
+        ],
         resource_names: &[],
         verbs: &["list", "watch"],
     },
@@ -74,6 +80,7 @@ pub const RBAC_RULES: &[Rule] = &[
             "resiliencepolicies/status",
             "ratelimitpolicies/status",
             "shardtopologies/status",
+            "authorizationpolicies/status",
         ],
         resource_names: &[],
         verbs: &["patch"],
@@ -140,6 +147,7 @@ pub fn definitions() -> Vec<CustomResourceDefinition> {
         ResiliencePolicy::crd(),
         RateLimitPolicy::crd(),
         ShardTopology::crd(),
+        AuthorizationPolicy::crd(),
     ]
 }
 

@@ -97,6 +97,33 @@ impl Inbound {
         (limits, changed_at)
     }
 
+    /// The authorization policies for an agent with these labels in this namespace,
+    /// and the revision at which the inbound part last changed.
+    pub fn authorization_for_agent(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> (Vec<proto::AuthorizationPolicy>, u64) {
+        let Some(ns) = self.namespaces.get(namespace) else {
+            return (Vec::new(), 0);
+        };
+        let mut changed_at = ns.removed_at;
+        let mut policies = Vec::new();
+        for service in ns.services.values() {
+            let matches = service
+                .limits
+                .selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v));
+            if matches {
+                changed_at = changed_at.max(service.changed_at);
+                policies.extend(service.limits.authorization.iter().cloned());
+            }
+        }
+        inbound::merge_authorization(&mut policies);
+        (policies, changed_at)
+    }
+
     fn build(
         previous: &Inbound,
         resolved: BTreeMap<ObjectName, inbound::ServiceLimits>,

@@ -15,6 +15,7 @@ pub mod http_route;
 pub mod policy;
 pub mod shard;
 
+pub use authorization::AuthorizationPolicy;
 pub use http_route::HttpRoute;
 pub use policy::{RateLimitPolicy, ResiliencePolicy, TargetRef};
 pub use shard::ShardTopology;
@@ -65,11 +66,13 @@ pub enum Kind {
     /// `gateway.networking.k8s.io/v1/GRPCRoute` with Service parents, translated to the
     /// HTTP requests gRPC makes (traffic splitting of gRPC services).
     GrpcRoute,
+    /// `bulwark.io/v1alpha1/AuthorizationPolicy`: who may call a workload.
+    AuthorizationPolicy,
 }
 
 impl Kind {
     /// Every kind, for metrics that report zero counts too.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -78,6 +81,7 @@ impl Kind {
         Kind::ShardTopology,
         Kind::HttpRoute,
         Kind::GrpcRoute,
+        Kind::AuthorizationPolicy,
     ];
 
     /// The Kubernetes kind name.
@@ -91,6 +95,7 @@ impl Kind {
             Kind::ShardTopology => "ShardTopology",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 }
@@ -145,6 +150,8 @@ pub enum Object {
     HttpRoute(HttpRoute),
     /// A GRPCRoute, as the HTTPRoute it translates to.
     GrpcRoute(HttpRoute),
+    /// An AuthorizationPolicy.
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 impl Object {
@@ -159,6 +166,7 @@ impl Object {
             Object::ShardTopology(o) => (Kind::ShardTopology, &o.name),
             Object::HttpRoute(o) => (Kind::HttpRoute, &o.name),
             Object::GrpcRoute(o) => (Kind::GrpcRoute, &o.name),
+            Object::AuthorizationPolicy(o) => (Kind::AuthorizationPolicy, &o.name),
         };
         ObjectKey {
             kind,
@@ -186,6 +194,8 @@ pub struct Model {
     pub http_routes: BTreeMap<ObjectName, HttpRoute>,
     /// GRPCRoutes by name, translated to HTTP routes.
     pub grpc_routes: BTreeMap<ObjectName, HttpRoute>,
+    /// AuthorizationPolicies by name.
+    pub authorization_policies: BTreeMap<ObjectName, AuthorizationPolicy>,
 }
 
 impl Model {
@@ -216,6 +226,9 @@ impl Model {
             Object::GrpcRoute(o) => {
                 self.grpc_routes.insert(o.name.clone(), o);
             }
+            Object::AuthorizationPolicy(o) => {
+                self.authorization_policies.insert(o.name.clone(), o);
+            }
         }
     }
 
@@ -230,6 +243,7 @@ impl Model {
             Kind::ShardTopology => self.shard_topologies.len(),
             Kind::HttpRoute => self.http_routes.len(),
             Kind::GrpcRoute => self.grpc_routes.len(),
+            Kind::AuthorizationPolicy => self.authorization_policies.len(),
         }
     }
 

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::api::status::{ACCEPTED, Reason};
 use crate::index::{self, Diagnostic};
 use crate::metrics::Metrics;
+use crate::model::authorization::Attachment;
 use crate::model::{Kind, Model, ObjectKey, ObjectName, TargetRef};
 use crate::source::kubernetes::{Observed, PolicyObservation, resource};
 
@@ -60,6 +61,16 @@ fn targets<'m>(model: &'m Model, key: &ObjectKey) -> Option<&'m [TargetRef]> {
             .shard_topologies
             .get(&key.name)
             .map(|p| &p.targets[..]),
+        Kind::AuthorizationPolicy => {
+            model
+                .authorization_policies
+                .get(&key.name)
+                .map(|p| match &p.attachment {
+                    Attachment::Targets(targets) => &targets[..],
+                    // A selector names pods, not Services: there is nothing to miss.
+                    Attachment::Selector(_) => &[],
+                })
+        }
         Kind::Service | Kind::EndpointSlice | Kind::Pod | Kind::HttpRoute | Kind::GrpcRoute => None,
     }
 }

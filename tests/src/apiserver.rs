@@ -48,7 +48,7 @@ pub struct Resource {
 }
 
 /// Every resource the control plane touches.
-pub const RESOURCES: [Resource; 9] = [
+pub const RESOURCES: [Resource; 10] = [
     Resource {
         group: "",
         version: "v1",
@@ -84,6 +84,12 @@ pub const RESOURCES: [Resource; 9] = [
         version: "v1alpha1",
         plural: "shardtopologies",
         kind: "ShardTopology",
+    },
+    Resource {
+        group: "bulwark.io",
+        version: "v1alpha1",
+        plural: "authorizationpolicies",
+        kind: "AuthorizationPolicy",
     },
     Resource {
         group: "coordination.k8s.io",

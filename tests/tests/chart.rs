@@ -210,6 +210,7 @@ fn default_manifests_parse_into_their_types_with_no_unknown_fields() {
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "Deployment",
             "MutatingWebhookConfiguration",
             "PodDisruptionBudget",

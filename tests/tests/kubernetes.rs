@@ -282,7 +282,13 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
          \x20 key: {{type: Header, name: x-user}}\n  strategy: {{type: Hash}}\n\
          \x20 shards: [{{name: a, primary: {{matchLabels: {{app: reviews}}}}}}]\n"
     ));
-    for kind in ["RateLimitPolicy", "ShardTopology"] {
+    server.apply(&format!(
+        "apiVersion: bulwark.io/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: reviews, namespace: {NAMESPACE}}}\n\
+         spec:\n  targetRefs: [{{kind: Service, name: reviews}}]\n\
+         \x20 rules: [{{from: [{{serviceAccount: client}}]}}]\n"
+    ));
+    for kind in ["RateLimitPolicy", "ShardTopology", "AuthorizationPolicy"] {
         wait_for_condition(
             &server,
             kind,

@@ -152,14 +152,14 @@ pub struct OperationSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderSpec {
-    /// The header name (lower case).
-    #[serde(default)]
+    /// The header name (lower case). Required.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
-    pub name: String,
-    /// Allowed values, compared exactly.
-    #[serde(default)]
+    pub name: Option<String>,
+    /// Allowed values, compared exactly. At least one.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 16), inner(length(max = 1024)))]
-    pub values: Vec<String>,
+    pub values: Option<Vec<String>>,
 }
 
 impl TryFrom<AuthorizationPolicyDocument> for model::AuthorizationPolicy {
@@ -402,24 +402,23 @@ impl OperationSpec {
 impl HeaderSpec {
     fn validate(self, path: &str) -> Result<model::HeaderCondition, FieldError> {
         let name_path = field(path, "name");
-        let valid = http::HeaderName::from_str(&self.name).is_ok()
-            && !self.name.bytes().any(|b| b.is_ascii_uppercase());
+        let name = self.name.ok_or_else(|| FieldError::required(&name_path))?;
+        let valid = http::HeaderName::from_str(&name).is_ok()
+            && !name.bytes().any(|b| b.is_ascii_uppercase());
         if !valid {
             return Err(FieldError::new(
                 name_path,
-                format!("{:?} is not a lowercase HTTP header name", self.name),
+                format!("{name:?} is not a lowercase HTTP header name"),
             ));
         }
-        if self.values.is_empty() {
+        let values = self.values.unwrap_or_default();
+        if values.is_empty() {
             return Err(FieldError::new(
                 field(path, "values"),
                 "needs at least one value",
             ));
         }
-        Ok(model::HeaderCondition {
-            name: self.name,
-            values: self.values,
-        })
+        Ok(model::HeaderCondition { name, values })
     }
 }
 

@@ -43,7 +43,9 @@ pub enum Diagnostic {
     },
     /// A named `targetPort` that no EndpointSlice port resolves, so a rate limit has no port.
     UnresolvedTargetPort {
-        /// The RateLimitPolicy.
+        /// The policy's kind (RateLimitPolicy or AuthorizationPolicy).
+        kind: Kind,
+        /// The policy.
         policy: ObjectName,
         /// The service.
         service: String,
@@ -52,9 +54,12 @@ pub enum Diagnostic {
         /// The named target port.
         target_port: String,
     },
-    /// A RateLimitPolicy targets a Service without a selector: no agent enforces it.
+    /// An inbound policy (RateLimitPolicy, AuthorizationPolicy) targets a Service
+    /// without a selector: no agent enforces it.
     NoSelector {
-        /// The RateLimitPolicy.
+        /// The policy's kind.
+        kind: Kind,
+        /// The policy.
         policy: ObjectName,
         /// The service.
         service: String,
@@ -104,17 +109,22 @@ impl Diagnostic {
                 "policy's sectionName matches no TCP port of the Service"
             ),
             Diagnostic::UnresolvedTargetPort {
+                kind,
                 policy,
                 service,
                 port,
                 target_port,
             } => warn!(
-                %policy, %service, port = %port, target_port = %target_port,
-                "named targetPort matches no EndpointSlice port; the rate limit has no port to apply to"
+                %kind, %policy, %service, port = %port, target_port = %target_port,
+                "named targetPort matches no EndpointSlice port; the policy has no port to apply to"
             ),
-            Diagnostic::NoSelector { policy, service } => warn!(
-                %policy, %service,
-                "RateLimitPolicy targets a Service without a selector; no pod enforces it"
+            Diagnostic::NoSelector {
+                kind,
+                policy,
+                service,
+            } => warn!(
+                %kind, %policy, %service,
+                "the policy targets a Service without a selector; no pod enforces it"
             ),
             Diagnostic::UnresolvedBackend {
                 kind,
@@ -159,18 +169,23 @@ impl fmt::Display for Diagnostic {
                 "{kind} {policy} targets section {section:?} of Service {service}, which has no such TCP port"
             ),
             Diagnostic::UnresolvedTargetPort {
+                kind,
                 policy,
                 service,
                 port,
                 target_port,
             } => write!(
                 f,
-                "RateLimitPolicy {policy}: Service {service} port {port:?} has targetPort \
+                "{kind} {policy}: Service {service} port {port:?} has targetPort \
                  {target_port:?}, which no EndpointSlice port resolves"
             ),
-            Diagnostic::NoSelector { policy, service } => write!(
+            Diagnostic::NoSelector {
+                kind,
+                policy,
+                service,
+            } => write!(
                 f,
-                "RateLimitPolicy {policy} targets Service {service}, which has no selector"
+                "{kind} {policy} targets Service {service}, which has no selector"
             ),
             Diagnostic::UnresolvedBackend {
                 kind,

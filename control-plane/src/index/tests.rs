@@ -357,3 +357,104 @@ fn publishes_a_new_revision_only_when_something_visible_changed() {
         "an unchanged outbound part is shared, not rebuilt"
     );
 }
+
+fn authorization(m: &Model, labels: &[(&str, &str)]) -> (Vec<proto::AuthorizationPolicy>, u64) {
+    let labels: BTreeMap<_, _> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    index(m)
+        .state()
+        .inbound
+        .authorization_for_agent("shop", &labels)
+}
+
+fn authorization_policy(name: &str, attach: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: bulwark.io/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: {name}, namespace: shop}}\n\
+         spec:\n  {attach}\n{extra}\
+         \x20 rules: [{{from: [{{serviceAccount: orders}}], to: [{{methods: [POST], paths: ['/charge', '/refund/*']}}]}}]\n"
+    )
+}
+
+#[test]
+fn authorization_reaches_the_pods_of_its_target_with_their_ports() {
+    let m = model(&format!(
+        "{SERVICE}{ADMIN_SLICE}{}",
+        authorization_policy(
+            "web",
+            "targetRefs: [{kind: Service, name: web, sectionName: http}]",
+            ""
+        )
+    ));
+    let (policies, _) = authorization(&m, &[("app", "web")]);
+    assert_eq!(policies.len(), 1);
+    let p = &policies[0];
+    assert_eq!(
+        (p.source.as_str(), &p.ports[..], p.shadow),
+        ("shop/web", &[8080][..], false)
+    );
+    assert_eq!(
+        p.rules[0].from[0],
+        proto::SourceMatch {
+            trust_domain: "*".into(),
+            namespace: "shop".into(),
+            service_account: "orders".into(),
+        }
+    );
+    assert_eq!(
+        p.rules[0].to[0].paths[1].kind,
+        Some(proto::path_match::Kind::Prefix("/refund/".into()))
+    );
+    assert!(authorization(&m, &[("app", "api")]).0.is_empty());
+}
+
+#[test]
+fn a_selector_policy_reaches_matching_pods_on_every_port_and_shadow_is_kept() {
+    let m = model(&format!(
+        "{SERVICE}{}{}",
+        authorization_policy(
+            "by-label",
+            "selector: {matchLabels: {tier: payments}}",
+            "  mode: Shadow\n"
+        ),
+        authorization_policy(
+            "web",
+            "targetRefs: [{kind: Service, name: web, sectionName: http}]",
+            ""
+        )
+    ));
+    let (policies, _) = authorization(&m, &[("app", "web"), ("tier", "payments")]);
+    let sources: Vec<_> = policies
+        .iter()
+        .map(|p| (p.source.as_str(), p.ports.clone(), p.shadow))
+        .collect();
+    assert_eq!(
+        sources,
+        vec![
+            ("shop/by-label", vec![], true),
+            ("shop/web", vec![8080], false)
+        ]
+    );
+    let (only_label, _) = authorization(&m, &[("tier", "payments")]);
+    assert_eq!(only_label.len(), 1);
+}
+
+#[test]
+fn an_authorization_policy_for_a_missing_service_is_diagnosed_not_sent() {
+    let m = model(&authorization_policy(
+        "ghost",
+        "targetRefs: [{kind: Service, name: nowhere}]",
+        "",
+    ));
+    let idx = index(&m);
+    assert!(idx.diagnostics().iter().any(|d| matches!(
+        d,
+        Diagnostic::MissingService {
+            kind: crate::model::Kind::AuthorizationPolicy,
+            ..
+        }
+    )));
+    assert!(authorization(&m, &[("app", "web")]).0.is_empty());
+}

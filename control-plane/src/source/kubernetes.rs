@@ -105,6 +105,7 @@ pub fn resource(kind: Kind) -> ApiResource {
         Kind::ShardTopology => (POLICY_GROUP, "v1alpha1", "shardtopologies"),
         Kind::HttpRoute => (api::http_route::GATEWAY_GROUP, "v1", "httproutes"),
         Kind::GrpcRoute => (api::http_route::GATEWAY_GROUP, "v1", "grpcroutes"),
+        Kind::AuthorizationPolicy => (POLICY_GROUP, "v1alpha1", "authorizationpolicies"),
     };
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(group, version, kind.as_str()),
@@ -116,7 +117,10 @@ pub fn resource(kind: Kind) -> ApiResource {
 pub const fn has_status(kind: Kind) -> bool {
     matches!(
         kind,
-        Kind::ResiliencePolicy | Kind::RateLimitPolicy | Kind::ShardTopology
+        Kind::ResiliencePolicy
+            | Kind::RateLimitPolicy
+            | Kind::ShardTopology
+            | Kind::AuthorizationPolicy
     )
 }
 
