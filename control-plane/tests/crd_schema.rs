@@ -317,6 +317,55 @@ fn no_cel_rule_compares_two_booleans() {
     }
 }
 
+/// CEL keywords that a field name must be escaped from (`self.__namespace__`), or the
+/// API server refuses the rule as reading an undefined field.
+const CEL_RESERVED: &[&str] = &[
+    "true",
+    "false",
+    "null",
+    "in",
+    "as",
+    "break",
+    "const",
+    "continue",
+    "else",
+    "for",
+    "function",
+    "if",
+    "import",
+    "let",
+    "loop",
+    "package",
+    "namespace",
+    "return",
+    "var",
+    "void",
+    "while",
+];
+
+#[test]
+fn no_cel_rule_reads_a_keyword_unescaped() {
+    let field = regex::Regex::new(r"\.([A-Za-z_][A-Za-z0-9_]*)").expect("a valid pattern");
+    for (crd, schema) in committed_schemas() {
+        walk(&schema, "", &mut |path, node| {
+            for rule in node
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let text = rule["rule"].as_str().unwrap_or_default();
+                for name in field.captures_iter(text).map(|c| c[1].to_owned()) {
+                    assert!(
+                        !CEL_RESERVED.contains(&name.as_str()),
+                        "{crd} {path}: {text:?} reads .{name}; write .__{name}__"
+                    );
+                }
+            }
+        });
+    }
+}
+
 // === the checks themselves fail on what a server refuses ===
 
 #[test]

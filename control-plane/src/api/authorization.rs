@@ -108,7 +108,8 @@ pub struct RuleSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.identity) ? !has(self.serviceAccount) && !has(self.namespace) : has(self.serviceAccount) || has(self.namespace)",
+    // `namespace` is a CEL keyword: the API server reads the field as `__namespace__`.
+    "rule": "has(self.identity) ? !has(self.serviceAccount) && !has(self.__namespace__) : has(self.serviceAccount) || has(self.__namespace__)",
     "message": "give identity alone, or serviceAccount and/or namespace",
 }]))]
 pub struct SourceSpec {
