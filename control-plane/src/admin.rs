@@ -1,6 +1,7 @@
 //! The admin HTTP server: `/metrics`, `/ready`, `/agents`, `/errors`.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -94,7 +95,7 @@ pub async fn serve(
                 };
                 let state = Arc::clone(&state);
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let response = route(&state, &request);
+                    let response = route(&state, &request, peer.ip());
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -117,7 +118,7 @@ pub async fn serve(
 }
 
 /// Answers one request.
-pub fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {
+pub fn route<B>(state: &AdminState, request: &Request<B>, peer: IpAddr) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     let known = matches!(path, "/metrics" | "/ready" | "/agents" | "/errors");
     if known && !matches!(*request.method(), Method::GET | Method::HEAD) {
@@ -126,6 +127,16 @@ pub fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes
             .headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
+    }
+    // /agents (every pod's name and labels) and /errors (every rejected object) reveal
+    // the mesh: only to a caller on the pod's own loopback, which is where `kubectl
+    // port-forward` arrives. The kubelet's /ready and Prometheus' /metrics stay open.
+    if matches!(path, "/agents" | "/errors") && !is_loopback(peer) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "forbidden: this page reveals the mesh and is served on loopback only; use \
+             `kubectl -n <namespace> port-forward deploy/bulwark-control-plane 9991`\n",
+        );
     }
     match path {
         "/metrics" => with_type(StatusCode::OK, OPENMETRICS, state.metrics.encode()),
@@ -153,6 +164,16 @@ pub fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes
             StatusCode::NOT_FOUND,
             "not found; try /metrics, /ready, /agents or /errors\n",
         ),
+    }
+}
+
+/// Whether `ip` is this host's loopback (IPv4-mapped addresses included).
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -226,6 +247,8 @@ mod tests {
     use super::*;
     use crate::timestamp::Timestamp;
 
+    const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     fn state(ready: bool, rejected: Vec<RejectedObject>) -> AdminState {
         let metrics = Arc::new(Metrics::new());
         let (_, rejections) = watch::channel(Arc::from(rejected));
@@ -240,7 +263,7 @@ mod tests {
 
     fn get(state: &AdminState, path: &str) -> (StatusCode, String) {
         let request = Request::get(path).body(()).unwrap();
-        let response = route(state, &request);
+        let response = route(state, &request, LOOPBACK);
         let status = response.status();
         let body =
             futures::executor::block_on(http_body_util::BodyExt::collect(response.into_body()))
@@ -256,6 +279,37 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(get(&state(true, vec![]), "/ready").0, StatusCode::OK);
+    }
+
+    #[test]
+    fn pages_that_reveal_the_mesh_answer_loopback_only() {
+        let state = state(true, vec![]);
+        for (peer, open) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("10.1.2.3", false),
+            ("fd00::1", false),
+        ] {
+            let peer: IpAddr = peer.parse().unwrap();
+            for path in ["/agents", "/errors"] {
+                let request = Request::get(path).body(()).unwrap();
+                let status = route(&state, &request, peer).status();
+                assert_eq!(
+                    status == StatusCode::OK,
+                    open,
+                    "{path} from {peer}: {status}"
+                );
+                if !open {
+                    assert_eq!(status, StatusCode::FORBIDDEN);
+                }
+            }
+            // Readiness and metrics stay reachable for the kubelet and Prometheus.
+            for path in ["/ready", "/metrics"] {
+                let request = Request::get(path).body(()).unwrap();
+                assert_eq!(route(&state, &request, peer).status(), StatusCode::OK);
+            }
+        }
     }
 
     #[test]
@@ -309,7 +363,7 @@ mod tests {
         assert_eq!(get(&s, "/agents?limit=ten").0, StatusCode::BAD_REQUEST);
         assert_eq!(get(&s, "/agents?page=2").0, StatusCode::BAD_REQUEST);
         let post = Request::post("/agents").body(()).unwrap();
-        assert_eq!(route(&s, &post).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(route(&s, &post, LOOPBACK).status(), StatusCode::METHOD_NOT_ALLOWED);
     }
 
     #[test]
@@ -332,7 +386,7 @@ mod tests {
         let request = Request::get("/agents?namespace=demo&offset=1&limit=1")
             .body(())
             .unwrap();
-        let response = route(&s, &request);
+        let response = route(&s, &request, LOOPBACK);
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[TOTAL_COUNT], "3");
         let (_, body) = get(&s, "/agents?namespace=demo&offset=1&limit=1");
