@@ -16,6 +16,7 @@ use bulwark_control_plane::webhook::{self, InjectConfig, Webhook};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -116,6 +117,7 @@ fn check_types(docs: &[Value]) -> Vec<String> {
             "ClusterRole" => drop(typed::<ClusterRole>(doc)),
             "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(doc)),
             "Role" => drop(typed::<Role>(doc)),
+            "NetworkPolicy" => drop(typed::<NetworkPolicy>(doc)),
             "RoleBinding" => drop(typed::<RoleBinding>(doc)),
             "MutatingWebhookConfiguration" => drop(typed::<MutatingWebhookConfiguration>(doc)),
             "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(doc)),
@@ -213,6 +215,7 @@ fn default_manifests_parse_into_their_types_with_no_unknown_fields() {
             "CustomResourceDefinition",
             "Deployment",
             "MutatingWebhookConfiguration",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "Role",
             "RoleBinding",
@@ -495,4 +498,39 @@ async fn the_generated_certificate_is_trusted_under_the_service_name() {
         wrong.is_err(),
         "a certificate for another name was accepted"
     );
+}
+
+#[test]
+fn the_network_policy_admits_only_the_control_planes_ports() {
+    let docs = render(&[]);
+    let policy: NetworkPolicy = typed(find(&docs, "NetworkPolicy", "bulwark-control-plane"));
+    let spec = policy.spec.unwrap();
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_owned()][..])
+    );
+    let ports: Vec<String> = spec.ingress.unwrap()[0]
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| match &p.port {
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name)) => {
+                name.clone()
+            }
+            other => panic!("a named port, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(ports, ["grpc", "webhook", "admin-http"]);
+    let deployment: Deployment = typed(find(&docs, "Deployment", "bulwark-control-plane"));
+    let named: Vec<String> = deployment.spec.unwrap().template.spec.unwrap().containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    for port in &ports {
+        assert!(named.contains(port), "the container names port {port}");
+    }
+    let off = render(&["networkPolicy.enabled=false"]);
+    assert!(!off.iter().any(|d| d["kind"] == "NetworkPolicy"));
 }
