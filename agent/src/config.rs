@@ -8,10 +8,11 @@ use std::sync::Arc;
 use bulwark_proto::v1;
 use serde_json::{Value, json};
 
+use crate::breaker::BreakerState;
 use crate::destination::{Destination, InvalidDestination};
 use crate::metrics::Metrics;
 use crate::proxy::target::Target;
-use crate::ratelimit::{RateLimitConfig, RateLimiter, RateLimits};
+use crate::ratelimit::{RateLimitConfig, RateLimitKey, RateLimiter, RateLimits};
 
 /// A snapshot the agent cannot apply (it NACKs it and keeps the previous config).
 #[derive(Debug, thiserror::Error)]
@@ -212,13 +213,16 @@ impl Config {
                 json!({
                     "name": d.name.as_ref(),
                     "http2": d.http2,
-                    "protocol": format!("{:?}", d.hint),
+                    "protocol": format!("{:?}", d.hint).to_lowercase(),
                     "policy": p.source,
                     "timeouts": p.timeouts,
                     "retry": p.retry.as_ref().map(|r| json!({
                         "attempts": r.attempts,
-                        "perTryTimeout": r.per_try_timeout.map(|t| format!("{}ms", t.as_millis())),
-                        "backoff": format!("{:?}", r.backoff),
+                        "perTryTimeout": r.per_try_timeout.map(ms),
+                        "backoff": {
+                            "base": ms(r.backoff.base),
+                            "max": ms(r.backoff.max),
+                        },
                         "onConnectFailure": r.on_connect_failure,
                         "onReset": r.on_reset,
                         "on5xx": r.on_5xx,
@@ -226,24 +230,47 @@ impl Config {
                         "statusCodes": r.status_codes,
                         "grpcCodes": r.grpc_codes,
                         "nonIdempotent": r.non_idempotent,
-                        "budget": r.budget.as_ref().map(|b| format!("{b:?}")),
+                        "budget": r.budget.as_ref().map(|b| json!({
+                            "ratio": b.ratio,
+                            "minPerSecond": b.min_per_second,
+                            "window": ms(b.window),
+                        })),
                         "maxBodyBytes": r.max_body_bytes,
                     })),
-                    "circuitBreaker": p.breaker.as_ref().map(|b| format!("{b:?}")),
-                    "bulkhead": p.bulkhead.as_ref().map(|b| format!("{b:?}")),
+                    "circuitBreaker": p.breaker.as_ref().map(|b| json!({
+                        "consecutiveFailures": b.consecutive_failures,
+                        "failureRatio": b.failure_ratio.as_ref().map(|r| json!({
+                            "threshold": r.threshold,
+                            "minRequests": r.min_requests,
+                            "window": ms(r.window),
+                        })),
+                        "openDuration": ms(b.open_duration),
+                        "maxOpenDuration": ms(b.max_open_duration),
+                        "halfOpenProbes": b.half_open_probes,
+                    })),
+                    "bulkhead": p.bulkhead.as_ref().map(|b| json!({
+                        "maxConcurrentRequests": b.max_concurrent_requests,
+                        "maxPending": b.max_pending,
+                        "queueTimeout": ms(b.queue_timeout),
+                        "maxConnections": b.max_connections,
+                    })),
                     "bulkheadState": {
                         "inFlight": d.bulkhead.in_flight(),
                         "queued": d.bulkhead.queued(),
                         "rejected": d.bulkhead.rejected(),
                     },
-                    "loadBalancer": format!("{:?}", p.strategy),
+                    "loadBalancer": p.strategy.as_str(),
                     "shardTopology": d.shards.as_ref().map(crate::shard::ShardRouter::to_json),
                     "routes": d.routes.to_json(|key| self.backend(key).is_some()),
                     "endpoints": d.balancer.endpoints().iter().map(|e| json!({
                         "address": e.addr.to_string(),
                         "labels": e.labels,
                         "weight": e.weight,
-                        "breaker": format!("{:?}", e.breaker.state()),
+                        "breaker": match e.breaker.state() {
+                            BreakerState::Closed => "closed",
+                            BreakerState::Open => "open",
+                            BreakerState::HalfOpen => "half-open",
+                        },
                         "trips": e.breaker.trips(),
                         "inFlight": e.in_flight(),
                     })).collect::<Vec<_>>(),
@@ -259,7 +286,11 @@ impl Config {
                     "policy": c.source,
                     "name": c.name,
                     "ports": c.ports,
-                    "key": format!("{:?}", c.key),
+                    "key": match &c.key {
+                        RateLimitKey::None => json!({"type": "None"}),
+                        RateLimitKey::ClientAddress => json!({"type": "ClientAddress"}),
+                        RateLimitKey::Header(h) => json!({"type": "Header", "header": h.as_str()}),
+                    },
                     "requests": c.requests.get(),
                     "periodMs": c.period.as_millis() as u64,
                     "burst": c.burst.get(),
@@ -272,6 +303,11 @@ impl Config {
             "inbound": { "rateLimits": limits },
         })
     }
+}
+
+/// A duration as `/config` shows it: `"250ms"`.
+fn ms(d: std::time::Duration) -> String {
+    format!("{}ms", d.as_millis())
 }
 
 /// Serialises `Duration` as `"250ms"`.
@@ -418,6 +454,51 @@ mod tests {
         assert_eq!(
             dst3.balancer.endpoints()[0].breaker.state(),
             BreakerState::Closed
+        );
+    }
+
+    #[test]
+    fn config_json_is_structured_not_debug_text() {
+        let mut snap = snapshot(1, 3, "10.0.0.1:8080");
+        let resilience = snap.services[0].ports[0].resilience.as_mut().unwrap();
+        resilience.retry = Some(v1::Retry {
+            attempts: 3,
+            backoff: Some(v1::Backoff {
+                base: Some(dur(25)),
+                max: Some(dur(250)),
+            }),
+            budget: Some(v1::RetryBudget {
+                ratio: 0.2,
+                min_per_second: 10,
+                window: Some(dur(10_000)),
+            }),
+            ..Default::default()
+        });
+        let config = Config::build(&snap, &Config::default(), &metrics()).unwrap();
+        let json = config.to_json();
+        let d = &json["destinations"][0];
+        assert_eq!(
+            d["retry"]["backoff"],
+            json!({"base": "25ms", "max": "250ms"})
+        );
+        assert_eq!(
+            d["retry"]["budget"],
+            json!({"ratio": 0.2, "minPerSecond": 10, "window": "10000ms"})
+        );
+        assert_eq!(d["circuitBreaker"]["consecutiveFailures"], 3);
+        assert_eq!(d["circuitBreaker"]["openDuration"], "5000ms");
+        assert_eq!(d["bulkhead"]["maxConcurrentRequests"], 2);
+        assert_eq!(d["loadBalancer"], "LeastRequest");
+        assert_eq!(d["endpoints"][0]["breaker"], "closed");
+        assert_eq!(
+            json["inbound"]["rateLimits"][0]["key"],
+            json!({"type": "None"})
+        );
+        let text = json.to_string();
+        assert!(
+            // Debug output of a struct reads `Name { field: .. }`; compact JSON has no " {".
+            !text.contains(" {"),
+            "no Rust debug text: {text}"
         );
     }
 
