@@ -56,12 +56,17 @@ impl Admin {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        _peer: SocketAddr,
+        peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+        self.route(req.method(), req.uri().path(), peer)
+    }
+
+    /// Answers `method path` from `peer`.
+    fn route(&self, method: &Method, path: &str, peer: SocketAddr) -> Response<ProxyBody> {
+        if method != Method::GET && method != Method::HEAD {
             return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
         }
-        match req.uri().path() {
+        match path {
             "/metrics" => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -78,6 +83,15 @@ impl Admin {
                     )
                 }
             }
+            // The pod's whole view of the mesh: only to a caller on the pod's own
+            // loopback, where `kubectl port-forward` and `kubectl exec` arrive; the
+            // admin port listens on every address for the kubelet and Prometheus.
+            "/config" if !peer.ip().to_canonical().is_loopback() => respond(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "forbidden: /config reveals the mesh and is served on loopback only; use \
+                 `kubectl port-forward pod/<pod> 4191`\n",
+            ),
             "/config" => {
                 let body = serde_json::json!({
                     "settings": self.settings,
@@ -94,6 +108,49 @@ impl Admin {
                 "text/plain",
                 "not found: try /metrics, /ready, /config\n",
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    fn admin() -> Admin {
+        let config = Arc::new(ArcSwap::from_pointee(Config::default()));
+        let metrics = Arc::new(Metrics::new(Arc::clone(&config)));
+        let (_, ready) = watch::channel(true);
+        let settings = Settings::new("http://127.0.0.1:9990", crate::Identity::default());
+        Admin::new(config, metrics, ready, settings)
+    }
+
+    #[tokio::test]
+    async fn config_answers_loopback_only_while_ready_and_metrics_stay_open() {
+        let admin = admin();
+        for (peer, local) in [
+            ("127.0.0.1:40000", true),
+            ("[::1]:40000", true),
+            ("[::ffff:127.0.0.1]:40000", true),
+            ("10.244.1.7:40000", false),
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let config = admin.route(&Method::GET, "/config", peer);
+            if local {
+                assert_eq!(config.status(), StatusCode::OK, "{peer}");
+                let body = config.into_body().collect().await.unwrap().to_bytes();
+                let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert!(json["config"].is_object());
+            } else {
+                assert_eq!(config.status(), StatusCode::FORBIDDEN, "{peer}");
+            }
+            for path in ["/ready", "/metrics"] {
+                assert_eq!(
+                    admin.route(&Method::GET, path, peer).status(),
+                    StatusCode::OK,
+                    "{path} from {peer}"
+                );
+            }
         }
     }
 }

@@ -131,7 +131,7 @@ pub fn route<B>(state: &AdminState, request: &Request<B>, peer: IpAddr) -> Respo
     // /agents (every pod's name and labels) and /errors (every rejected object) reveal
     // the mesh: only to a caller on the pod's own loopback, which is where `kubectl
     // port-forward` arrives. The kubelet's /ready and Prometheus' /metrics stay open.
-    if matches!(path, "/agents" | "/errors") && !is_loopback(peer) {
+    if matches!(path, "/agents" | "/errors") && !peer.to_canonical().is_loopback() {
         return text(
             StatusCode::FORBIDDEN,
             "forbidden: this page reveals the mesh and is served on loopback only; use \
@@ -164,16 +164,6 @@ pub fn route<B>(state: &AdminState, request: &Request<B>, peer: IpAddr) -> Respo
             StatusCode::NOT_FOUND,
             "not found; try /metrics, /ready, /agents or /errors\n",
         ),
-    }
-}
-
-/// Whether `ip` is this host's loopback (IPv4-mapped addresses included).
-fn is_loopback(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
     }
 }
 
@@ -363,7 +353,10 @@ mod tests {
         assert_eq!(get(&s, "/agents?limit=ten").0, StatusCode::BAD_REQUEST);
         assert_eq!(get(&s, "/agents?page=2").0, StatusCode::BAD_REQUEST);
         let post = Request::post("/agents").body(()).unwrap();
-        assert_eq!(route(&s, &post, LOOPBACK).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            route(&s, &post, LOOPBACK).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
     }
 
     #[test]
