@@ -7,10 +7,14 @@ use crate::model::Model;
 use crate::source::dir::DirSource;
 use crate::source::documents;
 
-/// The model of `/examples` (the demo mesh).
+/// The model of `/examples` and its loopback endpoints in `/examples/local` (the demo
+/// mesh).
 pub fn examples() -> Model {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let outcome = DirSource::open(dir).unwrap().load().unwrap();
+    let outcome = DirSource::open_all([dir.clone(), dir.join("local")])
+        .unwrap()
+        .load()
+        .unwrap();
     assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
     outcome.model
 }

@@ -538,7 +538,7 @@ mod tests {
     /// The example mesh plus the sharded example (its topology, policy and pods).
     fn sharded_examples() -> Model {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sharded");
-        ["orders.yaml", "demo-pods.yaml"]
+        ["orders.yaml", "local/pods.yaml"]
             .iter()
             .fold(examples(), |model, file| {
                 with_document(model, &std::fs::read_to_string(dir.join(file)).unwrap())

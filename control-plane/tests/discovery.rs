@@ -530,8 +530,11 @@ async fn an_agent_of_protocol_1_gets_sharded_ports_without_endpoints() {
     let fx = Fixture::start().await;
     let sharded = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sharded");
     // The pods first: any snapshot with the Service has its endpoints.
-    for file in ["demo-pods.yaml", "orders.yaml"] {
-        fx.write(file, &std::fs::read_to_string(sharded.join(file)).unwrap());
+    for (file, name) in [
+        ("local/pods.yaml", "pods.yaml"),
+        ("orders.yaml", "orders.yaml"),
+    ] {
+        fx.write(name, &std::fs::read_to_string(sharded.join(file)).unwrap());
     }
     // An agent from before shard topologies, scripted: it says protocol 1.
     let mut old = open(fx.cp.grpc_addr(), hello_at("old-0", &[("app", "old")], 1))

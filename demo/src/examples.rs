@@ -68,6 +68,10 @@ pub fn text(value: &Value, path: &[&str]) -> Option<String> {
     }
 }
 
+/// The subfolder of each example folder with what only the folder source can read
+/// (endpoints and pods on loopback); a cluster takes the folder without it.
+pub const LOCAL: &str = "local";
+
 /// Every document of the `*.yaml` files of a folder, for reading the demo's
 /// expectations from the examples.
 pub struct Manifests(Vec<Value>);
@@ -85,9 +89,16 @@ pub struct PodManifest {
 
 impl Manifests {
     /// Reads every document of the `*.yaml` files of `dir`.
+    /// Reads `dir` and its `local/` folder (the loopback pods and endpoints that only
+    /// the folder source takes), as the demo's control plane reads both.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let mut documents = Vec::new();
-        for file in yaml_files(dir)? {
+        let local = dir.join(LOCAL);
+        let mut files = yaml_files(dir)?;
+        if local.is_dir() {
+            files.extend(yaml_files(&local)?);
+        }
+        for file in files {
             let yaml =
                 fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             for document in serde_yaml_ng::Deserializer::from_str(&yaml) {

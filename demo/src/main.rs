@@ -1,5 +1,6 @@
 //! `bulwark-demo` (`make demo`): starts the control plane on `examples/`,
-//! `examples/sharded/` and `examples/canary/`, the demo upstreams (healthy, flaky,
+//! `examples/sharded/` and `examples/canary/` (each with its `local/` folder of loopback
+//! endpoints), the demo upstreams (healthy, flaky,
 //! one that goes down and comes back, one that hangs, the pods of a sharded service
 //! and those of a canary) and the agent as
 //! real processes; drives traffic through the agent for
@@ -272,9 +273,15 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
             "--source",
             &format!("dir:{}", examples.display()),
             "--source",
+            &format!("dir:{}", examples.join(examples::LOCAL).display()),
+            "--source",
             &format!("dir:{}", sharded_dir.display()),
             "--source",
+            &format!("dir:{}", sharded_dir.join(examples::LOCAL).display()),
+            "--source",
             &format!("dir:{}", canary_dir.display()),
+            "--source",
+            &format!("dir:{}", canary_dir.join(examples::LOCAL).display()),
             "--grpc-addr",
             CP_GRPC,
             "--admin-addr",
@@ -285,7 +292,8 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         .wait_ready("control-plane", addr(CP_ADMIN)?, "/ready", ready_timeout)
         .await?;
     println!(
-        "  control plane ready: gRPC {CP_GRPC}, admin http://{CP_ADMIN} (serving {}, {} and {})",
+        "  control plane ready: gRPC {CP_GRPC}, admin http://{CP_ADMIN} (serving {}, {} and {}, \
+         each with the loopback endpoints of its local/ folder)",
         examples.display(),
         sharded_dir.display(),
         canary_dir.display()

@@ -694,7 +694,10 @@ mod tests {
     #[test]
     fn the_example_folder_loads_cleanly() {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        let outcome = DirSource::open(examples).unwrap().load().unwrap();
+        let outcome = DirSource::open_all([examples.clone(), examples.join("local")])
+            .unwrap()
+            .load()
+            .unwrap();
         assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
         assert_eq!(outcome.model.services.len(), 4);
         assert_eq!(outcome.model.endpoint_slices.len(), 4);
@@ -705,7 +708,10 @@ mod tests {
     #[test]
     fn the_sharded_example_loads_cleanly() {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sharded");
-        let outcome = DirSource::open(examples).unwrap().load().unwrap();
+        let outcome = DirSource::open_all([examples.clone(), examples.join("local")])
+            .unwrap()
+            .load()
+            .unwrap();
         assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
         assert_eq!(outcome.model.shard_topologies.len(), 1);
         assert_eq!(outcome.model.resilience_policies.len(), 1);
@@ -714,10 +720,50 @@ mod tests {
         assert_eq!(outcome.model.pods.len(), 6);
     }
 
+    /// What `kubectl apply -f examples/<folder>/` sends must be what an API server
+    /// takes: no endpoint on loopback (refused), no Pod without containers (refused).
+    /// Those live in each folder's local/ folder, for the folder source only.
+    #[test]
+    fn the_example_folders_hold_only_what_a_cluster_takes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for folder in [root.clone(), root.join("sharded"), root.join("canary")] {
+            for name in list(&folder).unwrap() {
+                let file = folder.join(name);
+                let text = std::fs::read_to_string(&file).unwrap();
+                for doc in documents::split(&text) {
+                    let value = documents::parse(&doc).unwrap();
+                    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+                    assert!(
+                        !matches!(kind, "EndpointSlice" | "Pod"),
+                        "{}: a {kind} belongs in local/ (controllers make it on a cluster)",
+                        file.display()
+                    );
+                }
+            }
+            let local = folder.join("local");
+            for name in list(&local).unwrap() {
+                let file = local.join(name);
+                let text = std::fs::read_to_string(&file).unwrap();
+                for doc in documents::split(&text) {
+                    let value = documents::parse(&doc).unwrap();
+                    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+                    assert!(
+                        matches!(kind, "EndpointSlice" | "Pod"),
+                        "{}: only loopback endpoints and pods belong in local/, not a {kind}",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_canary_example_loads_cleanly() {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/canary");
-        let outcome = DirSource::open(examples).unwrap().load().unwrap();
+        let outcome = DirSource::open_all([examples.clone(), examples.join("local")])
+            .unwrap()
+            .load()
+            .unwrap();
         assert!(outcome.rejected.is_empty(), "{:?}", outcome.rejected);
         let route =
             &outcome.model.http_routes[&crate::model::ObjectName::new("shop", "checkout-canary")];

@@ -28,7 +28,8 @@ where
     }
 }
 
-/// A control plane on a private copy of `examples/`.
+/// A control plane on a private copy of `examples/` and its loopback endpoints
+/// (`examples/local/`), in one folder.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub cp: ControlPlane,
@@ -38,10 +39,12 @@ impl Fixture {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        for entry in std::fs::read_dir(examples).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        for folder in [examples.clone(), examples.join("local")] {
+            for entry in std::fs::read_dir(folder).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+                }
             }
         }
         let cp = ControlPlane::start(Settings {
