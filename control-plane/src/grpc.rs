@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::agents::{AgentIdentity, AgentRegistry, Registration};
+use crate::identity::discovery::DiscoveryAuth;
 use crate::index::IndexState;
 use crate::metrics::Metrics;
 use crate::view::{AgentView, PendingSnapshot, ViewCache};
@@ -37,6 +38,7 @@ pub struct DiscoveryService {
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     cache: Arc<ViewCache>,
+    auth: Option<DiscoveryAuth>,
 }
 
 impl DiscoveryService {
@@ -53,7 +55,15 @@ impl DiscoveryService {
             metrics,
             shutdown,
             cache: Arc::new(ViewCache::new()),
+            auth: None,
         }
+    }
+
+    /// With `auth`, a stream is served only to an agent whose token proves the pod it
+    /// claims, with that pod's labels from the cluster.
+    pub fn with_auth(mut self, auth: Option<DiscoveryAuth>) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// The tonic server for this service.
@@ -98,8 +108,11 @@ impl DiscoveryService {
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<SnapshotStream>, Status> {
         let peer = request.remote_addr();
-        let mut messages = request.into_inner();
-        let identity = read_hello(&mut messages).await?;
+        let (metadata, _, mut messages) = request.into_parts();
+        let mut identity = read_hello(&mut messages).await?;
+        if let Some(auth) = &self.auth {
+            auth.authenticate(&metadata, &mut identity).await?;
+        }
         let registration = self.agents.register(identity, peer);
         let id = registration.entry().identity();
         info!(

@@ -6,6 +6,7 @@
 //! agent says about itself is only ever compared with what its token proves.
 
 pub mod authority;
+pub mod discovery;
 pub mod service;
 pub mod serving;
 pub mod spiffe;
@@ -14,7 +15,23 @@ pub mod token;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
-use token::Reviewed;
+use std::sync::Arc;
+
+use authority::Authority;
+use token::{Reviewed, TokenReviewer};
+
+/// Identity and TLS for the control plane's gRPC port: with them, agents connect over
+/// TLS, prove who they are with their token, and get certificates.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// The mesh's certificate authority.
+    pub authority: Arc<Authority>,
+    /// Who checks the agents' tokens.
+    pub reviewer: TokenReviewer,
+    /// The names agents dial the control plane by (DNS names and IP addresses), for
+    /// its serving certificate.
+    pub serving_names: Vec<String>,
+}
 
 /// The bearer token of a call (`authorization: Bearer …`).
 pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {

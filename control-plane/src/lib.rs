@@ -84,6 +84,9 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     /// Quiet period after a change in the folder before it is re-read; more than zero.
     pub debounce: Duration,
+    /// Workload identity: TLS on the gRPC port, authenticated discovery and the
+    /// `Identity` service. `None`: plaintext discovery that believes the agent's hello.
+    pub identity: Option<identity::IdentitySettings>,
 }
 
 impl Settings {
@@ -94,6 +97,7 @@ impl Settings {
             grpc_addr: DEFAULT_GRPC_ADDR,
             admin_addr: DEFAULT_ADMIN_ADDR,
             debounce: DEFAULT_DEBOUNCE,
+            identity: None,
         }
     }
 }
@@ -123,6 +127,9 @@ pub enum Error {
     /// The gRPC server stopped with an error.
     #[error("the gRPC server failed: {0}")]
     Grpc(#[source] tonic::transport::Error),
+    /// The control plane's serving certificate could not be made.
+    #[error(transparent)]
+    Identity(#[from] identity::serving::ServingError),
     /// A start-up task could not run (the runtime is shutting down).
     #[error("a control-plane task failed to run: {0}")]
     Task(#[source] tokio::task::JoinError),
@@ -189,16 +196,55 @@ impl ControlPlane {
             ),
         ]);
 
-        let discovery = DiscoveryService::new(state, agents, metrics, stop.clone());
-        let incoming = TcpIncoming::from(grpc_listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(TCP_KEEPALIVE));
-        let mut grpc_stop = stop;
-        let server = tonic::transport::Server::builder()
+        let auth = settings.identity.as_ref().map(|id| {
+            identity::discovery::DiscoveryAuth::new(id.reviewer.clone(), publisher.models())
+        });
+        let discovery = DiscoveryService::new(state, agents, metrics, stop.clone()).with_auth(auth);
+        let mut grpc_stop = stop.clone();
+        let shutdown_signal = async move { stopped(&mut grpc_stop).await };
+        let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
-            .add_service(discovery.into_server())
-            .serve_with_incoming_shutdown(incoming, async move { stopped(&mut grpc_stop).await });
+            .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT));
+        let server: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match &settings.identity {
+            None => {
+                let incoming = TcpIncoming::from(grpc_listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(TCP_KEEPALIVE));
+                Box::pin(
+                    builder
+                        .add_service(discovery.into_server())
+                        .serve_with_incoming_shutdown(incoming, shutdown_signal),
+                )
+            }
+            Some(id) => {
+                // Agents dial over TLS with the mesh's anchor; the certificate renews
+                // itself before it expires.
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let serving = identity::serving::ServingCert::new(
+                    Arc::clone(&id.authority),
+                    provider,
+                    id.serving_names.clone(),
+                )
+                .map_err(Error::Identity)?;
+                let config = serving
+                    .server_config()
+                    .map_err(|e| Error::Identity(e.into()))?;
+                tasks.push(("serving-cert", serving.spawn_renewal(stop.clone())));
+                let incoming = identity::serving::incoming(grpc_listener, config, stop.clone());
+                let certify = identity::service::IdentityService::new(
+                    Arc::clone(&id.authority),
+                    id.reviewer.clone(),
+                );
+                Box::pin(
+                    builder
+                        .add_service(discovery.into_server())
+                        .add_service(certify.into_server())
+                        .serve_with_incoming_shutdown(incoming, shutdown_signal),
+                )
+            }
+        };
         tasks.push((
             "grpc",
             tokio::spawn(async move {

@@ -207,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         debounce: args.debounce,
+        identity: None,
     };
     // issue 5: the injection webhook starts first, so pods created while the source
     // syncs are not refused.

@@ -489,6 +489,7 @@ async fn start_fails_on_a_missing_folder_but_not_on_invalid_documents() {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         debounce: Duration::from_millis(50),
+        identity: None,
     };
     let err = ControlPlane::start(settings(dir.path().join("missing")))
         .await

@@ -26,6 +26,7 @@ pub fn control_plane_settings(
         grpc_addr,
         admin_addr: loopback(),
         debounce: Duration::from_millis(50),
+        identity: None,
     }
 }
 
@@ -52,6 +53,7 @@ pub fn kubernetes_control_plane_settings(
         grpc_addr: loopback(),
         admin_addr: loopback(),
         debounce: Duration::from_millis(50),
+        identity: None,
     }
 }
 

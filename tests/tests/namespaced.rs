@@ -156,6 +156,7 @@ impl Cluster {
             grpc_addr: SocketAddr::new(IpAddr::V4(topology.root_ip), 0),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             debounce: Duration::from_millis(50),
+            identity: None,
         })
         .await
         .expect("control plane starts");

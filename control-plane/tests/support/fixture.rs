@@ -52,6 +52,7 @@ impl Fixture {
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             debounce: Duration::from_millis(50),
+            identity: None,
         })
         .await
         .unwrap();
