@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::identity::renewal::IdentityState;
 use crate::metrics::Metrics;
 use crate::proxy::{ProxyBody, full};
 use crate::settings::Settings;
@@ -20,6 +21,7 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     ready: watch::Receiver<bool>,
     settings: Settings,
+    identity: Option<watch::Receiver<IdentityState>>,
 }
 
 fn respond(
@@ -49,7 +51,28 @@ impl Admin {
             metrics,
             ready,
             settings,
+            identity: None,
         }
+    }
+
+    /// Shows the agent's workload identity (once its renewal task runs) on `/config`.
+    pub fn with_identity(mut self, identity: Option<watch::Receiver<IdentityState>>) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// The identity part of `/config`: the SPIFFE ID and expiry, never the key.
+    fn identity_json(&self) -> serde_json::Value {
+        let Some(state) = &self.identity else {
+            return serde_json::Value::Null;
+        };
+        let state = state.borrow().clone();
+        let now = std::time::SystemTime::now();
+        serde_json::json!({
+            "spiffeId": state.credentials.as_ref().map(|c| c.spiffe_id.clone()),
+            "expiresInSecs": state.credentials.as_ref().map(|c| c.remaining(now).as_secs()),
+            "lastError": state.last_error,
+        })
     }
 
     /// Serves one admin request.
@@ -94,6 +117,7 @@ impl Admin {
             ),
             "/config" => {
                 let body = serde_json::json!({
+                    "identity": self.identity_json(),
                     "settings": self.settings,
                     "config": self.config.load().to_json(),
                 });

@@ -40,6 +40,9 @@ pub use settings::{Identity, InboundSpec, Settings};
 /// The agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The control plane's address or trust anchors are unusable.
+    #[error(transparent)]
+    ControlPlane(#[from] identity::channel::ChannelError),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({what}): {source} (is another process using the port?)")]
     Bind {
@@ -83,12 +86,43 @@ impl Agent {
         settings: Settings,
         propagation: telemetry::Propagation,
     ) -> Result<Self, Error> {
+        let anchors = match &settings.control_plane_ca {
+            Some(path) => Some(identity::channel::read_anchors(path)?),
+            None => None,
+        };
+        let channel = identity::channel::connect(&settings.control_plane, anchors.as_deref())?;
+        let connection = subscription::Connection {
+            address: settings.control_plane.clone(),
+            channel: channel.clone(),
+            token_file: settings.token_file.clone(),
+        };
+        // A workload certificate comes over TLS only: the token would otherwise cross
+        // the network in the clear.
+        let certifier = match &settings.token_file {
+            Some(token) if settings.control_plane.starts_with("https://") => {
+                Some(identity::client::GrpcCertifier::new(
+                    channel,
+                    token.clone(),
+                    identity::client::Claims {
+                        namespace: settings.identity.namespace.clone(),
+                        pod_name: settings.identity.pod_name.clone(),
+                        service_account: settings.identity.service_account.clone(),
+                    },
+                ))
+            }
+            _ => None,
+        };
         let config = Arc::new(ArcSwap::from_pointee(config::Config::default()));
         let metrics = Arc::new(metrics::Metrics::new(Arc::clone(&config)));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = watch::channel(false);
         let drain = settings.drain_timeout;
         let mut tasks = Vec::new();
+        let identity_state = certifier.map(|certifier| {
+            let (task, state) = identity::renewal::spawn(certifier, shutdown_rx.clone());
+            tasks.push(task);
+            state
+        });
 
         let (outbound_listener, outbound_addr) = bind("outbound", settings.outbound_addr).await?;
         let outbound_v6 = match settings.outbound_addr_v6 {
@@ -185,12 +219,15 @@ impl Agent {
             inbound_transparent_addr = Some(addr);
         }
 
-        let admin = Arc::new(admin::Admin::new(
-            Arc::clone(&config),
-            Arc::clone(&metrics),
-            ready_rx,
-            settings.clone(),
-        ));
+        let admin = Arc::new(
+            admin::Admin::new(
+                Arc::clone(&config),
+                Arc::clone(&metrics),
+                ready_rx,
+                settings.clone(),
+            )
+            .with_identity(identity_state),
+        );
         tasks.push(tokio::spawn(proxy::server::serve(
             admin_listener,
             "admin",
@@ -201,11 +238,12 @@ impl Agent {
 
         let applier = subscription::Applier::new(config, metrics, ready_tx);
         tasks.push(tokio::spawn(subscription::run(
-            settings.control_plane.clone(),
+            connection,
             settings.identity.clone(),
             applier,
-            shutdown_rx,
+            shutdown_rx.clone(),
         )));
+
         tracing::info!(
             outbound = %outbound_addr,
             inbound = ?inbound_addrs,

@@ -99,13 +99,22 @@ impl InitArgs {
 /// Flags of the agent itself.
 #[derive(Debug, clap::Args)]
 struct Args {
-    /// The control plane's gRPC address.
+    /// The control plane's gRPC address: http://HOST:PORT, or https://HOST:PORT (TLS,
+    /// verified against --control-plane-ca).
     #[arg(
         long,
         env = "BULWARK_CONTROL_PLANE",
         default_value = "http://127.0.0.1:9990"
     )]
     control_plane: String,
+    /// The mesh's trust anchors (PEM) for an https:// control plane.
+    #[arg(long, env = "BULWARK_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<std::path::PathBuf>,
+    /// The pod's projected ServiceAccount token (audience bulwark), presented to the
+    /// control plane; with an https:// control plane the agent also gets its workload
+    /// certificate with it.
+    #[arg(long, env = "BULWARK_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
     /// The pod's namespace.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -275,6 +284,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     settings.tcp_idle_timeout = Duration::from_secs(args.tcp_idle_timeout_secs);
     settings.inbound_max_concurrency = args.inbound_max_concurrency;
     settings.forwarded_for = args.forwarded_for;
+    settings.control_plane_ca = args.control_plane_ca;
+    settings.token_file = args.token_file;
     let agent = Agent::start_with(settings, telemetry.propagation())
         .await
         .context("starting the agent")?;

@@ -98,6 +98,12 @@ pub struct Settings {
     pub inbound_max_concurrency: Option<usize>,
     /// Append the client's address to `X-Forwarded-For` on inbound HTTP requests.
     pub forwarded_for: bool,
+    /// The mesh's trust anchors (PEM), to verify an `https://` control plane.
+    pub control_plane_ca: Option<std::path::PathBuf>,
+    /// The pod's projected ServiceAccount token (audience bulwark): sent to the
+    /// control plane with every subscription and certificate request. With an
+    /// `https://` control plane the agent also gets a workload certificate.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -118,6 +124,8 @@ impl Settings {
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             inbound_max_concurrency: None,
             forwarded_for: false,
+            control_plane_ca: None,
+            token_file: None,
         }
     }
 }

@@ -16,27 +16,21 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::settings::Identity;
 
-/// How long one connection attempt to the control plane may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often idle rate-limit buckets are swept.
 const RATE_LIMIT_SWEEP: Duration = Duration::from_secs(60);
 
 /// Why a stream to the control plane ended.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    /// The address is not a valid URI.
-    #[error("control plane address {0:?} is not a valid URI (expected http://host:port)")]
-    Address(String),
-    /// Could not connect.
+    /// The ServiceAccount token could not be read.
     #[error(
-        "cannot reach the control plane at {addr}: {source} (is it running, and is the address right?)"
+        "cannot read the ServiceAccount token {path}: {reason} (is the projected token volume mounted?)"
     )]
-    Connect {
-        /// The address.
-        addr: String,
+    Token {
+        /// The file.
+        path: String,
         /// Why.
-        #[source]
-        source: tonic::transport::Error,
+        reason: String,
     },
     /// The stream failed.
     #[error("control plane stream failed: {0}")]
@@ -93,9 +87,21 @@ impl Applier {
     }
 }
 
+/// How the agent reaches the control plane.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// The address, for logs.
+    pub address: String,
+    /// The channel (plaintext or TLS, see `identity::channel`).
+    pub channel: tonic::transport::Channel,
+    /// The projected ServiceAccount token to present, re-read at every connect (the
+    /// kubelet rotates it).
+    pub token_file: Option<std::path::PathBuf>,
+}
+
 /// Runs the subscription until `shutdown` turns true.
 pub async fn run(
-    address: String,
+    connection: Connection,
     identity: Identity,
     applier: Applier,
     mut shutdown: watch::Receiver<bool>,
@@ -110,7 +116,7 @@ pub async fn run(
     let mut sweep = tokio::time::interval(RATE_LIMIT_SWEEP);
     loop {
         let result = {
-            let stream = stream_once(&address, &identity, &applier, &mut backoff);
+            let stream = stream_once(&connection, &identity, &applier, &mut backoff);
             tokio::pin!(stream);
             loop {
                 tokio::select! {
@@ -141,25 +147,13 @@ pub async fn run(
 }
 
 async fn stream_once(
-    address: &str,
+    connection: &Connection,
     identity: &Identity,
     applier: &Applier,
     backoff: &mut ExponentialBackoff,
 ) -> Result<(), StreamError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())
-        .map_err(|_| StreamError::Address(address.to_owned()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| StreamError::Connect {
-            addr: address.to_owned(),
-            source,
-        })?;
-    let mut client = DiscoveryClient::new(channel);
+    let address = connection.address.as_str();
+    let mut client = DiscoveryClient::new(connection.channel.clone());
     let (tx, rx) = mpsc::channel(8);
     let hello = v1::AgentMessage {
         kind: Some(agent_message::Kind::Hello(v1::Identity {
@@ -176,7 +170,23 @@ async fn stream_once(
         })),
     };
     tx.send(hello).await.map_err(|_| StreamError::Closed)?;
-    let mut snapshots = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(path) = &connection.token_file {
+        let token = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|source| StreamError::Token {
+                path: path.display().to_string(),
+                reason: source.to_string(),
+            })?;
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| StreamError::Token {
+                path: path.display().to_string(),
+                reason: "not a valid header value".to_owned(),
+            })?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut snapshots = client.stream(request).await?.into_inner();
     info!(control_plane = %address, "subscribed");
     while let Some(snapshot) = snapshots.message().await? {
         backoff.reset();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bulwark_control_plane::source::kubernetes;
-use bulwark_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, Settings, Source, webhook};
+use bulwark_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, Settings, Source, identity, webhook};
 use clap::{Parser, ValueEnum};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -68,6 +68,41 @@ struct Args {
     /// Log format; the level comes from RUST_LOG (default `info`).
     #[arg(long, env = "BULWARK_CP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    // issue 15: workload identity
+    /// Folder of the mesh's issuer (a kubernetes.io/tls Secret: tls.crt, tls.key and
+    /// optionally ca.crt with the trust anchors). Turns on TLS for agents, authenticated
+    /// discovery and certificates.
+    #[arg(
+        long,
+        env = "BULWARK_CP_IDENTITY_DIR",
+        conflicts_with = "identity_generate"
+    )]
+    identity_dir: Option<PathBuf>,
+
+    /// For a mesh without a cluster: make a new issuer at start and write its trust
+    /// anchor (PEM) to this file for the agents. Turns identity on like --identity-dir.
+    #[arg(long, env = "BULWARK_CP_IDENTITY_GENERATE")]
+    identity_generate: Option<PathBuf>,
+
+    /// The SPIFFE trust domain of the mesh's identities.
+    #[arg(long, env = "BULWARK_CP_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+
+    /// Lifetime of the workload certificates (agents renew at 70 % of it).
+    #[arg(long, env = "BULWARK_CP_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    certificate_lifetime: Duration,
+
+    /// Tokens and the identities they prove (YAML: tokens: [{token, namespace,
+    /// serviceAccount, pod}]), standing in for TokenReview without a cluster.
+    #[arg(long, env = "BULWARK_CP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// A name (DNS or IP) agents dial the control plane by, for its serving
+    /// certificate; repeat for several. Default: localhost, 127.0.0.1 and, in a pod,
+    /// the Service names in its namespace.
+    #[arg(long = "tls-name", env = "BULWARK_CP_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -76,6 +111,75 @@ enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let d: bulwark_control_plane::duration::Duration = value.parse().map_err(|e| format!("{e}"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".to_owned());
+    }
+    Ok(d.as_std())
+}
+
+/// The identity settings the flags ask for, if any.
+async fn identity_settings(
+    args: &Args,
+    source: &Source,
+) -> anyhow::Result<Option<identity::IdentitySettings>> {
+    use identity::authority::Authority;
+    use identity::token::TokenReviewer;
+    let authority = match (&args.identity_dir, &args.identity_generate) {
+        (None, None) => return Ok(None),
+        (Some(dir), _) => Authority::load(dir, &args.trust_domain, args.certificate_lifetime)?,
+        (None, Some(anchor_out)) => {
+            let authority = Authority::generate(&args.trust_domain, args.certificate_lifetime)?;
+            let pem: String = authority.anchors().iter().map(|a| pem(a)).collect();
+            std::fs::write(anchor_out, pem).with_context(|| {
+                format!("cannot write the trust anchor to {}", anchor_out.display())
+            })?;
+            info!(path = %anchor_out.display(), "generated a mesh issuer; its trust anchor is written for the agents");
+            authority
+        }
+    };
+    let reviewer = match (&args.token_file, source) {
+        (Some(file), _) => TokenReviewer::from_file(file)?,
+        (None, Source::Kubernetes(k)) => {
+            TokenReviewer::Kubernetes(kubernetes::client_from(k.kubeconfig.as_deref()).await?)
+        }
+        (None, Source::Dir(_)) => anyhow::bail!(
+            "identity without a cluster needs --token-file (the tokens agents present and whom \
+             they prove)"
+        ),
+    };
+    let mut names = args.tls_names.clone();
+    if names.is_empty() {
+        names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        if let Ok(ns) = std::env::var("POD_NAMESPACE") {
+            let service = "bulwark-control-plane";
+            names.extend([
+                format!("{service}.{ns}.svc"),
+                format!("{service}.{ns}.svc.cluster.local"),
+            ]);
+        }
+    }
+    Ok(Some(identity::IdentitySettings {
+        authority: std::sync::Arc::new(authority),
+        reviewer,
+        serving_names: names,
+    }))
+}
+
+/// A DER certificate as PEM.
+fn pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
 }
 
 fn parse_debounce(value: &str) -> Result<Duration, String> {
@@ -172,9 +276,9 @@ async fn start_webhook(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     init_logging(args.log_format);
-    let source = match Source::combine(args.source)? {
+    let source = match Source::combine(std::mem::take(&mut args.source))? {
         Some(source) => source,
         // The Kubernetes service environment is set in every pod.
         None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => Source::kubernetes(
@@ -187,6 +291,9 @@ async fn main() -> anyhow::Result<()> {
              (repeatable)"
         ),
     };
+    let identity = identity_settings(&args, &source)
+        .await
+        .context("workload identity could not be set up")?;
     let source = match source {
         Source::Kubernetes(mut k) => {
             let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
@@ -207,7 +314,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         debounce: args.debounce,
-        identity: None,
+        identity,
     };
     // issue 5: the injection webhook starts first, so pods created while the source
     // syncs are not refused.
@@ -247,6 +354,54 @@ mod tests {
         )
         .map_err(|e| e.to_string())?;
         Source::combine(args.source).map_err(|e| e.to_string())
+    }
+
+    fn args(flags: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("bulwark-control-plane").chain(flags.iter().copied()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn identity_is_on_with_an_issuer_and_needs_tokens_without_a_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Source::Dir(vec![dir.path().to_owned()]);
+        assert!(
+            identity_settings(&args(&[]), &source)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        let anchor = dir.path().join("anchor.pem");
+        let anchor_flag = format!("--identity-generate={}", anchor.display());
+        let error = identity_settings(&args(&[&anchor_flag]), &source)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--token-file"), "{error}");
+
+        let tokens = dir.path().join("tokens.yaml");
+        std::fs::write(
+            &tokens,
+            "tokens: [{token: a-token-of-sixteen-chars, namespace: demo, serviceAccount: web}]\n",
+        )
+        .unwrap();
+        let token_flag = format!("--token-file={}", tokens.display());
+        let settings = identity_settings(
+            &args(&[&anchor_flag, &token_flag, "--trust-domain=example.org"]),
+            &source,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(settings.authority.trust_domain(), "example.org");
+        assert_eq!(settings.serving_names[..2], ["localhost", "127.0.0.1"]);
+        // The anchor file is what agents read: PEM of the authority's anchor.
+        let pem = std::fs::read(&anchor).unwrap();
+        let parsed: Vec<_> = rustls::pki_types::pem::PemObject::pem_slice_iter(&pem)
+            .collect::<Result<Vec<rustls::pki_types::CertificateDer<'static>>, _>>()
+            .unwrap();
+        assert_eq!(parsed, settings.authority.anchors());
     }
 
     #[test]

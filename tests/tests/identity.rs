@@ -19,10 +19,13 @@ use bulwark_control_plane::identity::token::TokenReviewer;
 use bulwark_proto::v1::agent_message::Kind;
 use bulwark_proto::v1::discovery_client::DiscoveryClient;
 use bulwark_proto::v1::{AgentMessage, Identity};
-use bulwark_tests::mesh::Mesh;
+use bulwark_tests::harness::agent_settings;
+use bulwark_tests::mesh::{Mesh, NAMESPACE};
 use tokio_stream::wrappers::ReceiverStream;
 
 const TOKEN: &str = "frontend-0-token-0123456789abcdef";
+/// The token of the in-process agent's pod (namespace `test`, see the harness).
+const AGENT_TOKEN: &str = "test-frontend-0-token-0123456789";
 
 struct Running {
     cp: ControlPlane,
@@ -42,7 +45,8 @@ async fn start() -> Running {
     std::fs::write(
         &tokens,
         format!(
-            "tokens:\n  - {{token: {TOKEN}, namespace: demo, serviceAccount: frontend, pod: frontend-0}}\n"
+            "tokens:\n  - {{token: {TOKEN}, namespace: demo, serviceAccount: frontend, pod: frontend-0}}\n\
+             \x20 - {{token: {AGENT_TOKEN}, namespace: {NAMESPACE}, serviceAccount: frontend, pod: frontend-0}}\n"
         ),
     )
     .expect("setting up the identity test");
@@ -207,5 +211,97 @@ async fn discovery_serves_only_an_agent_whose_token_proves_its_pod() {
     let mut client = DiscoveryClient::new(plain);
     let (_tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(1);
     assert!(client.stream(ReceiverStream::new(rx)).await.is_err());
+    running.cp.shutdown().await;
+}
+
+/// PEM of DER certificates, as the control plane writes its anchor for agents.
+fn pem(certs: &[rustls::pki_types::CertificateDer<'_>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for cert in certs {
+        let text = base64::engine::general_purpose::STANDARD.encode(cert);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in text.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).expect("setting up the agent"));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+/// A real agent whose pod is `pod`, presenting `token`, subscribing over TLS.
+async fn agent(running: &Running, pod: &str, token: &str) -> bulwark_agent::Agent {
+    let anchor = running.dir.path().join("anchor.pem");
+    std::fs::write(&anchor, pem(running.authority.anchors())).expect("setting up the agent");
+    let token_file = running.dir.path().join(format!("{pod}.agent-token"));
+    std::fs::write(&token_file, token).expect("setting up the agent");
+    let mut settings = agent_settings(running.cp.grpc_addr(), "frontend", None);
+    settings.identity.pod_name = pod.to_owned();
+    settings.control_plane = format!("https://127.0.0.1:{}", running.cp.grpc_addr().port());
+    settings.control_plane_ca = Some(anchor);
+    settings.token_file = Some(token_file);
+    bulwark_agent::Agent::start(settings)
+        .await
+        .expect("setting up the agent")
+}
+
+async fn admin_json(agent: &bulwark_agent::Agent, path: &str) -> Option<(u16, serde_json::Value)> {
+    let response = bulwark_tests::client::get(agent.admin_addr(), path, &[])
+        .await
+        .ok()?;
+    let json = response.json().unwrap_or(serde_json::Value::Null);
+    Some((response.status.as_u16(), json))
+}
+
+#[tokio::test]
+async fn a_real_agent_subscribes_over_tls_and_shows_its_identity() {
+    let running = start().await;
+    let agent = agent(&running, "frontend-0", AGENT_TOKEN).await;
+    let identity = bulwark_tests::poll_until(
+        Duration::from_secs(20),
+        "the agent has its config and its certificate",
+        || async {
+            let (ready, _) = admin_json(&agent, "/ready").await?;
+            let (_, config) = admin_json(&agent, "/config").await?;
+            (ready == 200 && config["identity"]["spiffeId"].is_string())
+                .then(|| config["identity"].clone())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        identity["spiffeId"],
+        format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/frontend")
+    );
+    assert!(identity["expiresInSecs"].as_u64().unwrap() > 23 * 3600);
+    assert!(identity["lastError"].is_null());
+    let text = admin_json(&agent, "/config").await.unwrap().1.to_string();
+    assert!(
+        !text.contains("PRIVATE KEY") && !text.contains(AGENT_TOKEN),
+        "no secret on /config"
+    );
+    agent.shutdown().await;
+    running.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_claiming_another_pod_gets_neither_config_nor_certificate() {
+    let running = start().await;
+    let agent = agent(&running, "frontend-1", AGENT_TOKEN).await;
+    let error = bulwark_tests::poll_until(
+        Duration::from_secs(20),
+        "the certificate request is refused",
+        || async {
+            let (_, config) = admin_json(&agent, "/config").await?;
+            config["identity"]["lastError"].as_str().map(str::to_owned)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(error.contains("PermissionDenied"), "{error}");
+    let (ready, _) = admin_json(&agent, "/ready").await.unwrap();
+    assert_eq!(ready, 503, "no config was served to it");
+    agent.shutdown().await;
     running.cp.shutdown().await;
 }
