@@ -11,10 +11,10 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # sockets and start servers); plain `cargo test` does the same job without it.
 NEXTEST := $(shell command -v cargo-nextest 2>/dev/null)
 
-.PHONY: help setup build test lint fmt demo bench clean crds e2e-k8s chart images helm
+.PHONY: help setup build test lint fmt demo bench clean crds e2e-k8s e2e-local chart images helm
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: ## check the toolchain (and install rustfmt/clippy for lint)
 	@hack/setup.sh
@@ -52,6 +52,9 @@ crds: ## regenerate the CRDs and RBAC rules in charts/bulwark/ from the Rust typ
 
 e2e-k8s: ## run the Kubernetes scenarios against the cluster in KUBECONFIG (not part of make test)
 	@hack/e2e-k8s.sh
+
+e2e-local: ## check the chart, RBAC, webhook and status against a nodeless API server (KUBECONFIG; not part of make test)
+	@hack/e2e-local.sh
 
 # issue 5: the chart and the images
 HELM ?= $(CURDIR)/.tools/bin/helm
