@@ -348,7 +348,7 @@ impl ShardRouter {
         };
         json!({
             "source": self.source,
-            "key": format!("{:?}", self.key),
+            "key": self.key.to_json(),
             "strategy": match &self.mapper {
                 Mapper::Hash { .. } => "Hash",
                 Mapper::Ring(_) => "ConsistentHash",

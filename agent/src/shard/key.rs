@@ -20,6 +20,20 @@ pub enum KeySource {
     Query(String),
 }
 
+impl KeySource {
+    /// Where the key comes from, for `/config`.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            KeySource::Header(name) => serde_json::json!({"type": "Header", "name": name.as_str()}),
+            KeySource::PathSegment(i) => serde_json::json!({"type": "Path", "segment": i}),
+            KeySource::PathPattern(re) => {
+                serde_json::json!({"type": "Path", "pattern": re.as_str()})
+            }
+            KeySource::Query(name) => serde_json::json!({"type": "Query", "name": name}),
+        }
+    }
+}
+
 impl TryFrom<&Kind> for KeySource {
     type Error = InvalidTopology;
 
@@ -112,5 +126,35 @@ mod tests {
         let err = KeySource::try_from(&Kind::PathPattern("^/t/([^/]+)".into())).unwrap_err();
         assert!(err.to_string().contains("named capture `key`"), "{err}");
         assert!(KeySource::try_from(&Kind::Header("bad header".into())).is_err());
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn config_shows_each_key_source_as_json_not_debug_text() {
+        let cases = [
+            (
+                KeySource::Header(http::HeaderName::from_static("x-customer")),
+                serde_json::json!({"type": "Header", "name": "x-customer"}),
+            ),
+            (
+                KeySource::PathSegment(1),
+                serde_json::json!({"type": "Path", "segment": 1}),
+            ),
+            (
+                KeySource::PathPattern(Regex::new("^/t/(?P<key>[^/]+)").unwrap()),
+                serde_json::json!({"type": "Path", "pattern": "^/t/(?P<key>[^/]+)"}),
+            ),
+            (
+                KeySource::Query("tenant".into()),
+                serde_json::json!({"type": "Query", "name": "tenant"}),
+            ),
+        ];
+        for (source, json) in cases {
+            assert_eq!(source.to_json(), json);
+        }
     }
 }
