@@ -9,6 +9,7 @@
 
 mod canary;
 mod examples;
+mod identity;
 mod latency;
 mod observer;
 mod progress;
@@ -266,6 +267,7 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         "Starting Bulwark on loopback (process logs in {})",
         supervisor.log_dir().display()
     );
+    let identity = identity::prepare(supervisor.log_dir())?;
     supervisor.spawn(
         "control-plane",
         "bulwark-control-plane",
@@ -286,6 +288,10 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
             CP_GRPC,
             "--admin-addr",
             CP_ADMIN,
+            "--identity-generate",
+            &identity.anchor.display().to_string(),
+            "--token-file",
+            &identity.tokens.display().to_string(),
         ]),
     )?;
     supervisor
@@ -351,7 +357,11 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         "bulwark-agent",
         &strings(&[
             "--control-plane",
-            &format!("http://{CP_GRPC}"),
+            &format!("https://{CP_GRPC}"),
+            "--control-plane-ca",
+            &identity.anchor.display().to_string(),
+            "--token-file",
+            &identity.agent_token.display().to_string(),
             "--namespace",
             "demo",
             "--pod-name",
@@ -374,6 +384,8 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
     println!(
         "  agent ready: outbound proxy {AGENT_OUTBOUND}, inbound {AGENT_INBOUND} -> {FRONTEND_APP}, admin http://{AGENT_ADMIN}"
     );
+    let workload = identity::of_agent(addr(AGENT_ADMIN)?).await;
+    println!("  agent identity: {workload}");
     println!(
         "Everything up in {:.1}s; driving traffic for {}s\n",
         started.elapsed().as_secs_f64(),
@@ -431,6 +443,11 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         bucket,
     });
 
+    summary.push_str(&format!(
+        "\nidentity\n  control plane: gRPC over TLS with a generated issuer (anchor {}); agents \
+         subscribe with their ServiceAccount token\n  agent frontend-0: {workload}\n",
+        identity.anchor.display()
+    ));
     let mut problems = sharded::report(&mut summary, &layout, &traffic.sharded, metrics.as_ref());
     problems.extend(canary::report(
         &mut summary,

@@ -1,0 +1,65 @@
+//! The demo's workload identity: a token file standing in for Kubernetes' TokenReview,
+//! the token the agent presents, and where the control plane writes its trust anchor.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+/// The files identity uses.
+pub struct Files {
+    /// The trust anchor the control plane writes and the agent verifies it with.
+    pub anchor: PathBuf,
+    /// Tokens and the workloads they prove, for the control plane.
+    pub tokens: PathBuf,
+    /// The demo agent's token (pod frontend-0 of ServiceAccount frontend in demo).
+    pub agent_token: PathBuf,
+}
+
+/// Writes a fresh token for the demo agent and the token file naming it, next to the
+/// logs (`target/demo/identity`).
+pub fn prepare(log_dir: &Path) -> anyhow::Result<Files> {
+    let dir = log_dir.parent().unwrap_or(log_dir).join("identity");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A new random token each run, as a projected token would be.
+    let token: String = std::iter::repeat_with(fastrand::alphanumeric)
+        .take(40)
+        .collect();
+    let files = Files {
+        anchor: dir.join("trust-anchor.pem"),
+        tokens: dir.join("tokens.yaml"),
+        agent_token: dir.join("frontend-0.token"),
+    };
+    std::fs::write(&files.agent_token, &token)
+        .with_context(|| format!("writing {}", files.agent_token.display()))?;
+    std::fs::write(
+        &files.tokens,
+        format!(
+            "# Written by bulwark-demo: the token of the demo agent's pod.\n\
+             tokens:\n  - {{token: {token}, namespace: demo, serviceAccount: frontend, pod: frontend-0}}\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", files.tokens.display()))?;
+    Ok(files)
+}
+
+/// The agent's identity as its `/config` shows it, in words.
+pub async fn of_agent(admin: SocketAddr) -> String {
+    for _ in 0..50 {
+        if let Ok(config) = config(admin).await
+            && let Some(id) = config["identity"]["spiffeId"].as_str()
+        {
+            let hours = config["identity"]["expiresInSecs"].as_u64().unwrap_or(0) as f64 / 3600.0;
+            return format!(
+                "{id} (certificate valid {hours:.1} h more, renewed at 70 % of its life)"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    "no workload certificate yet (see the agent's log)".to_owned()
+}
+
+async fn config(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let response = bulwark_tests::get(admin, "/config", &[]).await?;
+    Ok(response.json()?)
+}
