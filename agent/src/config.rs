@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::breaker::BreakerState;
 use crate::destination::{Destination, InvalidDestination};
 use crate::metrics::Metrics;
+use crate::policy::authorization::Authorization;
 use crate::proxy::target::Target;
 use crate::ratelimit::{RateLimitConfig, RateLimitKey, RateLimiter, RateLimits};
 
@@ -51,6 +52,9 @@ pub enum ConfigError {
         #[source]
         source: crate::ratelimit::InvalidRateLimit,
     },
+    /// An authorization policy cannot be enforced.
+    #[error("inbound authorization: {0}")]
+    Authorization(#[from] crate::policy::authorization::InvalidAuthorization),
 }
 
 /// Destinations by namespace, then name, then port. Nested maps let a lookup
@@ -68,6 +72,8 @@ pub struct Config {
     by_endpoint: HashMap<SocketAddr, Arc<Destination>>,
     /// Inbound rate limits.
     pub inbound: RateLimits,
+    /// Who may call this pod.
+    pub authorization: Authorization,
     limiters: Vec<Arc<RateLimiter>>,
 }
 
@@ -148,6 +154,12 @@ impl Config {
             config.limiters.push(limiter);
         }
         config.inbound = RateLimits::new(config.limiters.clone());
+        let policies = snapshot
+            .inbound
+            .as_ref()
+            .map(|i| i.authorization.as_slice())
+            .unwrap_or_default();
+        config.authorization = Authorization::try_from(policies)?;
         Ok(config)
     }
 

@@ -16,6 +16,7 @@ pub mod endpoint;
 pub mod identity;
 pub mod init;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
 pub mod retry;

@@ -58,6 +58,8 @@ pub struct Metrics {
     budget_exhausted: Family<Labels, Counter>,
     bulkhead_rejected: Family<Labels, Counter>,
     rate_limited: Family<Labels, Counter>,
+    unauthorized: Family<Labels, Counter>,
+    shadow_unauthorized: Family<Labels, Counter>,
     passthrough: Counter,
     tcp_connections: Family<Labels, Counter>,
     passthrough_connections: Counter,
@@ -131,6 +133,8 @@ impl Metrics {
         let budget_exhausted = Family::<Labels, Counter>::default();
         let bulkhead_rejected = Family::<Labels, Counter>::default();
         let rate_limited = Family::<Labels, Counter>::default();
+        let unauthorized = Family::<Labels, Counter>::default();
+        let shadow_unauthorized = Family::<Labels, Counter>::default();
         let passthrough = Counter::default();
         let tcp_connections = Family::<Labels, Counter>::default();
         let passthrough_connections = Counter::default();
@@ -175,6 +179,16 @@ impl Metrics {
             "bulwark_rate_limited",
             "Inbound requests answered 429 by a rate limit",
             rate_limited.clone(),
+        );
+        registry.register(
+            "bulwark_unauthorized",
+            "Inbound requests answered 403 because no AuthorizationPolicy rule allows them, by policy and caller",
+            unauthorized.clone(),
+        );
+        registry.register(
+            "bulwark_shadow_unauthorized",
+            "Inbound requests a Shadow AuthorizationPolicy would deny (and let through), by policy and caller",
+            shadow_unauthorized.clone(),
         );
         registry.register(
             "bulwark_passthrough_requests",
@@ -235,6 +249,8 @@ impl Metrics {
             budget_exhausted,
             bulkhead_rejected,
             rate_limited,
+            unauthorized,
+            shadow_unauthorized,
             passthrough,
             tcp_connections,
             passthrough_connections,
@@ -320,6 +336,22 @@ impl Metrics {
             .get_or_create(&vec![
                 ("policy", policy.to_owned()),
                 ("limit", limit.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Counts a 403 from the authorization policies; `caller` is the caller's
+    /// `namespace/serviceaccount`, or `unauthenticated` (bounded by the mesh's accounts).
+    pub fn unauthorized(&self, policy: &str, caller: &str, shadow: bool) {
+        let family = if shadow {
+            &self.shadow_unauthorized
+        } else {
+            &self.unauthorized
+        };
+        family
+            .get_or_create(&vec![
+                ("policy", policy.to_owned()),
+                ("caller", caller.to_owned()),
             ])
             .inc();
     }

@@ -58,6 +58,8 @@ pub mod reason {
     /// An HTTPRoute sent the request to a backend Service (or port) that does not exist,
     /// or its rule gives every backend weight 0.
     pub const BACKEND_NOT_FOUND: &str = "backend-not-found";
+    /// No rule of the pod's AuthorizationPolicies allows the caller to make the request.
+    pub const UNAUTHORIZED: &str = "unauthorized";
 }
 
 /// Wraps a fixed body.

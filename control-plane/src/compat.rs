@@ -161,9 +161,13 @@ mod tests {
 
     #[test]
     fn a_current_agent_gets_everything() {
-        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 2);
-        assert!(for_level(&services(), 2).is_none());
-        assert_eq!(level(7), 2, "a newer agent is served what this build knows");
+        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 3);
+        assert!(for_level(&services(), 3).is_none());
+        assert!(
+            for_level(&services(), 2).is_none(),
+            "3 adds nothing outbound"
+        );
+        assert_eq!(level(7), 3, "a newer agent is served what this build knows");
         let mut plain = services();
         plain[0].ports[0].shard_topology = None;
         assert!(

@@ -1,5 +1,5 @@
 //! What one agent sees: every service of the mesh (outbound, shared by all agents) and
-//! the rate limits its own pod enforces (inbound). A view only produces a snapshot when
+//! the rate limits and authorization policies its own pod enforces (inbound). A view only produces a snapshot when
 //! its content changed; its version is the index revision of that change.
 //!
 //! Work shared by all agents is done once per index state, not once per agent: the
@@ -45,7 +45,9 @@ pub struct PendingSnapshot {
     outbound: Arc<Outbound>,
     /// `outbound.services` as `Snapshot.services` fields, shared by every agent.
     outbound_encoded: Bytes,
-    inbound: Arc<[proto::RateLimit]>,
+    /// The inbound part of the agent's pod (rate limits, authorization), shared by the
+    /// agents with the same namespace and labels.
+    inbound: Arc<proto::Inbound>,
     /// What the agent's protocol level cannot enforce and was left out.
     held_back: Arc<[HeldBack]>,
 }
@@ -63,7 +65,12 @@ impl PendingSnapshot {
 
     /// The rate limits of the agent's pod.
     pub fn rate_limits(&self) -> &[proto::RateLimit] {
-        &self.inbound
+        &self.inbound.rate_limits
+    }
+
+    /// The authorization policies of the agent's pod.
+    pub fn authorization(&self) -> &[proto::AuthorizationPolicy] {
+        &self.inbound.authorization
     }
 
     /// The wire message, as a struct (a deep copy of the services: for tests and
@@ -72,15 +79,7 @@ impl PendingSnapshot {
         proto::Snapshot {
             version: self.version,
             services: self.outbound.services.clone(),
-            inbound: Some(self.inbound_message()),
-        }
-    }
-
-    fn inbound_message(&self) -> proto::Inbound {
-        proto::Inbound {
-            rate_limits: self.inbound.to_vec(),
-            // AuthorizationPolicy reaches agents with the inbound identity work.
-            authorization: Vec::new(),
+            inbound: Some((*self.inbound).clone()),
         }
     }
 
@@ -93,7 +92,7 @@ impl PendingSnapshot {
         };
         version
             + self.outbound_encoded.len()
-            + prost::encoding::message::encoded_len(INBOUND_FIELD, &self.inbound_message())
+            + prost::encoding::message::encoded_len(INBOUND_FIELD, &*self.inbound)
     }
 
     /// Writes the `Snapshot` message: the same bytes prost would write for
@@ -104,7 +103,7 @@ impl PendingSnapshot {
             prost::encoding::uint64::encode(VERSION_FIELD, &self.version, buf);
         }
         buf.put_slice(&self.outbound_encoded);
-        prost::encoding::message::encode(INBOUND_FIELD, &self.inbound_message(), buf);
+        prost::encoding::message::encode(INBOUND_FIELD, &*self.inbound, buf);
     }
 }
 
@@ -136,7 +135,7 @@ struct SharedOutbound {
 struct InboundMemo {
     of: Option<Arc<Inbound>>,
     #[allow(clippy::type_complexity)]
-    limits: HashMap<String, HashMap<BTreeMap<String, String>, (Arc<[proto::RateLimit]>, u64)>>,
+    limits: HashMap<String, HashMap<BTreeMap<String, String>, (Arc<proto::Inbound>, u64)>>,
 }
 
 impl ViewCache {
@@ -190,7 +189,7 @@ impl ViewCache {
         inbound: &Arc<Inbound>,
         namespace: &str,
         labels: &BTreeMap<String, String>,
-    ) -> (Arc<[proto::RateLimit]>, u64) {
+    ) -> (Arc<proto::Inbound>, u64) {
         let mut memo = self.inbound.lock().unwrap_or_else(PoisonError::into_inner);
         if !memo.of.as_ref().is_some_and(|of| Arc::ptr_eq(of, inbound)) {
             memo.of = Some(Arc::clone(inbound));
@@ -201,8 +200,16 @@ impl ViewCache {
         if let Some(found) = memo.limits.get(namespace).and_then(|ns| ns.get(labels)) {
             return found.clone();
         }
-        let (limits, changed_at) = inbound.for_agent(namespace, labels);
-        let value: (Arc<[proto::RateLimit]>, u64) = (limits.into(), changed_at);
+        let (rate_limits, limits_changed_at) = inbound.for_agent(namespace, labels);
+        let (authorization, authorization_changed_at) =
+            inbound.authorization_for_agent(namespace, labels);
+        let value = (
+            Arc::new(proto::Inbound {
+                rate_limits,
+                authorization,
+            }),
+            limits_changed_at.max(authorization_changed_at),
+        );
         memo.limits
             .entry(namespace.to_owned())
             .or_default()
@@ -408,7 +415,9 @@ mod tests {
     fn losing_its_limits_is_a_change_for_the_pod() {
         let mut mesh = Mesh::new(&examples());
         let mut without = examples();
+        // Every inbound policy of the frontend's pods goes: their entry is removed.
         without.rate_limit_policies.clear();
+        without.authorization_policies.clear();
         assert_eq!(mesh.apply(&without), [Some(START + 1), None, None]);
 
         // A fresh view (a reconnecting agent) gets the same version for the same content.
@@ -468,6 +477,32 @@ mod tests {
                 assert_eq!(decoded, snapshot.to_snapshot());
             }
         }
+    }
+
+    #[test]
+    fn the_pods_an_authorization_policy_protects_get_its_rules_and_a_new_version() {
+        let mut mesh = Mesh::new(&examples());
+        let before = mesh.apply(&examples());
+        assert_eq!(before, [None, None, None]);
+        let edited = with_document(
+            examples(),
+            "apiVersion: bulwark.io/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {name: frontend, namespace: demo}\n\
+             spec: {targetRefs: [{kind: Service, name: frontend}], rules: [{from: [{serviceAccount: checkout}]}]}\n",
+        );
+        let [frontend, catalog, other] = mesh.apply(&edited);
+        assert!(frontend.is_some(), "the protected pod's view changed");
+        assert_eq!((catalog, other), (None, None), "no other view changed");
+        let state = mesh.index.state();
+        let mut fresh = view("demo", labels(&[("app", "frontend")]));
+        let snapshot = fresh.update(&state).unwrap();
+        let policies = snapshot.authorization();
+        assert_eq!(policies.len(), 1);
+        assert_eq!(policies[0].source, "demo/frontend");
+        assert_eq!(policies[0].rules[0].from[0].service_account, "checkout");
+        let mut bytes = Vec::new();
+        snapshot.encode(&mut bytes);
+        assert_eq!(bytes, snapshot.to_snapshot().encode_to_vec());
     }
 
     #[test]

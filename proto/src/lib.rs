@@ -23,4 +23,4 @@ pub mod identity {
 
 /// The highest API revision this build understands (see `Identity.protocol_version`
 /// in the .proto for what each adds).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

@@ -123,3 +123,74 @@ async fn the_inbound_concurrency_limit_answers_503_when_the_app_is_full() {
     )
     .await;
 }
+
+/// AuthorizationPolicy end to end on the inbound side: a caller without a mesh identity
+/// (plaintext) is allowed only what a rule with no `from` allows, gets 403 with
+/// `x-bulwark-reason: unauthorized` otherwise, and is counted; a Shadow policy only
+/// counts.
+#[tokio::test]
+async fn authorization_policies_deny_what_no_rule_allows() {
+    let app = Upstream::start(loopback(), "frontend-app", Knobs::healthy())
+        .await
+        .unwrap();
+    let mesh = Mesh::with_services([("frontend", vec![app.addr()])]).expect("mesh folder");
+    mesh.write_policy(
+        "authz.yaml",
+        "apiVersion: bulwark.io/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {name: frontend, namespace: test}\n\
+         spec:\n  targetRefs: [{kind: Service, name: frontend}]\n\
+         \x20 rules:\n\
+         \x20   - {to: [{methods: [GET], paths: [/health]}]}\n\
+         \x20   - {from: [{serviceAccount: checkout}]}\n\
+         ---\napiVersion: bulwark.io/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {name: audit, namespace: test}\n\
+         spec:\n  selector: {matchLabels: {app: frontend}}\n  mode: Shadow\n\
+         \x20 rules: [{to: [{paths: ['/public/*']}]}]\n",
+    )
+    .unwrap();
+    let cp = ControlPlane::start(control_plane_settings(&mesh, loopback()))
+        .await
+        .unwrap();
+    let agent = Agent::start(agent_settings(
+        cp.grpc_addr(),
+        "frontend",
+        Some(app.addr().port()),
+    ))
+    .await
+    .unwrap();
+    let inbound = HttpClient::direct(agent.inbound_addrs()[0]);
+    let health = poll_until(CONFIG_DEADLINE, "the policy is in force", || {
+        let inbound = inbound.clone();
+        async move {
+            let denied = inbound.get("/orders", &[]).await.ok()?;
+            (denied.status == 403).then_some(())
+        }
+    })
+    .await;
+    health.unwrap();
+    let denied = inbound.get("/orders", &[]).await.unwrap();
+    assert_eq!(denied.reason(), Some("unauthorized"));
+    assert_eq!(denied.upstream(), None, "the app never saw it");
+    let allowed = inbound.get("/health", &[]).await.unwrap();
+    assert_eq!(
+        allowed.status, 200,
+        "a rule with no `from` allows any caller"
+    );
+    let metrics = Metrics::scrape(agent.admin_addr()).await.unwrap();
+    assert_eq!(
+        metrics.get(
+            "bulwark_unauthorized_total",
+            &[("policy", "test/frontend"), ("caller", "unauthenticated")]
+        ),
+        2.0
+    );
+    // The shadow policy allows only /public/*: it would deny /health, and counts that.
+    assert!(
+        metrics.get(
+            "bulwark_shadow_unauthorized_total",
+            &[("policy", "test/audit"), ("caller", "unauthenticated")]
+        ) >= 1.0
+    );
+    agent.shutdown().await;
+    cp.shutdown().await;
+}

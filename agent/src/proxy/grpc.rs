@@ -19,6 +19,8 @@ pub mod code {
     pub const INVALID_ARGUMENT: u32 = 3;
     /// The deadline expired.
     pub const DEADLINE_EXCEEDED: u32 = 4;
+    /// The caller may not make this call.
+    pub const PERMISSION_DENIED: u32 = 7;
     /// A quota or a capacity limit was hit.
     pub const RESOURCE_EXHAUSTED: u32 = 8;
     /// An internal error (a request the agent could not route).
@@ -56,6 +58,7 @@ pub fn status_for(why: &str) -> u32 {
         reason::RATE_LIMITED | reason::BULKHEAD_FULL => code::RESOURCE_EXHAUSTED,
         reason::BAD_REQUEST | reason::LOOP_DETECTED | reason::BACKEND_NOT_FOUND => code::INTERNAL,
         reason::SHARD_KEY_MISSING => code::INVALID_ARGUMENT,
+        reason::UNAUTHORIZED => code::PERMISSION_DENIED,
         // circuit-open, no-endpoints, connect-failed, upstream-reset,
         // shard-primary-unavailable.
         _ => code::UNAVAILABLE,

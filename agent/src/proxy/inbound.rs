@@ -19,6 +19,7 @@ use super::upstream::Upstream;
 use super::{ProxyBody, local_response, reason, send_plain};
 use crate::config::Config;
 use crate::metrics::{Direction, DstMetrics, Metrics};
+use crate::policy::authorization::{Decision, PeerId};
 
 /// Connect timeout to the local app.
 pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -88,6 +89,55 @@ impl Inbound {
         }
     }
 
+    /// The authorization step: a 403 when no rule of an enforcing policy allows the
+    /// request; a shadow denial is only counted.
+    fn authorize(
+        &self,
+        config: &Config,
+        caller: Option<&PeerId>,
+        req: &Request<Incoming>,
+    ) -> Option<Response<ProxyBody>> {
+        if config.authorization.is_empty() {
+            return None;
+        }
+        let decision = config.authorization.check(
+            self.app_port,
+            caller,
+            req.method(),
+            req.uri().path(),
+            req.headers(),
+        );
+        let who = || {
+            caller.map_or_else(
+                || "unauthenticated".to_owned(),
+                |c| format!("{}/{}", c.namespace(), c.service_account()),
+            )
+        };
+        match decision {
+            Decision::Unprotected
+            | Decision::Allowed {
+                shadow_denied: None,
+            } => None,
+            Decision::Allowed {
+                shadow_denied: Some(policy),
+            } => {
+                debug!(policy, caller = %who(), path = req.uri().path(), "shadow authorization policy would deny");
+                self.metrics.unauthorized(policy, &who(), true);
+                None
+            }
+            Decision::Denied { policy } => {
+                debug!(policy, caller = %who(), path = req.uri().path(), reason = reason::UNAUTHORIZED, "inbound request denied");
+                self.metrics.unauthorized(policy, &who(), false);
+                self.dst.local_response(reason::UNAUTHORIZED);
+                Some(local_response(
+                    StatusCode::FORBIDDEN,
+                    reason::UNAUTHORIZED,
+                    None,
+                ))
+            }
+        }
+    }
+
     /// Handles one request from the mesh.
     pub async fn handle(
         self: Arc<Self>,
@@ -96,11 +146,21 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = crate::retry::is_grpc(req.headers());
-        let limited = self
-            .config
-            .load()
+        let config = self.config.load();
+        // The caller's mesh identity comes with mutual TLS; a plaintext caller has none.
+        let caller: Option<&PeerId> = None;
+        if let Some(denied) = self.authorize(&config, caller, &req) {
+            self.dst.response(denied.status(), start.elapsed());
+            return if grpc {
+                super::grpc::local_to_grpc(denied)
+            } else {
+                denied
+            };
+        }
+        let limited = config
             .inbound
             .check(self.app_port, peer.ip(), req.headers());
+        drop(config);
         let rsp = match limited {
             Err(limited) => {
                 // The rate limiter logs the refusal with the client, policy and limit.
