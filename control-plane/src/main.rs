@@ -90,7 +90,12 @@ struct Args {
     trust_domain: String,
 
     /// Lifetime of the workload certificates (agents renew at 70 % of it).
-    #[arg(long, env = "BULWARK_CP_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    #[arg(
+        long = "cert-lifetime",
+        env = "BULWARK_CP_CERT_LIFETIME",
+        default_value = "24h",
+        value_parser = parse_duration
+    )]
     certificate_lifetime: Duration,
 
     /// Tokens and the identities they prove (YAML: tokens: [{token, namespace,

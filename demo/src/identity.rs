@@ -63,3 +63,45 @@ async fn config(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
     let response = bulwark_tests::get(admin, "/config", &[]).await?;
     Ok(response.json()?)
 }
+
+/// What the authorization block of the summary says, and what went wrong.
+pub struct Denied {
+    /// The summary block.
+    pub summary: String,
+    /// Problems that fail the demo.
+    pub problems: Vec<String>,
+}
+
+/// Sends one request that examples/authorization.yaml does not allow (POST /admin/reset
+/// from a caller without a mesh identity) to the agent's inbound listener, and reports
+/// the answer and the agent's count.
+pub async fn denied_call(inbound: SocketAddr, admin: SocketAddr) -> Denied {
+    let mut problems = Vec::new();
+    let answer = bulwark_tests::request(inbound, http::Method::POST, "/admin/reset", &[], "").await;
+    let (status, reason) = match &answer {
+        Ok(r) => (r.status.as_u16(), r.reason().unwrap_or("-").to_owned()),
+        Err(e) => (0, format!("no answer: {e}")),
+    };
+    if status != 403 || reason != "unauthorized" {
+        problems.push(format!(
+            "POST /admin/reset to the frontend should be 403 unauthorized (AuthorizationPolicy \
+             demo/frontend), got {status} {reason}"
+        ));
+    }
+    let counted = match bulwark_tests::Metrics::scrape(admin).await {
+        Ok(m) => m.get(
+            "bulwark_unauthorized_total",
+            &[("policy", "demo/frontend"), ("caller", "unauthenticated")],
+        ),
+        Err(_) => 0.0,
+    };
+    Denied {
+        summary: format!(
+            "\nauthorization (AuthorizationPolicy demo/frontend, examples/authorization.yaml)\n  \
+             GET / from callers without a mesh identity: allowed (the tenants' traffic above)\n  \
+             POST /admin/reset without a mesh identity: {status} {reason}; the agent counted \
+             {counted} denial(s)\n"
+        ),
+        problems,
+    }
+}

@@ -448,7 +448,11 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
          subscribe with their ServiceAccount token\n  agent frontend-0: {workload}\n",
         identity.anchor.display()
     ));
+    let denied = identity::denied_call(addr(AGENT_INBOUND)?, addr(AGENT_ADMIN)?).await;
+    summary.push_str(&denied.summary);
+    let mut problems_from_identity = denied.problems;
     let mut problems = sharded::report(&mut summary, &layout, &traffic.sharded, metrics.as_ref());
+    problems.append(&mut problems_from_identity);
     problems.extend(canary::report(
         &mut summary,
         &canary,
