@@ -70,18 +70,18 @@ struct InboundService {
 }
 
 impl Inbound {
-    /// The rate limits for an agent with these labels in this namespace, and the
-    /// revision at which they last changed.
+    /// The inbound part (rate limits and authorization policies) for an agent with
+    /// these labels in this namespace, and the revision at which it last changed.
     pub fn for_agent(
         &self,
         namespace: &str,
         labels: &BTreeMap<String, String>,
-    ) -> (Vec<proto::RateLimit>, u64) {
+    ) -> (proto::Inbound, u64) {
+        let mut inbound = proto::Inbound::default();
         let Some(ns) = self.namespaces.get(namespace) else {
-            return (Vec::new(), 0);
+            return (inbound, 0);
         };
         let mut changed_at = ns.removed_at;
-        let mut limits = Vec::new();
         for service in ns.services.values() {
             let matches = service
                 .limits
@@ -90,38 +90,17 @@ impl Inbound {
                 .all(|(k, v)| labels.get(k) == Some(v));
             if matches {
                 changed_at = changed_at.max(service.changed_at);
-                limits.extend(service.limits.limits.iter().cloned());
+                inbound
+                    .rate_limits
+                    .extend(service.limits.limits.iter().cloned());
+                inbound
+                    .authorization
+                    .extend(service.limits.authorization.iter().cloned());
             }
         }
-        merge_rate_limits(&mut limits);
-        (limits, changed_at)
-    }
-
-    /// The authorization policies for an agent with these labels in this namespace,
-    /// and the revision at which the inbound part last changed.
-    pub fn authorization_for_agent(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> (Vec<proto::AuthorizationPolicy>, u64) {
-        let Some(ns) = self.namespaces.get(namespace) else {
-            return (Vec::new(), 0);
-        };
-        let mut changed_at = ns.removed_at;
-        let mut policies = Vec::new();
-        for service in ns.services.values() {
-            let matches = service
-                .limits
-                .selector
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v));
-            if matches {
-                changed_at = changed_at.max(service.changed_at);
-                policies.extend(service.limits.authorization.iter().cloned());
-            }
-        }
-        inbound::merge_authorization(&mut policies);
-        (policies, changed_at)
+        merge_rate_limits(&mut inbound.rate_limits);
+        inbound::merge_authorization(&mut inbound.authorization);
+        (inbound, changed_at)
     }
 
     fn build(

@@ -200,16 +200,8 @@ impl ViewCache {
         if let Some(found) = memo.limits.get(namespace).and_then(|ns| ns.get(labels)) {
             return found.clone();
         }
-        let (rate_limits, limits_changed_at) = inbound.for_agent(namespace, labels);
-        let (authorization, authorization_changed_at) =
-            inbound.authorization_for_agent(namespace, labels);
-        let value = (
-            Arc::new(proto::Inbound {
-                rate_limits,
-                authorization,
-            }),
-            limits_changed_at.max(authorization_changed_at),
-        );
+        let (part, changed_at) = inbound.for_agent(namespace, labels);
+        let value = (Arc::new(part), changed_at);
         memo.limits
             .entry(namespace.to_owned())
             .or_default()

@@ -269,7 +269,12 @@ fn rate_limits(m: &Model, labels: &[(&str, &str)]) -> Vec<proto::RateLimit> {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    index(m).state().inbound.for_agent("shop", &labels).0
+    index(m)
+        .state()
+        .inbound
+        .for_agent("shop", &labels)
+        .0
+        .rate_limits
 }
 
 fn rate_limit_policy(target: &str) -> String {
@@ -363,10 +368,8 @@ fn authorization(m: &Model, labels: &[(&str, &str)]) -> (Vec<proto::Authorizatio
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    index(m)
-        .state()
-        .inbound
-        .authorization_for_agent("shop", &labels)
+    let (inbound, changed_at) = index(m).state().inbound.for_agent("shop", &labels);
+    (inbound.authorization, changed_at)
 }
 
 fn authorization_policy(name: &str, attach: &str, extra: &str) -> String {
