@@ -648,6 +648,34 @@ async fn auto_mode_picks_native_sidecars_from_the_api_servers_version() {
     );
 }
 
+/// Sends `pod`'s CREATE review to a webhook binary that is starting, until it answers.
+async fn first_review(
+    addr: SocketAddr,
+    ca: &str,
+    pod: &Value,
+) -> Result<(StatusCode, Bytes), bulwark_tests::eventually::TimedOut> {
+    let body = serde_json::to_vec(&review(pod, "shop", "CREATE")).expect("a review serialises");
+    bulwark_tests::poll_until(
+        Duration::from_secs(60),
+        "the binary's webhook answers",
+        || {
+            let (ca, body) = (ca.to_owned(), body.clone());
+            async move {
+                send(
+                    addr,
+                    &ca,
+                    Method::POST,
+                    webhook::ENABLED_NAMESPACE_PATH,
+                    body,
+                )
+                .await
+                .ok()
+            }
+        },
+    )
+    .await
+}
+
 /// The `bulwark-control-plane` binary with the webhook flags: it serves reviews with the
 /// settings file, and refuses a settings file with an unknown key, naming it.
 #[tokio::test]
@@ -689,27 +717,7 @@ async fn the_binary_serves_the_webhook_from_its_flags() {
     };
     let _child = spawn(&config);
     let pod = fixture("plain.yaml");
-    let body = serde_json::to_vec(&review(&pod, "shop", "CREATE")).unwrap();
-    let reply = bulwark_tests::poll_until(
-        Duration::from_secs(60),
-        "the binary's webhook answers",
-        || {
-            let (ca, body) = (ca.clone(), body.clone());
-            async move {
-                send(
-                    addr,
-                    &ca,
-                    Method::POST,
-                    webhook::ENABLED_NAMESPACE_PATH,
-                    body,
-                )
-                .await
-                .ok()
-            }
-        },
-    )
-    .await
-    .unwrap();
+    let reply = first_review(addr, &ca, &pod).await.unwrap();
     let response: Value = serde_json::from_slice::<Value>(&reply.1).unwrap()["response"].clone();
     let (_, typed) = apply(&pod, &response);
     // sidecarMode: Container from the file: the agent is the first container.
@@ -786,27 +794,7 @@ async fn the_binary_learns_the_version_through_its_source_kubeconfig() {
         .spawn()
         .unwrap();
     let pod = fixture("plain.yaml");
-    let body = serde_json::to_vec(&review(&pod, "shop", "CREATE")).unwrap();
-    let reply = bulwark_tests::poll_until(
-        Duration::from_secs(60),
-        "the binary's webhook answers",
-        || {
-            let (ca, body) = (ca.clone(), body.clone());
-            async move {
-                send(
-                    addr,
-                    &ca,
-                    Method::POST,
-                    webhook::ENABLED_NAMESPACE_PATH,
-                    body,
-                )
-                .await
-                .ok()
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| {
+    let reply = first_review(addr, &ca, &pod).await.unwrap_or_else(|e| {
         let log = std::fs::read_to_string(&log).unwrap_or_default();
         panic!("{e}\n{log}")
     });
