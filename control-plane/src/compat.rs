@@ -9,6 +9,8 @@
 //! protocol level gets the same services, so the encoding stays shared per level.
 
 use bulwark_proto::v1 as proto;
+use std::sync::Arc;
+
 use serde::Serialize;
 
 /// A feature that needs a protocol level, and how to strip it from a port.
@@ -86,6 +88,35 @@ fn strip_new_strategies(port: &mut proto::ServicePort) -> bool {
     balancer.strategy = Strategy::RoundRobin.into();
     balancer.hash_on = None;
     true
+}
+
+/// The protocol that brought `Inbound.authorization` (AuthorizationPolicy).
+pub const AUTHORIZATION_SINCE: u32 = 3;
+
+/// An agent below [`AUTHORIZATION_SINCE`] ignores the pod's authorization policies
+/// and allows every caller: the policies are left out of its snapshot and reported as
+/// held back, so `/agents` and the metric show that the pod is not protected.
+pub fn hold_back_authorization(
+    inbound: &Arc<proto::Inbound>,
+    level: u32,
+) -> Option<(Arc<proto::Inbound>, Vec<HeldBack>)> {
+    if level >= AUTHORIZATION_SINCE || inbound.authorization.is_empty() {
+        return None;
+    }
+    let held_back = inbound
+        .authorization
+        .iter()
+        .map(|p| HeldBack {
+            port: format!("inbound ({})", p.source),
+            feature: "authorization",
+            needs_protocol: AUTHORIZATION_SINCE,
+        })
+        .collect();
+    let stripped = proto::Inbound {
+        rate_limits: inbound.rate_limits.clone(),
+        authorization: Vec::new(),
+    };
+    Some((Arc::new(stripped), held_back))
 }
 
 /// One feature held back from one service port.

@@ -259,12 +259,20 @@ impl AgentView {
             version = version.max(sent.version + 1);
         }
         let shared = self.cache.outbound(&state.outbound, self.level);
+        let (inbound, held_back) = match compat::hold_back_authorization(&inbound, self.level) {
+            None => (inbound, shared.held_back),
+            Some((stripped, inbound_held_back)) => {
+                let mut all = shared.held_back.to_vec();
+                all.extend(inbound_held_back);
+                (stripped, all.into())
+            }
+        };
         let snapshot = PendingSnapshot {
             version,
             outbound: shared.outbound,
             outbound_encoded: shared.encoded,
             inbound,
-            held_back: shared.held_back,
+            held_back,
         };
         self.sent = Some(snapshot.clone());
         Some(snapshot)
@@ -495,6 +503,25 @@ mod tests {
         let mut bytes = Vec::new();
         snapshot.encode(&mut bytes);
         assert_eq!(bytes, snapshot.to_snapshot().encode_to_vec());
+        assert!(snapshot.held_back().is_empty());
+
+        // An agent from before AuthorizationPolicy would ignore the rules and allow every
+        // caller: they are left out and reported as held back.
+        let mut old = view("demo", labels(&[("app", "frontend")])).with_protocol(2);
+        let snapshot = old.update(&state).unwrap();
+        assert!(snapshot.authorization().is_empty());
+        assert!(
+            !snapshot.rate_limits().is_empty(),
+            "the rest of the inbound part stays"
+        );
+        assert_eq!(
+            snapshot
+                .held_back()
+                .iter()
+                .map(|h| (h.port.as_str(), h.feature))
+                .collect::<Vec<_>>(),
+            [("inbound (demo/frontend)", "authorization")]
+        );
     }
 
     #[test]
@@ -604,8 +631,14 @@ mod tests {
         let port = orders(&old);
         assert!(port.shard_topology.is_none());
         assert!(port.endpoints.is_empty(), "fails closed: no endpoints");
-        assert_eq!(old.held_back().len(), 1);
-        assert_eq!(old.held_back()[0].port, "orders.shop:80");
+        // The frontend's AuthorizationPolicy (examples/) is held back too.
+        let outbound: Vec<_> = old
+            .held_back()
+            .iter()
+            .filter(|h| h.feature != "authorization")
+            .collect();
+        assert_eq!(outbound.len(), 1);
+        assert_eq!(outbound[0].port, "orders.shop:80");
         // Every other service is the same as for a current agent.
         let others = |s: &PendingSnapshot| {
             let mut services = s.to_snapshot().services;
