@@ -484,12 +484,22 @@ enum Stopped {
     NotServed,
 }
 
-/// Whether a watch error is the API server saying it does not serve the resource.
+/// Whether a watch error may be the API server saying it does not serve the resource:
+/// a 404, or a watch body that is no JSON. A real API server answers a watch of a kind
+/// it no longer serves with Go's plain-text `404 page not found`, and kube's watch
+/// stream reports that body as a parse error, not as a 404. Discovery then decides: a
+/// kind still served is watched again after a pause, its routes kept.
 fn not_served(error: &watcher::Error) -> bool {
     match error {
-        watcher::Error::InitialListFailed(e)
-        | watcher::Error::WatchStartFailed(e)
-        | watcher::Error::WatchFailed(e) => matches!(e, kube::Error::Api(s) if s.code == 404),
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) => {
+            matches!(e, kube::Error::Api(s) if s.code == 404)
+        }
+        watcher::Error::WatchFailed(e) => {
+            matches!(
+                e,
+                kube::Error::Api(s) if s.code == 404
+            ) || matches!(e, kube::Error::SerdeError(_))
+        }
         watcher::Error::WatchError(status) => status.code == 404,
         watcher::Error::NoResourceVersion => false,
     }
@@ -910,6 +920,13 @@ mod tests {
         assert!(!not_served(&watcher::Error::WatchStartFailed(api(403))));
         assert!(!not_served(&watcher::Error::WatchFailed(api(503))));
         assert!(!not_served(&watcher::Error::NoResourceVersion));
+        // What a watch of an unserved kind on a real API server yields: its plain-text
+        // 404 body, which kube reports as a parse error.
+        let plain_404 =
+            serde_json::from_str::<serde_json::Value>("404 page not found").unwrap_err();
+        assert!(not_served(&watcher::Error::WatchFailed(
+            kube::Error::SerdeError(plain_404)
+        )));
     }
 
     #[test]
