@@ -197,8 +197,13 @@ impl ControlPlane {
         ]);
 
         let auth = settings.identity.as_ref().map(|id| {
-            identity::discovery::DiscoveryAuth::new(id.reviewer.clone(), publisher.models())
+            identity::discovery::DiscoveryAuth::new(
+                id.reviewer.clone(),
+                publisher.models(),
+                Arc::clone(&metrics),
+            )
         });
+        let metrics_for_identity = Arc::clone(&metrics);
         let discovery = DiscoveryService::new(state, agents, metrics, stop.clone()).with_auth(auth);
         let mut grpc_stop = stop.clone();
         let shutdown_signal = async move { stopped(&mut grpc_stop).await };
@@ -236,6 +241,7 @@ impl ControlPlane {
                 let certify = identity::service::IdentityService::new(
                     Arc::clone(&id.authority),
                     id.reviewer.clone(),
+                    Arc::clone(&metrics_for_identity),
                 );
                 Box::pin(
                     builder

@@ -15,6 +15,16 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// Label set of the identity refusals.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// What was refused: `certificate` or `discovery`.
+    pub request: &'static str,
+    /// Why: `unauthenticated` (no or a bad token), `mismatch` (another pod or service
+    /// account than the token's), `invalid` (a malformed certificate request).
+    pub reason: &'static str,
+}
+
 /// Every metric the control plane exports; cheap to update from any task.
 #[derive(Debug)]
 pub struct Metrics {
@@ -42,6 +52,11 @@ pub struct Metrics {
     pub status_writes: Counter,
     /// `bulwark_cp_status_write_errors_total`: policy status patches that failed.
     pub status_write_errors: Counter,
+    /// `bulwark_cp_certificates_issued_total`: workload certificates signed.
+    pub certificates_issued: Counter,
+    /// `bulwark_cp_identity_refusals_total{request, reason}`: certificate requests and
+    /// discovery streams refused.
+    pub identity_refusals: Family<RefusalLabels, Counter>,
 }
 
 impl Metrics {
@@ -59,6 +74,18 @@ impl Metrics {
         let status_leader = Gauge::default();
         let status_writes = Counter::default();
         let status_write_errors = Counter::default();
+        let certificates_issued = Counter::default();
+        let identity_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "bulwark_cp_certificates_issued",
+            "Workload certificates signed",
+            certificates_issued.clone(),
+        );
+        registry.register(
+            "bulwark_cp_identity_refusals",
+            "Certificate requests and discovery streams refused, by request and reason",
+            identity_refusals.clone(),
+        );
         registry.register(
             "bulwark_cp_agents_connected",
             "Agents with an open discovery stream",
@@ -134,7 +161,16 @@ impl Metrics {
             status_leader,
             status_writes,
             status_write_errors,
+            certificates_issued,
+            identity_refusals,
         }
+    }
+
+    /// Counts a refused certificate request or discovery stream.
+    pub fn identity_refused(&self, request: &'static str, reason: &'static str) {
+        self.identity_refusals
+            .get_or_create(&RefusalLabels { request, reason })
+            .inc();
     }
 
     /// Sets `bulwark_cp_objects` from a model.

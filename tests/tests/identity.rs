@@ -150,6 +150,13 @@ async fn an_agent_gets_a_certificate_for_exactly_the_identity_its_token_proves()
     assert_eq!(signed.anchors, running.authority.anchors());
     let left = signed.not_after.duration_since(SystemTime::now()).unwrap();
     assert!(left > DEFAULT_LIFETIME - Duration::from_secs(300) && left <= DEFAULT_LIFETIME);
+    let metrics = bulwark_tests::Metrics::scrape(running.cp.admin_addr())
+        .await
+        .unwrap();
+    assert_eq!(
+        metrics.get("bulwark_cp_certificates_issued_total", &[]),
+        1.0
+    );
     running.cp.shutdown().await;
 }
 
@@ -183,6 +190,23 @@ async fn forged_tokens_other_pods_and_malformed_requests_get_nothing() {
         "{}",
         malformed.0
     );
+    let metrics = bulwark_tests::Metrics::scrape(running.cp.admin_addr())
+        .await
+        .unwrap();
+    for reason in ["unauthenticated", "mismatch", "invalid"] {
+        assert_eq!(
+            metrics.get(
+                "bulwark_cp_identity_refusals_total",
+                &[("request", "certificate"), ("reason", reason)]
+            ),
+            1.0,
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        metrics.get("bulwark_cp_certificates_issued_total", &[]),
+        0.0
+    );
     running.cp.shutdown().await;
 }
 
@@ -202,6 +226,19 @@ async fn discovery_serves_only_an_agent_whose_token_proves_its_pod() {
         .await
         .unwrap_err();
     assert_eq!(other.code(), tonic::Code::PermissionDenied);
+    let metrics = bulwark_tests::Metrics::scrape(running.cp.admin_addr())
+        .await
+        .unwrap();
+    let refused = |reason| {
+        metrics.get(
+            "bulwark_cp_identity_refusals_total",
+            &[("request", "discovery"), ("reason", reason)],
+        )
+    };
+    assert_eq!(
+        (refused("unauthenticated"), refused("mismatch")),
+        (2.0, 1.0)
+    );
     // A plaintext client cannot talk to the TLS port at all.
     let plain = channel::connect(
         &format!("http://127.0.0.1:{}", running.cp.grpc_addr().port()),

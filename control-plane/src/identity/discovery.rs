@@ -11,6 +11,7 @@ use tracing::warn;
 use super::token::TokenReviewer;
 use super::{bearer_token, claims_match};
 use crate::agents::AgentIdentity;
+use crate::metrics::Metrics;
 use crate::model::{Model, ObjectName};
 
 /// Authenticates discovery streams.
@@ -18,12 +19,21 @@ use crate::model::{Model, ObjectName};
 pub struct DiscoveryAuth {
     reviewer: TokenReviewer,
     models: watch::Receiver<Arc<Model>>,
+    metrics: Arc<Metrics>,
 }
 
 impl DiscoveryAuth {
     /// Checks tokens with `reviewer`; takes pods from the source's `models`.
-    pub fn new(reviewer: TokenReviewer, models: watch::Receiver<Arc<Model>>) -> Self {
-        DiscoveryAuth { reviewer, models }
+    pub fn new(
+        reviewer: TokenReviewer,
+        models: watch::Receiver<Arc<Model>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        DiscoveryAuth {
+            reviewer,
+            models,
+            metrics,
+        }
     }
 
     /// Refuses a stream whose token does not prove the pod and service account its
@@ -34,6 +44,18 @@ impl DiscoveryAuth {
         metadata: &MetadataMap,
         hello: &mut AgentIdentity,
     ) -> Result<(), Status> {
+        let result = self.check(metadata, hello).await;
+        if let Err(status) = &result {
+            let reason = match status.code() {
+                tonic::Code::Unauthenticated => "unauthenticated",
+                _ => "mismatch",
+            };
+            self.metrics.identity_refused("discovery", reason);
+        }
+        result
+    }
+
+    async fn check(&self, metadata: &MetadataMap, hello: &mut AgentIdentity) -> Result<(), Status> {
         let token = bearer_token(metadata)?;
         let reviewed = self.reviewer.review(token).await.map_err(|error| {
             warn!(namespace = %hello.namespace, pod = %hello.pod_name, %error, "discovery refused: the token proves nothing");
@@ -79,7 +101,10 @@ mod tests {
             },
         );
         let (tx, rx) = watch::channel(Arc::new(model));
-        (DiscoveryAuth::new(TokenReviewer::Local(tokens), rx), tx)
+        (
+            DiscoveryAuth::new(TokenReviewer::Local(tokens), rx, Arc::new(Metrics::new())),
+            tx,
+        )
     }
 
     fn hello(pod: &str, sa: &str) -> AgentIdentity {

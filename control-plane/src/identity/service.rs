@@ -13,20 +13,23 @@ use super::authority::Authority;
 use super::spiffe::SpiffeId;
 use super::token::{Reviewed, TokenReviewer};
 use super::{bearer_token, claims_match};
+use crate::metrics::Metrics;
 
 /// Signs workload certificates for callers whose token proves who they claim to be.
 #[derive(Debug, Clone)]
 pub struct IdentityService {
     authority: Arc<Authority>,
     reviewer: TokenReviewer,
+    metrics: Arc<Metrics>,
 }
 
 impl IdentityService {
     /// A service signing with `authority`, trusting what `reviewer` says of tokens.
-    pub fn new(authority: Arc<Authority>, reviewer: TokenReviewer) -> Self {
+    pub fn new(authority: Arc<Authority>, reviewer: TokenReviewer, metrics: Arc<Metrics>) -> Self {
         IdentityService {
             authority,
             reviewer,
+            metrics,
         }
     }
 
@@ -48,6 +51,8 @@ impl IdentityService {
                 %error,
                 "certificate request refused: the token proves nothing"
             );
+            self.metrics
+                .identity_refused("certificate", "unauthenticated");
             Status::unauthenticated(error.to_string())
         })?;
         if let Err(mismatch) = claims_match(
@@ -62,6 +67,7 @@ impl IdentityService {
                 %mismatch,
                 "certificate request refused: the claimed identity is not the token's"
             );
+            self.metrics.identity_refused("certificate", "mismatch");
             return Err(Status::permission_denied(mismatch));
         }
         Ok(reviewed)
@@ -93,9 +99,11 @@ impl Identity for IdentityService {
             .sign(&request.csr_der, &id, SystemTime::now())
             .map_err(|error| {
                 warn!(spiffe_id = %id, pod = %request.pod_name, %error, "certificate request refused");
+                self.metrics.identity_refused("certificate", "invalid");
                 Status::invalid_argument(error.to_string())
             })?;
         info!(spiffe_id = %id, pod = %request.pod_name, "certificate issued");
+        self.metrics.certificates_issued.inc();
         Ok(Response::new(CertifyResponse {
             chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
             trust_anchors_der: self
