@@ -11,8 +11,8 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::identity::renewal::IdentityState;
 use crate::metrics::Metrics;
-use crate::proxy::{ProxyBody, full};
 use crate::settings::Settings;
+use crate::transport::{ProxyBody, full};
 
 /// What the admin pages read.
 #[derive(Debug)]

@@ -1,19 +1,24 @@
 //! The config in force: every destination's runtime state and the inbound
 //! limits, built from a control-plane snapshot and swapped in atomically.
 
+pub mod destination;
+pub mod subscription;
+pub mod target;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bulwark_proto::v1;
 use serde_json::{Value, json};
 
-use crate::breaker::BreakerState;
-use crate::destination::{Destination, InvalidDestination};
-use crate::metrics::Metrics;
+use crate::config::destination::{Destination, InvalidDestination};
+use crate::config::target::Target;
+use crate::metrics::{DestinationState, EndpointState, Metrics, PolicyState, StateSnapshot};
 use crate::policy::authorization::Authorization;
-use crate::proxy::target::Target;
-use crate::ratelimit::{RateLimitConfig, RateLimitKey, RateLimiter, RateLimits};
+use crate::policy::breaker::BreakerState;
+use crate::policy::ratelimit::{RateLimitConfig, RateLimitKey, RateLimiter, RateLimits};
 
 /// A snapshot the agent cannot apply (it NACKs it and keeps the previous config).
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +55,7 @@ pub enum ConfigError {
         name: String,
         /// Why.
         #[source]
-        source: crate::ratelimit::InvalidRateLimit,
+        source: crate::policy::ratelimit::InvalidRateLimit,
     },
     /// An authorization policy cannot be enforced.
     #[error("inbound authorization: {0}")]
@@ -183,7 +188,7 @@ impl Config {
     }
 
     /// The destination of an HTTPRoute backend, if the snapshot has that service port.
-    pub fn backend(&self, key: &crate::route::BackendKey) -> Option<&Arc<Destination>> {
+    pub fn backend(&self, key: &crate::policy::route::BackendKey) -> Option<&Arc<Destination>> {
         self.lookup_name(&key.name, &key.namespace, key.port)
     }
 
@@ -272,7 +277,7 @@ impl Config {
                         "rejected": d.bulkhead.rejected(),
                     },
                     "loadBalancer": p.strategy.as_str(),
-                    "shardTopology": d.shards.as_ref().map(crate::shard::ShardRouter::to_json),
+                    "shardTopology": d.shards.as_ref().map(crate::policy::shard::ShardRouter::to_json),
                     "routes": d.routes.to_json(|key| self.backend(key).is_some()),
                     "endpoints": d.balancer.endpoints().iter().map(|e| json!({
                         "address": e.addr.to_string(),
@@ -317,30 +322,32 @@ impl Config {
     }
 }
 
+impl PolicyState for ArcSwap<Config> {
+    fn policy_state(&self) -> StateSnapshot {
+        let config = self.load();
+        let mut state = StateSnapshot::default();
+        for dst in config.destinations() {
+            for ep in dst.balancer.endpoints() {
+                state.endpoints.push(EndpointState {
+                    dst: Arc::clone(&dst.name),
+                    endpoint: ep.addr,
+                    breaker: ep.breaker.state().as_gauge(),
+                    trips: ep.breaker.trips(),
+                });
+            }
+            state.destinations.push(DestinationState {
+                dst: Arc::clone(&dst.name),
+                in_flight: dst.bulkhead.in_flight(),
+                queued: dst.bulkhead.queued(),
+            });
+        }
+        state
+    }
+}
+
 /// A duration as `/config` shows it: `"250ms"`.
 fn ms(d: std::time::Duration) -> String {
     format!("{}ms", d.as_millis())
-}
-
-/// Serialises `Duration` as `"250ms"`.
-pub(crate) mod duration_ms {
-    use std::time::Duration;
-
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", d.as_millis()))
-    }
-}
-
-/// Serialises `Option<Duration>` as `"250ms"` or null.
-pub(crate) mod opt_duration_ms {
-    use std::time::Duration;
-
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
-            None => s.serialize_none(),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -348,8 +355,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::breaker::BreakerState;
-    use crate::proxy::target::classify;
+    use crate::config::target::classify;
+    use crate::policy::breaker::BreakerState;
 
     fn dur(ms: i64) -> prost_types::Duration {
         prost_types::Duration {

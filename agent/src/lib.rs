@@ -5,26 +5,17 @@
 //! to the control plane and serves until [`Agent::shutdown`].
 
 pub mod admin;
-pub mod backoff;
-pub mod balance;
-pub mod breaker;
-pub mod budget;
-pub mod bulkhead;
 pub mod config;
-pub mod destination;
-pub mod endpoint;
+pub mod grpc;
 pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
-pub mod ratelimit;
-pub mod retry;
-pub mod route;
+pub mod reason;
 pub mod settings;
-pub mod shard;
-pub mod subscription;
 pub mod telemetry;
+pub mod transport;
 // issue 5: the postStart wait of injected pods without native sidecars
 pub mod wait_ready;
 
@@ -92,7 +83,7 @@ impl Agent {
             None => None,
         };
         let channel = identity::channel::connect(&settings.control_plane, anchors.as_deref())?;
-        let connection = subscription::Connection {
+        let connection = config::subscription::Connection {
             address: settings.control_plane.clone(),
             channel: channel.clone(),
             token_file: settings.token_file.clone(),
@@ -165,7 +156,7 @@ impl Agent {
         {
             let outbound = Arc::clone(&outbound);
             let interception = interception.clone();
-            tasks.push(tokio::spawn(proxy::server::serve_connections(
+            tasks.push(tokio::spawn(transport::server::serve_connections(
                 listener,
                 name,
                 shutdown_rx.clone(),
@@ -191,7 +182,7 @@ impl Agent {
                 app,
                 inbound_options.clone(),
             ));
-            tasks.push(tokio::spawn(proxy::server::serve(
+            tasks.push(tokio::spawn(transport::server::serve(
                 listener,
                 "inbound",
                 shutdown_rx.clone(),
@@ -210,7 +201,7 @@ impl Agent {
                 inbound_options,
                 interception,
             ));
-            tasks.push(tokio::spawn(proxy::server::serve_connections(
+            tasks.push(tokio::spawn(transport::server::serve_connections(
                 listener,
                 "inbound-transparent",
                 shutdown_rx.clone(),
@@ -229,7 +220,7 @@ impl Agent {
             )
             .with_identity(identity_state),
         );
-        tasks.push(tokio::spawn(proxy::server::serve(
+        tasks.push(tokio::spawn(transport::server::serve(
             admin_listener,
             "admin",
             shutdown_rx.clone(),
@@ -237,8 +228,8 @@ impl Agent {
             move |req, peer| Arc::clone(&admin).handle(req, peer),
         )));
 
-        let applier = subscription::Applier::new(config, metrics, ready_tx);
-        tasks.push(tokio::spawn(subscription::run(
+        let applier = config::subscription::Applier::new(config, metrics, ready_tx);
+        tasks.push(tokio::spawn(config::subscription::run(
             connection,
             settings.identity.clone(),
             applier,

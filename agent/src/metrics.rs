@@ -3,13 +3,14 @@
 //! Request-path counters are resolved once per destination when a config is
 //! built ([`DstMetrics`]), so a request touches only atomics, never the
 //! registry's family locks. Breaker and bulkhead state is read at scrape time
-//! from the config in force (see [`StateCollector`]), so it costs nothing per
-//! request and never shows endpoints that are gone.
+//! from the config in force (through [`PolicyState`], which the config implements,
+//! so that this module imports neither the config nor a policy), so it costs
+//! nothing per request and never shows endpoints that are gone.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -18,8 +19,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use crate::config::Config;
 
 /// Which listener a request came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,35 +79,78 @@ struct ShardFamilies {
 /// Request-path metric handles of one shard of a destination.
 #[derive(Clone, Debug)]
 pub struct ShardMetrics {
-    /// Tries to the primary, then to replicas.
-    requests: [Counter; 2],
-    /// Failed tries (5xx, connect failure, reset, timeout) or refusals, by role.
-    errors: [Counter; 2],
+    /// Tries to, and failures at, the shard's primary.
+    pub primary: RoleMetrics,
+    /// Tries to, and failures at, the shard's replicas.
+    pub replica: RoleMetrics,
     fallbacks: Counter,
 }
 
 impl ShardMetrics {
-    fn slot(role: crate::shard::Role) -> usize {
-        match role {
-            crate::shard::Role::Primary => 0,
-            crate::shard::Role::Replica => 1,
-        }
-    }
-
-    /// Counts a try sent to `role`.
-    pub fn request(&self, role: crate::shard::Role) {
-        self.requests[Self::slot(role)].inc();
-    }
-
-    /// Counts a failed try or a refusal at `role`.
-    pub fn error(&self, role: crate::shard::Role) {
-        self.errors[Self::slot(role)].inc();
-    }
-
     /// Counts a read sent to the primary because no replica admitted it.
     pub fn fallback(&self) {
         self.fallbacks.inc();
     }
+}
+
+/// Request-path metric handles of one role (primary or replicas) of a shard.
+#[derive(Clone, Debug)]
+pub struct RoleMetrics {
+    requests: Counter,
+    /// Failed tries (5xx, connect failure, reset, timeout) or refusals.
+    errors: Counter,
+}
+
+impl RoleMetrics {
+    /// Counts a try sent to this role.
+    pub fn request(&self) {
+        self.requests.inc();
+    }
+
+    /// Counts a failed try or a refusal at this role.
+    pub fn error(&self) {
+        self.errors.inc();
+    }
+}
+
+/// Breaker and bulkhead state, read at scrape time. The config in force implements
+/// it; metrics only render what it reports.
+pub trait PolicyState: Send + Sync + 'static {
+    /// The state of every destination and endpoint now.
+    fn policy_state(&self) -> StateSnapshot;
+}
+
+/// What [`PolicyState`] reports at one scrape.
+#[derive(Debug, Default)]
+pub struct StateSnapshot {
+    /// One row per endpoint of every destination.
+    pub endpoints: Vec<EndpointState>,
+    /// One row per destination.
+    pub destinations: Vec<DestinationState>,
+}
+
+/// One endpoint's circuit breaker.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// The destination label.
+    pub dst: Arc<str>,
+    /// The endpoint.
+    pub endpoint: SocketAddr,
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker: i64,
+    /// Times the breaker opened.
+    pub trips: u64,
+}
+
+/// One destination's bulkhead.
+#[derive(Debug)]
+pub struct DestinationState {
+    /// The destination label.
+    pub dst: Arc<str>,
+    /// Requests holding a slot.
+    pub in_flight: usize,
+    /// Requests waiting for a slot.
+    pub queued: usize,
 }
 
 impl fmt::Debug for Metrics {
@@ -122,8 +164,9 @@ fn histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Creates the registry; `config` is read at scrape time for breaker and bulkhead state.
-    pub fn new(config: Arc<ArcSwap<Config>>) -> Self {
+    /// Creates the registry; `state` (the config in force) is read at scrape time for
+    /// breaker and bulkhead state.
+    pub fn new<S: PolicyState>(state: Arc<S>) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Labels, Counter>::default();
         let durations = Family::<Labels, Histogram>::new_with_constructor(histogram as fn() -> _);
@@ -238,7 +281,7 @@ impl Metrics {
              are all 0), counted before the backend's own policy",
             route_requests.clone(),
         );
-        registry.register_collector(Box::new(StateCollector { config }));
+        registry.register_collector(Box::new(StateCollector { state }));
         Self {
             registry,
             requests,
@@ -284,14 +327,18 @@ impl Metrics {
         };
         // One `get_or_create` at a time: its guard holds the family's lock, and a
         // second call while it lives would wait for a write lock forever.
-        let by_role = |family: &Family<Labels, Counter>| {
-            let primary = family.get_or_create(&labels(Some("primary"))).clone();
-            let replica = family.get_or_create(&labels(Some("replica"))).clone();
-            [primary, replica]
+        let role = |role: &str| {
+            let requests = self
+                .shard
+                .requests
+                .get_or_create(&labels(Some(role)))
+                .clone();
+            let errors = self.shard.errors.get_or_create(&labels(Some(role))).clone();
+            RoleMetrics { requests, errors }
         };
         ShardMetrics {
-            requests: by_role(&self.shard.requests),
-            errors: by_role(&self.shard.errors),
+            primary: role("primary"),
+            replica: role("replica"),
             fallbacks: self.shard.fallbacks.get_or_create(&labels(None)).clone(),
         }
     }
@@ -431,7 +478,7 @@ impl DstMetrics {
                 ("reason", reason.to_owned()),
             ])
             .inc();
-        if reason == crate::proxy::reason::BULKHEAD_FULL {
+        if reason == crate::reason::BULKHEAD_FULL {
             self.bulkhead_rejected.inc();
         }
     }
@@ -453,19 +500,19 @@ impl DstMetrics {
 }
 
 /// Reads breaker and bulkhead state from the config in force at scrape time.
-struct StateCollector {
-    config: Arc<ArcSwap<Config>>,
+struct StateCollector<S> {
+    state: Arc<S>,
 }
 
-impl fmt::Debug for StateCollector {
+impl<S> fmt::Debug for StateCollector<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StateCollector").finish_non_exhaustive()
     }
 }
 
-impl Collector for StateCollector {
+impl<S: PolicyState> Collector for StateCollector<S> {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let config = self.config.load();
+        let state = self.state.policy_state();
         {
             let mut family = encoder.encode_descriptor(
                 "bulwark_breaker_state",
@@ -473,13 +520,10 @@ impl Collector for StateCollector {
                 None,
                 MetricType::Gauge,
             )?;
-            for dst in config.destinations() {
-                for ep in dst.balancer.endpoints() {
-                    let addr = ep.addr.to_string();
-                    let labels = [("dst", dst.name.as_ref()), ("endpoint", addr.as_str())];
-                    ConstGauge::new(ep.breaker.state().as_gauge())
-                        .encode(family.encode_family(&labels)?)?;
-                }
+            for ep in &state.endpoints {
+                let addr = ep.endpoint.to_string();
+                let labels = [("dst", ep.dst.as_ref()), ("endpoint", addr.as_str())];
+                ConstGauge::new(ep.breaker).encode(family.encode_family(&labels)?)?;
             }
         }
         {
@@ -489,30 +533,28 @@ impl Collector for StateCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for dst in config.destinations() {
-                for ep in dst.balancer.endpoints() {
-                    let addr = ep.addr.to_string();
-                    let labels = [("dst", dst.name.as_ref()), ("endpoint", addr.as_str())];
-                    ConstCounter::new(ep.breaker.trips()).encode(family.encode_family(&labels)?)?;
-                }
+            for ep in &state.endpoints {
+                let addr = ep.endpoint.to_string();
+                let labels = [("dst", ep.dst.as_ref()), ("endpoint", addr.as_str())];
+                ConstCounter::new(ep.trips).encode(family.encode_family(&labels)?)?;
             }
         }
         for (name, help, read) in [
             (
                 "bulwark_bulkhead_in_flight",
                 "Requests holding a bulkhead slot",
-                crate::bulkhead::Bulkhead::in_flight as fn(&crate::bulkhead::Bulkhead) -> usize,
+                (|d| d.in_flight) as fn(&DestinationState) -> usize,
             ),
             (
                 "bulwark_bulkhead_queued",
                 "Requests waiting for a bulkhead slot",
-                crate::bulkhead::Bulkhead::queued,
+                |d| d.queued,
             ),
         ] {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for dst in config.destinations() {
-                let labels = [("dst", dst.name.as_ref())];
-                let value = i64::try_from(read(&dst.bulkhead)).unwrap_or(i64::MAX);
+            for dst in &state.destinations {
+                let labels = [("dst", dst.dst.as_ref())];
+                let value = i64::try_from(read(dst)).unwrap_or(i64::MAX);
                 ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
             }
         }

@@ -1,73 +1,20 @@
-//! The data plane: listeners, request forwarding, and the responses the agent makes itself.
+//! HTTP through the agent: the outbound path (app → mesh) and the inbound path
+//! (mesh → app), each a short sequence of steps from [`crate::policy`]; redirected
+//! connections handed to one or the other; and the responses the agent makes itself.
 
 pub mod body;
-pub mod connector;
-pub mod forward;
 pub mod grpc;
 pub mod inbound;
-pub mod orig_dst;
 pub mod outbound;
-pub mod prefixed;
-pub mod protocol;
-pub mod server;
-pub mod target;
-pub mod tcp;
 pub mod transparent;
-pub mod upstream;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 
-/// Any error a body may carry.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body type of every request and response the proxy handles.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// The header that says why the agent answered a request itself.
-pub const REASON_HEADER: &str = "x-bulwark-reason";
-
-/// Values of `x-bulwark-reason`.
-pub mod reason {
-    /// A sharded service's request has no shard key and the topology has no default shard.
-    pub const SHARD_KEY_MISSING: &str = "shard-key-missing";
-    /// A write to a shard whose primary has no endpoint or an open breaker.
-    pub const SHARD_PRIMARY_UNAVAILABLE: &str = "shard-primary-unavailable";
-    /// Every endpoint's circuit breaker is open.
-    pub const CIRCUIT_OPEN: &str = "circuit-open";
-    /// The destination's bulkhead queue is full, or the wait timed out.
-    pub const BULKHEAD_FULL: &str = "bulkhead-full";
-    /// The service has no ready endpoints.
-    pub const NO_ENDPOINTS: &str = "no-endpoints";
-    /// An inbound rate limit refused the request.
-    pub const RATE_LIMITED: &str = "rate-limited";
-    /// The request or a try ran out of time.
-    pub const TIMEOUT: &str = "timeout";
-    /// No connection to the endpoint could be made.
-    pub const CONNECT_FAILED: &str = "connect-failed";
-    /// The endpoint closed or reset the connection before answering.
-    pub const UPSTREAM_RESET: &str = "upstream-reset";
-    /// The request cannot be proxied (no destination, malformed target).
-    pub const BAD_REQUEST: &str = "bad-request";
-    /// The request targets the agent's own listener.
-    pub const LOOP_DETECTED: &str = "loop-detected";
-    /// An HTTPRoute sent the request to a backend Service (or port) that does not exist,
-    /// or its rule gives every backend weight 0.
-    pub const BACKEND_NOT_FOUND: &str = "backend-not-found";
-    /// No rule of the pod's AuthorizationPolicies allows the caller to make the request.
-    pub const UNAUTHORIZED: &str = "unauthorized";
-}
-
-/// Wraps a fixed body.
-pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
+use crate::reason::REASON_HEADER;
+use crate::transport::{ProxyBody, full, upstream};
 
 /// A response the agent makes itself, saying why in `x-bulwark-reason`.
 pub fn local_response(
@@ -176,6 +123,7 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reason;
 
     #[test]
     fn local_responses_say_why() {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::credentials::{Credentials, PendingKey, Signed};
-use crate::backoff::{BackoffConfig, ExponentialBackoff};
+use crate::policy::retry::backoff::{BackoffConfig, ExponentialBackoff};
 
 /// Renew when this share of a certificate's lifetime has passed.
 pub const RENEW_AT: f64 = 0.7;

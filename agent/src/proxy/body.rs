@@ -6,7 +6,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 
-use super::{BoxError, ProxyBody};
+use crate::transport::{BoxError, ProxyBody};
 
 /// A body read up to a size limit.
 pub enum Prefix<B> {
@@ -95,7 +95,7 @@ where
 /// A body made of `data` and then `trailers`.
 pub fn replay(data: Bytes, trailers: Option<HeaderMap>) -> ProxyBody {
     match trailers {
-        None => super::full(data),
+        None => crate::transport::full(data),
         Some(t) => {
             let frames = [Ok::<_, BoxError>(Frame::data(data)), Ok(Frame::trailers(t))];
             StreamBody::new(futures::stream::iter(frames)).boxed_unsync()

@@ -1,16 +1,15 @@
-//! gRPC specifics of the request path: the `grpc-timeout` deadline, and the
-//! agent's own responses turned into gRPC statuses for gRPC clients.
+//! The agent's own responses turned into gRPC statuses for gRPC clients (what the
+//! agent reads from gRPC requests lives in [`crate::grpc`]).
 //!
 //! A gRPC client reads the outcome of a call from `grpc-status`, not from the
 //! HTTP status, so an agent-made 503 would reach it as a confusing protocol
 //! error. It gets a trailers-only response instead (HTTP 200, `grpc-status`,
 //! `grpc-message`), keeping `x-bulwark-reason` and `Retry-After`.
 
-use std::time::Duration;
+use http::{HeaderValue, Response, StatusCode};
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
-
-use super::{ProxyBody, REASON_HEADER, full, reason};
+use crate::reason::{self, REASON_HEADER};
+use crate::transport::{ProxyBody, full};
 
 /// gRPC status codes the agent uses.
 pub mod code {
@@ -27,28 +26,6 @@ pub mod code {
     pub const INTERNAL: u32 = 13;
     /// The service is unavailable for now; clients may retry.
     pub const UNAVAILABLE: u32 = 14;
-}
-
-/// Reads `grpc-timeout` (`<1-8 digits><H|M|S|m|u|n>`); `None` when absent or malformed.
-pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?.trim();
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 /// The gRPC status for an `x-bulwark-reason`.
@@ -93,33 +70,10 @@ pub fn local_to_grpc(rsp: Response<ProxyBody>) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::proxy::local_response;
-
-    fn headers(timeout: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert("grpc-timeout", HeaderValue::from_str(timeout).unwrap());
-        h
-    }
-
-    #[test]
-    fn reads_grpc_timeouts() {
-        assert_eq!(timeout(&headers("250m")), Some(Duration::from_millis(250)));
-        assert_eq!(timeout(&headers("3S")), Some(Duration::from_secs(3)));
-        assert_eq!(timeout(&headers("1H")), Some(Duration::from_secs(3600)));
-        assert_eq!(timeout(&headers("2M")), Some(Duration::from_secs(120)));
-        assert_eq!(timeout(&headers("100u")), Some(Duration::from_micros(100)));
-        assert_eq!(
-            timeout(&headers("99999999n")),
-            Some(Duration::from_nanos(99_999_999))
-        );
-        assert_eq!(timeout(&headers("123456789S")), None, "at most 8 digits");
-        assert_eq!(timeout(&headers("10")), None);
-        assert_eq!(timeout(&headers("S")), None);
-        assert_eq!(timeout(&headers("-1S")), None);
-        assert_eq!(timeout(&headers("1x")), None);
-        assert_eq!(timeout(&HeaderMap::new()), None);
-    }
 
     #[test]
     fn agent_made_errors_become_grpc_statuses() {

@@ -14,12 +14,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::tcp::{self, RelayEnd};
-use super::upstream::Upstream;
-use super::{ProxyBody, local_response, reason, send_plain};
+use super::{local_response, send_plain};
 use crate::config::Config;
 use crate::metrics::{Direction, DstMetrics, Metrics};
 use crate::policy::authorization::{Decision, PeerId};
+use crate::reason;
+use crate::transport::ProxyBody;
+use crate::transport::tcp::{self, RelayEnd};
+use crate::transport::upstream::Upstream;
 
 /// Connect timeout to the local app.
 pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -145,7 +147,7 @@ impl Inbound {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let grpc = crate::retry::is_grpc(req.headers());
+        let grpc = crate::grpc::is_grpc(req.headers());
         let config = self.config.load();
         // The caller's mesh identity comes with mutual TLS; a plaintext caller has none.
         let caller: Option<&PeerId> = None;

@@ -14,13 +14,18 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, info_span};
 
-use super::target::{self, Target};
-use super::upstream::Upstream;
-use super::{ProxyBody, forward, local_response, reason, send_plain};
+pub mod forward;
+pub mod opaque;
+
+use super::{local_response, send_plain};
 use crate::config::Config;
-use crate::destination::Destination;
+use crate::config::destination::Destination;
+use crate::config::target::{self, Target};
 use crate::metrics::{Direction, DstMetrics, Metrics};
+use crate::reason;
 use crate::telemetry::Propagation;
+use crate::transport::ProxyBody;
+use crate::transport::upstream::Upstream;
 
 /// Connect timeout for destinations outside the mesh.
 pub const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,7 +70,7 @@ impl Outbound {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         req.extensions_mut().insert(forward::ClientAddr(peer));
-        let grpc = crate::retry::is_grpc(req.headers());
+        let grpc = crate::grpc::is_grpc(req.headers());
         let rsp = self.handle_explicit(req, peer).await;
         if grpc {
             super::grpc::local_to_grpc(rsp)
@@ -123,7 +128,7 @@ impl Outbound {
         req: Request<Incoming>,
         orig: SocketAddr,
     ) -> Response<ProxyBody> {
-        let grpc = crate::retry::is_grpc(req.headers());
+        let grpc = crate::grpc::is_grpc(req.headers());
         let rsp = self.redirected(req, orig).await;
         if grpc {
             super::grpc::local_to_grpc(rsp)
@@ -303,7 +308,7 @@ impl Outbound {
                 Err(error) => debug!(%authority, %error, "CONNECT upgrade failed"),
             }
         });
-        Response::new(super::full(bytes::Bytes::new()))
+        Response::new(crate::transport::full(bytes::Bytes::new()))
     }
 
     /// Forwards a request for a destination outside the mesh, untouched by policy.

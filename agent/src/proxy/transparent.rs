@@ -17,14 +17,14 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::inbound::{Inbound, InboundOptions};
-use super::orig_dst::original_dst;
-use super::outbound::{Outbound, PASSTHROUGH_CONNECT_TIMEOUT};
-use super::prefixed::Prefixed;
-use super::protocol::{self, Hint, Protocol};
-use super::server::Conn;
-use super::tcp::{self, RelayEnd};
+use super::outbound::{Outbound, PASSTHROUGH_CONNECT_TIMEOUT, opaque};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::transport::orig_dst::original_dst;
+use crate::transport::prefixed::Prefixed;
+use crate::transport::protocol::{self, Hint, Protocol};
+use crate::transport::server::Conn;
+use crate::transport::tcp::{self, RelayEnd};
 
 /// How redirected connections are classified and relayed.
 #[derive(Clone, Debug)]
@@ -89,13 +89,13 @@ pub async fn outbound(
         Protocol::Http1 | Protocol::Http2 => {
             let handler = move |mut req: http::Request<hyper::body::Incoming>, peer| {
                 req.extensions_mut()
-                    .insert(super::forward::ClientAddr(peer));
+                    .insert(super::outbound::forward::ClientAddr(peer));
                 Arc::clone(&outbound).handle_redirected(req, orig)
             };
             conn.serve_http(io, peer, handler).await;
         }
         Protocol::Opaque => match found {
-            Some((dst, pinned)) => match tcp::connect(&dst, pinned).await {
+            Some((dst, pinned)) => match opaque::connect(&dst, pinned).await {
                 Ok((upstream, _slot)) => {
                     dst.metrics.tcp_connection();
                     log_relay(

@@ -3,8 +3,8 @@ use std::collections::HashMap;
 use http::HeaderValue;
 
 use super::*;
-use crate::balance::MAX_SCHEDULE;
 use crate::config::Config;
+use crate::policy::balance::MAX_SCHEDULE;
 
 fn metrics() -> Metrics {
     Metrics::new(Arc::new(arc_swap::ArcSwap::from_pointee(Config::default())))

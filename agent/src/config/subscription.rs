@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use crate::backoff::{BackoffConfig, ExponentialBackoff};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::policy::retry::backoff::{BackoffConfig, ExponentialBackoff};
 use crate::settings::Identity;
 
 /// How often idle rate-limit buckets are swept.

@@ -15,8 +15,8 @@ use std::time::Duration;
 use bulwark_proto::v1;
 use tokio::time::Instant;
 
-use crate::budget::SlidingCounter;
-use crate::endpoint::{InvalidDuration, duration};
+use crate::policy::duration::{InvalidDuration, duration};
+use crate::policy::window::SlidingCounter;
 
 /// The wait suggested to requests refused while the half-open probes are in flight: the probes'
 /// outcome is usually known within one request's latency.

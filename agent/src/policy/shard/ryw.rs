@@ -19,12 +19,12 @@ pub struct ClientId(u64);
 impl ClientId {
     /// The client named by these bytes (a header value).
     pub fn of(bytes: &[u8]) -> Self {
-        Self(super::hash::stable_hash(bytes))
+        Self(crate::policy::hash::stable_hash(bytes))
     }
 
     /// The client at this address.
     pub fn at(ip: std::net::IpAddr) -> Self {
-        Self(super::hash::stable_hash_ip(ip))
+        Self(crate::policy::hash::stable_hash_ip(ip))
     }
 }
 

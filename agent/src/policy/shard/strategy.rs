@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use bulwark_proto::v1::shard_strategy::Kind;
 
 use super::InvalidTopology;
-use super::hash::stable_hash;
+use crate::policy::hash::stable_hash;
 
 /// Virtual nodes per shard when the topology gives 0.
 pub const DEFAULT_VIRTUAL_NODES: u32 = 100;

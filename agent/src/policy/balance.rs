@@ -17,8 +17,8 @@ use std::time::Duration;
 use bulwark_proto::v1;
 use bulwark_proto::v1::load_balancer::Strategy as ProtoStrategy;
 
-use crate::breaker::BreakerPermit;
-use crate::endpoint::{Endpoint, EndpointLoad};
+use crate::policy::breaker::BreakerPermit;
+use crate::policy::endpoint::{Endpoint, EndpointLoad};
 
 /// A `loadBalancer` section that cannot be enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -122,7 +122,7 @@ impl TryFrom<&v1::HashOn> for HashOn {
 impl HashOn {
     /// The stable hash of a request's session key, if it has one.
     pub fn key(&self, headers: &http::HeaderMap, client: Option<std::net::IpAddr>) -> Option<u64> {
-        let hash = |b: &[u8]| crate::shard::hash::stable_hash(b);
+        let hash = |b: &[u8]| crate::policy::hash::stable_hash(b);
         match self {
             HashOn::Header(name) => headers.get(name).map(|v| hash(v.as_bytes())),
             HashOn::Cookie(name) => headers
@@ -134,7 +134,7 @@ impl HashOn {
                     let (k, v) = pair.trim().split_once('=')?;
                     (k == name).then(|| hash(v.as_bytes()))
                 }),
-            HashOn::ClientAddress => client.map(crate::shard::hash::stable_hash_ip),
+            HashOn::ClientAddress => client.map(crate::policy::hash::stable_hash_ip),
         }
     }
 }
@@ -463,7 +463,7 @@ fn ring(endpoints: &[Arc<Endpoint>]) -> Vec<(u64, usize)> {
     let mut points = Vec::with_capacity(endpoints.len() * RING_POINTS as usize);
     for (index, ep) in endpoints.iter().enumerate() {
         for i in 0..RING_POINTS {
-            let point = crate::shard::hash::stable_hash(format!("{}#{i}", ep.addr).as_bytes());
+            let point = crate::policy::hash::stable_hash(format!("{}#{i}", ep.addr).as_bytes());
             points.push((point, index));
         }
     }
@@ -483,7 +483,7 @@ impl fmt::Debug for Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breaker::{BreakerConfig, CircuitBreaker};
+    use crate::policy::breaker::{BreakerConfig, CircuitBreaker};
     use std::collections::{BTreeMap, HashMap};
     use tokio::time::advance;
 
@@ -552,7 +552,10 @@ mod tests {
         // After the open period the endpoint gets a probe in its turn; success closes it.
         let picks: Vec<_> = (0..3).map(|_| pick_addr(&b, &[])).collect();
         assert!(picks.contains(&addr(2)));
-        assert_eq!(eps[1].breaker.state(), crate::breaker::BreakerState::Closed);
+        assert_eq!(
+            eps[1].breaker.state(),
+            crate::policy::breaker::BreakerState::Closed
+        );
         let picks: Vec<_> = (0..6).map(|_| pick_addr(&b, &[])).collect();
         assert_eq!(picks.iter().filter(|a| **a == addr(2)).count(), 2);
     }
@@ -762,7 +765,7 @@ mod tests {
     async fn consistent_hash_keeps_a_key_on_its_endpoint_and_moves_it_only_when_that_one_refuses() {
         let eps = endpoints(5);
         let b = Balancer::new(Strategy::ConsistentHash, eps.clone());
-        let key = |k: &str| Some(crate::shard::hash::stable_hash(k.as_bytes()));
+        let key = |k: &str| Some(crate::policy::hash::stable_hash(k.as_bytes()));
         let pick = |k: &str| {
             let p = b.pick_keyed(&[], key(k)).unwrap();
             p.permit.success();

@@ -1,4 +1,5 @@
-//! The shard hash: SipHash-1-3 of the key's bytes with fixed keys.
+//! The stable hash of shard keys (shard routing) and session keys (consistent-hash
+//! balancing): SipHash-1-3 of the key's bytes with fixed keys.
 //!
 //! Every agent must map a key to the same shard, across processes, restarts and versions,
 //! so the hash never uses a randomised seed (Rust's `RandomState`). The keys below are part

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bulwark_proto::v1;
 use tokio::sync::Semaphore;
 
-use crate::endpoint::{InvalidDuration, duration};
+use crate::policy::duration::{InvalidDuration, duration};
 
 /// A `bulkhead` section that cannot be enforced. Messages name the field within the section;
 /// the caller prefixes the section.

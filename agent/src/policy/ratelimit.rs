@@ -19,7 +19,7 @@ use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::endpoint::{InvalidDuration, duration};
+use crate::policy::duration::{InvalidDuration, duration};
 
 /// A rate limit that cannot be enforced. Messages name the field within the limit; the caller
 /// names the limit.

@@ -3,14 +3,17 @@
 //! The retry loop itself lives in `proxy::forward`; this module holds the
 //! validated policy and the decision of whether one outcome may be retried.
 
+pub mod backoff;
+pub mod budget;
+
 use std::time::Duration;
 
 use bulwark_proto::v1;
 use http::Method;
 use serde::Serialize;
 
-use crate::backoff::{BackoffConfig, InvalidBackoff};
-use crate::budget::{BudgetConfig, InvalidBudget};
+use crate::policy::retry::backoff::{BackoffConfig, InvalidBackoff};
+use crate::policy::retry::budget::{BudgetConfig, InvalidBudget};
 
 /// Most tries a policy may ask for.
 pub const MAX_ATTEMPTS: u32 = 10;
@@ -36,7 +39,7 @@ pub enum InvalidRetry {
     GrpcCode(u32),
     /// A negative or overflowing per-try timeout.
     #[error("retry.per_try_timeout: {0}")]
-    PerTryTimeout(#[source] crate::endpoint::InvalidDuration),
+    PerTryTimeout(#[source] crate::policy::duration::InvalidDuration),
     /// Bad backoff.
     #[error("retry.backoff: {0}")]
     Backoff(#[from] InvalidBackoff),
@@ -62,7 +65,7 @@ pub struct RetryPolicy {
     /// Tries in all, the first included.
     pub attempts: u32,
     /// Limit for each try.
-    #[serde(with = "crate::config::opt_duration_ms")]
+    #[serde(with = "crate::policy::duration::opt_duration_ms")]
     pub per_try_timeout: Option<Duration>,
     /// Backoff between tries.
     #[serde(skip)]
@@ -100,7 +103,7 @@ impl TryFrom<&v1::Retry> for RetryPolicy {
             per_try_timeout: p
                 .per_try_timeout
                 .as_ref()
-                .map(crate::endpoint::duration)
+                .map(crate::policy::duration::duration)
                 .transpose()
                 .map_err(InvalidRetry::PerTryTimeout)?,
             backoff: match &p.backoff {
@@ -186,21 +189,6 @@ impl RetryPolicy {
     pub fn wants_grpc_trailers(&self) -> bool {
         !self.grpc_codes.is_empty()
     }
-}
-
-/// The `grpc-status` in a header map, if any.
-pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Whether a request is gRPC (by content type).
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 #[cfg(test)]

@@ -18,12 +18,14 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::body::{Prefix, read_prefix, replay};
-use super::{ProxyBody, local_response, reason, strip_hop_by_hop};
-use crate::balance::PickError;
-use crate::destination::Destination;
-use crate::retry::{self, Failure, RetryPolicy};
-use crate::shard::{RouteError, ShardPickError};
+use crate::config::destination::Destination;
+use crate::policy::balance::PickError;
+use crate::policy::retry::{Failure, RetryPolicy};
+use crate::policy::shard::{RouteError, ShardPickError};
+use crate::proxy::body::{Prefix, read_prefix, replay};
+use crate::proxy::{local_response, strip_hop_by_hop};
+use crate::reason;
+use crate::transport::{ProxyBody, full};
 
 /// The address of the client that sent a request, set by the listener as a request
 /// extension (read-your-writes keys clients by it when no client header is set).
@@ -39,9 +41,9 @@ enum Body {
 impl Body {
     fn for_attempt(&mut self) -> ProxyBody {
         match self {
-            Body::Replayable(data) => super::full(data.clone()),
+            Body::Replayable(data) => full(data.clone()),
             // A one-shot body is only sent by the single attempt it allows.
-            Body::Once(body) => body.take().unwrap_or_else(|| super::full(Bytes::new())),
+            Body::Once(body) => body.take().unwrap_or_else(|| full(Bytes::new())),
         }
     }
 }
@@ -115,10 +117,10 @@ async fn send(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let http2 = dst.http2 || parts.version == http::Version::HTTP_2;
-    let grpc = retry::is_grpc(&parts.headers);
+    let grpc = crate::grpc::is_grpc(&parts.headers);
     // The client's own deadline (`grpc-timeout`) bounds the request too.
     let client_deadline = if grpc {
-        super::grpc::timeout(&parts.headers)
+        crate::grpc::timeout(&parts.headers)
     } else {
         None
     };
@@ -295,7 +297,7 @@ async fn send(
             Ok(rsp) => {
                 let status = rsp.status();
                 let mut grpc_status = if grpc {
-                    retry::grpc_status(rsp.headers())
+                    crate::grpc::grpc_status(rsp.headers())
                 } else {
                     None
                 };
@@ -315,7 +317,7 @@ async fn send(
                     };
                     match read {
                         Ok(Prefix::Complete { data, trailers }) => {
-                            grpc_status = trailers.as_ref().and_then(retry::grpc_status);
+                            grpc_status = trailers.as_ref().and_then(crate::grpc::grpc_status);
                             rsp_body = replay(data, trailers);
                         }
                         Ok(partial) => rsp_body = partial.into_body(),
@@ -367,7 +369,7 @@ async fn send(
         }
         if attempt > 0
             && !rsp.status().is_server_error()
-            && rsp.headers().get(super::REASON_HEADER).is_none()
+            && rsp.headers().get(reason::REASON_HEADER).is_none()
         {
             dst.metrics.recovered();
         }

@@ -19,8 +19,8 @@ use prometheus_client::metrics::counter::Counter;
 use regex::Regex;
 use serde_json::{Value, json};
 
-use crate::balance::schedule;
 use crate::metrics::Metrics;
+use crate::policy::balance::schedule;
 
 /// Compiled size limit of a regular expression (the control plane checks the same).
 const REGEX_SIZE_LIMIT: usize = 1 << 20;

@@ -20,11 +20,10 @@ use serde_json::{Value, json};
 
 use bulwark_proto::v1;
 
-use crate::balance::{Balancer, PickError, Picked, Strategy};
-use crate::endpoint::Endpoint;
-use crate::metrics::{Metrics, ShardMetrics};
+use crate::metrics::{Metrics, RoleMetrics, ShardMetrics};
+use crate::policy::balance::{Balancer, PickError, Picked, Strategy};
+use crate::policy::endpoint::Endpoint;
 
-pub mod hash;
 pub mod key;
 pub mod ryw;
 pub mod strategy;
@@ -72,6 +71,14 @@ pub enum Role {
 }
 
 impl Role {
+    /// This role's metric handles within a shard's.
+    fn metrics(self, shard: &ShardMetrics) -> &RoleMetrics {
+        match self {
+            Role::Primary => &shard.primary,
+            Role::Replica => &shard.replica,
+        }
+    }
+
     /// The metrics label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,7 +113,7 @@ struct Reads {
 impl Reads {
     fn matches(&self, parts: &Parts) -> bool {
         let path = parts.uri.path();
-        if crate::retry::is_grpc(&parts.headers) {
+        if crate::grpc::is_grpc(&parts.headers) {
             return self.grpc_methods.iter().any(|m| m == path) || self.paths.is_match(path);
         }
         self.methods.contains(&parts.method) || self.paths.is_match(path)
@@ -249,7 +256,7 @@ impl ShardRouter {
                 let window = r
                     .window
                     .as_ref()
-                    .map(crate::endpoint::duration)
+                    .map(crate::policy::duration::duration)
                     .transpose()
                     .map_err(|e| InvalidTopology::ReadYourWrites(e.to_string()))?
                     .ok_or(InvalidTopology::ReadYourWrites("window is required".into()))?;
@@ -382,7 +389,7 @@ impl Route<'_> {
             return match shard.primary.pick_keyed(avoid, affinity) {
                 Ok(p) => Ok((p, Role::Primary)),
                 Err(_) => {
-                    shard.metrics.error(Role::Primary);
+                    Role::Primary.metrics(&shard.metrics).error();
                     Err(ShardPickError::PrimaryUnavailable)
                 }
             };
@@ -403,16 +410,17 @@ impl Route<'_> {
             .pick_keyed(avoid, affinity)
             .map(|p| (p, Role::Primary))
             .map_err(|e| {
-                shard.metrics.error(Role::Primary);
+                Role::Primary.metrics(&shard.metrics).error();
                 ShardPickError::Unavailable(e)
             })
     }
 
     /// Counts one try sent to `role` of the shard, and whether it failed.
     pub fn record(&self, role: Role, failed: bool) {
-        self.shard.metrics.request(role);
+        let metrics = role.metrics(&self.shard.metrics);
+        metrics.request();
         if failed {
-            self.shard.metrics.error(role);
+            metrics.error();
         }
     }
 }

@@ -7,17 +7,17 @@ use std::time::Duration;
 use bulwark_proto::v1;
 use serde::Serialize;
 
-use crate::balance::{Balancer, HashOn, Strategy};
-use crate::breaker::{BreakerConfig, CircuitBreaker};
-use crate::budget::RetryBudget;
-use crate::bulkhead::{Bulkhead, BulkheadConfig};
-use crate::endpoint::Endpoint;
 use crate::metrics::{Direction, DstMetrics, Metrics};
-use crate::proxy::protocol::Hint;
-use crate::proxy::upstream::Upstream;
-use crate::retry::RetryPolicy;
-use crate::route::RouteTable;
-use crate::shard::ShardRouter;
+use crate::policy::balance::{Balancer, HashOn, Strategy};
+use crate::policy::breaker::{BreakerConfig, CircuitBreaker};
+use crate::policy::bulkhead::{Bulkhead, BulkheadConfig};
+use crate::policy::endpoint::Endpoint;
+use crate::policy::retry::RetryPolicy;
+use crate::policy::retry::budget::RetryBudget;
+use crate::policy::route::RouteTable;
+use crate::policy::shard::ShardRouter;
+use crate::transport::protocol::Hint;
+use crate::transport::upstream::Upstream;
 
 /// Connect timeout when the policy sets none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -33,29 +33,29 @@ pub enum InvalidDestination {
     Port(u32),
     /// Bad timeouts.
     #[error("timeouts: {0}")]
-    Timeout(#[source] crate::endpoint::InvalidDuration),
+    Timeout(#[source] crate::policy::duration::InvalidDuration),
     /// Bad retry section.
     #[error(transparent)]
-    Retry(#[from] crate::retry::InvalidRetry),
+    Retry(#[from] crate::policy::retry::InvalidRetry),
     /// Bad breaker section.
     #[error("circuit_breaker: {0}")]
-    Breaker(#[from] crate::breaker::InvalidBreaker),
+    Breaker(#[from] crate::policy::breaker::InvalidBreaker),
     /// Bad bulkhead section.
     #[error("bulkhead: {0}")]
-    Bulkhead(#[from] crate::bulkhead::InvalidBulkhead),
+    Bulkhead(#[from] crate::policy::bulkhead::InvalidBulkhead),
     /// Bad load balancer section.
     #[error("load_balancer: {0}")]
-    Balancer(#[from] crate::balance::InvalidStrategy),
+    Balancer(#[from] crate::policy::balance::InvalidStrategy),
     /// An HTTPRoute rule that cannot be enforced.
     #[error(transparent)]
-    Route(#[from] crate::route::InvalidRoute),
+    Route(#[from] crate::policy::route::InvalidRoute),
     /// A shard topology that cannot be enforced.
     #[error("shard topology {source_name:?}: {error}")]
     Shard {
         /// `namespace/name` of the topology.
         source_name: String,
         /// Why.
-        error: crate::shard::InvalidTopology,
+        error: crate::policy::shard::InvalidTopology,
     },
 }
 
@@ -63,10 +63,10 @@ pub enum InvalidDestination {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Timeouts {
     /// The whole request, every try and backoff included.
-    #[serde(with = "crate::config::opt_duration_ms")]
+    #[serde(with = "crate::policy::duration::opt_duration_ms")]
     pub request: Option<Duration>,
     /// TCP connect to one endpoint.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::policy::duration::duration_ms")]
     pub connect: Duration,
 }
 
@@ -108,7 +108,7 @@ impl TryFrom<Option<&v1::ResiliencePolicy>> for Policy {
             });
         };
         let dur = |d: Option<&prost_types::Duration>| {
-            d.map(crate::endpoint::duration)
+            d.map(crate::policy::duration::duration)
                 .transpose()
                 .map_err(InvalidDestination::Timeout)
         };

@@ -1,50 +1,11 @@
-//! Endpoints (the pods behind a service port) with their circuit breaker and load, and the
-//! conversion of protobuf durations shared by every policy.
+//! Endpoints (the pods behind a service port) with their circuit breaker and load.
 
+use crate::policy::breaker::CircuitBreaker;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
-
-use crate::breaker::CircuitBreaker;
-
-/// A protobuf duration that cannot be used as a [`Duration`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidDuration {
-    /// Seconds or nanos are negative.
-    #[error("duration {seconds}s {nanos}ns is negative; durations must be zero or positive")]
-    Negative {
-        /// The message's `seconds`.
-        seconds: i64,
-        /// The message's `nanos`.
-        nanos: i32,
-    },
-    /// Nanos outside `0..1_000_000_000`.
-    #[error(
-        "duration nanos {nanos} is outside 0..=999999999; the control plane sent a malformed duration"
-    )]
-    NanosOutOfRange {
-        /// The message's `nanos`.
-        nanos: i32,
-    },
-}
-
-/// Converts a protobuf `Duration` into a [`Duration`], rejecting negative or malformed values.
-pub fn duration(d: &prost_types::Duration) -> Result<Duration, InvalidDuration> {
-    if d.seconds < 0 || d.nanos < 0 {
-        return Err(InvalidDuration::Negative {
-            seconds: d.seconds,
-            nanos: d.nanos,
-        });
-    }
-    let nanos = u32::try_from(d.nanos)
-        .ok()
-        .filter(|n| *n < 1_000_000_000)
-        .ok_or(InvalidDuration::NanosOutOfRange { nanos: d.nanos })?;
-    Ok(Duration::new(d.seconds.unsigned_abs(), nanos))
-}
 
 /// An endpoint address from the control plane that cannot be connected to.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -165,7 +126,7 @@ impl fmt::Debug for EndpointLoad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breaker::BreakerConfig;
+    use crate::policy::breaker::BreakerConfig;
 
     fn endpoint(addr: &str, weight: u32) -> Arc<Endpoint> {
         Arc::new(Endpoint::new(
@@ -180,37 +141,6 @@ mod tests {
     fn authority_is_the_address_with_ipv6_in_brackets() {
         assert_eq!(endpoint("10.0.0.7:8080", 1).authority, "10.0.0.7:8080");
         assert_eq!(endpoint("[fd00::7]:8080", 1).authority, "[fd00::7]:8080");
-    }
-
-    fn proto(seconds: i64, nanos: i32) -> prost_types::Duration {
-        prost_types::Duration { seconds, nanos }
-    }
-
-    #[test]
-    fn converts_proto_durations() {
-        assert_eq!(
-            duration(&proto(1, 500_000_000)),
-            Ok(Duration::from_millis(1500))
-        );
-        assert_eq!(duration(&proto(0, 0)), Ok(Duration::ZERO));
-        assert!(matches!(
-            duration(&proto(-1, 0)),
-            Err(InvalidDuration::Negative { .. })
-        ));
-        assert!(matches!(
-            duration(&proto(0, -5)),
-            Err(InvalidDuration::Negative { .. })
-        ));
-        assert_eq!(
-            duration(&proto(0, 1_000_000_000)),
-            Err(InvalidDuration::NanosOutOfRange {
-                nanos: 1_000_000_000
-            })
-        );
-        assert_eq!(
-            duration(&proto(i64::MAX, 0)),
-            Ok(Duration::from_secs(i64::MAX as u64))
-        );
     }
 
     #[test]

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Instructions per request in the agent, counted by callgrind (docs/benchmarks.md,
+# "Agent profile"). Starts the bench upstream, a control plane over a folder with one
+# service (`bench.bench:80`, one endpoint), and the release agent under
+# `valgrind --tool=callgrind`; warms up, zeroes the counters, drives a fixed rate
+# through the outbound listener, dumps, and prints the dump's total / requests.
+#
+#   bench/callgrind.sh [none|all] [h1|h2] [RATE] [SECONDS]
+#
+# `all` adds the bench's every-policy ResiliencePolicy (none triggers). Needs the
+# release binaries (bulwark-agent, bulwark-control-plane, bulwark-bench) and valgrind.
+set -euo pipefail
+
+POLICIES=${1:-none}
+PROTOCOL=${2:-h1}
+RATE=${3:-100}
+SECONDS_=${4:-20}
+BIN=${BIN_DIR:-target/release}
+OUT=${CALLGRIND_OUT:-$BIN/bench-logs}
+
+for tool in valgrind callgrind_control; do
+	command -v "$tool" >/dev/null || { echo "callgrind: $tool not found (apt-get install valgrind)" >&2; exit 1; }
+done
+for bin in bulwark-agent bulwark-control-plane bulwark-bench; do
+	[[ -x $BIN/$bin ]] || { echo "callgrind: $BIN/$bin missing (cargo build --release -p ...)" >&2; exit 1; }
+done
+mkdir -p "$OUT"
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_ready() { # URL, what
+	for _ in $(seq 1 600); do
+		if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+		sleep 0.2
+	done
+	echo "callgrind: $2 never became ready ($1)" >&2
+	return 1
+}
+
+PIDS=()
+MESH=$(mktemp -d -t bulwark-callgrind-XXXXXX)
+cleanup() {
+	for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+	rm -rf "$MESH"
+}
+trap cleanup EXIT
+
+UP=$(port) SINK=$(port) GRPC=$(port) CP_ADMIN=$(port) OUTBOUND=$(port) ADMIN=$(port)
+
+"$BIN/bulwark-bench" upstream --http "127.0.0.1:$UP" --sink "127.0.0.1:$SINK" >"$OUT/callgrind-upstream.log" 2>&1 &
+PIDS+=($!)
+
+cat >"$MESH/services.yaml" <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: bench, namespace: bench}
+spec:
+  selector: {app: bench}
+  ports: [{name: http, port: 80, targetPort: $UP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: bench-0
+  namespace: bench
+  labels: {kubernetes.io/service-name: bench}
+addressType: IPv4
+ports: [{name: http, port: $UP}]
+endpoints:
+  - addresses: ["127.0.0.1"]
+    conditions: {ready: true}
+EOF
+if [[ $POLICIES == all ]]; then
+	# The bench's every-policy set (bench/src/sut.rs, ALL_POLICIES), outbound part.
+	cat >"$MESH/policies.yaml" <<'EOF'
+apiVersion: bulwark.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: bench, namespace: bench}
+spec:
+  targetRefs: [{kind: Service, name: bench}]
+  timeout: {request: 5s, connect: 1s}
+  retry:
+    attempts: 3
+    perTryTimeout: 2s
+    backoff: {base: 25ms, max: 250ms}
+    retryOn: [connect-failure, reset, gateway-error]
+    budget: {ratio: 0.2, minPerSecond: 10, window: 10s}
+  circuitBreaker:
+    consecutiveFailures: 5
+    failureRatio: {threshold: 0.5, minRequests: 20, window: 10s}
+    openDuration: 5s
+  bulkhead: {maxConcurrentRequests: 4096, maxPending: 1024, queueTimeout: 250ms}
+  loadBalancer: {strategy: LeastRequest}
+EOF
+fi
+
+RUST_LOG=warn "$BIN/bulwark-control-plane" --source "dir:$MESH" --grpc-addr "127.0.0.1:$GRPC" \
+	--admin-addr "127.0.0.1:$CP_ADMIN" --debounce 50ms >"$OUT/callgrind-control-plane.log" 2>&1 &
+PIDS+=($!)
+wait_ready "http://127.0.0.1:$CP_ADMIN/ready" "control plane"
+
+DUMP="$OUT/callgrind.out.$POLICIES-$PROTOCOL"
+rm -f "$DUMP"*
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$DUMP" \
+	"$BIN/bulwark-agent" --control-plane "http://127.0.0.1:$GRPC" --namespace bench \
+	--pod-name bench-0 --service-account bench --label app=bench \
+	--outbound-addr "127.0.0.1:$OUTBOUND" --admin-addr "127.0.0.1:$ADMIN" \
+	>"$OUT/callgrind-agent.log" 2>&1 &
+AGENT=$!
+PIDS+=($AGENT)
+wait_ready "http://127.0.0.1:$ADMIN/ready" "agent (first config applied)"
+
+load() { "$BIN/bulwark-bench" load --addr "127.0.0.1:$OUTBOUND" --authority bench.bench:80 --protocol "$PROTOCOL" --rate "$1" --duration "$2"; }
+echo "warm-up: $(load 50 2)"
+callgrind_control -z "$AGENT" >/dev/null
+RESULT=$(load "$RATE" "$SECONDS_")
+echo "measured: $RESULT"
+callgrind_control -d "$AGENT" >/dev/null
+sleep 1
+OK=${RESULT%% ok*}
+PART=$(ls -t "$DUMP".* | head -1)
+TOTAL=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$PART" | head -1)
+[[ -n $TOTAL ]] || TOTAL=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$PART" | head -1)
+echo "policies=$POLICIES protocol=$PROTOCOL rate=$RATE/s requests=$OK instructions=$TOTAL per-request=$((TOTAL / OK))"
+echo "dump: $PART (callgrind_annotate $PART)"
