@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::agents::{AgentQuery, AgentRegistry};
+use crate::discovery::agents::{AgentQuery, AgentRegistry};
 use crate::lease::ApiReach;
 use crate::metrics::Metrics;
 use crate::source::RejectedObject;
@@ -365,7 +365,7 @@ mod tests {
         let mut held = Vec::new();
         for (namespace, pod) in [("demo", "a"), ("demo", "b"), ("demo", "c"), ("prod", "a")] {
             held.push(s.agents.register(
-                crate::agents::AgentIdentity {
+                crate::discovery::agents::AgentIdentity {
                     namespace: namespace.into(),
                     pod_name: pod.into(),
                     service_account: "sa".into(),

@@ -23,12 +23,10 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 pub mod admin;
-pub mod agents;
 pub mod api;
-pub mod compat;
 pub mod crds;
+pub mod discovery;
 pub mod duration;
-pub mod grpc;
 pub mod identity;
 pub mod index;
 pub mod lease;
@@ -37,8 +35,6 @@ pub mod model;
 pub mod source;
 pub mod status;
 pub mod timestamp;
-pub mod view;
-pub mod wire;
 // issue 5: the sidecar-injection webhook
 pub mod webhook;
 
@@ -48,8 +44,8 @@ mod testing;
 pub use source::Source;
 
 use crate::admin::AdminState;
-use crate::agents::AgentRegistry;
-use crate::grpc::DiscoveryService;
+use crate::discovery::agents::AgentRegistry;
+use crate::discovery::grpc::DiscoveryService;
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::source::Publisher;

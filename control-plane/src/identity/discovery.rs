@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::token::TokenReviewer;
 use super::{bearer_token, claims_match};
-use crate::agents::AgentIdentity;
+use crate::discovery::agents::AgentIdentity;
 use crate::metrics::Metrics;
 use crate::model::{Model, ObjectName};
 

@@ -11,7 +11,7 @@ use super::diagnostics::Diagnostic;
 use super::outbound::has_tcp_port;
 use crate::model::authorization::{self as authz, Attachment};
 use crate::model::{Kind, Model, ObjectName, Protocol, TargetPort, TargetRef};
-use crate::wire;
+use crate::discovery::wire;
 
 /// The inbound policy enforced by a set of pods: those behind one Service, or those an
 /// AuthorizationPolicy selects by label.

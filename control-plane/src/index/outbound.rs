@@ -11,7 +11,7 @@ use super::diagnostics::Diagnostic;
 use crate::model::policy::{LoadBalancer, ResiliencePolicy};
 use crate::model::shard::ShardTopology;
 use crate::model::{Kind, MAX_WEIGHT, Model, ObjectName, Protocol, Service, ServicePort};
-use crate::wire;
+use crate::discovery::wire;
 
 /// Every service of the model, in wire form, sorted by namespace and name.
 pub(super) fn services(

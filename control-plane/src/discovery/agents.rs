@@ -79,7 +79,7 @@ pub struct AgentStatus {
     pub last_nack: Option<NackRecord>,
     /// What the last snapshot left out because the agent's protocol is too old to
     /// enforce it (a sharded port then has no endpoints).
-    pub held_back: Vec<crate::compat::HeldBack>,
+    pub held_back: Vec<crate::discovery::compat::HeldBack>,
 }
 
 /// One connected agent.
@@ -100,7 +100,7 @@ impl AgentEntry {
 
     /// A snapshot was sent, leaving out `held_back`. Returns whether what is held back
     /// changed since the previous snapshot.
-    pub fn record_sent(&self, version: u64, held_back: &[crate::compat::HeldBack]) -> bool {
+    pub fn record_sent(&self, version: u64, held_back: &[crate::discovery::compat::HeldBack]) -> bool {
         let mut status = self.lock();
         status.sent_version = Some(version);
         status.snapshots_sent += 1;

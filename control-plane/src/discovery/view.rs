@@ -9,13 +9,13 @@
 //! (pods of one Deployment share them). See [`ViewCache`].
 //!
 //! Agents of an older protocol get the outbound part without what they cannot enforce
-//! ([`crate::compat`]); that variant too is built and encoded once per index state and
+//! ([`crate::discovery::compat`]); that variant too is built and encoded once per index state and
 //! protocol level, lazily, the first time an agent of that level needs it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::compat::{self, HeldBack};
+use crate::discovery::compat::{self, HeldBack};
 use crate::index::{Inbound, IndexState, Outbound};
 use bulwark_proto::v1 as proto;
 use bytes::{BufMut, Bytes, BytesMut};

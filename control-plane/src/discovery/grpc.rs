@@ -21,11 +21,11 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::agents::{AgentIdentity, AgentRegistry, Registration};
+use crate::discovery::agents::{AgentIdentity, AgentRegistry, Registration};
 use crate::identity::discovery::DiscoveryAuth;
 use crate::index::IndexState;
 use crate::metrics::Metrics;
-use crate::view::{AgentView, PendingSnapshot, ViewCache};
+use crate::discovery::view::{AgentView, PendingSnapshot, ViewCache};
 
 /// How long an agent may take to send `hello` after opening the stream.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -267,7 +267,7 @@ impl AgentStream {
     }
 
     /// Says, once per change, what this agent's snapshots leave out.
-    fn report_held_back(&self, held_back: &[crate::compat::HeldBack]) {
+    fn report_held_back(&self, held_back: &[crate::discovery::compat::HeldBack]) {
         let id = self.registration.entry().identity();
         if held_back.is_empty() {
             info!(namespace = %id.namespace, pod = %id.pod_name, "nothing held back from the agent any more");

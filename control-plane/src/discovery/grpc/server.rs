@@ -2,7 +2,7 @@
 //! tonic's generated server wants an owned `proto::Snapshot` per message, which costs a
 //! deep copy and a fresh encoding of the whole service list for every agent. Here the
 //! stream yields [`PendingSnapshot`]s and the codec writes them from the outbound bytes
-//! encoded once per revision (see [`crate::view::ViewCache`]); on the wire nothing
+//! encoded once per revision (see [`crate::discovery::view::ViewCache`]); on the wire nothing
 //! changes, and agents keep the generated client.
 
 use std::convert::Infallible;
@@ -17,7 +17,7 @@ use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{DiscoveryService, SnapshotStream};
-use crate::view::PendingSnapshot;
+use crate::discovery::view::PendingSnapshot;
 
 /// The gRPC service name, as in `discovery.proto`.
 pub const SERVICE_NAME: &str = "bulwark.mesh.v1.Discovery";
