@@ -1,6 +1,8 @@
 //! Bulwark's agent <-> control-plane API, generated from `proto/bulwark/mesh/v1/discovery.proto`
 //! (configuration) and `proto/bulwark/identity/v1/identity.proto` (certificates).
 
+pub mod defaults;
+
 /// Version 1 of the mesh discovery API.
 pub mod mesh {
     /// Messages and the `Discovery` service.

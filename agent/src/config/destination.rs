@@ -20,7 +20,7 @@ use crate::transport::protocol::Hint;
 use crate::transport::upstream::Upstream;
 
 /// Connect timeout when the policy sets none.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = bulwark_proto::defaults::DEFAULT_CONNECT_TIMEOUT;
 
 /// A snapshot's service port that cannot be enforced.
 #[derive(Debug, thiserror::Error)]

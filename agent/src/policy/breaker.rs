@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bulwark_proto::v1;
+use bulwark_proto::{defaults, v1};
 use tokio::time::Instant;
 
 use crate::policy::duration::{InvalidDuration, duration};
@@ -123,11 +123,11 @@ impl Default for BreakerConfig {
     /// The policy API's defaults: 5 consecutive failures, no ratio, open 5s up to 60s, 1 probe.
     fn default() -> Self {
         Self {
-            consecutive_failures: 5,
+            consecutive_failures: defaults::DEFAULT_CONSECUTIVE_FAILURES,
             failure_ratio: None,
-            open_duration: Duration::from_secs(5),
-            max_open_duration: Duration::from_secs(60),
-            half_open_probes: 1,
+            open_duration: defaults::DEFAULT_OPEN_DURATION,
+            max_open_duration: defaults::DEFAULT_MAX_OPEN_DURATION,
+            half_open_probes: defaults::DEFAULT_HALF_OPEN_PROBES,
         }
     }
 }

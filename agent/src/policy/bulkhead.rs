@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bulwark_proto::v1;
+use bulwark_proto::{defaults, v1};
 use tokio::sync::Semaphore;
 
 use crate::policy::duration::{InvalidDuration, duration};
@@ -48,10 +48,10 @@ impl Default for BulkheadConfig {
     /// The policy API's defaults: 100 in flight, 50 pending for up to 250ms, connections unlimited.
     fn default() -> Self {
         Self {
-            max_concurrent_requests: 100,
-            max_pending: 50,
-            queue_timeout: Duration::from_millis(250),
-            max_connections: 0,
+            max_concurrent_requests: defaults::DEFAULT_MAX_CONCURRENT_REQUESTS,
+            max_pending: defaults::DEFAULT_MAX_PENDING,
+            queue_timeout: defaults::DEFAULT_QUEUE_TIMEOUT,
+            max_connections: defaults::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

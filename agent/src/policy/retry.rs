@@ -8,7 +8,7 @@ pub mod budget;
 
 use std::time::Duration;
 
-use bulwark_proto::v1;
+use bulwark_proto::{defaults, v1};
 use http::Method;
 use serde::Serialize;
 
@@ -16,9 +16,9 @@ use crate::policy::retry::backoff::{BackoffConfig, InvalidBackoff};
 use crate::policy::retry::budget::{BudgetConfig, InvalidBudget};
 
 /// Most tries a policy may ask for.
-pub const MAX_ATTEMPTS: u32 = 10;
+pub const MAX_ATTEMPTS: u32 = defaults::MAX_ATTEMPTS;
 /// Request bodies up to this size are buffered for replay when the policy says 0.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_BODY_BYTES: usize = defaults::DEFAULT_MAX_BODY_BYTES as usize;
 
 /// A snapshot's retry section that cannot be enforced.
 #[derive(Debug, thiserror::Error)]

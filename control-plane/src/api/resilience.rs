@@ -12,50 +12,21 @@ use super::{FieldError, field, item, target};
 use crate::duration::Duration;
 use crate::model::policy::{self as model, RetryOn};
 
-/// Default `retry.attempts`: tries in all, the first included.
-pub const DEFAULT_ATTEMPTS: u32 = 3;
-/// Largest `retry.attempts`.
-pub const MAX_ATTEMPTS: u32 = 10;
-/// Default `retry.backoff.base`.
-pub const DEFAULT_BACKOFF_BASE: StdDuration = StdDuration::from_millis(25);
-/// Default `retry.backoff.max`.
-pub const DEFAULT_BACKOFF_MAX: StdDuration = StdDuration::from_millis(250);
+// The defaults and limits shared with the agent live in `bulwark_proto::defaults`.
+pub use bulwark_proto::defaults::{
+    DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_BUDGET_MIN_PER_SECOND,
+    DEFAULT_BUDGET_RATIO, DEFAULT_BUDGET_WINDOW, DEFAULT_CONSECUTIVE_FAILURES,
+    DEFAULT_HALF_OPEN_PROBES, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OPEN_DURATION, DEFAULT_MAX_PENDING, DEFAULT_OPEN_DURATION,
+    DEFAULT_QUEUE_TIMEOUT, DEFAULT_RATIO_MIN_REQUESTS, DEFAULT_RATIO_WINDOW, MAX_ATTEMPTS,
+    MAX_BUDGET_RATIO,
+};
 /// Default `retry.retryOn`.
 pub const DEFAULT_RETRY_ON: [RetryOn; 3] = [
     RetryOn::ConnectFailure,
     RetryOn::Reset,
     RetryOn::GatewayError,
 ];
-/// Default `retry.budget.ratio`.
-pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
-/// Largest `retry.budget.ratio`.
-pub const MAX_BUDGET_RATIO: f64 = 1000.0;
-/// Default `retry.budget.minPerSecond`.
-pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
-/// Default `retry.budget.window`.
-pub const DEFAULT_BUDGET_WINDOW: StdDuration = StdDuration::from_secs(10);
-/// Default `retry.maxBodyBytes`.
-pub const DEFAULT_MAX_BODY_BYTES: u32 = 64 * 1024;
-/// Default `circuitBreaker.consecutiveFailures`.
-pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
-/// Default `circuitBreaker.failureRatio.minRequests`.
-pub const DEFAULT_RATIO_MIN_REQUESTS: u32 = 20;
-/// Default `circuitBreaker.failureRatio.window`.
-pub const DEFAULT_RATIO_WINDOW: StdDuration = StdDuration::from_secs(10);
-/// Default `circuitBreaker.openDuration`.
-pub const DEFAULT_OPEN_DURATION: StdDuration = StdDuration::from_secs(5);
-/// Default `circuitBreaker.maxOpenDuration`.
-pub const DEFAULT_MAX_OPEN_DURATION: StdDuration = StdDuration::from_secs(60);
-/// Default `circuitBreaker.halfOpenProbes`.
-pub const DEFAULT_HALF_OPEN_PROBES: u32 = 1;
-/// Default `bulkhead.maxConcurrentRequests`.
-pub const DEFAULT_MAX_CONCURRENT_REQUESTS: u32 = 100;
-/// Default `bulkhead.maxPending`.
-pub const DEFAULT_MAX_PENDING: u32 = 50;
-/// Default `bulkhead.queueTimeout`.
-pub const DEFAULT_QUEUE_TIMEOUT: StdDuration = StdDuration::from_millis(250);
-/// Default `bulkhead.maxConnections` (0: unlimited).
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 0;
 
 /// A `ResiliencePolicy` document as the folder source reads it: metadata and an
 /// optional spec, so that a missing spec is reported as `spec: required`.

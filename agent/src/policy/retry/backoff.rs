@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use bulwark_proto::v1;
+use bulwark_proto::{defaults, v1};
 
 use crate::policy::duration::{InvalidDuration, duration};
 
@@ -48,8 +48,8 @@ impl Default for BackoffConfig {
     /// The policy API's defaults: base 25ms, max 250ms.
     fn default() -> Self {
         Self {
-            base: Duration::from_millis(25),
-            max: Duration::from_millis(250),
+            base: defaults::DEFAULT_BACKOFF_BASE,
+            max: defaults::DEFAULT_BACKOFF_MAX,
         }
     }
 }

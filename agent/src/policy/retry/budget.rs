@@ -4,14 +4,14 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use bulwark_proto::v1;
+use bulwark_proto::{defaults, v1};
 use tokio::time::Instant;
 
 use crate::policy::duration::{InvalidDuration, duration};
 use crate::policy::window::SlidingCounter;
 
 /// The largest accepted ratio (the policy API's limit).
-pub const MAX_RATIO: f64 = 1000.0;
+pub const MAX_RATIO: f64 = defaults::MAX_BUDGET_RATIO;
 
 /// Fixed-point scale of the budget arithmetic: one retry is a million micro-retries, so that
 /// ratios like 0.29 never lose a retry to floating-point rounding.
@@ -50,9 +50,9 @@ impl Default for BudgetConfig {
     /// The policy API's defaults: ratio 0.2, 10 retries per second, a 10s window.
     fn default() -> Self {
         Self {
-            ratio: 0.2,
-            min_per_second: 10,
-            window: Duration::from_secs(10),
+            ratio: defaults::DEFAULT_BUDGET_RATIO,
+            min_per_second: defaults::DEFAULT_BUDGET_MIN_PER_SECOND,
+            window: defaults::DEFAULT_BUDGET_WINDOW,
         }
     }
 }
