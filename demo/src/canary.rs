@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bulwark_tests::{HttpClient, Metrics};
+use bulwark_testkit::{HttpClient, Metrics};
 use bytes::Bytes;
 use http::Method;
 use serde_yaml_ng::Value;

@@ -60,7 +60,7 @@ pub async fn of_agent(admin: SocketAddr) -> String {
 }
 
 async fn config(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
-    let response = bulwark_tests::get(admin, "/config", &[]).await?;
+    let response = bulwark_testkit::get(admin, "/config", &[]).await?;
     Ok(response.json()?)
 }
 
@@ -77,7 +77,7 @@ pub struct Denied {
 /// the answer and the agent's count.
 pub async fn denied_call(inbound: SocketAddr, admin: SocketAddr) -> Denied {
     let mut problems = Vec::new();
-    let answer = bulwark_tests::request(inbound, http::Method::POST, "/admin/reset", &[], "").await;
+    let answer = bulwark_testkit::request(inbound, http::Method::POST, "/admin/reset", &[], "").await;
     let (status, reason) = match &answer {
         Ok(r) => (r.status.as_u16(), r.reason().unwrap_or("-").to_owned()),
         Err(e) => (0, format!("no answer: {e}")),
@@ -88,7 +88,7 @@ pub async fn denied_call(inbound: SocketAddr, admin: SocketAddr) -> Denied {
              demo/frontend), got {status} {reason}"
         ));
     }
-    let counted = match bulwark_tests::Metrics::scrape(admin).await {
+    let counted = match bulwark_testkit::Metrics::scrape(admin).await {
         Ok(m) => m.get(
             "bulwark_unauthorized_total",
             &[("policy", "demo/frontend"), ("caller", "unauthenticated")],

@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bulwark_tests::{HttpClient, Metrics, Stats};
+use bulwark_testkit::{HttpClient, Metrics, Stats};
 use bytes::Bytes;
 use clap::Parser;
 use http::Method;
@@ -649,7 +649,7 @@ async fn script(start: Instant, progress: Progress, reviews_down: SocketAddr) {
 }
 
 async fn set_knobs(upstream: SocketAddr, json: &str, progress: Progress) {
-    let result = bulwark_tests::request(
+    let result = bulwark_testkit::request(
         upstream,
         Method::PUT,
         "/_upstream/knobs",
@@ -671,7 +671,7 @@ async fn set_knobs(upstream: SocketAddr, json: &str, progress: Progress) {
 }
 
 async fn upstream_stats(upstream: SocketAddr) -> Option<Stats> {
-    match bulwark_tests::get(upstream, "/_upstream/stats", &[]).await {
+    match bulwark_testkit::get(upstream, "/_upstream/stats", &[]).await {
         Ok(response) => response.json().ok(),
         Err(err) => {
             tracing::warn!(%upstream, error = %err, "reading upstream stats failed");

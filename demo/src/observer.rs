@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bulwark_tests::Metrics;
+use bulwark_testkit::Metrics;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bulwark_tests::{Metrics, Stats};
+use bulwark_testkit::{Metrics, Stats};
 
 use crate::examples::Bucket;
 use crate::latency::Latencies;

@@ -9,7 +9,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bulwark_tests::HttpClient;
+use bulwark_testkit::HttpClient;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bulwark_tests::HttpClient;
+use bulwark_testkit::HttpClient;
 use bytes::Bytes;
 use http::Method;
 use tokio::task::JoinSet;
@@ -156,7 +156,7 @@ pub async fn send(
 
 #[cfg(test)]
 mod tests {
-    use bulwark_tests::{Knobs, Upstream};
+    use bulwark_testkit::{Knobs, Upstream};
 
     use super::*;
 

@@ -1,5 +1,6 @@
-//! Bulwark's test kit: the test upstream, an HTTP client, a Prometheus text
-//! reader, mesh folders and `eventually`, shared by the end-to-end tests and the demo.
+//! Bulwark's end-to-end test kit: mesh folders, harnesses (control plane and agent in
+//! process), a fake API server and network namespaces, plus everything of
+//! `bulwark-testkit` (the upstream, the client, the metrics reader, `eventually`).
 //!
 //! ```ignore
 //! use bulwark_tests::{assert_eventually, client, Knobs, Mesh, Metrics, Upstream};
@@ -15,20 +16,16 @@
 
 pub mod apiserver;
 pub mod canary;
-pub mod client;
-pub mod eventually;
-pub mod grpc;
 pub mod harness;
 pub mod mesh;
-pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod netns;
-pub mod upstream;
 
-pub use client::{
-    ClientError, HttpClient, Response, get, h2_get, h2_request, proxy_get, proxy_request, request,
+// The upstream, client, metrics reader and `eventually` live in `bulwark-testkit`, which
+// the demo uses too; re-exported here so that tests keep one import path.
+pub use bulwark_testkit::{
+    ClientError, HttpClient, InvalidKnobs, Knobs, Metrics, MetricsError, Reply, Response, Sample,
+    Stats, TimedOut, Upstream, assert_eventually, client, eventually, eventually_named, get, grpc,
+    h2_get, h2_request, metrics, poll_until, proxy_get, proxy_request, request, upstream,
 };
-pub use eventually::{TimedOut, eventually, eventually_named, poll_until};
 pub use mesh::Mesh;
-pub use metrics::{Metrics, MetricsError, Sample};
-pub use upstream::{InvalidKnobs, Knobs, Reply, Stats, Upstream};

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bulwark_tests::{Knobs, Upstream};
+use bulwark_testkit::{Knobs, Upstream};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
