@@ -14,4 +14,5 @@ pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod shard;
+pub mod timeout;
 pub mod window;

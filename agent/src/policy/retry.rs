@@ -1,10 +1,14 @@
 //! Retry policy: which failed tries are retried, how many, with what backoff.
 //!
-//! The retry loop itself lives in `proxy::forward`; this module holds the
-//! validated policy and the decision of whether one outcome may be retried.
+//! This module holds the validated policy and the decision of whether one outcome
+//! may be retried; [`Retries`] is the retry loop of one request as state (tries left,
+//! endpoints tried, backoff, budget), which the proxy's outbound path drives.
 
 pub mod backoff;
 pub mod budget;
+pub mod tries;
+
+pub use tries::{Backoff, NoRetry, Retries};
 
 use std::time::Duration;
 

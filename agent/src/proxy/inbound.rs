@@ -1,5 +1,18 @@
-//! The inbound listener: mesh → app. Enforces the pod's rate limits and its
-//! server-side concurrency limit, then forwards to the local app port.
+//! The inbound listener: mesh → app. Each request goes through a short sequence
+//! of steps before the local app port:
+//!
+//! ```text
+//! caller      the caller's mesh identity (mutual TLS; none for plaintext callers)
+//! authorize   the pod's AuthorizationPolicies: 403 unless a rule allows it
+//! rate limit  the pod's RateLimitPolicies: 429 with Retry-After
+//! admit       the concurrency limit across the pod's ports: 503 bulkhead-full
+//!             (adaptive admission control goes here)
+//! deadline    (none inbound yet: a server-side deadline goes here)
+//! app         forwarded to the app, the admission slot held until the body ends
+//! ```
+//!
+//! Each step either lets the request on or refuses it ([`Refused`]), counting the
+//! refusal where it knows why; a plain list of calls, as on the outbound path.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -83,12 +96,37 @@ impl Inbound {
         }
     }
 
-    /// A slot in the concurrency limit, or `None` when it is full; `Some(None)` when unlimited.
-    fn admit(&self) -> Option<Option<OwnedSemaphorePermit>> {
-        match &self.options.max_concurrency {
-            Some(limit) => Arc::clone(limit).try_acquire_owned().ok().map(Some),
-            None => Some(None),
+    /// The admission step: a slot in the concurrency limit (`None` when unlimited).
+    fn admit(&self, peer: SocketAddr) -> Result<Option<OwnedSemaphorePermit>, Refused> {
+        let Some(limit) = &self.options.max_concurrency else {
+            return Ok(None);
+        };
+        match Arc::clone(limit).try_acquire_owned() {
+            Ok(slot) => Ok(Some(slot)),
+            Err(_) => {
+                debug!(app_port = self.app_port, reason = reason::BULKHEAD_FULL, client = %peer.ip(), "inbound concurrency limit reached");
+                self.dst.local_response(reason::BULKHEAD_FULL);
+                Err(Refused::Overloaded)
+            }
         }
+    }
+
+    /// The rate-limit step: every limit of the pod that applies to the port.
+    fn rate_limit(
+        &self,
+        config: &Config,
+        peer: SocketAddr,
+        headers: &http::HeaderMap,
+    ) -> Result<(), Refused> {
+        config
+            .inbound
+            .check(self.app_port, peer.ip(), headers)
+            .map_err(|limited| {
+                // The rate limiter logs the refusal with the client, policy and limit.
+                self.metrics.rate_limited(&limited.source, &limited.name);
+                self.dst.local_response(reason::RATE_LIMITED);
+                Refused::RateLimited(limited.retry_after)
+            })
     }
 
     /// The authorization step: a 403 when no rule of an enforcing policy allows the
@@ -98,9 +136,9 @@ impl Inbound {
         config: &Config,
         caller: Option<&PeerId>,
         req: &Request<Incoming>,
-    ) -> Option<Response<ProxyBody>> {
+    ) -> Result<(), Refused> {
         if config.authorization.is_empty() {
-            return None;
+            return Ok(());
         }
         let decision = config.authorization.check(
             self.app_port,
@@ -119,23 +157,19 @@ impl Inbound {
             Decision::Unprotected
             | Decision::Allowed {
                 shadow_denied: None,
-            } => None,
+            } => Ok(()),
             Decision::Allowed {
                 shadow_denied: Some(policy),
             } => {
                 debug!(policy, caller = %who(), path = req.uri().path(), "shadow authorization policy would deny");
                 self.metrics.unauthorized(policy, &who(), true);
-                None
+                Ok(())
             }
             Decision::Denied { policy } => {
                 debug!(policy, caller = %who(), path = req.uri().path(), reason = reason::UNAUTHORIZED, "inbound request denied");
                 self.metrics.unauthorized(policy, &who(), false);
                 self.dst.local_response(reason::UNAUTHORIZED);
-                Some(local_response(
-                    StatusCode::FORBIDDEN,
-                    reason::UNAUTHORIZED,
-                    None,
-                ))
+                Err(Refused::Unauthorized)
             }
         }
     }
@@ -148,54 +182,23 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
-        let config = self.config.load();
-        // The caller's mesh identity comes with mutual TLS; a plaintext caller has none.
-        let caller: Option<&PeerId> = None;
-        if let Some(denied) = self.authorize(&config, caller, &req) {
-            self.dst.response(denied.status(), start.elapsed());
-            return if grpc {
-                super::grpc::local_to_grpc(denied)
-            } else {
-                denied
-            };
-        }
-        let limited = config
-            .inbound
-            .check(self.app_port, peer.ip(), req.headers());
-        drop(config);
-        let rsp = match limited {
-            Err(limited) => {
-                // The rate limiter logs the refusal with the client, policy and limit.
-                self.metrics.rate_limited(&limited.source, &limited.name);
-                self.dst.local_response(reason::RATE_LIMITED);
-                local_response(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    reason::RATE_LIMITED,
-                    Some(limited.retry_after),
-                )
+        let rsp = match self.steps(&req, peer) {
+            Err(refused) => refused.response(),
+            Ok(slot) => {
+                if self.options.forwarded_for {
+                    append_forwarded_for(req.headers_mut(), peer.ip());
+                }
+                let rsp = self.to_app(req).await;
+                // The slot lasts as long as the response body.
+                let (head, body) = rsp.into_parts();
+                let body = http_body_util::BodyExt::boxed_unsync(
+                    http_body_util::BodyExt::map_frame(body, move |f| {
+                        let _ = &slot;
+                        f
+                    }),
+                );
+                Response::from_parts(head, body)
             }
-            Ok(()) => match self.admit() {
-                None => {
-                    debug!(app_port = self.app_port, reason = reason::BULKHEAD_FULL, client = %peer.ip(), "inbound concurrency limit reached");
-                    self.dst.local_response(reason::BULKHEAD_FULL);
-                    local_response(StatusCode::SERVICE_UNAVAILABLE, reason::BULKHEAD_FULL, None)
-                }
-                Some(slot) => {
-                    if self.options.forwarded_for {
-                        append_forwarded_for(req.headers_mut(), peer.ip());
-                    }
-                    let rsp = self.to_app(req).await;
-                    // The slot lasts as long as the response body.
-                    let (head, body) = rsp.into_parts();
-                    let body = http_body_util::BodyExt::boxed_unsync(
-                        http_body_util::BodyExt::map_frame(body, move |f| {
-                            let _ = &slot;
-                            f
-                        }),
-                    );
-                    Response::from_parts(head, body)
-                }
-            },
         };
         self.dst.response(rsp.status(), start.elapsed());
         if grpc {
@@ -203,6 +206,26 @@ impl Inbound {
         } else {
             rsp
         }
+    }
+
+    /// The steps before the app, in order; the admission slot to hold if they all pass.
+    fn steps(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Option<OwnedSemaphorePermit>, Refused> {
+        let config = self.config.load();
+        // 1. The caller's mesh identity comes with mutual TLS; a plaintext caller has none.
+        let caller: Option<&PeerId> = None;
+        // 2. Authorization.
+        self.authorize(&config, caller, req)?;
+        // 3. Rate limit.
+        self.rate_limit(&config, peer, req.headers())?;
+        drop(config);
+        // 4. Admission.
+        let slot = self.admit(peer)?;
+        // 5. Deadline: none inbound yet.
+        Ok(slot)
     }
 
     async fn to_app(&self, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -224,19 +247,13 @@ impl Inbound {
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
     {
         let headers = http::HeaderMap::new();
-        if let Err(limited) = self
-            .config
-            .load()
-            .inbound
-            .check(self.app_port, peer.ip(), &headers)
+        if self
+            .rate_limit(&self.config.load(), peer, &headers)
+            .is_err()
         {
-            self.metrics.rate_limited(&limited.source, &limited.name);
-            self.dst.local_response(reason::RATE_LIMITED);
             return;
         }
-        let Some(_slot) = self.admit() else {
-            debug!(app_port = self.app_port, reason = reason::BULKHEAD_FULL, client = %peer.ip(), "inbound concurrency limit reached");
-            self.dst.local_response(reason::BULKHEAD_FULL);
+        let Ok(_slot) = self.admit(peer) else {
             return;
         };
         let app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.app_addr))
@@ -266,6 +283,35 @@ impl Inbound {
     }
 }
 
+/// Why the agent answered an inbound request itself (each step counts its refusal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// No AuthorizationPolicy rule allows the request.
+    Unauthorized,
+    /// A rate limit refused it; the client may try again after this long.
+    RateLimited(Duration),
+    /// The concurrency limit is reached.
+    Overloaded,
+}
+
+impl Refused {
+    fn response(self) -> Response<ProxyBody> {
+        match self {
+            Refused::Unauthorized => {
+                local_response(StatusCode::FORBIDDEN, reason::UNAUTHORIZED, None)
+            }
+            Refused::RateLimited(retry_after) => local_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                reason::RATE_LIMITED,
+                Some(retry_after),
+            ),
+            Refused::Overloaded => {
+                local_response(StatusCode::SERVICE_UNAVAILABLE, reason::BULKHEAD_FULL, None)
+            }
+        }
+    }
+}
+
 /// Appends `client` to `X-Forwarded-For` (RFC 7239's predecessor, as proxies write it).
 fn append_forwarded_for(headers: &mut http::HeaderMap, client: IpAddr) {
     let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -280,6 +326,57 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, client: IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn inbound(max_concurrency: Option<usize>) -> Inbound {
+        let config = Arc::new(ArcSwap::from_pointee(Config::default()));
+        let metrics = Arc::new(Metrics::new(Arc::clone(&config)));
+        let options = InboundOptions {
+            max_concurrency: max_concurrency.map(|n| Arc::new(Semaphore::new(n))),
+            ..InboundOptions::default()
+        };
+        Inbound::with_options(config, metrics, "127.0.0.1:8080".parse().unwrap(), options)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_holds_a_slot_and_refuses_past_the_limit() {
+        let peer = "10.0.0.1:5000".parse().unwrap();
+        let inbound = inbound(Some(1));
+        let slot = inbound.admit(peer).unwrap();
+        assert!(slot.is_some());
+        assert_eq!(inbound.admit(peer).unwrap_err(), Refused::Overloaded);
+        drop(slot);
+        assert!(inbound.admit(peer).is_ok(), "the slot is back");
+        assert!(
+            self::inbound(None).admit(peer).unwrap().is_none(),
+            "unlimited"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_rate_limit_lets_everything_through() {
+        let inbound = inbound(None);
+        let config = inbound.config.load();
+        let peer = "10.0.0.1:5000".parse().unwrap();
+        assert!(
+            inbound
+                .rate_limit(&config, peer, &http::HeaderMap::new())
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let rsp = Refused::RateLimited(Duration::from_millis(1500)).response();
+        assert_eq!(rsp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(rsp.headers()[crate::reason::REASON_HEADER], "rate-limited");
+        assert_eq!(rsp.headers()[http::header::RETRY_AFTER], "2");
+        let rsp = Refused::Unauthorized.response();
+        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(rsp.headers()[crate::reason::REASON_HEADER], "unauthorized");
+        let rsp = Refused::Overloaded.response();
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rsp.headers()[crate::reason::REASON_HEADER], "bulkhead-full");
+    }
 
     #[test]
     fn appends_the_client_to_forwarded_for() {

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, info_span};
 
+pub mod attempt;
 pub mod forward;
 pub mod opaque;
 
