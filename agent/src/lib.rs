@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpc;
 pub mod identity;
 pub mod init;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -109,6 +110,11 @@ impl Agent {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = watch::channel(false);
         let drain = settings.drain_timeout;
+        let limits = settings.limits;
+        let options = |name: &'static str| transport::server::ListenerOptions {
+            limits,
+            counters: Arc::new(metrics.listener(name)),
+        };
         let mut tasks = Vec::new();
         let identity_state = certifier.map(|certifier| {
             let (task, state) = identity::renewal::spawn(certifier, shutdown_rx.clone());
@@ -144,13 +150,25 @@ impl Agent {
             tcp_idle_timeout: settings.tcp_idle_timeout,
         };
 
-        let outbound = Arc::new(proxy::outbound::Outbound::new(
-            Arc::clone(&config),
-            Arc::clone(&metrics),
-            settings.identity.namespace.clone(),
-            outbound_addr,
-            propagation,
-        ));
+        // The agent's other listeners: never a CONNECT or absolute-form target (its
+        // outbound listener is a loop, answered 508).
+        let own = outbound_v6
+            .iter()
+            .map(|(_, addr)| *addr)
+            .chain(inbound_listeners.iter().map(|(_, addr, _)| *addr))
+            .chain(transparent_listener.iter().map(|(_, addr)| *addr))
+            .chain([admin_addr])
+            .collect();
+        let outbound = Arc::new(
+            proxy::outbound::Outbound::new(
+                Arc::clone(&config),
+                Arc::clone(&metrics),
+                settings.identity.namespace.clone(),
+                outbound_addr,
+                propagation,
+            )
+            .with_targets(proxy::refuse::Targets::new(own, settings.proxy_passthrough)),
+        );
         for (listener, name) in std::iter::once((outbound_listener, "outbound"))
             .chain(outbound_v6.map(|(listener, _)| (listener, "outbound-v6")))
         {
@@ -158,7 +176,7 @@ impl Agent {
             let interception = interception.clone();
             tasks.push(tokio::spawn(transport::server::serve_connections(
                 listener,
-                name,
+                options(name),
                 shutdown_rx.clone(),
                 drain,
                 move |stream, peer, conn| {
@@ -184,7 +202,7 @@ impl Agent {
             ));
             tasks.push(tokio::spawn(transport::server::serve(
                 listener,
-                "inbound",
+                options("inbound"),
                 shutdown_rx.clone(),
                 drain,
                 move |req, peer| Arc::clone(&inbound).handle(req, peer),
@@ -203,7 +221,7 @@ impl Agent {
             ));
             tasks.push(tokio::spawn(transport::server::serve_connections(
                 listener,
-                "inbound-transparent",
+                options("inbound-transparent"),
                 shutdown_rx.clone(),
                 drain,
                 move |stream, peer, conn| Arc::clone(&ports).serve(stream, peer, conn),
@@ -222,7 +240,7 @@ impl Agent {
         );
         tasks.push(tokio::spawn(transport::server::serve(
             admin_listener,
-            "admin",
+            options("admin"),
             shutdown_rx.clone(),
             drain,
             move |req, peer| Arc::clone(&admin).handle(req, peer),

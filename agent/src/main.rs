@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bulwark_agent::init::{self, BackendChoice, Cidr, InitOptions};
+use bulwark_agent::limits::{
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_HTTP2_MAX_PENDING_RESETS, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_HEADERS_BYTES, DEFAULT_PROXY_PASSTHROUGH, Limits,
+};
 use bulwark_agent::settings::{DEFAULT_OPAQUE_PORTS, DEFAULT_TCP_IDLE_TIMEOUT};
 use bulwark_agent::telemetry::{self, LogFormat};
 use bulwark_agent::{Agent, Identity, InboundSpec, Settings};
@@ -158,6 +163,34 @@ struct Args {
     /// Append the client's address to X-Forwarded-For on inbound HTTP requests.
     #[arg(long)]
     forwarded_for: bool,
+    /// How long a client may take to send a whole request head, from connecting or from
+    /// the first byte of a keep-alive request, in milliseconds; then the connection is
+    /// closed (0: no limit).
+    #[arg(long, env = "BULWARK_HEADER_READ_TIMEOUT_MS", default_value_t = millis(DEFAULT_HEADER_READ_TIMEOUT))]
+    header_read_timeout_ms: u64,
+    /// How long a connection may stay with no request in flight (HTTP/1.1 keep-alive,
+    /// HTTP/2 with no stream open), in milliseconds; then it is closed (0: no limit).
+    #[arg(long, env = "BULWARK_IDLE_TIMEOUT_MS", default_value_t = millis(DEFAULT_IDLE_TIMEOUT))]
+    idle_timeout_ms: u64,
+    /// Connections each listener holds at once; more are closed as soon as accepted
+    /// (0: no limit).
+    #[arg(long, env = "BULWARK_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Bytes of a request's headers (an HTTP/1.1 head is answered 431 beyond it, an
+    /// HTTP/2 stream refused); also the most an HTTP/1.1 connection buffers.
+    #[arg(long, env = "BULWARK_MAX_REQUEST_HEADERS_BYTES", default_value_t = DEFAULT_MAX_REQUEST_HEADERS_BYTES)]
+    max_request_headers_bytes: usize,
+    /// HTTP/2 streams one client connection may have open at once.
+    #[arg(long, env = "BULWARK_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS)]
+    http2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may open and reset before the agent accepts them; one
+    /// more closes the connection with GOAWAY (rapid reset, CVE-2023-44487).
+    #[arg(long, env = "BULWARK_HTTP2_MAX_PENDING_RESETS", default_value_t = DEFAULT_HTTP2_MAX_PENDING_RESETS)]
+    http2_max_pending_resets: usize,
+    /// Let CONNECT and absolute-form requests reach destinations outside the mesh; false:
+    /// only mesh destinations (403). The agent's own listeners are refused either way.
+    #[arg(long, env = "BULWARK_PROXY_PASSTHROUGH", default_value_t = DEFAULT_PROXY_PASSTHROUGH, action = clap::ArgAction::Set)]
+    proxy_passthrough: bool,
     /// Where the local app listens.
     #[arg(long, env = "BULWARK_APP_HOST", default_value = "127.0.0.1")]
     app_host: IpAddr,
@@ -173,6 +206,16 @@ struct Args {
     /// Where to send spans over OTLP/gRPC; unset: no spans are exported.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+}
+
+/// A duration as the whole milliseconds a flag takes.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A flag's number where 0 means no limit.
+fn limit<T: PartialEq + Default>(value: T) -> Option<T> {
+    (value != T::default()).then_some(value)
 }
 
 /// A comma-separated list of ports, possibly empty.
@@ -286,6 +329,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     settings.forwarded_for = args.forwarded_for;
     settings.control_plane_ca = args.control_plane_ca;
     settings.token_file = args.token_file;
+    settings.limits = Limits {
+        header_read_timeout: limit(args.header_read_timeout_ms).map(Duration::from_millis),
+        idle_timeout: limit(args.idle_timeout_ms).map(Duration::from_millis),
+        max_connections: limit(args.max_connections),
+        max_request_headers_bytes: args.max_request_headers_bytes,
+        http2_max_concurrent_streams: args.http2_max_concurrent_streams,
+        http2_max_pending_resets: args.http2_max_pending_resets,
+    };
+    settings.proxy_passthrough = args.proxy_passthrough;
     let agent = Agent::start_with(settings, telemetry.propagation())
         .await
         .context("starting the agent")?;

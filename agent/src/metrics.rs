@@ -20,6 +20,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::limits::{ListenerCounters, refused};
+
 /// Which listener a request came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -66,6 +68,17 @@ pub struct Metrics {
     config_updates: Family<Labels, Counter>,
     shard: ShardFamilies,
     route_requests: Family<Labels, Counter>,
+    connections: ConnectionFamilies,
+}
+
+/// Per listener connection metric families: the limits against hostile clients.
+#[derive(Default)]
+struct ConnectionFamilies {
+    open: Family<Labels, Gauge>,
+    refused: Family<Labels, Counter>,
+    closed: Family<Labels, Counter>,
+    refused_requests: Family<Labels, Counter>,
+    http2_goaways: Family<Vec<(&'static str, String)>, Counter>,
 }
 
 /// Per shard and role metric families (issue 6).
@@ -281,6 +294,38 @@ impl Metrics {
              are all 0), counted before the backend's own policy",
             route_requests.clone(),
         );
+        let connections = ConnectionFamilies::default();
+        registry.register(
+            "bulwark_connections_open",
+            "Connections a listener holds open now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "bulwark_connections_refused",
+            "Connections a listener closed as soon as accepted because it held its maximum \
+             (--max-connections)",
+            connections.refused.clone(),
+        );
+        registry.register(
+            "bulwark_connections_closed",
+            "Connections the agent closed because the client was too slow: reason=\"header-timeout\" \
+             (no whole request head in time) or \"idle-timeout\" (no request in flight for too long)",
+            connections.closed.clone(),
+        );
+        registry.register(
+            "bulwark_refused_requests",
+            "Requests refused before reaching any destination, by listener and reason: malformed \
+             (cl-te, bad-chunked) or to a target the agent does not proxy to (connect-denied, \
+             absolute-form-denied)",
+            connections.refused_requests.clone(),
+        );
+        registry.register(
+            "bulwark_http2_goaways",
+            "HTTP/2 connections the agent closed with GOAWAY because the client broke a limit or \
+             the protocol, by HTTP/2 error code (enhance-your-calm: rapid resets, CONTINUATION \
+             floods)",
+            connections.http2_goaways.clone(),
+        );
         registry.register_collector(Box::new(StateCollector { state }));
         Self {
             registry,
@@ -301,7 +346,43 @@ impl Metrics {
             config_updates,
             shard,
             route_requests,
+            connections,
         }
+    }
+
+    /// Resolves the connection counters of listener `name` (`outbound`, `inbound`, `admin`, …).
+    pub fn listener(&self, name: &'static str) -> ListenerCounters {
+        let labels = || vec![("listener", name.to_owned())];
+        let closed = |reason: &str| {
+            let mut l = labels();
+            l.push(("reason", reason.to_owned()));
+            self.connections.closed.get_or_create(&l).clone()
+        };
+        ListenerCounters {
+            open: self.connections.open.get_or_create(&labels()).clone(),
+            refused: self.connections.refused.get_or_create(&labels()).clone(),
+            header_timeouts: closed("header-timeout"),
+            idle_timeouts: closed("idle-timeout"),
+            cl_te: self.refused_request_counter(name, refused::CL_TE),
+            http2_goaways: self.connections.http2_goaways.clone(),
+            listener: name,
+        }
+    }
+
+    fn refused_request_counter(&self, listener: &str, reason: &str) -> Counter {
+        self.connections
+            .refused_requests
+            .get_or_create(&vec![
+                ("listener", listener.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .clone()
+    }
+
+    /// Counts a request refused on `listener` before it reached any destination
+    /// (reasons in [`refused`]); rare, so the family lookup is affordable.
+    pub fn refused_request(&self, listener: &str, reason: &'static str) {
+        self.refused_request_counter(listener, reason).inc();
     }
 
     /// The request counter of one backend of an HTTPRoute rule on destination `dst`.
@@ -374,6 +455,7 @@ impl Metrics {
             bulkhead_rejected: self.bulkhead_rejected.get_or_create(&dst_only()).clone(),
             local_responses: self.local_responses.clone(),
             tcp_connections: self.tcp_connections.get_or_create(&base()).clone(),
+            refused_requests: self.connections.refused_requests.clone(),
         }
     }
 
@@ -448,6 +530,7 @@ pub struct DstMetrics {
     bulkhead_rejected: Counter,
     local_responses: Family<Labels, Counter>,
     tcp_connections: Counter,
+    refused_requests: Family<Labels, Counter>,
 }
 
 impl DstMetrics {
@@ -481,6 +564,17 @@ impl DstMetrics {
         if reason == crate::reason::BULKHEAD_FULL {
             self.bulkhead_rejected.inc();
         }
+    }
+
+    /// Counts a request of this destination refused as the client's fault (e.g. a
+    /// broken chunked body), on the listener of its direction.
+    pub fn refused_request(&self, reason: &'static str) {
+        self.refused_requests
+            .get_or_create(&vec![
+                ("listener", self.direction.as_str().to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
     }
 
     /// Counts one retry sent.

@@ -6,6 +6,7 @@ pub mod body;
 pub mod grpc;
 pub mod inbound;
 pub mod outbound;
+pub mod refuse;
 pub mod transparent;
 
 use std::time::Duration;
@@ -40,6 +41,7 @@ pub fn local_response(
 
 /// Sends `req` unchanged but for its target (`authority`) and hop-by-hop
 /// headers: the path for traffic without policy (passthrough, inbound to the app).
+/// A failure of the client's body is told by [`refuse::body_fault`] on the error.
 pub async fn send_plain(
     upstream: &upstream::Upstream,
     req: http::Request<hyper::body::Incoming>,
@@ -59,7 +61,7 @@ pub async fn send_plain(
     );
     parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
     let http2 = parts.version == http::Version::HTTP_2;
-    let req = http::Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    let req = http::Request::from_parts(parts, refuse::client_body(body));
     let (mut head, body) = upstream.send(req, http2).await?.into_parts();
     strip_hop_by_hop(&mut head.headers);
     Ok(Response::from_parts(

@@ -24,6 +24,12 @@ pub const CONNECT_FAILED: &str = "connect-failed";
 pub const UPSTREAM_RESET: &str = "upstream-reset";
 /// The request cannot be proxied (no destination, malformed target).
 pub const BAD_REQUEST: &str = "bad-request";
+/// A `CONNECT` to one of the agent's own listeners or, with passthrough off, outside
+/// the mesh (403).
+pub const CONNECT_DENIED: &str = "connect-denied";
+/// An absolute-form (or Host-named) request to one of the agent's own listeners or,
+/// with passthrough off, outside the mesh (403).
+pub const ABSOLUTE_FORM_DENIED: &str = "absolute-form-denied";
 /// The request targets the agent's own listener.
 pub const LOOP_DETECTED: &str = "loop-detected";
 /// An HTTPRoute sent the request to a backend Service (or port) that does not exist,

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use crate::limits::Limits;
+
 /// Default outbound listener: apps point `HTTP_PROXY` at it.
 pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4140);
 /// Default admin listener (`/metrics`, `/ready`, `/config`).
@@ -104,6 +106,11 @@ pub struct Settings {
     /// control plane with every subscription and certificate request. With an
     /// `https://` control plane the agent also gets a workload certificate.
     pub token_file: Option<std::path::PathBuf>,
+    /// What every listener holds its clients to (timeouts, connections, header sizes).
+    pub limits: Limits,
+    /// Let `CONNECT` and absolute-form requests reach destinations outside the mesh;
+    /// off: only mesh destinations. The agent's own listeners are never reachable so.
+    pub proxy_passthrough: bool,
 }
 
 impl Settings {
@@ -126,6 +133,8 @@ impl Settings {
             forwarded_for: false,
             control_plane_ca: None,
             token_file: None,
+            limits: Limits::default(),
+            proxy_passthrough: crate::limits::DEFAULT_PROXY_PASSTHROUGH,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! clients, and opaque TCP relaying. Nothing here knows a policy.
 
 pub mod connector;
+pub mod guard;
 pub mod orig_dst;
 pub mod prefixed;
 pub mod protocol;

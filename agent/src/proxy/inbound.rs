@@ -27,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{local_response, send_plain};
+use super::{local_response, refuse, send_plain};
 use crate::config::Config;
 use crate::metrics::{Direction, DstMetrics, Metrics};
 use crate::policy::authorization::{Decision, PeerId};
@@ -231,11 +231,23 @@ impl Inbound {
     async fn to_app(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         match send_plain(&self.upstream, req, self.app.clone()).await {
             Ok(rsp) => rsp,
-            Err(error) => {
-                debug!(app = %self.app, %error, "local app did not answer");
-                self.dst.local_response(reason::CONNECT_FAILED);
-                local_response(StatusCode::BAD_GATEWAY, reason::CONNECT_FAILED, None)
-            }
+            Err(error) => match refuse::body_fault(&error) {
+                // The client broke its body: its fault, not the app's.
+                Some(fault) => {
+                    debug!(app = %self.app, %error, "the client broke its request body");
+                    if fault == refuse::BodyFault::Malformed {
+                        self.dst
+                            .refused_request(crate::limits::refused::BAD_CHUNKED);
+                    }
+                    self.dst.local_response(reason::BAD_REQUEST);
+                    refuse::bad_body()
+                }
+                None => {
+                    debug!(app = %self.app, %error, "local app did not answer");
+                    self.dst.local_response(reason::CONNECT_FAILED);
+                    local_response(StatusCode::BAD_GATEWAY, reason::CONNECT_FAILED, None)
+                }
+            },
         }
     }
 

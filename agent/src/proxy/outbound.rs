@@ -18,6 +18,7 @@ pub mod attempt;
 pub mod forward;
 pub mod opaque;
 
+use super::refuse::{self, Targets};
 use super::{local_response, send_plain};
 use crate::config::Config;
 use crate::config::destination::Destination;
@@ -41,6 +42,7 @@ pub struct Outbound {
     passthrough: Upstream,
     passthrough_metrics: DstMetrics,
     propagation: Propagation,
+    targets: Targets,
 }
 
 impl Outbound {
@@ -61,7 +63,22 @@ impl Outbound {
             passthrough: Upstream::new(PASSTHROUGH_CONNECT_TIMEOUT, None),
             passthrough_metrics,
             propagation,
+            targets: Targets::new(Vec::new(), crate::limits::DEFAULT_PROXY_PASSTHROUGH),
         }
+    }
+
+    /// Where `CONNECT` and absolute-form requests may go: never to the agent's own
+    /// listeners; outside the mesh only with passthrough.
+    pub fn with_targets(mut self, targets: Targets) -> Self {
+        self.targets = targets;
+        self
+    }
+
+    /// A request refused for its target (`connect-denied`, `absolute-form-denied`): 403.
+    fn deny(&self, why: &'static str, target: &dyn std::fmt::Display) -> Response<ProxyBody> {
+        debug!(%target, reason = why, passthrough = self.targets.passthrough, "request refused: the agent does not proxy there");
+        self.metrics.refused_request("outbound", why);
+        local_response(StatusCode::FORBIDDEN, why, None)
     }
 
     /// Handles one request from the local app.
@@ -106,9 +123,15 @@ impl Outbound {
             if target.is_some_and(|t| self.is_self(t)) {
                 return local_response(StatusCode::LOOP_DETECTED, reason::LOOP_DETECTED, None);
             }
+            if target.is_some_and(|t| self.targets.names_own(t)) {
+                return self.deny(reason::ABSOLUTE_FORM_DENIED, &format_args!("{host}:{port}"));
+            }
             let config = self.config.load();
             match target.and_then(|t| config.lookup(t, &self.namespace)) {
                 Some(dst) => (Some(Arc::clone(dst)), None),
+                None if !self.targets.passthrough => {
+                    return self.deny(reason::ABSOLUTE_FORM_DENIED, &format_args!("{host}:{port}"));
+                }
                 None => (None, Authority::try_from(format!("{host}:{port}")).ok()),
             }
         };
@@ -263,7 +286,10 @@ impl Outbound {
     }
 
     /// Answers `CONNECT host:port` and relays bytes both ways (e.g. TLS to an
-    /// external API through `HTTPS_PROXY`). Tunnels carry no HTTP policy.
+    /// external API through `HTTPS_PROXY`). Tunnels carry no HTTP policy: a mesh
+    /// destination's tunnel goes to one of its endpoints under its connection policy
+    /// (as opaque TCP would); another destination is passed through, if passthrough is
+    /// on, unless it is (or its name resolves to) one of the agent's own listeners.
     async fn tunnel(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let Some(authority) = req.uri().authority().cloned() else {
             return local_response(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, None);
@@ -273,17 +299,44 @@ impl Outbound {
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(443);
-        if target::classify(host, port).is_some_and(|t| self.is_self(t)) {
+        let target = target::classify(host, port);
+        if target.is_some_and(|t| self.is_self(t)) {
             return local_response(StatusCode::LOOP_DETECTED, reason::LOOP_DETECTED, None);
+        }
+        if target.is_some_and(|t| self.targets.names_own(t)) {
+            return self.deny(reason::CONNECT_DENIED, &authority);
+        }
+        let found = target.and_then(|t| self.config.load().lookup(t, &self.namespace).cloned());
+        if let Some(dst) = found {
+            return match opaque::connect(&dst, None).await {
+                Ok((upstream, slot)) => {
+                    dst.metrics.tcp_connection();
+                    relay_tunnel(req, upstream, authority, slot);
+                    Response::new(crate::transport::full(bytes::Bytes::new()))
+                }
+                Err(refused) => {
+                    dst.metrics.local_response(refused.0);
+                    let status = if refused.0 == reason::BULKHEAD_FULL {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    local_response(status, refused.0, None)
+                }
+            };
+        }
+        if !self.targets.passthrough {
+            return self.deny(reason::CONNECT_DENIED, &authority);
         }
         self.metrics.passthrough();
         let upstream = match tokio::time::timeout(
             PASSTHROUGH_CONNECT_TIMEOUT,
-            TcpStream::connect((host, port)),
+            self.connect_outside(host, port),
         )
         .await
         {
-            Ok(Ok(stream)) => stream,
+            Ok(Ok(Some(stream))) => stream,
+            Ok(Ok(None)) => return self.deny(reason::CONNECT_DENIED, &authority),
             Ok(Err(error)) => {
                 debug!(%authority, %error, "CONNECT target refused");
                 self.passthrough_metrics
@@ -295,24 +348,25 @@ impl Outbound {
                 return local_response(StatusCode::GATEWAY_TIMEOUT, reason::TIMEOUT, None);
             }
         };
-        tokio::spawn(async move {
-            match hyper::upgrade::on(req).await {
-                Ok(upgraded) => {
-                    let mut client = TokioIo::new(upgraded);
-                    let mut upstream = upstream;
-                    if let Err(error) =
-                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
-                        debug!(%authority, %error, "tunnel closed with an error");
-                    }
-                }
-                Err(error) => debug!(%authority, %error, "CONNECT upgrade failed"),
-            }
-        });
+        relay_tunnel(req, upstream, authority, None);
         Response::new(crate::transport::full(bytes::Bytes::new()))
     }
 
+    /// Connects to a destination outside the mesh, unless its name resolves to one of
+    /// the agent's own listeners (`None`).
+    async fn connect_outside(&self, host: &str, port: u16) -> std::io::Result<Option<TcpStream>> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+        if addrs
+            .iter()
+            .any(|a| self.targets.is_own(*a) || self.is_self(Target::Addr(*a)))
+        {
+            return Ok(None);
+        }
+        TcpStream::connect(&addrs[..]).await.map(Some)
+    }
+
     /// Forwards a request for a destination outside the mesh, untouched by policy.
+    /// A body the client broke is the client's fault: 400, not counted as a failure.
     async fn passthrough(
         &self,
         req: Request<Incoming>,
@@ -322,15 +376,49 @@ impl Outbound {
         self.metrics.passthrough();
         let rsp = match send_plain(&self.passthrough, req, authority).await {
             Ok(rsp) => rsp,
-            Err(error) => {
-                debug!(%error, "passthrough request failed");
-                self.passthrough_metrics
-                    .local_response(reason::CONNECT_FAILED);
-                local_response(StatusCode::BAD_GATEWAY, reason::CONNECT_FAILED, None)
-            }
+            Err(error) => match refuse::body_fault(&error) {
+                Some(fault) => {
+                    debug!(%error, "the client broke its request body");
+                    if fault == refuse::BodyFault::Malformed {
+                        self.passthrough_metrics
+                            .refused_request(crate::limits::refused::BAD_CHUNKED);
+                    }
+                    self.passthrough_metrics.local_response(reason::BAD_REQUEST);
+                    refuse::bad_body()
+                }
+                None => {
+                    debug!(%error, "passthrough request failed");
+                    self.passthrough_metrics
+                        .local_response(reason::CONNECT_FAILED);
+                    local_response(StatusCode::BAD_GATEWAY, reason::CONNECT_FAILED, None)
+                }
+            },
         };
         self.passthrough_metrics
             .response(rsp.status(), start.elapsed());
         rsp
     }
+}
+
+/// Relays a `CONNECT` tunnel once hyper hands over the client's connection; `slot`
+/// (a mesh destination's connection slot) is held for the tunnel's life.
+fn relay_tunnel(
+    req: Request<Incoming>,
+    mut upstream: TcpStream,
+    authority: Authority,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    tokio::spawn(async move {
+        let _slot = slot;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let mut client = TokioIo::new(upgraded);
+                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                {
+                    debug!(%authority, %error, "tunnel closed with an error");
+                }
+            }
+            Err(error) => debug!(%authority, %error, "CONNECT upgrade failed"),
+        }
+    });
 }

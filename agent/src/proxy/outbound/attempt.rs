@@ -30,6 +30,7 @@ use crate::policy::retry::{Failure, Retries};
 use crate::policy::shard::{Role, Route, ShardPickError};
 use crate::policy::timeout::{Deadline, Elapsed};
 use crate::proxy::body::{Prefix, read_prefix, replay};
+use crate::proxy::refuse::{BodyFault, body_fault};
 use crate::proxy::strip_hop_by_hop;
 use crate::reason;
 use crate::transport::{ProxyBody, full};
@@ -92,6 +93,9 @@ pub enum Refused {
         /// The shortest wait until some endpoint admits again.
         retry_after: Duration,
     },
+    /// The client broke its request body while the try sent it: the endpoint is not
+    /// to blame (its breaker permit is dropped unsettled) and no retry may follow.
+    ClientBody(BodyFault),
 }
 
 /// An endpoint's answer to a try.
@@ -150,8 +154,14 @@ pub async fn attempt(
         .await
     {
         Ok(Ok(rsp)) => Ok(rsp),
-        Ok(Err(error)) if error.is_connect() => Err(Failure::Connect),
-        Ok(Err(_)) => Err(Failure::Reset),
+        Ok(Err(error)) => match body_fault(&error) {
+            Some(fault) => {
+                debug!(dst = %dst.name, endpoint = %endpoint.addr, %error, "the client broke its request body");
+                return Err(Refused::ClientBody(fault));
+            }
+            None if error.is_connect() => Err(Failure::Connect),
+            None => Err(Failure::Reset),
+        },
         Err(Elapsed) => Err(Failure::Timeout),
     };
     if let (Some(route), Some(role)) = (&req.route, role) {

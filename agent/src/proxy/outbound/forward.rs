@@ -28,7 +28,6 @@ use std::sync::Arc;
 
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
@@ -36,10 +35,12 @@ use tracing::debug;
 use super::attempt::{Outgoing, Refused, ReplayBody, attempt};
 use crate::config::destination::Destination;
 use crate::grpc;
+use crate::limits::refused;
 use crate::policy::retry::{Failure, NoRetry, Retries};
 use crate::policy::shard::{Route, RouteError};
 use crate::policy::timeout::Deadline;
 use crate::proxy::body::{Prefix, read_prefix};
+use crate::proxy::refuse::{BodyFault, bad_body, body_fault, client_body, client_errors};
 use crate::proxy::{local_response, strip_hop_by_hop};
 use crate::reason;
 use crate::transport::{BoxError, ProxyBody};
@@ -104,7 +105,7 @@ async fn send(
         Ok(body) => body,
         Err(error) => {
             debug!(dst = %dst.name, %error, "client body failed before the request was sent");
-            return local(dst, StatusCode::BAD_REQUEST, reason::BAD_REQUEST);
+            return client_fault(dst, body_fault(error.as_ref()));
         }
     };
     let affinity = dst
@@ -188,11 +189,9 @@ fn shard_route<'a>(
 /// trailers) is sent once, and the request gets a single try.
 async fn replay_body(body: Incoming, retries: &mut Retries<'_>) -> Result<ReplayBody, BoxError> {
     let Some(limit) = retries.replay_limit() else {
-        return Ok(ReplayBody::Once(Some(
-            body.map_err(Into::into).boxed_unsync(),
-        )));
+        return Ok(ReplayBody::Once(Some(client_body(body))));
     };
-    match read_prefix(body, limit).await {
+    match read_prefix(client_errors(body), limit).await {
         Ok(Prefix::Complete {
             data,
             trailers: None,
@@ -208,6 +207,16 @@ async fn replay_body(body: Incoming, retries: &mut Retries<'_>) -> Result<Replay
 fn local(dst: &Destination, status: StatusCode, why: &'static str) -> Response<ProxyBody> {
     dst.metrics.local_response(why);
     local_response(status, why, None)
+}
+
+/// The answer to a request whose body the client broke: 400, the connection closed,
+/// nothing held against the endpoint.
+fn client_fault(dst: &Destination, fault: Option<BodyFault>) -> Response<ProxyBody> {
+    if fault == Some(BodyFault::Malformed) {
+        dst.metrics.refused_request(refused::BAD_CHUNKED);
+    }
+    dst.metrics.local_response(reason::BAD_REQUEST);
+    bad_body()
 }
 
 fn failure_response(dst: &Destination, failure: Failure) -> Response<ProxyBody> {
@@ -228,6 +237,7 @@ fn refused_response(
     let own = |status, why| move || local(dst, status, why);
     match refused {
         Refused::Deadline => failure_response(dst, Failure::Timeout),
+        Refused::ClientBody(fault) => client_fault(dst, Some(fault)),
         Refused::NoEndpoints => local(dst, StatusCode::SERVICE_UNAVAILABLE, reason::NO_ENDPOINTS),
         Refused::BulkheadFull(_) => {
             last.unwrap_or_else(own(StatusCode::SERVICE_UNAVAILABLE, reason::BULKHEAD_FULL))
