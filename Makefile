@@ -11,7 +11,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # sockets and start servers); plain `cargo test` does the same job without it.
 NEXTEST := $(shell command -v cargo-nextest 2>/dev/null)
 
-.PHONY: help setup build test lint fmt demo bench clean crds e2e-k8s e2e-local chart images helm
+.PHONY: help setup build test lint fmt demo bench faults clean crds e2e-k8s e2e-local chart images helm
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ demo: setup ## build release binaries, run the control plane, agent and upstream
 
 bench: setup ## measure the agent, HAProxy and the control plane (installs HAProxy if missing; see docs/benchmarks.md)
 	@hack/bench.sh
+
+faults: setup ## run the fault suite on release binaries: killed control plane and endpoint, policy rewrites, SIGTERM, slowloris, idle connections (docs/benchmarks.md)
+	@hack/faults.sh
 
 clean: ## remove build output and demo logs
 	$(CARGO) clean

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::procstat;
-use crate::sut::{ControlPlane, Layout, MeshDir, NAMESPACE, Policies};
+use crate::sut::{self, ControlPlane, Layout, MeshDir, NAMESPACE, Policies};
 
 /// How long the whole mesh may take to connect, or a change to reach everyone.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -355,7 +355,7 @@ pub async fn run(
 async fn wait_acks(admin: std::net::SocketAddr, acks: u64, since: Instant) -> Option<Duration> {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
-        let text = fetch(admin, "/metrics").await?;
+        let (_, text) = sut::fetch(admin, "/metrics").await?;
         let counted = text.lines().find_map(|l| {
             l.strip_prefix("bulwark_cp_acks_total ")?
                 .trim()
@@ -371,18 +371,5 @@ async fn wait_acks(admin: std::net::SocketAddr, acks: u64, since: Instant) -> Op
 }
 
 async fn page_size(admin: std::net::SocketAddr, path: &str) -> Option<usize> {
-    fetch(admin, path).await.map(|body| body.len())
-}
-
-/// `GET path` over HTTP/1.0; the body as text.
-async fn fetch(addr: std::net::SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (_, body) = text.split_once("\r\n\r\n")?;
-    Some(body.to_owned())
+    sut::fetch(admin, path).await.map(|(_, body)| body.len())
 }

@@ -6,9 +6,12 @@
 //! - [`sut`]: the paths under test as processes: upstream, control plane + agent, HAProxy.
 //! - [`run`]: the runner that drives each path and samples CPU and memory from `/proc`.
 //! - [`cpscale`]: the control plane under N simulated agents on real gRPC streams.
+//! - [`faults`]: `make faults`, the agent under faults (control plane or an endpoint
+//!   killed, policy rewrites, SIGTERM, slowloris, idle connections).
 //! - [`report`]: the Markdown tables.
 
 pub mod cpscale;
+pub mod faults;
 pub mod load;
 pub mod machine;
 pub mod procstat;

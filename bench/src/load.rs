@@ -31,7 +31,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// The wire protocol of a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
-    /// HTTP/1.1 `GET /` on keep-alive connections.
+    /// HTTP/1.1 `GET /` (or the client's method) on keep-alive connections.
     Http1,
     /// HTTP/2 prior knowledge, a gRPC-like unary `POST` with a small framed body.
     Http2,
@@ -89,6 +89,7 @@ pub enum RequestError {
 #[derive(Debug)]
 pub struct Client {
     target: Target,
+    method: Method,
     h1_idle: Mutex<Vec<http1::SendRequest<Full<Bytes>>>>,
     h1_slots: Semaphore,
     h2: Vec<http2::SendRequest<Full<Bytes>>>,
@@ -101,6 +102,7 @@ impl Client {
     /// opened ahead (more are opened on demand).
     pub async fn connect(target: Target, h2_connections: usize) -> Result<Client, RequestError> {
         let mut client = Client {
+            method: Method::GET,
             h1_idle: Mutex::new(Vec::new()),
             h1_slots: Semaphore::new(MAX_H1_CONNECTIONS),
             h2: Vec::new(),
@@ -126,6 +128,13 @@ impl Client {
             }
         }
         Ok(client)
+    }
+
+    /// The same client sending HTTP/1.1 requests with `method` (GET by default), e.g.
+    /// POST for requests a proxy must not retry.
+    pub fn with_method(mut self, method: Method) -> Client {
+        self.method = method;
+        self
     }
 
     /// TCP connections opened so far.
@@ -167,7 +176,9 @@ impl Client {
                     _ => self.open_h1().await?,
                 };
                 send.ready().await?;
-                let req = Request::get("/")
+                let req = Request::builder()
+                    .method(self.method.clone())
+                    .uri("/")
                     .header(http::header::HOST, &self.target.authority)
                     .body(Full::new(Bytes::new()))?;
                 let rsp = send.send_request(req).await?;

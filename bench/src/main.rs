@@ -1,5 +1,6 @@
 //! `bulwark-bench`: `run` measures every path and prints (and writes) the tables;
-//! `upstream` is the fixed upstream the runner starts as its own process.
+//! `faults` runs the fault suite and prints (and writes) its table; `upstream` is the
+//! fixed upstream the runners start as their own process.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use anyhow::Context as _;
 use bulwark_bench::cpscale::Scenario;
 use bulwark_bench::run::Config;
 use bulwark_bench::sut::Layout;
-use bulwark_bench::{load, machine, report, run, sut, upstream};
+use bulwark_bench::{faults, load, machine, report, run, sut, upstream};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -23,6 +24,8 @@ struct Cli {
 enum Cmd {
     /// Measure every path and print the tables.
     Run(Box<RunArgs>),
+    /// Run the fault suite against the release agent and print its table.
+    Faults(Box<FaultArgs>),
     /// Send a fixed rate of requests to one address and print the latency (for profiling
     /// a proxy by hand, e.g. under callgrind).
     Load {
@@ -50,7 +53,62 @@ enum Cmd {
         /// The TCP sink address.
         #[arg(long)]
         sink: SocketAddr,
+        /// Milliseconds to wait before each answer.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
     },
+}
+
+#[derive(Parser, Debug)]
+struct FaultArgs {
+    /// Steady GETs per second through the agent in the traffic scenarios.
+    #[arg(long, env = "FAULTS_RATE", default_value_t = 300)]
+    rate: u32,
+    /// How many times the policy file is rewritten.
+    #[arg(long, env = "FAULTS_REWRITES", default_value_t = 200)]
+    rewrites: usize,
+    /// Requests in flight when the agent gets SIGTERM.
+    #[arg(long, env = "FAULTS_IN_FLIGHT", default_value_t = 64)]
+    in_flight: usize,
+    /// The slow upstream's answer time in the SIGTERM scenario, milliseconds.
+    #[arg(long, env = "FAULTS_SLOW_ANSWER_MS", default_value_t = 500)]
+    slow_answer_ms: u64,
+    /// Slowloris connections.
+    #[arg(long, env = "FAULTS_SLOWLORIS", default_value_t = 2000)]
+    slowloris: usize,
+    /// Seconds between the header lines of a slowloris connection.
+    #[arg(long, env = "FAULTS_TRICKLE", default_value_t = 2.0)]
+    trickle: f64,
+    /// Seconds slowloris connections are watched when the agent has no header timeout.
+    #[arg(long, env = "FAULTS_OBSERVE", default_value_t = 20.0)]
+    observe: f64,
+    /// Idle keep-alive connections.
+    #[arg(long, env = "FAULTS_IDLE", default_value_t = 10_000)]
+    idle: usize,
+    /// Flags added to every agent's command line, space separated.
+    #[arg(
+        long,
+        env = "FAULTS_AGENT_ARGS",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    agent_args: Vec<String>,
+    /// Scenarios to run, comma separated (control-plane, endpoint, rewrites, sigterm,
+    /// slowloris, idle); empty: all.
+    #[arg(long, env = "FAULTS_ONLY", value_delimiter = ',')]
+    only: Vec<String>,
+    /// Exit 1 when an outcome is not met (after printing and writing the table).
+    #[arg(long, env = "FAULTS_STRICT", default_value_t = 1)]
+    strict: u8,
+    /// Where `bulwark-agent` and `bulwark-control-plane` are (default: beside this binary).
+    #[arg(long, env = "BENCH_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Where each process logs.
+    #[arg(long, env = "BENCH_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// The Markdown file whose fault-suite section is replaced (`-`: print only).
+    #[arg(long, env = "FAULTS_OUTPUT", default_value = "docs/benchmarks.md")]
+    output: PathBuf,
 }
 
 #[derive(Parser, Debug)]
@@ -141,15 +199,124 @@ fn cpus(list: &str) -> Option<String> {
     (!list.is_empty()).then(|| list.to_owned())
 }
 
-async fn bench(args: RunArgs) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("finding this binary")?;
-    let bin_dir = match args.bin_dir.clone() {
-        Some(dir) => dir,
-        None => exe
+/// `--bin-dir`, or the folder of this binary.
+fn bin_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(dir) => Ok(dir),
+        None => Ok(std::env::current_exe()
+            .context("finding this binary")?
             .parent()
             .context("this binary has a folder")?
-            .to_path_buf(),
+            .to_path_buf()),
+    }
+}
+
+/// The agent's flag for its header-read timeout.
+const HEADER_TIMEOUT_FLAG: &str = "--header-read-timeout-ms";
+
+/// The header-read timeout the agents of the suite run with: the one given in
+/// `agent_args`, else the default `bulwark-agent --help` shows; none if the agent has
+/// no such flag (or it is 0, no limit).
+fn header_timeout(bin_dir: &std::path::Path, agent_args: &[String]) -> Option<Duration> {
+    let given = agent_args.iter().enumerate().find_map(|(i, arg)| {
+        let value = arg.strip_prefix(HEADER_TIMEOUT_FLAG)?;
+        match value.strip_prefix('=') {
+            Some(value) => Some(value.to_owned()),
+            None if value.is_empty() => agent_args.get(i + 1).cloned(),
+            None => None,
+        }
+    });
+    let ms = match given {
+        Some(value) => value.parse::<u64>().ok()?,
+        None => {
+            let out = std::process::Command::new(bin_dir.join("bulwark-agent"))
+                .arg("--help")
+                .output()
+                .ok()?;
+            let help = String::from_utf8_lossy(&out.stdout).into_owned();
+            let after = &help[help.find(HEADER_TIMEOUT_FLAG)?..];
+            let default = &after[after.find("[default: ")? + "[default: ".len()..];
+            default[..default.find(']')?].trim().parse::<u64>().ok()?
+        }
     };
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+async fn faults(args: FaultArgs) -> anyhow::Result<()> {
+    let bin_dir = bin_dir(args.bin_dir.clone())?;
+    let agent_args: Vec<String> = args
+        .agent_args
+        .into_iter()
+        .filter(|a| !a.is_empty())
+        .collect();
+    let header_timeout = header_timeout(&bin_dir, &agent_args);
+    let layout = Layout {
+        log_dir: args
+            .log_dir
+            .clone()
+            .unwrap_or_else(|| bin_dir.join("faults-logs")),
+        bin_dir,
+        proxy_cpus: None,
+        load_cpus: None,
+    };
+    let config = faults::Config {
+        rate: args.rate.max(1),
+        rewrites: args.rewrites,
+        in_flight: args.in_flight.max(1),
+        slow_answer: Duration::from_millis(args.slow_answer_ms),
+        slowloris: args.slowloris,
+        trickle: seconds(args.trickle),
+        header_timeout,
+        observe: seconds(args.observe),
+        idle: args.idle,
+        agent_args,
+        only: args.only.into_iter().filter(|o| !o.is_empty()).collect(),
+    };
+    let load_before = machine::load_average();
+    let rows = faults::run(&layout, &config).await?;
+    let load_after = machine::load_average();
+    let mut text = machine::describe(None);
+    text.push_str(&format!(
+        "- command: `make faults` with FAULTS_RATE={} FAULTS_REWRITES={} FAULTS_IN_FLIGHT={} \
+         FAULTS_SLOWLORIS={} FAULTS_IDLE={}{}\n",
+        config.rate,
+        config.rewrites,
+        config.in_flight,
+        config.slowloris,
+        config.idle,
+        if config.agent_args.is_empty() {
+            String::new()
+        } else {
+            format!(" FAULTS_AGENT_ARGS=\"{}\"", config.agent_args.join(" "))
+        }
+    ));
+    text.push_str(&format!(
+        "- load average (1, 5, 15 min): {load_before} before, {load_after} after\n\n"
+    ));
+    text.push_str(&report::faults(&rows));
+    println!("{text}");
+    if args.output.as_os_str() != "-" {
+        let doc = std::fs::read_to_string(&args.output).unwrap_or_default();
+        let doc = report::splice_between(&doc, report::FAULTS_BEGIN, report::FAULTS_END, &text);
+        std::fs::write(&args.output, doc)
+            .with_context(|| format!("writing {}", args.output.display()))?;
+        eprintln!("results written to {}", args.output.display());
+    }
+    let missed = rows
+        .iter()
+        .flat_map(|r| &r.checks)
+        .filter(|c| c.met == Some(false))
+        .count();
+    if missed > 0 && args.strict != 0 {
+        anyhow::bail!(
+            "{missed} outcome(s) not met (see the table; FAULTS_STRICT=0 to exit 0 anyway)"
+        );
+    }
+    Ok(())
+}
+
+async fn bench(args: RunArgs) -> anyhow::Result<()> {
+    let bin_dir = bin_dir(args.bin_dir.clone())?;
     let layout = Layout {
         log_dir: args
             .log_dir
@@ -235,7 +402,12 @@ fn join<T: ToString>(values: &[T]) -> String {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Run(args) => bench(*args).await,
-        Cmd::Upstream { http, sink } => upstream::run(http, sink).await,
+        Cmd::Faults(args) => faults(*args).await,
+        Cmd::Upstream {
+            http,
+            sink,
+            latency_ms,
+        } => upstream::run(http, sink, Duration::from_millis(latency_ms)).await,
         Cmd::Load {
             addr,
             authority,

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::faults::Row;
 use crate::load::Protocol;
 use crate::run::{PathKind, PathResult, ProtocolResult, RateResult, Results};
 
@@ -342,12 +343,65 @@ fn scale(out: &mut String, results: &Results) {
 /// Replaces the text between [`BEGIN`] and [`END`] in `doc` with `results`, or appends
 /// both markers and the results when the document has none.
 pub fn splice(doc: &str, results: &str) -> String {
-    match (doc.find(BEGIN), doc.find(END)) {
+    splice_between(doc, BEGIN, END, results)
+}
+
+/// Replaces the text between the markers `begin` and `end` in `doc` with `results`, or
+/// appends both markers and the results when the document has none.
+pub fn splice_between(doc: &str, begin_marker: &str, end_marker: &str, results: &str) -> String {
+    match (doc.find(begin_marker), doc.find(end_marker)) {
         (Some(begin), Some(end)) if begin < end => {
-            format!("{}{BEGIN}\n{results}{}", &doc[..begin], &doc[end..])
+            format!("{}{begin_marker}\n{results}{}", &doc[..begin], &doc[end..])
         }
-        _ => format!("{doc}\n{BEGIN}\n{results}{END}\n"),
+        _ => format!("{doc}\n{begin_marker}\n{results}{end_marker}\n"),
     }
+}
+
+/// Where the fault suite's results go in `docs/benchmarks.md`.
+pub const FAULTS_BEGIN: &str = "<!-- faults:results:begin -->";
+/// The end of the fault suite's results in `docs/benchmarks.md`.
+pub const FAULTS_END: &str = "<!-- faults:results:end -->";
+
+/// `make faults`: one row per scenario, then every outcome checked and whether it held.
+pub fn faults(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let count = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let _ = writeln!(
+        out,
+        "| scenario | requests sent | failed | failed idempotent | agent RSS before / after MiB | notes |\n|---|---:|---:|---:|---:|---|"
+    );
+    for row in rows {
+        let rss = match (row.rss_before_kib, row.rss_after_kib) {
+            (Some(before), Some(after)) => format!("{} / {}", mib(before), mib(after)),
+            (Some(before), None) => format!("{} / -", mib(before)),
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {rss} | {} |",
+            row.scenario,
+            count(row.sent),
+            count(row.failed),
+            count(row.failed_idempotent),
+            row.notes.replace('|', "\\|"),
+        );
+    }
+    let _ = writeln!(out, "\n| outcome | measured | met |\n|---|---|---|");
+    for check in rows.iter().flat_map(|r| &r.checks) {
+        let met = match check.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measurable",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {met} |",
+            check.expected,
+            check.measured.replace('|', "\\|")
+        );
+    }
+    out.push('\n');
+    out
 }
 
 #[cfg(test)]

@@ -129,6 +129,27 @@ impl Proc {
         }
     }
 
+    /// Sends SIGTERM (what the kubelet sends a container it stops), through `kill(1)`
+    /// so that the bench needs no `unsafe` and no extra crate.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        if !status.success() {
+            bail!("kill -TERM {} failed ({status})", self.pid);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status if it did.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
     /// Stops the process and waits for it.
     pub async fn stop(mut self) {
         let _ = self.child.start_kill();
@@ -157,6 +178,19 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// `GET path` on `addr` over HTTP/1.0: the status and the body as text, if it answered.
+pub async fn fetch(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.get(9..12)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
 /// The fixed upstream (HTTP and TCP sink) in its own process on the load CPUs.
 #[derive(Debug)]
 pub struct Upstream {
@@ -171,17 +205,39 @@ pub struct Upstream {
 impl Upstream {
     /// Starts `bulwark-bench upstream` and waits until both ports accept.
     pub async fn start(layout: &Layout) -> anyhow::Result<Upstream> {
-        let (http, sink) = (free_addr()?, free_addr()?);
+        Self::start_named(layout, "upstream", Duration::ZERO).await
+    }
+
+    /// Starts an upstream logging to `NAME.log` that waits `latency` before each answer.
+    pub async fn start_named(
+        layout: &Layout,
+        name: &str,
+        latency: Duration,
+    ) -> anyhow::Result<Upstream> {
+        Self::start_at(layout, name, free_addr()?, latency).await
+    }
+
+    /// Starts an upstream serving HTTP on `http` (e.g. a second loopback address on the
+    /// same port as another endpoint).
+    pub async fn start_at(
+        layout: &Layout,
+        name: &str,
+        http: SocketAddr,
+        latency: Duration,
+    ) -> anyhow::Result<Upstream> {
+        let sink = free_addr()?;
         let args = vec![
             "upstream".to_owned(),
             "--http".to_owned(),
             http.to_string(),
             "--sink".to_owned(),
             sink.to_string(),
+            "--latency-ms".to_owned(),
+            latency.as_millis().to_string(),
         ];
         let mut proc = Proc::spawn(
             layout,
-            "upstream",
+            name,
             &layout.bin_dir.join("bulwark-bench"),
             &args,
             layout.load_cpus.as_deref(),
@@ -218,13 +274,22 @@ impl MeshDir {
         services: usize,
         policies: Policies,
     ) -> anyhow::Result<MeshDir> {
+        Self::with_endpoints(&[upstream], services, policies)
+    }
+
+    /// Like [`MeshDir::new`], every service served by all of `endpoints`.
+    pub fn with_endpoints(
+        endpoints: &[SocketAddr],
+        services: usize,
+        policies: Policies,
+    ) -> anyhow::Result<MeshDir> {
         let dir = tempfile::Builder::new()
             .prefix("bulwark-bench-")
             .tempdir()?;
-        let mut yaml = service_yaml("bench", upstream);
+        let mut yaml = service_yaml("bench", endpoints);
         for n in 1..services {
             yaml.push_str("---\n");
-            yaml.push_str(&service_yaml(&format!("svc-{n}"), upstream));
+            yaml.push_str(&service_yaml(&format!("svc-{n}"), endpoints));
         }
         std::fs::write(dir.path().join("services.yaml"), yaml)?;
         if policies == Policies::All {
@@ -246,8 +311,9 @@ impl MeshDir {
     }
 }
 
-/// A Service on port 80 and its EndpointSlice with one endpoint.
-pub fn service_yaml(name: &str, endpoint: SocketAddr) -> String {
+/// A Service on port 80 and its EndpointSlice with `endpoints` (all on one port).
+pub fn service_yaml(name: &str, endpoints: &[SocketAddr]) -> String {
+    let port = endpoints.first().map_or(80, SocketAddr::port);
     let mut yaml = String::new();
     let _ = write!(
         yaml,
@@ -267,12 +333,15 @@ metadata:
 addressType: IPv4
 ports: [{{name: http, port: {port}}}]
 endpoints:
-  - addresses: [\"{ip}\"]
-    conditions: {{ready: true}}
 ",
-        port = endpoint.port(),
-        ip = endpoint.ip(),
     );
+    for endpoint in endpoints {
+        let _ = writeln!(
+            yaml,
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}",
+            endpoint.ip()
+        );
+    }
     yaml
 }
 
@@ -330,7 +399,20 @@ impl ControlPlane {
         debounce: &str,
         cpus: Option<&str>,
     ) -> anyhow::Result<ControlPlane> {
-        let (grpc, admin) = (free_addr()?, free_addr()?);
+        Self::start_at(layout, "control-plane", mesh, debounce, cpus, free_addr()?).await
+    }
+
+    /// Like [`ControlPlane::start`], serving gRPC on `grpc` (to restart one where its
+    /// agents look for it), logging to `NAME.log`.
+    pub async fn start_at(
+        layout: &Layout,
+        name: &str,
+        mesh: &MeshDir,
+        debounce: &str,
+        cpus: Option<&str>,
+        grpc: SocketAddr,
+    ) -> anyhow::Result<ControlPlane> {
+        let admin = free_addr()?;
         let args = vec![
             "--source".to_owned(),
             format!("dir:{}", mesh.path().display()),
@@ -343,7 +425,7 @@ impl ControlPlane {
         ];
         let mut proc = Proc::spawn(
             layout,
-            "control-plane",
+            name,
             &layout.bin_dir.join("bulwark-control-plane"),
             &args,
             cpus,
@@ -354,6 +436,73 @@ impl ControlPlane {
         })
         .await?;
         Ok(ControlPlane { proc, grpc, admin })
+    }
+}
+
+/// An agent process for pod `bench-0` of service `bench`: an outbound listener, one
+/// inbound listener in front of the pod's app, an admin listener.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// The outbound (explicit proxy) listener.
+    pub outbound: SocketAddr,
+    /// The inbound listener, forwarding to the app port.
+    pub inbound: SocketAddr,
+    /// The admin listener (`/ready`, `/metrics`, `/config`).
+    pub admin: SocketAddr,
+}
+
+impl Agent {
+    /// Starts `bulwark-agent` (logging to `NAME.log`) against the control plane at `grpc`,
+    /// forwarding inbound traffic to `app_port` on loopback, with `extra` flags after
+    /// the bench's own; waits until `/ready` (the first config applied).
+    pub async fn start(
+        layout: &Layout,
+        name: &str,
+        grpc: SocketAddr,
+        app_port: u16,
+        cpus: Option<&str>,
+        extra: &[String],
+    ) -> anyhow::Result<Agent> {
+        let (outbound, inbound, admin) = (free_addr()?, free_addr()?, free_addr()?);
+        let mut args = vec![
+            "--control-plane".to_owned(),
+            format!("http://{grpc}"),
+            "--namespace".to_owned(),
+            NAMESPACE.to_owned(),
+            "--pod-name".to_owned(),
+            "bench-0".to_owned(),
+            "--service-account".to_owned(),
+            "bench".to_owned(),
+            "--label".to_owned(),
+            "app=bench".to_owned(),
+            "--outbound-addr".to_owned(),
+            outbound.to_string(),
+            "--admin-addr".to_owned(),
+            admin.to_string(),
+            "--inbound".to_owned(),
+            format!("{inbound}={app_port}"),
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn(
+            layout,
+            name,
+            &layout.bin_dir.join("bulwark-agent"),
+            &args,
+            cpus,
+            &[("RUST_LOG", "warn")],
+        )?;
+        proc.wait("/ready (first config applied)", || async {
+            http_status(admin, "/ready").await == Some(200)
+        })
+        .await?;
+        Ok(Agent {
+            proc,
+            outbound,
+            inbound,
+            admin,
+        })
     }
 }
 
@@ -383,47 +532,24 @@ impl AgentPath {
         let mesh = MeshDir::new(upstream.http, services, policies)?;
         let control_plane =
             ControlPlane::start(layout, &mesh, "50ms", layout.load_cpus.as_deref()).await?;
-        let (outbound, inbound, admin) = (free_addr()?, free_addr()?, free_addr()?);
-        let args = vec![
-            "--control-plane".to_owned(),
-            format!("http://{}", control_plane.grpc),
-            "--namespace".to_owned(),
-            NAMESPACE.to_owned(),
-            "--pod-name".to_owned(),
-            "bench-0".to_owned(),
-            "--service-account".to_owned(),
-            "bench".to_owned(),
-            "--label".to_owned(),
-            "app=bench".to_owned(),
-            "--outbound-addr".to_owned(),
-            outbound.to_string(),
-            "--admin-addr".to_owned(),
-            admin.to_string(),
-            "--inbound".to_owned(),
-            format!("{inbound}={}", upstream.http.port()),
-        ];
         let name = match policies {
             Policies::None => format!("agent-{services}-services"),
             Policies::All => format!("agent-policies-{services}-services"),
         };
-        let mut agent = Proc::spawn(
+        let agent = Agent::start(
             layout,
             &name,
-            &layout.bin_dir.join("bulwark-agent"),
-            &args,
+            control_plane.grpc,
+            upstream.http.port(),
             layout.proxy_cpus.as_deref(),
-            &[("RUST_LOG", "warn")],
-        )?;
-        agent
-            .wait("/ready (first config applied)", || async {
-                http_status(admin, "/ready").await == Some(200)
-            })
-            .await?;
+            &[],
+        )
+        .await?;
         Ok(AgentPath {
-            agent,
+            agent: agent.proc,
             control_plane,
-            outbound,
-            inbound,
+            outbound: agent.outbound,
+            inbound: agent.inbound,
             _mesh: mesh,
         })
     }

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -20,15 +21,16 @@ pub const BODY_SIZE: usize = 1024;
 /// A response body: 1 KiB, then trailers for gRPC-like requests.
 type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-/// Serves the fixed 1 KiB answer on `listener` until the task is dropped.
-pub async fn serve_http(listener: TcpListener) -> std::io::Result<()> {
+/// Serves the fixed 1 KiB answer on `listener`, `latency` after each request arrived,
+/// until the task is dropped.
+pub async fn serve_http(listener: TcpListener, latency: Duration) -> std::io::Result<()> {
     let body = Bytes::from(vec![b'x'; BODY_SIZE]);
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let body = body.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(req, body.clone()));
+            let service = service_fn(move |req| answer(req, body.clone(), latency));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // A connection that fails mid-way only ends that connection.
             let _ = builder
@@ -38,7 +40,14 @@ pub async fn serve_http(listener: TcpListener) -> std::io::Result<()> {
     }
 }
 
-async fn answer(req: Request<Incoming>, body: Bytes) -> Result<Response<UpstreamBody>, Infallible> {
+async fn answer(
+    req: Request<Incoming>,
+    body: Bytes,
+    latency: Duration,
+) -> Result<Response<UpstreamBody>, Infallible> {
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -79,9 +88,9 @@ pub async fn serve_sink(listener: TcpListener) -> std::io::Result<()> {
 }
 
 /// Binds the HTTP upstream and the sink and serves both until the process ends.
-pub async fn run(http: SocketAddr, sink: SocketAddr) -> anyhow::Result<()> {
+pub async fn run(http: SocketAddr, sink: SocketAddr, latency: Duration) -> anyhow::Result<()> {
     let http = TcpListener::bind(http).await?;
     let sink = TcpListener::bind(sink).await?;
-    tokio::try_join!(serve_http(http), serve_sink(sink))?;
+    tokio::try_join!(serve_http(http, latency), serve_sink(sink))?;
     Ok(())
 }
