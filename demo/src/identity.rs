@@ -77,7 +77,8 @@ pub struct Denied {
 /// the answer and the agent's count.
 pub async fn denied_call(inbound: SocketAddr, admin: SocketAddr) -> Denied {
     let mut problems = Vec::new();
-    let answer = bulwark_testkit::request(inbound, http::Method::POST, "/admin/reset", &[], "").await;
+    let answer =
+        bulwark_testkit::request(inbound, http::Method::POST, "/admin/reset", &[], "").await;
     let (status, reason) = match &answer {
         Ok(r) => (r.status.as_u16(), r.reason().unwrap_or("-").to_owned()),
         Err(e) => (0, format!("no answer: {e}")),

@@ -100,7 +100,11 @@ impl AgentEntry {
 
     /// A snapshot was sent, leaving out `held_back`. Returns whether what is held back
     /// changed since the previous snapshot.
-    pub fn record_sent(&self, version: u64, held_back: &[crate::discovery::compat::HeldBack]) -> bool {
+    pub fn record_sent(
+        &self,
+        version: u64,
+        held_back: &[crate::discovery::compat::HeldBack],
+    ) -> bool {
         let mut status = self.lock();
         status.sent_version = Some(version);
         status.snapshots_sent += 1;

@@ -22,10 +22,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::discovery::agents::{AgentIdentity, AgentRegistry, Registration};
+use crate::discovery::view::{AgentView, PendingSnapshot, ViewCache};
 use crate::identity::discovery::DiscoveryAuth;
 use crate::index::IndexState;
 use crate::metrics::Metrics;
-use crate::discovery::view::{AgentView, PendingSnapshot, ViewCache};
 
 /// How long an agent may take to send `hello` after opening the stream.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -9,9 +9,9 @@ use bulwark_proto::v1 as proto;
 use super::Topology;
 use super::diagnostics::Diagnostic;
 use super::outbound::has_tcp_port;
+use crate::discovery::wire;
 use crate::model::authorization::{self as authz, Attachment};
 use crate::model::{Kind, Model, ObjectName, Protocol, TargetPort, TargetRef};
-use crate::discovery::wire;
 
 /// The inbound policy enforced by a set of pods: those behind one Service, or those an
 /// AuthorizationPolicy selects by label.

@@ -8,10 +8,10 @@ use bulwark_proto::v1 as proto;
 
 use super::Topology;
 use super::diagnostics::Diagnostic;
+use crate::discovery::wire;
 use crate::model::policy::{LoadBalancer, ResiliencePolicy};
 use crate::model::shard::ShardTopology;
 use crate::model::{Kind, MAX_WEIGHT, Model, ObjectName, Protocol, Service, ServicePort};
-use crate::discovery::wire;
 
 /// Every service of the model, in wire form, sorted by namespace and name.
 pub(super) fn services(
