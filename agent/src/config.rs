@@ -400,6 +400,7 @@ mod tests {
             }],
             inbound: Some(v1::Inbound {
                 authorization: Vec::new(),
+                peer_authentication: None,
                 rate_limits: vec![v1::RateLimit {
                     source: "demo/frontend".into(),
                     name: "total".into(),

@@ -163,10 +163,11 @@ pub(crate) struct Topology<'a> {
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
     pods: &'a BTreeMap<ObjectName, Pod>,
     pods_by_ip: HashMap<(&'a str, IpAddr), &'a Pod>,
+    trust_domain: Option<&'a str>,
 }
 
 impl<'a> Topology<'a> {
-    fn new(model: &'a Model) -> Self {
+    fn new(model: &'a Model, trust_domain: Option<&'a str>) -> Self {
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         // BTreeMap order: each service's slices come sorted by name.
         for slice in model.endpoint_slices.values() {
@@ -185,6 +186,7 @@ impl<'a> Topology<'a> {
             slices,
             pods: &model.pods,
             pods_by_ip,
+            trust_domain,
         }
     }
 
@@ -202,13 +204,28 @@ impl<'a> Topology<'a> {
             None => self.pods_by_ip.get(&(namespace, endpoint.address)).copied(),
         }
     }
+
+    /// The SPIFFE ID a caller must find at `pod`: set when the mesh issues identities
+    /// and the pod carries an agent; empty otherwise (plaintext).
+    fn identity(&self, pod: Option<&Pod>) -> String {
+        let (Some(td), Some(pod)) = (self.trust_domain, pod) else {
+            return String::new();
+        };
+        if !pod.meshed {
+            return String::new();
+        }
+        // A name the API server accepted is always valid; anything else is no identity.
+        crate::identity::spiffe::SpiffeId::new(td, &pod.name.namespace, &pod.service_account)
+            .map(|id| id.to_string())
+            .unwrap_or_default()
+    }
 }
 
 /// What attaching the policies of `model` finds (conflicts, missing targets), without
 /// building a state: the status writer judges each policy by it.
 pub fn diagnose(model: &Model) -> BTreeSet<Diagnostic> {
     let mut diagnostics = BTreeSet::new();
-    let topology = Topology::new(model);
+    let topology = Topology::new(model, None);
     outbound::services(model, &topology, &mut diagnostics);
     inbound::limits(model, &topology, &mut diagnostics);
     diagnostics
@@ -220,13 +237,25 @@ pub struct Index {
     state: watch::Sender<Arc<IndexState>>,
     diagnostics: BTreeSet<Diagnostic>,
     metrics: Arc<Metrics>,
+    trust_domain: Option<String>,
 }
 
 impl Index {
-    /// An index over `model`, at `revision`.
+    /// An index over `model`, at `revision`, for a mesh without workload identity.
     pub fn new(revision: u64, model: &Model, metrics: Arc<Metrics>) -> Self {
+        Self::with_trust_domain(revision, model, metrics, None)
+    }
+
+    /// An index over `model`, at `revision`; with a `trust_domain`, endpoints of meshed
+    /// pods carry the SPIFFE ID callers must find there.
+    pub fn with_trust_domain(
+        revision: u64,
+        model: &Model,
+        metrics: Arc<Metrics>,
+        trust_domain: Option<String>,
+    ) -> Self {
         let mut diagnostics = BTreeSet::new();
-        let topology = Topology::new(model);
+        let topology = Topology::new(model, trust_domain.as_deref());
         let services = outbound::services(model, &topology, &mut diagnostics);
         let limits = inbound::limits(model, &topology, &mut diagnostics);
         for d in &diagnostics {
@@ -246,6 +275,7 @@ impl Index {
             state: watch::Sender::new(Arc::new(state)),
             diagnostics,
             metrics,
+            trust_domain,
         }
     }
 
@@ -268,7 +298,7 @@ impl Index {
     /// agents can see changed; returns whether it did.
     pub fn apply(&mut self, model: &Model) -> bool {
         let mut diagnostics = BTreeSet::new();
-        let topology = Topology::new(model);
+        let topology = Topology::new(model, self.trust_domain.as_deref());
         let services = outbound::services(model, &topology, &mut diagnostics);
         let limits = inbound::limits(model, &topology, &mut diagnostics);
         for d in diagnostics.difference(&self.diagnostics) {

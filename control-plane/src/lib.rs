@@ -170,7 +170,15 @@ impl ControlPlane {
             start_source(&settings, publisher.clone(), Arc::clone(&metrics), &stop).await?;
         let mut models = publisher.models();
         let model = Arc::clone(&models.borrow_and_update());
-        let index = Index::new(unix_millis(), &model, Arc::clone(&metrics));
+        let index = Index::with_trust_domain(
+            unix_millis(),
+            &model,
+            Arc::clone(&metrics),
+            settings
+                .identity
+                .as_ref()
+                .map(|id| id.authority.trust_domain().to_owned()),
+        );
         let state = index.subscribe();
         let ready = Arc::new(AtomicBool::new(false));
 

@@ -363,7 +363,14 @@ pub struct Pod {
     pub service_account: String,
     /// The [`WEIGHT_ANNOTATION`], when it is a valid weight.
     pub weight: Option<u32>,
+    /// The pod carries an agent (its [`INJECTED_ANNOTATION`]): callers speak mutual TLS
+    /// to it.
+    pub meshed: bool,
 }
+
+/// The annotation the injector writes on every pod it adds the agent to (the agent's
+/// version): the mark of a meshed pod.
+pub const INJECTED_ANNOTATION: &str = "bulwark.io/injected";
 
 /// The pod annotation giving its endpoints' weight for WeightedRoundRobin (an integer
 /// from 1 to [`MAX_WEIGHT`]).

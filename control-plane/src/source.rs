@@ -342,6 +342,7 @@ mod tests {
             ips: Vec::new(),
             service_account: "default".into(),
             weight: None,
+            meshed: false,
         }));
         publisher.publish(model, Vec::new());
         assert!(models.has_changed().unwrap());

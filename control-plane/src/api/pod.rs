@@ -88,9 +88,15 @@ impl Pod {
                     None
                 }
             });
+        let meshed = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(model::INJECTED_ANNOTATION));
         Ok(model::Pod {
             name,
             weight,
+            meshed,
             labels: pod.metadata.labels.unwrap_or_default(),
             ips,
             service_account: pod

@@ -115,6 +115,7 @@ pub fn hold_back_authorization(
     let stripped = proto::Inbound {
         rate_limits: inbound.rate_limits.clone(),
         authorization: Vec::new(),
+        peer_authentication: inbound.peer_authentication.clone(),
     };
     Some((Arc::new(stripped), held_back))
 }
@@ -192,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_current_agent_gets_everything() {
-        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 3);
+        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 4);
         assert!(for_level(&services(), 3).is_none());
         assert!(
             for_level(&services(), 2).is_none(),

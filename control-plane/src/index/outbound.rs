@@ -208,6 +208,7 @@ fn endpoints(
                     .unwrap_or_default(),
                 weight: weight(pod, load_balancer),
                 pod: pod_name,
+                identity: topology.identity(pod),
             });
         }
     }

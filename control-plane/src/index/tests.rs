@@ -111,6 +111,39 @@ fn endpoints_get_their_pods_labels_by_target_ref_or_address() {
 }
 
 #[test]
+fn endpoints_of_meshed_pods_carry_their_spiffe_id_when_the_mesh_issues_identities() {
+    let m = model(&format!(
+        "{SERVICE}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+         endpoints:\n- {{addresses: [10.0.0.1], targetRef: {{kind: Pod, name: web-a}}}}\n\
+         - {{addresses: [10.0.0.2], targetRef: {{kind: Pod, name: web-b}}}}\n\
+         - {{addresses: [10.0.0.3]}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-a, namespace: shop, \
+         annotations: {{bulwark.io/injected: v1}}}}\nspec: {{serviceAccountName: web}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-b, namespace: shop}}\n"
+    ));
+    let with_identity =
+        Index::with_trust_domain(1, &m, Arc::new(Metrics::new()), Some("td.test".into()));
+    let state = with_identity.state();
+    let identities: Vec<&str> = service(&state, "web").ports[0]
+        .endpoints
+        .iter()
+        .map(|e| e.identity.as_str())
+        .collect();
+    // Meshed (annotated by the injector); not meshed; no pod known.
+    assert_eq!(identities, ["spiffe://td.test/ns/shop/sa/web", "", ""]);
+    // Without identities, nobody is asked for mutual TLS.
+    let state = index(&m).state();
+    assert!(
+        service(&state, "web").ports[0]
+            .endpoints
+            .iter()
+            .all(|e| e.identity.is_empty())
+    );
+}
+
+#[test]
 fn effective_policies_carry_exact_values_with_defaults() {
     let state = index(&examples()).state();
     let reviews = service(&state, "reviews").ports[0]

@@ -25,7 +25,7 @@ use super::config::InjectConfig;
 /// Annotation (pod) and label (namespace) that ask for injection: `enabled` or `disabled`.
 pub const INJECT: &str = "bulwark.io/inject";
 /// Annotation recording what was injected (the version); a pod carrying it is skipped.
-pub const INJECTED: &str = "bulwark.io/injected";
+pub const INJECTED: &str = crate::model::INJECTED_ANNOTATION;
 /// Annotation: inbound ports not redirected to the agent (comma-separated).
 pub const SKIP_INBOUND_PORTS: &str = "bulwark.io/skip-inbound-ports";
 /// Annotation: outbound ports not redirected to the agent (comma-separated).
