@@ -18,7 +18,9 @@ use crate::config::target::Target;
 use crate::metrics::{DestinationState, EndpointState, Metrics, PolicyState, StateSnapshot};
 use crate::policy::authorization::Authorization;
 use crate::policy::breaker::BreakerState;
+use crate::policy::peer_authentication::PeerAuthentication;
 use crate::policy::ratelimit::{RateLimitConfig, RateLimitKey, RateLimiter, RateLimits};
+use crate::transport::tls::MeshTls;
 
 /// A snapshot the agent cannot apply (it NACKs it and keeps the previous config).
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +81,23 @@ pub struct Config {
     pub inbound: RateLimits,
     /// Who may call this pod.
     pub authorization: Authorization,
+    /// Which of the pod's ports refuse plaintext callers.
+    pub peer_authentication: PeerAuthentication,
+    /// Mutual TLS to meshed endpoints (carried from config to config).
+    pub tls: Arc<MeshTls>,
     limiters: Vec<Arc<RateLimiter>>,
 }
 
 impl Config {
+    /// The config before the first snapshot: no destinations, and `tls` for the
+    /// meshed endpoints of every later one.
+    pub fn with_tls(tls: Arc<MeshTls>) -> Self {
+        Config {
+            tls,
+            ..Config::default()
+        }
+    }
+
     /// Builds the config of `snapshot`, reusing `previous`'s runtime state where unchanged.
     pub fn build(
         snapshot: &v1::Snapshot,
@@ -91,6 +106,7 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut config = Config {
             version: snapshot.version,
+            tls: Arc::clone(&previous.tls),
             ..Config::default()
         };
         for svc in &snapshot.services {
@@ -113,11 +129,17 @@ impl Config {
                     })?;
                 let name = format!("{qualified}:{number}");
                 let prev = previous.lookup_name(&svc.name, &svc.namespace, number);
-                let dst = Destination::build(&name, port, prev.map(AsRef::as_ref), metrics)
-                    .map_err(|source| ConfigError::Destination {
-                        service: name.clone(),
-                        source,
-                    })?;
+                let dst = Destination::build_with_tls(
+                    &name,
+                    port,
+                    prev.map(AsRef::as_ref),
+                    metrics,
+                    &previous.tls,
+                )
+                .map_err(|source| ConfigError::Destination {
+                    service: name.clone(),
+                    source,
+                })?;
                 let dst = Arc::new(dst);
                 for ip in &ips {
                     config
@@ -165,6 +187,12 @@ impl Config {
             .map(|i| i.authorization.as_slice())
             .unwrap_or_default();
         config.authorization = Authorization::try_from(policies)?;
+        config.peer_authentication = PeerAuthentication::from_proto(
+            snapshot
+                .inbound
+                .as_ref()
+                .and_then(|i| i.peer_authentication.as_ref()),
+        );
         Ok(config)
     }
 
@@ -290,6 +318,7 @@ impl Config {
                         },
                         "trips": e.breaker.trips(),
                         "inFlight": e.in_flight(),
+                        "identity": d.upstream.expected(e.addr).as_deref(),
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -317,7 +346,10 @@ impl Config {
         json!({
             "version": self.version,
             "destinations": destinations,
-            "inbound": { "rateLimits": limits },
+            "inbound": {
+                "rateLimits": limits,
+                "peerAuthentication": self.peer_authentication.to_json(),
+            },
         })
     }
 }

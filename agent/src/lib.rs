@@ -121,6 +121,13 @@ impl Agent {
             tasks.push(task);
             state
         });
+        // Mutual TLS with other agents follows the certificate; without identity the
+        // agent speaks plaintext everywhere.
+        if let Some(state) = &identity_state {
+            let (tls, task) = transport::tls::MeshTls::follow(state.clone(), metrics.tls());
+            tasks.push(task);
+            config.store(Arc::new(config::Config::with_tls(tls)));
+        }
 
         let (outbound_listener, outbound_addr) = bind("outbound", settings.outbound_addr).await?;
         let outbound_v6 = match settings.outbound_addr_v6 {
@@ -200,12 +207,13 @@ impl Agent {
                 app,
                 inbound_options.clone(),
             ));
-            tasks.push(tokio::spawn(transport::server::serve(
+            let wait = settings.detect_timeout;
+            tasks.push(tokio::spawn(transport::server::serve_connections(
                 listener,
                 options("inbound"),
                 shutdown_rx.clone(),
                 drain,
-                move |req, peer| Arc::clone(&inbound).handle(req, peer),
+                move |stream, peer, conn| Arc::clone(&inbound).serve_http(stream, peer, conn, wait),
             )));
             inbound_addrs.push(addr);
         }

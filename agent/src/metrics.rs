@@ -20,6 +20,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::identity::tls::TlsCounters;
 use crate::limits::{ListenerCounters, refused};
 
 /// Which listener a request came through.
@@ -69,6 +70,7 @@ pub struct Metrics {
     shard: ShardFamilies,
     route_requests: Family<Labels, Counter>,
     connections: ConnectionFamilies,
+    tls: TlsCounters,
 }
 
 /// Per listener connection metric families: the limits against hostile clients.
@@ -326,8 +328,32 @@ impl Metrics {
              floods)",
             connections.http2_goaways.clone(),
         );
+        let tls = TlsCounters::default();
+        registry.register(
+            "bulwark_tls_handshakes",
+            "Mutual-TLS handshakes with other agents that succeeded, by direction",
+            tls.handshakes.clone(),
+        );
+        registry.register(
+            "bulwark_tls_handshake_failures",
+            "Mutual-TLS handshakes that failed, by direction and reason (expired, \
+             unknown-issuer, wrong-trust-domain, wrong-identity, no-certificate, timeout, ...)",
+            tls.failures.clone(),
+        );
+        registry.register(
+            "bulwark_inbound_plaintext_refused",
+            "Plaintext connections closed because the port is Strict (PeerAuthentication)",
+            tls.plaintext_refused.clone(),
+        );
+        registry.register(
+            "bulwark_identity_certificate_expiry_timestamp_seconds",
+            "When the workload certificate in use expires, in Unix seconds (0: none in use); \
+             seconds left = this - time()",
+            tls.expiry.clone(),
+        );
         registry.register_collector(Box::new(StateCollector { state }));
         Self {
+            tls,
             registry,
             requests,
             durations,
@@ -348,6 +374,11 @@ impl Metrics {
             route_requests,
             connections,
         }
+    }
+
+    /// The mutual-TLS counters (cheap clones of the registered ones).
+    pub fn tls(&self) -> TlsCounters {
+        self.tls.clone()
     }
 
     /// Resolves the connection counters of listener `name` (`outbound`, `inbound`, `admin`, …).

@@ -10,6 +10,7 @@ pub mod bulkhead;
 pub mod duration;
 pub mod endpoint;
 pub mod hash;
+pub mod peer_authentication;
 pub mod ratelimit;
 pub mod retry;
 pub mod route;

@@ -1,6 +1,6 @@
 //! Bytes in and out of the agent: listeners and their connection handling,
 //! original destinations, protocol detection, connectors and the pooled HTTP
-//! clients, and opaque TCP relaying. Nothing here knows a policy.
+//! clients, mutual TLS between agents, and opaque TCP relaying. Nothing here knows a policy.
 
 pub mod connector;
 pub mod guard;
@@ -9,6 +9,7 @@ pub mod prefixed;
 pub mod protocol;
 pub mod server;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 use bytes::Bytes;

@@ -17,6 +17,7 @@ use crate::policy::retry::budget::RetryBudget;
 use crate::policy::route::RouteTable;
 use crate::policy::shard::ShardRouter;
 use crate::transport::protocol::Hint;
+use crate::transport::tls::MeshTls;
 use crate::transport::upstream::Upstream;
 
 /// Connect timeout when the policy sets none.
@@ -28,6 +29,9 @@ pub enum InvalidDestination {
     /// An endpoint address that is not `ip:port`.
     #[error("endpoint address {0:?} is not ip:port")]
     Address(String),
+    /// An endpoint identity that is not a SPIFFE ID.
+    #[error("endpoint identity {0:?} is not a spiffe:// ID")]
+    Identity(String),
     /// Port out of range.
     #[error("port {0} is out of range")]
     Port(u32),
@@ -172,11 +176,24 @@ impl Destination {
     /// Builds a destination from a snapshot's service port, reusing the state of
     /// `previous` (breakers, bulkhead, budget, connection pools) where its config
     /// is unchanged, so that a config push neither resets breakers nor drops pools.
+    /// Plaintext to every endpoint (see [`Destination::build_with_tls`]).
     pub fn build(
         name: &str,
         port: &v1::ServicePort,
         previous: Option<&Destination>,
         metrics: &Metrics,
+    ) -> Result<Self, InvalidDestination> {
+        Self::build_with_tls(name, port, previous, metrics, &Arc::new(MeshTls::default()))
+    }
+
+    /// [`Destination::build`], speaking mutual TLS with `tls` to the endpoints that
+    /// carry an identity.
+    pub fn build_with_tls(
+        name: &str,
+        port: &v1::ServicePort,
+        previous: Option<&Destination>,
+        metrics: &Metrics,
+        tls: &Arc<MeshTls>,
     ) -> Result<Self, InvalidDestination> {
         let policy = Policy::try_from(port.resilience.as_ref())?;
         // Endpoints without a breaker policy get one that never trips (and takes no
@@ -186,11 +203,18 @@ impl Destination {
             .clone()
             .unwrap_or_else(BreakerConfig::disabled);
         let mut endpoints = Vec::with_capacity(port.endpoints.len());
+        let mut meshed = std::collections::HashMap::new();
         for ep in &port.endpoints {
             let addr: SocketAddr = ep
                 .address
                 .parse()
                 .map_err(|_| InvalidDestination::Address(ep.address.clone()))?;
+            if !ep.identity.is_empty() {
+                if !ep.identity.starts_with("spiffe://") {
+                    return Err(InvalidDestination::Identity(ep.identity.clone()));
+                }
+                meshed.insert(addr, Arc::<str>::from(ep.identity.as_str()));
+            }
             let labels = ep
                 .labels
                 .iter()
@@ -238,12 +262,19 @@ impl Destination {
         let upstream = match previous {
             Some(prev)
                 if Arc::ptr_eq(&prev.bulkhead, &bulkhead)
-                    && prev.upstream.connect_timeout() == policy.timeouts.connect =>
+                    && prev.upstream.connect_timeout() == policy.timeouts.connect
+                    && prev.upstream.is_meshed() == tls.enabled() =>
             {
                 prev.upstream.clone()
             }
+            _ if tls.enabled() => Upstream::meshed(
+                policy.timeouts.connect,
+                bulkhead.connection_limit(),
+                Arc::clone(tls),
+            ),
             _ => Upstream::new(policy.timeouts.connect, bulkhead.connection_limit()),
         };
+        upstream.set_meshed(meshed);
         let http2 = matches!(
             port.app_protocol.as_str(),
             "http2" | "grpc" | "h2c" | "kubernetes.io/h2c"

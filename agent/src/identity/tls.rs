@@ -10,6 +10,9 @@
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::CryptoProvider;
@@ -19,6 +22,38 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 use super::credentials::Credentials;
+
+/// The TLS counters of the agent (labels: direction, reason).
+#[derive(Clone, Debug, Default)]
+pub struct TlsCounters {
+    /// Handshakes completed, by direction (`inbound`, `outbound`).
+    pub handshakes: Family<Vec<(&'static str, String)>, Counter>,
+    /// Handshakes failed, by direction and reason.
+    pub failures: Family<Vec<(&'static str, String)>, Counter>,
+    /// Plaintext connections refused by a Strict inbound port.
+    pub plaintext_refused: Counter,
+    /// When the workload certificate in use expires (Unix seconds; 0: none in use).
+    pub expiry: Gauge,
+}
+
+impl TlsCounters {
+    /// Counts a finished handshake.
+    pub fn handshake(&self, direction: &'static str) {
+        self.handshakes
+            .get_or_create(&vec![("direction", direction.to_owned())])
+            .inc();
+    }
+
+    /// Counts a failed handshake.
+    pub fn failure(&self, direction: &'static str, reason: &'static str) {
+        self.failures
+            .get_or_create(&vec![
+                ("direction", direction.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+}
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +181,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// The crypto provider of mesh TLS: *ring*, the one the rest of the agent (and the
+/// control plane's gRPC) already builds with. It has no post-quantum key exchange;
+/// X25519MLKEM768 is in rustls only with the aws-lc-rs provider (see the README's
+/// identity section for why the mesh does not switch yet).
+pub fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
 }
 
 /// The configuration to originate mutual TLS to meshed peers with `credentials`,

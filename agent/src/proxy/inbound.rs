@@ -2,7 +2,9 @@
 //! of steps before the local app port:
 //!
 //! ```text
-//! caller      the caller's mesh identity (mutual TLS; none for plaintext callers)
+//! caller      the caller's mesh identity: mutual TLS terminated per connection
+//!             ([`Inbound::front`]); a plaintext caller has none, and a Strict port
+//!             (PeerAuthentication) closes its connection
 //! authorize   the pod's AuthorizationPolicies: 403 unless a rule allows it
 //! rate limit  the pod's RateLimitPolicies: 429 with Retry-After
 //! admit       the concurrency limit across the pod's ports: 503 bulkhead-full
@@ -33,8 +35,29 @@ use crate::metrics::{Direction, DstMetrics, Metrics};
 use crate::policy::authorization::{Decision, PeerId};
 use crate::reason;
 use crate::transport::ProxyBody;
+use crate::transport::server::Conn;
 use crate::transport::tcp::{self, RelayEnd};
+use crate::transport::tls::{Alpn, TLS_HANDSHAKE_RECORD};
 use crate::transport::upstream::Upstream;
+
+/// A caller's verified mesh identity, shared by the requests of its connection
+/// (`None`: a plaintext caller).
+pub type Caller = Option<Arc<PeerId>>;
+
+/// How an inbound connection arrived, once its caller step ran.
+pub enum Front<I> {
+    /// Mutual TLS, terminated.
+    Tls {
+        /// The decrypted stream (boxed: a TLS session is large, and per connection).
+        io: Box<tokio_rustls::server::TlsStream<I>>,
+        /// The caller's identity (none if its certificate names no workload).
+        caller: Caller,
+        /// The application protocol the caller chose (ALPN).
+        alpn: Option<Alpn>,
+    },
+    /// Plaintext, allowed on this port.
+    Plain(I),
+}
 
 /// Connect timeout to the local app.
 pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -174,15 +197,85 @@ impl Inbound {
         }
     }
 
-    /// Handles one request from the mesh.
+    /// The caller step of a connection to `port` (the app port): when the agent has an
+    /// identity and the client's first byte starts a TLS handshake (waiting at most
+    /// `wait` for it), mutual TLS is terminated and the caller's SPIFFE ID read from its
+    /// verified certificate; otherwise the connection is plaintext, which a Strict port
+    /// refuses. `None`: the connection was closed (refused, or a failed handshake,
+    /// counted and logged by the TLS layer).
+    pub async fn front(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        port: u16,
+        wait: Duration,
+    ) -> Option<Front<TcpStream>> {
+        let (tls, strict) = {
+            let config = self.config.load();
+            (
+                Arc::clone(&config.tls),
+                config.peer_authentication.strict(port),
+            )
+        };
+        let starts_tls =
+            tls.enabled() && first_byte(&stream, wait).await == Some(TLS_HANDSHAKE_RECORD);
+        if starts_tls {
+            let (io, caller) = tls.accept(stream, peer).await.ok()?;
+            let alpn = Alpn::negotiated(io.get_ref().1.alpn_protocol());
+            let caller = caller.as_deref().and_then(PeerId::parse).map(Arc::new);
+            return Some(Front::Tls {
+                io: Box::new(io),
+                caller,
+                alpn,
+            });
+        }
+        if strict {
+            tls.counters().plaintext_refused.inc();
+            debug!(%peer, app_port = port, "plaintext connection refused: the port is Strict (PeerAuthentication)");
+            return None;
+        }
+        Some(Front::Plain(stream))
+    }
+
+    /// Serves one connection to the app port over HTTP: the caller step, then each
+    /// request through [`Inbound::handle`].
+    pub async fn serve_http(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        conn: Conn,
+        wait: Duration,
+    ) {
+        match self.front(stream, peer, self.app_port, wait).await {
+            None => {}
+            Some(Front::Plain(io)) => {
+                conn.serve_http(io, peer, move |req, peer| {
+                    Arc::clone(&self).handle(req, peer, None)
+                })
+                .await;
+            }
+            Some(Front::Tls { io, caller, alpn }) => {
+                if alpn == Some(Alpn::Opaque) {
+                    return self.relay(io, peer).await;
+                }
+                conn.serve_http(io, peer, move |req, peer| {
+                    Arc::clone(&self).handle(req, peer, caller.clone())
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Handles one request from the mesh, from `caller`.
     pub async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        caller: Caller,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
-        let rsp = match self.steps(&req, peer) {
+        let rsp = match self.steps(&req, peer, caller.as_deref()) {
             Err(refused) => refused.response(),
             Ok(slot) => {
                 if self.options.forwarded_for {
@@ -213,10 +306,10 @@ impl Inbound {
         &self,
         req: &Request<Incoming>,
         peer: SocketAddr,
+        caller: Option<&PeerId>,
     ) -> Result<Option<OwnedSemaphorePermit>, Refused> {
         let config = self.config.load();
-        // 1. The caller's mesh identity comes with mutual TLS; a plaintext caller has none.
-        let caller: Option<&PeerId> = None;
+        // 1. The caller's mesh identity came with the connection (see `front`).
         // 2. Authorization.
         self.authorize(&config, caller, req)?;
         // 3. Rate limit.
@@ -321,6 +414,16 @@ impl Refused {
                 local_response(StatusCode::SERVICE_UNAVAILABLE, reason::BULKHEAD_FULL, None)
             }
         }
+    }
+}
+
+/// The first byte the client sends, waiting at most `wait` (none: it sent nothing in
+/// time, or closed). Peeked, not read: the byte stays for whoever reads next.
+async fn first_byte(stream: &TcpStream, wait: Duration) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(wait, stream.peek(&mut byte)).await {
+        Ok(Ok(1)) => Some(byte[0]),
+        _ => None,
     }
 }
 

@@ -404,7 +404,7 @@ impl Outbound {
 /// (a mesh destination's connection slot) is held for the tunnel's life.
 fn relay_tunnel(
     req: Request<Incoming>,
-    mut upstream: TcpStream,
+    mut upstream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     authority: Authority,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::inbound::{Inbound, InboundOptions};
+use super::inbound::{Front, Inbound, InboundOptions};
 use super::outbound::{Outbound, PASSTHROUGH_CONNECT_TIMEOUT, opaque};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -25,6 +25,7 @@ use crate::transport::prefixed::Prefixed;
 use crate::transport::protocol::{self, Hint, Protocol};
 use crate::transport::server::Conn;
 use crate::transport::tcp::{self, RelayEnd};
+use crate::transport::tls::Alpn;
 
 /// How redirected connections are classified and relayed.
 #[derive(Clone, Debug)]
@@ -182,13 +183,33 @@ impl InboundPorts {
     }
 
     /// Serves one connection redirected to the inbound listener: to the app on
-    /// the port the client dialled.
-    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, conn: Conn) {
+    /// the port the client dialled. A meshed caller's mutual TLS is terminated first
+    /// (its ALPN says HTTP or opaque TCP); a plaintext one is detected as before.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, conn: Conn) {
         let Some(orig) = original_dst(&stream) else {
             debug!(%peer, "inbound connection was not redirected: no app port to send it to; closing");
             return;
         };
         let inbound = self.port(orig.port());
+        let front = inbound
+            .front(stream, peer, orig.port(), self.interception.detect_timeout)
+            .await;
+        let mut stream = match front {
+            None => return,
+            Some(Front::Tls { io, caller, alpn }) => {
+                debug!(%peer, %orig, ?alpn, caller = caller.as_ref().map(|c| c.as_str()), "inbound mutual TLS connection");
+                if alpn == Some(Alpn::Opaque) {
+                    return inbound.relay(io, peer).await;
+                }
+                // HTTP/1.1 or HTTP/2 (hyper tells them apart by the preface).
+                return conn
+                    .serve_http(io, peer, move |req, peer| {
+                        Arc::clone(&inbound).handle(req, peer, caller.clone())
+                    })
+                    .await;
+            }
+            Some(Front::Plain(stream)) => stream,
+        };
         let declared = self
             .config
             .load()
@@ -203,7 +224,7 @@ impl InboundPorts {
         match protocol {
             Protocol::Http1 | Protocol::Http2 => {
                 conn.serve_http(io, peer, move |req, peer| {
-                    Arc::clone(&inbound).handle(req, peer)
+                    Arc::clone(&inbound).handle(req, peer, None)
                 })
                 .await;
             }

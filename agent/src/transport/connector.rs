@@ -1,5 +1,6 @@
-//! The upstream connector: TCP with a connect timeout, and an optional cap on
-//! connections per destination (the bulkhead's `maxConnections`).
+//! The upstream connector: TCP with a connect timeout, an optional cap on
+//! connections per destination (the bulkhead's `maxConnections`), and mutual TLS to
+//! meshed endpoints.
 //!
 //! hyper's client has no cap on total connections, so we wrap its connector:
 //! a connection holds a semaphore permit for as long as it lives, and a
@@ -7,6 +8,7 @@
 //! connection to free up, whichever comes first: the pool races both).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,14 +19,25 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::client::TlsStream;
 
 use super::BoxError;
+use super::tls::{Alpn, MeshPeers, MeshTls};
 
 /// Connects to endpoints, within an optional connection limit.
 #[derive(Clone, Debug)]
 pub struct Connector {
     http: HttpConnector,
     limit: Option<Arc<Semaphore>>,
+    mesh: Option<Mesh>,
+}
+
+/// Mutual TLS for the meshed endpoints of one destination.
+#[derive(Clone, Debug)]
+struct Mesh {
+    tls: Arc<MeshTls>,
+    peers: Arc<MeshPeers>,
+    alpn: Alpn,
 }
 
 impl Connector {
@@ -34,8 +47,30 @@ impl Connector {
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         http.enforce_http(false);
-        Self { http, limit }
+        Self {
+            http,
+            limit,
+            mesh: None,
+        }
     }
+
+    /// This connector, speaking mutual TLS (with `alpn`) to the endpoints `peers` names.
+    pub fn with_mesh(mut self, tls: Arc<MeshTls>, peers: Arc<MeshPeers>, alpn: Alpn) -> Self {
+        self.mesh = Some(Mesh { tls, peers, alpn });
+        self
+    }
+}
+
+/// The endpoint a URI names, when its host is an IP address (as endpoints' are).
+fn endpoint(uri: &http::Uri) -> Option<SocketAddr> {
+    let host = uri.host()?;
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .parse()
+        .ok()?;
+    Some(SocketAddr::new(ip, uri.port_u16()?))
 }
 
 impl tower::Service<http::Uri> for Connector {
@@ -50,12 +85,30 @@ impl tower::Service<http::Uri> for Connector {
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let mut http = self.http.clone();
         let limit = self.limit.clone();
+        // Only a meshed endpoint of an agent with identity on gets TLS; the lookup is
+        // per new connection, never per request.
+        let tls = self.mesh.as_ref().and_then(|mesh| {
+            let addr = endpoint(&uri)?;
+            let expected = mesh.peers.expected(addr)?;
+            mesh.tls
+                .enabled()
+                .then(|| (Arc::clone(&mesh.tls), addr, expected, mesh.alpn))
+        });
         Box::pin(async move {
             let permit = match limit {
                 Some(sem) => Some(sem.acquire_owned().await?),
                 None => None,
             };
-            let io = tower::Service::call(&mut http, uri).await?;
+            let tcp = tower::Service::call(&mut http, uri).await?;
+            let io = match tls {
+                None => Io::Plain { io: tcp },
+                Some((tls, addr, expected, alpn)) => {
+                    let stream = tls.connect(tcp.into_inner(), addr, &expected, alpn).await?;
+                    Io::Tls {
+                        io: TokioIo::new(stream),
+                    }
+                }
+            };
             Ok(LimitedConn {
                 io,
                 _permit: permit,
@@ -65,17 +118,47 @@ impl tower::Service<http::Uri> for Connector {
 }
 
 pin_project_lite::pin_project! {
+    /// A plaintext or mutual-TLS connection.
+    #[project = IoProj]
+    enum Io {
+        Plain { #[pin] io: TokioIo<TcpStream> },
+        Tls { #[pin] io: TokioIo<TlsStream<TcpStream>> },
+    }
+}
+
+/// Forwards a call to whichever connection `$io` is.
+macro_rules! either {
+    ($io:expr, $inner:ident => $call:expr) => {
+        match $io {
+            IoProj::Plain { io: $inner } => $call,
+            IoProj::Tls { io: $inner } => $call,
+        }
+    };
+}
+
+pin_project_lite::pin_project! {
     /// A connection that frees its slot in the connection limit when dropped.
     pub struct LimitedConn {
         #[pin]
-        io: TokioIo<TcpStream>,
+        io: Io,
         _permit: Option<OwnedSemaphorePermit>,
     }
 }
 
 impl Connection for LimitedConn {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match &self.io {
+            Io::Plain { io } => io.connected(),
+            Io::Tls { io } => {
+                let (tcp, session) = io.inner().get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(super::tls::ALPN_H2) {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
     }
 }
 
@@ -85,7 +168,7 @@ impl Read for LimitedConn {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_read(cx, buf)
+        either!(self.project().io.project(), io => io.poll_read(cx, buf))
     }
 }
 
@@ -95,19 +178,22 @@ impl Write for LimitedConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        either!(self.project().io.project(), io => io.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
+        either!(self.project().io.project(), io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+        either!(self.project().io.project(), io => io.poll_shutdown(cx))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain { io } => io.is_write_vectored(),
+            Io::Tls { io } => io.is_write_vectored(),
+        }
     }
 
     fn poll_write_vectored(
@@ -115,6 +201,6 @@ impl Write for LimitedConn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        either!(self.project().io.project(), io => io.poll_write_vectored(cx, bufs))
     }
 }

@@ -1,6 +1,7 @@
 //! Opaque TCP to a mesh destination: a connection, not a request, goes through the
 //! connection policy (connection limit → balancer → breaker → connect timeout →
-//! connect-failure retries). The bytes are then relayed by [`crate::transport::tcp`].
+//! mutual TLS to a meshed endpoint → connect-failure retries). The bytes are then
+//! relayed by [`crate::transport::tcp`].
 
 use std::net::SocketAddr;
 
@@ -11,6 +12,7 @@ use crate::config::destination::Destination;
 use crate::policy::balance::PickError;
 use crate::policy::retry::Failure;
 use crate::reason;
+use crate::transport::tls::{Alpn, MaybeTls};
 
 /// Why an opaque connection to a mesh destination was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,7 +26,7 @@ pub struct Refused(pub &'static str);
 pub async fn connect(
     dst: &Destination,
     pinned: Option<SocketAddr>,
-) -> Result<(TcpStream, Option<tokio::sync::OwnedSemaphorePermit>), Refused> {
+) -> Result<(MaybeTls, Option<tokio::sync::OwnedSemaphorePermit>), Refused> {
     let slot = match dst.bulkhead.connection_limit() {
         Some(limit) => match limit.try_acquire_owned() {
             Ok(slot) => Some(slot),
@@ -59,11 +61,24 @@ pub async fn connect(
         let addr = endpoint.addr;
         match tokio::time::timeout(dst.policy.timeouts.connect, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
-                permit.success();
                 if let Err(error) = stream.set_nodelay(true) {
                     debug!(%error, "cannot set TCP_NODELAY");
                 }
-                return Ok((stream, slot));
+                let Some((tls, expected)) = dst.upstream.mesh_to(addr) else {
+                    permit.success();
+                    return Ok((MaybeTls::Plain(stream), slot));
+                };
+                match tls.connect(stream, addr, &expected, Alpn::Opaque).await {
+                    Ok(io) => {
+                        permit.success();
+                        return Ok((MaybeTls::Tls(Box::new(io)), slot));
+                    }
+                    // Counted and logged by the TLS layer.
+                    Err(_) => {
+                        permit.failure();
+                        last = Refused(reason::CONNECT_FAILED);
+                    }
+                }
             }
             Ok(Err(error)) => {
                 debug!(dst = %dst.name, endpoint = %addr, %error, attempt, "connect failed");
@@ -157,7 +172,10 @@ mod tests {
         // retried on the live one.
         for _ in 0..2 {
             let (stream, _) = connect(&dst, None).await.unwrap();
-            assert_eq!(stream.peer_addr().unwrap(), live.local_addr().unwrap());
+            assert_eq!(
+                stream.tcp().peer_addr().unwrap(),
+                live.local_addr().unwrap()
+            );
         }
         let dead_ep = dst
             .balancer
@@ -173,7 +191,10 @@ mod tests {
         // With its breaker open the dead endpoint gets no more connection attempts.
         for _ in 0..3 {
             let (stream, _) = connect(&dst, None).await.unwrap();
-            assert_eq!(stream.peer_addr().unwrap(), live.local_addr().unwrap());
+            assert_eq!(
+                stream.tcp().peer_addr().unwrap(),
+                live.local_addr().unwrap()
+            );
         }
     }
 

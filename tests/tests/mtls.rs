@@ -1,0 +1,367 @@
+//! Mutual TLS between real agents on loopback: the frontend's agent originates mTLS
+//! to the payments pod's agent (meshed: the injector's annotation, its ServiceAccount
+//! `payments`), which terminates it and knows the caller is `frontend`, so an
+//! AuthorizationPolicy that admits only `frontend` lets the meshed call through and
+//! refuses a plaintext caller. Certificates come from the control plane over the real
+//! identity path (token file, CSR, signed certificate).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_agent::Agent;
+use bulwark_control_plane::ControlPlane;
+use bulwark_control_plane::identity::IdentitySettings;
+use bulwark_control_plane::identity::authority::{Authority, DEFAULT_LIFETIME};
+use bulwark_control_plane::identity::token::TokenReviewer;
+use bulwark_tests::client::HttpClient;
+use bulwark_tests::harness::{CONFIG_DEADLINE, agent_settings, control_plane_settings, loopback};
+use bulwark_tests::mesh::{Mesh, NAMESPACE};
+use bulwark_tests::upstream::{Knobs, Reply, Upstream};
+use bulwark_tests::{Metrics, poll_until};
+
+const TRUST_DOMAIN: &str = "cluster.local";
+
+/// A pod's agent: its name, ServiceAccount and token.
+struct Pod {
+    name: &'static str,
+    service_account: &'static str,
+    token: &'static str,
+}
+
+const FRONTEND: Pod = Pod {
+    name: "frontend-0",
+    service_account: "frontend",
+    token: "frontend-0-token-0123456789abcdef",
+};
+const PAYMENTS: Pod = Pod {
+    name: "payments-0",
+    service_account: "payments",
+    token: "payments-0-token-0123456789abcdef",
+};
+const INTRUDER: Pod = Pod {
+    name: "intruder-0",
+    service_account: "intruder",
+    token: "intruder-0-token-0123456789abcdef",
+};
+
+struct World {
+    mesh: Mesh,
+    cp: ControlPlane,
+    authority: Arc<Authority>,
+    dir: tempfile::TempDir,
+    app: Upstream,
+}
+
+async fn world() -> World {
+    let mesh = Mesh::new().expect("mesh folder");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = dir.path().join("tokens.yaml");
+    let entries: String = [FRONTEND, PAYMENTS, INTRUDER]
+        .iter()
+        .map(|p| {
+            format!(
+                "  - {{token: {}, namespace: {NAMESPACE}, serviceAccount: {}, pod: {}}}\n",
+                p.token, p.service_account, p.name
+            )
+        })
+        .collect();
+    std::fs::write(&tokens, format!("tokens:\n{entries}")).expect("token file");
+    let authority =
+        Arc::new(Authority::generate(TRUST_DOMAIN, DEFAULT_LIFETIME).expect("mesh authority"));
+    let mut settings = control_plane_settings(&mesh, loopback());
+    settings.identity = Some(IdentitySettings {
+        authority: Arc::clone(&authority),
+        reviewer: TokenReviewer::from_file(&tokens).expect("token reviewer"),
+        serving_names: vec!["127.0.0.1".into()],
+    });
+    let cp = ControlPlane::start(settings)
+        .await
+        .expect("control plane starts");
+    let app = Upstream::start(loopback(), "payments-app", Knobs::healthy())
+        .await
+        .expect("payments app");
+    World {
+        mesh,
+        cp,
+        authority,
+        dir,
+        app,
+    }
+}
+
+fn pem(certs: &[rustls::pki_types::CertificateDer<'_>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for cert in certs {
+        let text = base64::engine::general_purpose::STANDARD.encode(cert);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in text.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+impl World {
+    /// A real agent for `pod` with identity on; `inbound_app` puts an inbound listener
+    /// in front of that app port.
+    async fn agent(&self, pod: &Pod, inbound_app: Option<u16>) -> Agent {
+        let anchor = self.dir.path().join("anchor.pem");
+        std::fs::write(&anchor, pem(self.authority.anchors())).expect("anchor file");
+        let token_file = self.dir.path().join(format!("{}.token", pod.name));
+        std::fs::write(&token_file, pod.token).expect("token file");
+        let mut settings = agent_settings(self.cp.grpc_addr(), pod.service_account, inbound_app);
+        settings.identity.pod_name = pod.name.to_owned();
+        settings.identity.service_account = pod.service_account.to_owned();
+        settings.control_plane = format!("https://127.0.0.1:{}", self.cp.grpc_addr().port());
+        settings.control_plane_ca = Some(anchor);
+        settings.token_file = Some(token_file);
+        Agent::start(settings).await.expect("agent starts")
+    }
+
+    /// The payments Service whose one endpoint is `addr`, on Pod payments-0; `meshed`
+    /// puts the injector's annotation on the pod. Only `frontend` may call it. The
+    /// Service's target port is the app's (what a pod's agent protects); the endpoint
+    /// is where the agent in front of it listens (iptables would redirect in a pod).
+    fn payments(&self, addr: SocketAddr, meshed: bool) {
+        let app_port = self.app.addr().port();
+        let annotations = if meshed {
+            "{bulwark.io/injected: test}"
+        } else {
+            "{}"
+        };
+        let yaml = format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: payments, namespace: {NAMESPACE}}}
+spec:
+  selector: {{app: payments}}
+  ports: [{{name: http, port: 80, targetPort: {app_port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: payments-1
+  namespace: {NAMESPACE}
+  labels: {{kubernetes.io/service-name: payments}}
+addressType: IPv4
+ports: [{{name: http, port: {port}}}]
+endpoints:
+  - addresses: [\"{ip}\"]
+    targetRef: {{kind: Pod, name: payments-0, namespace: {NAMESPACE}}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: payments-0
+  namespace: {NAMESPACE}
+  labels: {{app: payments}}
+  annotations: {annotations}
+spec: {{serviceAccountName: payments}}
+status: {{podIP: \"{ip}\"}}
+---
+apiVersion: bulwark.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: payments, namespace: {NAMESPACE}}}
+spec:
+  targetRefs: [{{kind: Service, name: payments}}]
+  rules:
+    - from: [{{serviceAccount: frontend}}]
+",
+            port = addr.port(),
+            ip = addr.ip(),
+        );
+        self.mesh.write("payments.yaml", &yaml).expect("mesh file");
+    }
+}
+
+async fn ready(agent: &Agent) {
+    let admin = HttpClient::direct(agent.admin_addr());
+    poll_until(
+        CONFIG_DEADLINE,
+        "the agent has its config and certificate",
+        || {
+            let admin = admin.clone();
+            async move {
+                let config = admin.get("/config", &[]).await.ok()?;
+                let json: serde_json::Value = config.json().ok()?;
+                let ready = admin.get("/ready", &[]).await.ok()?.status == 200;
+                (ready && json["identity"]["spiffeId"].is_string()).then_some(())
+            }
+        },
+    )
+    .await
+    .expect("agent ready");
+}
+
+/// The frontend agent's `/config` entry of the payments endpoint, once it has one.
+async fn payments_endpoint(frontend: &Agent) -> serde_json::Value {
+    let admin = HttpClient::direct(frontend.admin_addr());
+    poll_until(
+        CONFIG_DEADLINE,
+        "the frontend's agent knows payments",
+        || {
+            let admin = admin.clone();
+            async move {
+                let config: serde_json::Value =
+                    admin.get("/config", &[]).await.ok()?.json().ok()?;
+                config["config"]["destinations"]
+                    .as_array()?
+                    .iter()
+                    .find(|d| d["name"] == "payments.test:80")
+                    .map(|d| d["endpoints"][0].clone())
+            }
+        },
+    )
+    .await
+    .expect("payments in the frontend's config")
+}
+
+/// Polls the frontend's outbound proxy until `http://payments/` gets `status` (once the
+/// frontend's agent knows the destination: before, the call would pass through).
+async fn call_payments(frontend: &Agent, status: u16) -> bulwark_tests::client::Response {
+    payments_endpoint(frontend).await;
+    let client = HttpClient::proxy(frontend.outbound_addr()).with_timeout(Duration::from_secs(5));
+    let url = format!("http://payments.{NAMESPACE}/");
+    poll_until(
+        CONFIG_DEADLINE,
+        &format!("payments answers {status} through the frontend's agent"),
+        || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                client
+                    .get(&url, &[])
+                    .await
+                    .ok()
+                    .filter(|r| r.status.as_u16() == status)
+            }
+        },
+    )
+    .await
+    .expect("payments answers")
+}
+
+fn tls_metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics.get(name, labels)
+}
+
+#[tokio::test]
+async fn a_meshed_call_carries_the_callers_identity_and_a_plaintext_one_has_none() {
+    let world = world().await;
+    let payments = world.agent(&PAYMENTS, Some(world.app.addr().port())).await;
+    let inbound = payments.inbound_addrs()[0];
+    world.payments(inbound, true);
+    let frontend = world.agent(&FRONTEND, None).await;
+    ready(&payments).await;
+    ready(&frontend).await;
+
+    // Through the frontend's agent: mutual TLS, the caller is `frontend`, allowed.
+    let rsp = call_payments(&frontend, 200).await;
+    let reply: Reply = rsp.json().expect("the app's reply");
+    assert_eq!(reply.name, "payments-app");
+
+    // The frontend's agent knows whom it expects there.
+    let endpoint = payments_endpoint(&frontend).await;
+    assert_eq!(
+        endpoint["identity"],
+        format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/payments")
+    );
+
+    // Straight to the inbound listener in plaintext: no identity, denied.
+    let direct = HttpClient::direct(inbound)
+        .get("/", &[])
+        .await
+        .expect("plaintext call");
+    assert_eq!(direct.status.as_u16(), 403);
+    assert_eq!(direct.reason(), Some("unauthorized"));
+
+    let out = Metrics::scrape(frontend.admin_addr())
+        .await
+        .expect("metrics");
+    assert!(
+        tls_metric(
+            &out,
+            "bulwark_tls_handshakes_total",
+            &[("direction", "outbound")]
+        ) >= 1.0
+    );
+    let inb = Metrics::scrape(payments.admin_addr())
+        .await
+        .expect("metrics");
+    assert!(
+        tls_metric(
+            &inb,
+            "bulwark_tls_handshakes_total",
+            &[("direction", "inbound")]
+        ) >= 1.0
+    );
+    assert!(
+        tls_metric(
+            &inb,
+            "bulwark_unauthorized_total",
+            &[("caller", "unauthenticated")]
+        ) >= 1.0
+    );
+    assert!(inb.get("bulwark_identity_certificate_expiry_timestamp_seconds", &[]) > 0.0);
+    frontend.shutdown().await;
+    payments.shutdown().await;
+    world.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_is_not_the_expected_workload_is_refused_and_counted() {
+    let world = world().await;
+    // The intruder's agent listens where payments-0 should be: its certificate is valid
+    // in the mesh, but names another workload.
+    let intruder = world.agent(&INTRUDER, Some(world.app.addr().port())).await;
+    world.payments(intruder.inbound_addrs()[0], true);
+    let frontend = world.agent(&FRONTEND, None).await;
+    ready(&intruder).await;
+    ready(&frontend).await;
+
+    // The handshake succeeds but the identity is wrong: a connect failure, 502.
+    let rsp = call_payments(&frontend, 502).await;
+    assert_eq!(rsp.reason(), Some("connect-failed"));
+    let metrics = Metrics::scrape(frontend.admin_addr())
+        .await
+        .expect("metrics");
+    let failures: Vec<_> = metrics
+        .samples("bulwark_tls_handshake_failures_total")
+        .map(|s| format!("{s:?}"))
+        .collect();
+    assert!(
+        metrics.get(
+            "bulwark_tls_handshake_failures_total",
+            &[("direction", "outbound"), ("reason", "wrong-identity")]
+        ) >= 1.0,
+        "{failures:?}"
+    );
+    frontend.shutdown().await;
+    intruder.shutdown().await;
+    world.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unmeshed_endpoint_gets_plaintext_as_before() {
+    let world = world().await;
+    // No agent in front of the app, and no injector annotation: plaintext to the app.
+    world.payments(world.app.addr(), false);
+    let frontend = world.agent(&FRONTEND, None).await;
+    ready(&frontend).await;
+    let rsp = call_payments(&frontend, 200).await;
+    let reply: Reply = rsp.json().expect("the app's reply");
+    assert_eq!(reply.name, "payments-app");
+    let metrics = Metrics::scrape(frontend.admin_addr())
+        .await
+        .expect("metrics");
+    assert_eq!(
+        metrics.get("bulwark_tls_handshakes_total", &[("direction", "outbound")]),
+        0.0
+    );
+    frontend.shutdown().await;
+    world.cp.shutdown().await;
+}
