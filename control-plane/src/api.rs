@@ -18,6 +18,7 @@ pub mod grpc_code;
 pub mod grpc_route;
 pub mod http_route;
 pub mod meta;
+pub mod peer_authentication;
 pub mod pod;
 pub mod ratelimit;
 pub mod resilience;
@@ -200,6 +201,9 @@ pub fn decode_noting(value: Value, ignored: &mut Vec<FieldError>) -> Result<Deco
         Kind::AuthorizationPolicy => typed::<authorization::AuthorizationPolicyDocument>(value)
             .and_then(TryInto::try_into)
             .map(Object::AuthorizationPolicy),
+        Kind::PeerAuthentication => typed::<peer_authentication::PeerAuthenticationDocument>(value)
+            .and_then(TryInto::try_into)
+            .map(Object::PeerAuthentication),
     };
     object
         .map(Decoded::Object)
@@ -216,6 +220,7 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Option<Kind>, DecodeError> {
         (POLICY_API_VERSION, "RateLimitPolicy") => Some(Kind::RateLimitPolicy),
         (POLICY_API_VERSION, "ShardTopology") => Some(Kind::ShardTopology),
         (POLICY_API_VERSION, "AuthorizationPolicy") => Some(Kind::AuthorizationPolicy),
+        (POLICY_API_VERSION, "PeerAuthentication") => Some(Kind::PeerAuthentication),
         // v1beta1 has the same schema for what we read; clusters still serve both.
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
             Some(Kind::HttpRoute)
@@ -231,8 +236,8 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Option<Kind>, DecodeError> {
                 "",
                 format!(
                     "unsupported kind {kind} in {api_version}: this control plane understands \
-                     ResiliencePolicy, RateLimitPolicy, ShardTopology and AuthorizationPolicy in \
-                     {POLICY_API_VERSION}"
+                     ResiliencePolicy, RateLimitPolicy, ShardTopology, AuthorizationPolicy and \
+                     PeerAuthentication in {POLICY_API_VERSION}"
                 ),
             ),
         });

@@ -6,6 +6,7 @@ use kube::CustomResourceExt;
 use serde::Serialize;
 
 use crate::api::authorization::AuthorizationPolicy;
+use crate::api::peer_authentication::PeerAuthentication;
 use crate::api::ratelimit::RateLimitPolicy;
 use crate::api::resilience::ResiliencePolicy;
 use crate::api::shard::ShardTopology;
@@ -70,6 +71,7 @@ pub const RBAC_RULES: &[Rule] = &[
             "ratelimitpolicies",
             "shardtopologies",
             "authorizationpolicies",
+            "peerauthentications",
         ],
         resource_names: &[],
         verbs: &["list", "watch"],
@@ -81,6 +83,7 @@ pub const RBAC_RULES: &[Rule] = &[
             "ratelimitpolicies/status",
             "shardtopologies/status",
             "authorizationpolicies/status",
+            "peerauthentications/status",
         ],
         resource_names: &[],
         verbs: &["patch"],
@@ -141,13 +144,14 @@ pub fn allows_in_own_namespace(
             .any(|rule| rule.allows(group, resource, verb, name))
 }
 
-/// The three CRDs.
+/// Every CRD of the `bulwark.io` group.
 pub fn definitions() -> Vec<CustomResourceDefinition> {
     vec![
         ResiliencePolicy::crd(),
         RateLimitPolicy::crd(),
         ShardTopology::crd(),
         AuthorizationPolicy::crd(),
+        PeerAuthentication::crd(),
     ]
 }
 

@@ -12,11 +12,13 @@ use crate::timestamp::Timestamp;
 
 pub mod authorization;
 pub mod http_route;
+pub mod peer_authentication;
 pub mod policy;
 pub mod shard;
 
 pub use authorization::AuthorizationPolicy;
 pub use http_route::HttpRoute;
+pub use peer_authentication::PeerAuthentication;
 pub use policy::{RateLimitPolicy, ResiliencePolicy, TargetRef};
 pub use shard::ShardTopology;
 
@@ -68,11 +70,13 @@ pub enum Kind {
     GrpcRoute,
     /// `bulwark.io/v1alpha1/AuthorizationPolicy`: who may call a workload.
     AuthorizationPolicy,
+    /// `bulwark.io/v1alpha1/PeerAuthentication`: whether a workload takes plaintext callers.
+    PeerAuthentication,
 }
 
 impl Kind {
     /// Every kind, for metrics that report zero counts too.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -82,6 +86,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
     ];
 
     /// The Kubernetes kind name.
@@ -96,6 +101,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 }
@@ -152,6 +158,8 @@ pub enum Object {
     GrpcRoute(HttpRoute),
     /// An AuthorizationPolicy.
     AuthorizationPolicy(AuthorizationPolicy),
+    /// A PeerAuthentication.
+    PeerAuthentication(PeerAuthentication),
 }
 
 impl Object {
@@ -167,6 +175,7 @@ impl Object {
             Object::HttpRoute(o) => (Kind::HttpRoute, &o.name),
             Object::GrpcRoute(o) => (Kind::GrpcRoute, &o.name),
             Object::AuthorizationPolicy(o) => (Kind::AuthorizationPolicy, &o.name),
+            Object::PeerAuthentication(o) => (Kind::PeerAuthentication, &o.name),
         };
         ObjectKey {
             kind,
@@ -196,6 +205,8 @@ pub struct Model {
     pub grpc_routes: BTreeMap<ObjectName, HttpRoute>,
     /// AuthorizationPolicies by name.
     pub authorization_policies: BTreeMap<ObjectName, AuthorizationPolicy>,
+    /// PeerAuthentications by name.
+    pub peer_authentications: BTreeMap<ObjectName, PeerAuthentication>,
 }
 
 impl Model {
@@ -229,6 +240,9 @@ impl Model {
             Object::AuthorizationPolicy(o) => {
                 self.authorization_policies.insert(o.name.clone(), o);
             }
+            Object::PeerAuthentication(o) => {
+                self.peer_authentications.insert(o.name.clone(), o);
+            }
         }
     }
 
@@ -244,6 +258,7 @@ impl Model {
             Kind::HttpRoute => self.http_routes.len(),
             Kind::GrpcRoute => self.grpc_routes.len(),
             Kind::AuthorizationPolicy => self.authorization_policies.len(),
+            Kind::PeerAuthentication => self.peer_authentications.len(),
         }
     }
 

@@ -71,6 +71,8 @@ fn targets<'m>(model: &'m Model, key: &ObjectKey) -> Option<&'m [TargetRef]> {
                     Attachment::Selector(_) => &[],
                 })
         }
+        // It covers pods by label or by namespace, never through a Service.
+        Kind::PeerAuthentication => model.peer_authentications.get(&key.name).map(|_| &[][..]),
         Kind::Service | Kind::EndpointSlice | Kind::Pod | Kind::HttpRoute | Kind::GrpcRoute => None,
     }
 }

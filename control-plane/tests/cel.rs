@@ -333,3 +333,27 @@ fn shard_topology_rules_agree() {
     let cases: Vec<(&str, bool)> = cases.iter().map(|(y, v)| (y.as_str(), *v)).collect();
     check("ShardTopology", "shardtopologies.yaml", &cases);
 }
+
+#[test]
+fn peer_authentication_rules_agree() {
+    check(
+        "PeerAuthentication",
+        "peerauthentications.yaml",
+        &[
+            ("{}", true),
+            ("{mode: Strict}", true),
+            ("{selector: {matchLabels: {app: web}}, mode: Strict}", true),
+            ("{selector: {}, mode: Strict}", false),
+            (
+                "{portLevelMtls: [{port: 8080, mode: Strict}, {port: 9090, mode: Permissive}]}",
+                true,
+            ),
+            (
+                "{portLevelMtls: [{port: 8080, mode: Strict}, {port: 8080, mode: Permissive}]}",
+                false,
+            ),
+            ("{portLevelMtls: [{port: 8080}]}", false),
+            ("{portLevelMtls: [{mode: Strict}]}", false),
+        ],
+    );
+}

@@ -54,11 +54,29 @@ fn undescribed(schema: &JSONSchemaProps, path: &str, out: &mut Vec<String>) {
 
 #[test]
 fn every_crd_installs_with_names_columns_and_described_fields() {
-    for (file, kind, short) in [
-        ("resiliencepolicies.yaml", "ResiliencePolicy", "rp"),
-        ("ratelimitpolicies.yaml", "RateLimitPolicy", "rlp"),
-        ("shardtopologies.yaml", "ShardTopology", "st"),
-        ("authorizationpolicies.yaml", "AuthorizationPolicy", "azp"),
+    // Policies attached to Services show them; a PeerAuthentication selects pods.
+    const TARGETED: &[&str] = &["Targets", "Accepted", "Age"];
+    for (file, kind, short, wanted) in [
+        (
+            "resiliencepolicies.yaml",
+            "ResiliencePolicy",
+            "rp",
+            TARGETED,
+        ),
+        ("ratelimitpolicies.yaml", "RateLimitPolicy", "rlp", TARGETED),
+        ("shardtopologies.yaml", "ShardTopology", "st", TARGETED),
+        (
+            "authorizationpolicies.yaml",
+            "AuthorizationPolicy",
+            "azp",
+            TARGETED,
+        ),
+        (
+            "peerauthentications.yaml",
+            "PeerAuthentication",
+            "peerauthn",
+            &["Mode", "Accepted", "Age"],
+        ),
     ] {
         let crd = committed(file);
         assert_eq!(crd.spec.group, "bulwark.io");
@@ -82,8 +100,8 @@ fn every_crd_installs_with_names_columns_and_described_fields() {
             .flatten()
             .map(|c| c.name.as_str())
             .collect();
-        for column in ["Targets", "Accepted", "Age"] {
-            assert!(columns.contains(&column), "{kind} lacks column {column}");
+        for column in wanted {
+            assert!(columns.contains(column), "{kind} lacks column {column}");
         }
         let schema = version
             .schema
@@ -111,6 +129,22 @@ fn cross_field_rules_are_cel_and_durations_have_the_gateway_pattern() {
     assert!(text.contains("pattern: ^([0-9]{1,5}(h|m|s|ms)){1,4}$"));
 }
 
+/// A new CRD cannot be forgotten in the ClusterRole: the control plane watches every
+/// kind it defines (and would never sync without), and writes only their status.
+#[test]
+fn every_crd_is_listed_and_watched_and_only_its_status_patched() {
+    for crd in crds::definitions() {
+        let (group, plural) = (crd.spec.group.as_str(), crd.spec.names.plural.as_str());
+        for verb in ["list", "watch"] {
+            assert!(crds::allows(group, plural, verb), "{verb} {plural}");
+        }
+        assert!(crds::allows(group, &format!("{plural}/status"), "patch"));
+        for verb in ["create", "update", "patch", "delete"] {
+            assert!(!crds::allows(group, plural, verb), "{verb} {plural}");
+        }
+    }
+}
+
 #[test]
 fn rbac_rules_cover_what_the_control_plane_does_and_no_writes_to_the_mesh() {
     assert!(crds::allows("bulwark.io", "resiliencepolicies", "watch"));
@@ -119,6 +153,7 @@ fn rbac_rules_cover_what_the_control_plane_does_and_no_writes_to_the_mesh() {
         "ratelimitpolicies/status",
         "patch"
     ));
+
     // The Lease only in the control plane's namespace, and only ours by name.
     assert!(!crds::allows("coordination.k8s.io", "leases", "update"));
     assert!(!crds::allows("coordination.k8s.io", "leases", "create"));

@@ -48,7 +48,7 @@ pub struct Resource {
 }
 
 /// Every resource the control plane touches.
-pub const RESOURCES: [Resource; 10] = [
+pub const RESOURCES: [Resource; 11] = [
     Resource {
         group: "",
         version: "v1",
@@ -90,6 +90,12 @@ pub const RESOURCES: [Resource; 10] = [
         version: "v1alpha1",
         plural: "authorizationpolicies",
         kind: "AuthorizationPolicy",
+    },
+    Resource {
+        group: "bulwark.io",
+        version: "v1alpha1",
+        plural: "peerauthentications",
+        kind: "PeerAuthentication",
     },
     Resource {
         group: "coordination.k8s.io",

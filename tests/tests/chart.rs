@@ -1,6 +1,7 @@
 //! The Helm chart: `helm lint` and `helm template` with the default values and several
 //! overrides; every rendered manifest parses into its `k8s-openapi` type with no unknown
-//! fields; the ClusterRole is exactly the generated rules; the injection settings parse;
+//! fields; the ClusterRole is exactly the generated rules and covers every CRD the chart
+//! installs; the injection settings parse;
 //! and the generated certificate works with the webhook under the Service's name.
 //!
 //! `helm` comes from `HELM` or `.tools/bin/helm` (installed by `hack/install-helm.sh`,
@@ -213,6 +214,7 @@ fn default_manifests_parse_into_their_types_with_no_unknown_fields() {
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "Deployment",
             "MutatingWebhookConfiguration",
             "NetworkPolicy",
@@ -337,6 +339,61 @@ fn the_cluster_role_is_exactly_the_generated_rules() {
     assert_eq!(
         (subject.name.as_str(), subject.namespace.as_deref()),
         ("bulwark-control-plane", Some(NAMESPACE))
+    );
+}
+
+/// Every CRD the chart installs is one the ClusterRole lets the control plane list,
+/// watch and patch the status of, and nothing more: a kind it cannot watch would keep
+/// it from ever syncing, and its spec is the user's.
+#[test]
+fn the_cluster_role_covers_every_crd_the_chart_installs() {
+    let docs = render(&[]);
+    let role: ClusterRole = typed(find(&docs, "ClusterRole", "bulwark-control-plane"));
+    let rules = role.rules.unwrap_or_default();
+    let allows = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    let crds: Vec<CustomResourceDefinition> = docs
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .map(typed)
+        .collect();
+    let mut kinds: Vec<&str> = crds.iter().map(|c| c.spec.names.kind.as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        [
+            "AuthorizationPolicy",
+            "PeerAuthentication",
+            "RateLimitPolicy",
+            "ResiliencePolicy",
+            "ShardTopology"
+        ]
+    );
+    for crd in &crds {
+        let (group, plural) = (crd.spec.group.as_str(), crd.spec.names.plural.as_str());
+        for verb in ["list", "watch"] {
+            assert!(allows(group, plural, verb), "{verb} {plural}");
+        }
+        assert!(
+            allows(group, &format!("{plural}/status"), "patch"),
+            "{plural}/status"
+        );
+        for verb in ["create", "update", "patch", "delete"] {
+            assert!(!allows(group, plural, verb), "{verb} {plural}");
+        }
+    }
+    let peer = crds
+        .iter()
+        .find(|c| c.spec.names.kind == "PeerAuthentication")
+        .map(|c| &c.spec.names);
+    assert_eq!(
+        peer.and_then(|n| n.short_names.clone()),
+        Some(vec!["peerauthn".to_owned()])
     );
 }
 

@@ -288,7 +288,17 @@ async fn cluster_objects_reach_the_agent_and_every_policy_gets_a_status() {
          spec:\n  targetRefs: [{{kind: Service, name: reviews}}]\n\
          \x20 rules: [{{from: [{{serviceAccount: client}}]}}]\n"
     ));
-    for kind in ["RateLimitPolicy", "ShardTopology", "AuthorizationPolicy"] {
+    server.apply(&format!(
+        "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+         metadata: {{name: reviews, namespace: {NAMESPACE}}}\n\
+         spec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  mode: Strict\n"
+    ));
+    for kind in [
+        "RateLimitPolicy",
+        "ShardTopology",
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+    ] {
         wait_for_condition(
             &server,
             kind,

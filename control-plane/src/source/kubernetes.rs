@@ -106,6 +106,7 @@ pub fn resource(kind: Kind) -> ApiResource {
         Kind::HttpRoute => (api::http_route::GATEWAY_GROUP, "v1", "httproutes"),
         Kind::GrpcRoute => (api::http_route::GATEWAY_GROUP, "v1", "grpcroutes"),
         Kind::AuthorizationPolicy => (POLICY_GROUP, "v1alpha1", "authorizationpolicies"),
+        Kind::PeerAuthentication => (POLICY_GROUP, "v1alpha1", "peerauthentications"),
     };
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(group, version, kind.as_str()),
@@ -121,6 +122,7 @@ pub const fn has_status(kind: Kind) -> bool {
             | Kind::RateLimitPolicy
             | Kind::ShardTopology
             | Kind::AuthorizationPolicy
+            | Kind::PeerAuthentication
     )
 }
 
