@@ -70,8 +70,10 @@ struct InboundService {
 }
 
 impl Inbound {
-    /// The inbound part (rate limits and authorization policies) for an agent with
-    /// these labels in this namespace, and the revision at which it last changed.
+    /// The inbound part (rate limits, authorization policies, and the PeerAuthentication
+    /// that takes precedence; none when no policy covers the pod, which the agent reads
+    /// as Permissive) for an agent with these labels in this namespace, and the revision
+    /// at which it last changed.
     pub fn for_agent(
         &self,
         namespace: &str,
@@ -82,6 +84,7 @@ impl Inbound {
             return (inbound, 0);
         };
         let mut changed_at = ns.removed_at;
+        let mut peer_authentication: Option<&inbound::RankedPeerAuthentication> = None;
         for service in ns.services.values() {
             let matches = service
                 .limits
@@ -96,8 +99,14 @@ impl Inbound {
                 inbound
                     .authorization
                     .extend(service.limits.authorization.iter().cloned());
+                if let Some(candidate) = &service.limits.peer_authentication
+                    && peer_authentication.is_none_or(|p| candidate.precedence < p.precedence)
+                {
+                    peer_authentication = Some(candidate);
+                }
             }
         }
+        inbound.peer_authentication = peer_authentication.map(|p| p.message.clone());
         merge_rate_limits(&mut inbound.rate_limits);
         inbound::merge_authorization(&mut inbound.authorization);
         (inbound, changed_at)

@@ -136,19 +136,26 @@ pub fn judge(
     }
     let mut lost: BTreeMap<&ObjectName, Vec<String>> = BTreeMap::new();
     for d in diagnostics {
-        if let Diagnostic::Conflict {
-            service,
-            port,
-            winner,
-            loser,
-        } = d
-            && key.kind == Kind::ResiliencePolicy
-            && *loser == key.name
-        {
-            lost.entry(winner)
-                .or_default()
-                .push(format!("{service} port {port}"));
-        }
+        let (winner, place) = match d {
+            Diagnostic::Conflict {
+                service,
+                port,
+                winner,
+                loser,
+            } if key.kind == Kind::ResiliencePolicy && *loser == key.name => {
+                (winner, format!("{service} port {port}"))
+            }
+            Diagnostic::PeerAuthenticationConflict {
+                winner,
+                loser,
+                namespace_wide,
+            } if key.kind == Kind::PeerAuthentication && *loser == key.name => (
+                winner,
+                Diagnostic::peer_authentication_place(winner, *namespace_wide),
+            ),
+            _ => continue,
+        };
+        lost.entry(winner).or_default().push(place);
     }
     if key.kind == Kind::ShardTopology {
         for (winner, services) in shard_conflicts(model, &key.name) {
@@ -437,6 +444,40 @@ mod tests {
             v.message,
             "spec.retry.attempts: must be between 1 and 10; the last accepted version stays in force"
         );
+    }
+
+    #[test]
+    fn the_younger_of_two_namespace_wide_peer_authentications_is_conflicted() {
+        let model = crate::testing::model(
+            "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {name: old, namespace: demo, creationTimestamp: '2024-01-01T00:00:00Z'}\n\
+             spec: {mode: Strict}\n---\n\
+             apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {name: young, namespace: demo, creationTimestamp: '2024-02-01T00:00:00Z'}\n\
+             spec: {}\n---\n\
+             apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {name: web, namespace: demo, creationTimestamp: '2024-03-01T00:00:00Z'}\n\
+             spec: {selector: {matchLabels: {app: web}}, mode: Permissive}\n",
+        );
+        let diagnostics = index::diagnose(&model);
+        let verdict = |name: &str| {
+            judge(
+                &key(Kind::PeerAuthentication, name),
+                &observation(None, false),
+                &model,
+                &diagnostics,
+            )
+        };
+        let young = verdict("young");
+        assert_eq!(young.reason, Reason::Conflicted);
+        assert_eq!(
+            young.message,
+            "PeerAuthentication demo/old takes precedence on every pod of namespace demo \
+             (more specific, or older by creation time, then name)"
+        );
+        for in_force in ["old", "web"] {
+            assert_eq!(verdict(in_force).reason, Reason::Accepted, "{in_force}");
+        }
     }
 
     #[test]

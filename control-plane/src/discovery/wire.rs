@@ -8,6 +8,7 @@ use proto::load_balancer::Strategy as ProtoStrategy;
 use proto::rate_limit_key::Kind as ProtoKeyKind;
 
 use crate::model::ObjectName;
+use crate::model::peer_authentication::{MtlsMode, PeerAuthentication};
 use crate::model::policy::{self, LimitKey, Strategy};
 use crate::model::shard;
 
@@ -100,6 +101,24 @@ pub fn rate_limit(policy: &ObjectName, limit: &policy::Limit, ports: Vec<u32>) -
         requests: limit.requests,
         period: Some(duration(limit.per)),
         burst: limit.burst,
+    }
+}
+
+/// The wire form of a PeerAuthentication. Every mode is written out (never
+/// `MTLS_MODE_UNSPECIFIED`), so that what the agent reads is what the policy says.
+pub fn peer_authentication(p: &PeerAuthentication) -> proto::PeerAuthentication {
+    let mode = |m: MtlsMode| match m {
+        MtlsMode::Permissive => proto::MtlsMode::Permissive,
+        MtlsMode::Strict => proto::MtlsMode::Strict,
+    };
+    proto::PeerAuthentication {
+        source: p.name.to_string(),
+        mode: mode(p.mode).into(),
+        port_modes: p
+            .port_modes
+            .iter()
+            .map(|(port, m)| (u32::from(*port), mode(*m).into()))
+            .collect(),
     }
 }
 

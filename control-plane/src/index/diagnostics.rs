@@ -64,6 +64,17 @@ pub enum Diagnostic {
         /// The service.
         service: String,
     },
+    /// Two PeerAuthentications cover the same pods: both namespace-wide in one
+    /// namespace, or both selecting a pod of the model by label. Only the winner (the
+    /// older, by creation time then name) sets those pods' mode.
+    PeerAuthenticationConflict {
+        /// The policy in force there.
+        winner: ObjectName,
+        /// The policy that is not applied there.
+        loser: ObjectName,
+        /// Both are namespace-wide (otherwise both select some pod).
+        namespace_wide: bool,
+    },
     /// An HTTPRoute backend names a Service or port that does not exist: its share of
     /// the traffic gets 500.
     UnresolvedBackend {
@@ -79,6 +90,16 @@ pub enum Diagnostic {
 }
 
 impl Diagnostic {
+    /// Where a PeerAuthentication conflict is, in words: every pod of the namespace, or
+    /// the pods that both policies select.
+    pub fn peer_authentication_place(winner: &ObjectName, namespace_wide: bool) -> String {
+        if namespace_wide {
+            format!("every pod of namespace {}", winner.namespace)
+        } else {
+            "the pods both select".to_owned()
+        }
+    }
+
     /// Logs the diagnostic at the level it deserves.
     pub fn log(&self) {
         match self {
@@ -125,6 +146,15 @@ impl Diagnostic {
             } => warn!(
                 %kind, %policy, %service,
                 "the policy targets a Service without a selector; no pod enforces it"
+            ),
+            Diagnostic::PeerAuthenticationConflict {
+                winner,
+                loser,
+                namespace_wide,
+            } => warn!(
+                %winner, %loser, namespace_wide,
+                "two PeerAuthentications cover the same pods; a selector policy beats a \
+                 namespace-wide one, then the older wins"
             ),
             Diagnostic::UnresolvedBackend {
                 kind,
@@ -186,6 +216,15 @@ impl fmt::Display for Diagnostic {
             } => write!(
                 f,
                 "{kind} {policy} targets Service {service}, which has no selector"
+            ),
+            Diagnostic::PeerAuthenticationConflict {
+                winner,
+                loser,
+                namespace_wide,
+            } => write!(
+                f,
+                "PeerAuthentication {loser} is not applied to {}: {winner} wins",
+                Diagnostic::peer_authentication_place(winner, *namespace_wide)
             ),
             Diagnostic::UnresolvedBackend {
                 kind,

@@ -1,6 +1,7 @@
 //! The inbound part of views: RateLimitPolicies and AuthorizationPolicies resolved onto
 //! the pods that enforce them (through the Services they target, with the pod ports
-//! each applies to, or through a label selector).
+//! each applies to, or through a label selector), and PeerAuthentications by the pods
+//! they may cover (which one does is decided per pod, by precedence).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,24 +12,40 @@ use super::diagnostics::Diagnostic;
 use super::outbound::has_tcp_port;
 use crate::discovery::wire;
 use crate::model::authorization::{self as authz, Attachment};
+use crate::model::peer_authentication::{PeerAuthentication, Precedence};
 use crate::model::{Kind, Model, ObjectName, Protocol, TargetPort, TargetRef};
 
 /// The inbound policy enforced by a set of pods: those behind one Service, or those an
-/// AuthorizationPolicy selects by label.
+/// AuthorizationPolicy or a PeerAuthentication selects by label (or by namespace).
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct ServiceLimits {
-    /// The pods' labels must all match this; agents whose labels do enforce the policy.
+    /// The pods' labels must all match this (an empty one matches every pod of the
+    /// namespace); agents whose labels do enforce the policy.
     pub selector: BTreeMap<String, String>,
     /// The rate limits, merged and sorted (see [`merge`]).
     pub limits: Vec<proto::RateLimit>,
     /// The authorization policies, merged and sorted by source (see [`merge_authorization`]).
     pub authorization: Vec<proto::AuthorizationPolicy>,
+    /// A PeerAuthentication that covers these pods, unless another one that also
+    /// does takes precedence.
+    pub peer_authentication: Option<RankedPeerAuthentication>,
 }
 
-/// The key of the pods an AuthorizationPolicy selects by label, beside the Services in
-/// the same namespace: a `/` never appears in a Service's name, so the two cannot meet.
-fn selector_key(policy: &ObjectName) -> String {
-    format!("AuthorizationPolicy/{}", policy.name)
+/// A PeerAuthentication in wire form, with its rank among the policies that may cover
+/// the same pod.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct RankedPeerAuthentication {
+    /// The smaller wins.
+    pub precedence: Precedence,
+    /// What the pods get when it wins.
+    pub message: proto::PeerAuthentication,
+}
+
+/// The key of the pods a policy of `kind` selects by label (or by namespace), beside
+/// the Services in the same namespace: a `/` never appears in a Service's name, so the
+/// two cannot meet.
+fn selector_key(kind: Kind, policy: &ObjectName) -> String {
+    format!("{kind}/{}", policy.name)
 }
 
 /// The Service a policy's target names and the pod ports it reaches, or why not (a
@@ -153,14 +170,30 @@ pub(super) fn limits(
                 }
             }
             Attachment::Selector(labels) => {
-                let name =
-                    ObjectName::new(policy.name.namespace.as_str(), selector_key(&policy.name));
+                let name = ObjectName::new(
+                    policy.name.namespace.as_str(),
+                    selector_key(Kind::AuthorizationPolicy, &policy.name),
+                );
                 entry(&mut by_service, name, labels)
                     .authorization
                     .push(authorization_message(policy, Vec::new()));
             }
         }
     }
+    let every_pod = BTreeMap::new();
+    for policy in model.peer_authentications.values() {
+        let name = ObjectName::new(
+            policy.name.namespace.as_str(),
+            selector_key(Kind::PeerAuthentication, &policy.name),
+        );
+        let selector = policy.selector.as_ref().unwrap_or(&every_pod);
+        entry(&mut by_service, name, selector).peer_authentication =
+            Some(RankedPeerAuthentication {
+                precedence: policy.precedence(),
+                message: wire::peer_authentication(policy),
+            });
+    }
+    peer_authentication_conflicts(model, diagnostics);
     for entry in by_service.values_mut() {
         merge(&mut entry.limits);
         merge_authorization(&mut entry.authorization);
@@ -178,7 +211,57 @@ fn entry<'a>(
         selector: selector.clone(),
         limits: Vec::new(),
         authorization: Vec::new(),
+        peer_authentication: None,
     })
+}
+
+/// Diagnoses every PeerAuthentication that loses somewhere: a namespace-wide one to an
+/// older namespace-wide one, a selector one to another that selects the same pod of the
+/// model and ranks first. A selector policy beating a namespace-wide one is the point
+/// of having both, not a conflict.
+fn peer_authentication_conflicts(model: &Model, diagnostics: &mut BTreeSet<Diagnostic>) {
+    let mut wide: BTreeMap<&str, Vec<(Precedence, &PeerAuthentication)>> = BTreeMap::new();
+    let mut selecting: BTreeMap<&str, Vec<(Precedence, &PeerAuthentication)>> = BTreeMap::new();
+    for policy in model.peer_authentications.values() {
+        let by_namespace = if policy.selector.is_none() {
+            &mut wide
+        } else {
+            &mut selecting
+        };
+        by_namespace
+            .entry(policy.name.namespace.as_str())
+            .or_default()
+            .push((policy.precedence(), policy));
+    }
+    let mut conflict = |winner: &PeerAuthentication, loser: &PeerAuthentication| {
+        diagnostics.insert(Diagnostic::PeerAuthenticationConflict {
+            winner: winner.name.clone(),
+            loser: loser.name.clone(),
+            namespace_wide: loser.selector.is_none(),
+        });
+    };
+    for policies in wide.values_mut().chain(selecting.values_mut()) {
+        policies.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    for policies in wide.values() {
+        if let [(_, winner), losers @ ..] = policies.as_slice() {
+            for (_, loser) in losers {
+                conflict(winner, loser);
+            }
+        }
+    }
+    for pod in model.pods.values() {
+        let Some(policies) = selecting.get(pod.name.namespace.as_str()) else {
+            continue;
+        };
+        // Sorted: the first policy that selects the pod wins it.
+        let mut covering = policies.iter().filter(|(_, p)| p.selects(&pod.labels));
+        if let Some((_, winner)) = covering.next() {
+            for (_, loser) in covering {
+                conflict(winner, loser);
+            }
+        }
+    }
 }
 
 /// An AuthorizationPolicy as the agent enforces it on `ports` (empty: every port).

@@ -297,17 +297,17 @@ fn a_section_that_matches_no_port_is_reported() {
     )));
 }
 
-fn rate_limits(m: &Model, labels: &[(&str, &str)]) -> Vec<proto::RateLimit> {
+/// The inbound part an agent in `namespace` with `labels` gets, and when it changed.
+fn for_agent(m: &Model, namespace: &str, labels: &[(&str, &str)]) -> (proto::Inbound, u64) {
     let labels: BTreeMap<_, _> = labels
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    index(m)
-        .state()
-        .inbound
-        .for_agent("shop", &labels)
-        .0
-        .rate_limits
+    index(m).state().inbound.for_agent(namespace, &labels)
+}
+
+fn rate_limits(m: &Model, labels: &[(&str, &str)]) -> Vec<proto::RateLimit> {
+    for_agent(m, "shop", labels).0.rate_limits
 }
 
 fn rate_limit_policy(target: &str) -> String {
@@ -397,11 +397,7 @@ fn publishes_a_new_revision_only_when_something_visible_changed() {
 }
 
 fn authorization(m: &Model, labels: &[(&str, &str)]) -> (Vec<proto::AuthorizationPolicy>, u64) {
-    let labels: BTreeMap<_, _> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let (inbound, changed_at) = index(m).state().inbound.for_agent("shop", &labels);
+    let (inbound, changed_at) = for_agent(m, "shop", labels);
     (inbound.authorization, changed_at)
 }
 
@@ -493,4 +489,183 @@ fn an_authorization_policy_for_a_missing_service_is_diagnosed_not_sent() {
         }
     )));
     assert!(authorization(&m, &[("app", "web")]).0.is_empty());
+}
+
+fn peer_authentication(name: &str, created: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+         metadata: {{name: {name}, namespace: shop, creationTimestamp: '{created}'}}\n\
+         spec: {spec}\n"
+    )
+}
+
+fn pod(name: &str, labels: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {labels}}}\n"
+    )
+}
+
+/// The PeerAuthentication an agent in `namespace` with `labels` gets.
+fn mtls(m: &Model, namespace: &str, labels: &[(&str, &str)]) -> Option<proto::PeerAuthentication> {
+    for_agent(m, namespace, labels).0.peer_authentication
+}
+
+fn mtls_source(m: &Model, labels: &[(&str, &str)]) -> Option<String> {
+    mtls(m, "shop", labels).map(|p| p.source)
+}
+
+#[test]
+fn a_pod_no_peer_authentication_covers_gets_none_and_is_permissive() {
+    let m = model(&format!(
+        "{SERVICE}{}",
+        peer_authentication(
+            "web",
+            "2024-01-01T00:00:00Z",
+            "{selector: {matchLabels: {app: web}}, mode: Strict}"
+        )
+    ));
+    assert_eq!(mtls(&m, "shop", &[("app", "api")]), None);
+    assert_eq!(
+        mtls(&m, "prod", &[("app", "web")]),
+        None,
+        "another namespace"
+    );
+    assert!(
+        mtls(&examples(), "demo", &[("app", "frontend")]).is_none(),
+        "the demo has none: its callers stay plaintext"
+    );
+}
+
+#[test]
+fn the_wire_form_spells_every_mode_out_with_the_port_overrides() {
+    let m = model(&peer_authentication(
+        "mesh",
+        "2024-01-01T00:00:00Z",
+        "{portLevelMtls: [{port: 8443, mode: Strict}, {port: 15021, mode: Permissive}]}",
+    ));
+    let p = mtls(&m, "shop", &[]).unwrap();
+    assert_eq!(p.source, "shop/mesh");
+    assert_eq!(
+        p.mode,
+        i32::from(proto::MtlsMode::Permissive),
+        "not UNSPECIFIED"
+    );
+    let mut ports: Vec<_> = p.port_modes.into_iter().collect();
+    ports.sort_unstable();
+    assert_eq!(
+        ports,
+        [
+            (8443, i32::from(proto::MtlsMode::Strict)),
+            (15021, i32::from(proto::MtlsMode::Permissive))
+        ]
+    );
+}
+
+#[test]
+fn a_matching_selector_policy_beats_the_namespace_wide_one_and_the_older_wide_one_wins() {
+    let m = model(&format!(
+        "{}{}{}",
+        peer_authentication("newer-wide", "2024-01-02T00:00:00Z", "{mode: Permissive}"),
+        peer_authentication("older-wide", "2024-01-01T00:00:00Z", "{mode: Strict}"),
+        // Younger than both namespace-wide ones, and still first where it matches.
+        peer_authentication(
+            "web",
+            "2024-06-01T00:00:00Z",
+            "{selector: {matchLabels: {app: web}}, mode: Permissive}"
+        ),
+    ));
+    assert_eq!(
+        mtls_source(&m, &[("app", "web")]).as_deref(),
+        Some("shop/web")
+    );
+    let other = mtls(&m, "shop", &[("app", "api")]).unwrap();
+    assert_eq!(other.source, "shop/older-wide");
+    assert_eq!(other.mode, i32::from(proto::MtlsMode::Strict));
+    let conflicts: Vec<_> = index(&m)
+        .diagnostics()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        conflicts,
+        [
+            "PeerAuthentication shop/newer-wide is not applied to every pod of namespace shop: \
+          shop/older-wide wins"
+        ],
+        "a selector policy overriding a namespace-wide one is no conflict"
+    );
+}
+
+#[test]
+fn two_selectors_conflict_where_a_pod_of_the_model_matches_both() {
+    let policies = format!(
+        "{}{}",
+        peer_authentication(
+            "by-tier",
+            "2024-01-02T00:00:00Z",
+            "{selector: {matchLabels: {tier: front}}, mode: Permissive}"
+        ),
+        peer_authentication(
+            "by-app",
+            "2024-01-01T00:00:00Z",
+            "{selector: {matchLabels: {app: web}}, mode: Strict}"
+        ),
+    );
+    // The selectors could meet, but no pod has both labels: each is in force on its own.
+    let apart = model(&format!(
+        "{policies}{}{}",
+        pod("web-0", "{app: web}"),
+        pod("cdn-0", "{tier: front}")
+    ));
+    assert!(index(&apart).diagnostics().is_empty());
+    let both = [("app", "web"), ("tier", "front")];
+    assert_eq!(
+        mtls_source(&apart, &both).as_deref(),
+        Some("shop/by-app"),
+        "the older"
+    );
+
+    let meeting = with_document(apart, &pod("web-1", "{app: web, tier: front}"));
+    assert_eq!(
+        index(&meeting).diagnostics().iter().collect::<Vec<_>>(),
+        [&Diagnostic::PeerAuthenticationConflict {
+            winner: ObjectName::new("shop", "by-app"),
+            loser: ObjectName::new("shop", "by-tier"),
+            namespace_wide: false,
+        }]
+    );
+    assert_eq!(
+        mtls_source(&meeting, &[("tier", "front")]).as_deref(),
+        Some("shop/by-tier")
+    );
+}
+
+#[test]
+fn changing_a_peer_authentication_is_a_change_for_the_pods_it_covers_only() {
+    let strict = |mode: &str| {
+        with_document(
+            examples(),
+            &format!(
+                "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+                 metadata: {{name: frontend, namespace: demo}}\n\
+                 spec: {{selector: {{matchLabels: {{app: frontend}}}}, mode: {mode}}}\n"
+            ),
+        )
+    };
+    let mut idx = index(&strict("Permissive"));
+    let labels = |app: &str| BTreeMap::from([("app".to_owned(), app.to_owned())]);
+    let before = idx.state();
+    let (_, catalog_at) = before.inbound.for_agent("demo", &labels("catalog"));
+    assert!(idx.apply(&strict("Strict")));
+    let after = idx.state();
+    let (frontend, frontend_at) = after.inbound.for_agent("demo", &labels("frontend"));
+    assert_eq!(frontend_at, after.revision);
+    assert_eq!(
+        frontend.peer_authentication.map(|p| p.mode),
+        Some(i32::from(proto::MtlsMode::Strict))
+    );
+    assert_eq!(
+        after.inbound.for_agent("demo", &labels("catalog")).1,
+        catalog_at
+    );
 }
