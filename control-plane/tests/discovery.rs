@@ -122,6 +122,18 @@ fn attempts(snapshot: &Snapshot, name: &str) -> Option<u32> {
     Some(port.resilience.as_ref()?.retry.as_ref()?.attempts)
 }
 
+/// The control plane's `/errors`, once it lists a rejection.
+async fn rejections(fx: &Fixture) -> serde_json::Value {
+    eventually("a rejection in /errors", || async {
+        fx.admin_json("/errors")
+            .await
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    fx.admin_json("/errors").await
+}
+
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
@@ -300,14 +312,7 @@ async fn edits_reach_agents_and_invalid_edits_keep_the_last_good_policy() {
         "resilience.yaml",
         &resilience.replace("attempts: 3 ", "attempts: 0 "),
     );
-    eventually("the rejection in /errors", || async {
-        fx.admin_json("/errors")
-            .await
-            .as_array()
-            .is_some_and(|a| !a.is_empty())
-    })
-    .await;
-    let errors = fx.admin_json("/errors").await;
+    let errors = rejections(&fx).await;
     let rejected = &errors[0];
     assert!(
         rejected["file"]
@@ -598,5 +603,77 @@ async fn an_agent_of_protocol_1_gets_sharded_ports_without_endpoints() {
             .all(|a| a["held_back"] == serde_json::json!([]))
     })
     .await;
+    fx.cp.shutdown().await;
+}
+
+/// The inbound mutual-TLS mode an agent was sent, as `(source, mode)`.
+fn mtls(snapshot: &Snapshot) -> Option<(String, i32)> {
+    let p = snapshot.inbound.as_ref()?.peer_authentication.as_ref()?;
+    Some((p.source.clone(), p.mode))
+}
+
+#[tokio::test]
+async fn a_peer_authentication_from_a_folder_reaches_its_pods_and_an_invalid_edit_keeps_it() {
+    use bulwark_proto::v1::MtlsMode;
+    let fx = Fixture::start().await;
+    let mut current = connect_agent(&fx, "catalog-0", &[("app", "catalog")]).await;
+    let first = current.next().await;
+    assert_eq!(mtls(&first), None, "no policy: none sent, Permissive");
+    let mut old = open(
+        fx.cp.grpc_addr(),
+        hello_at("catalog-1", &[("app", "catalog")], 3),
+    )
+    .await
+    .unwrap();
+    old.next().await;
+
+    let policy = "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+                  metadata: {name: mesh, namespace: demo}\nspec:\n  mode: Strict\n";
+    fx.write("mtls.yaml", policy);
+    let strict = Some(("demo/mesh".to_owned(), i32::from(MtlsMode::Strict)));
+    assert_eq!(mtls(&current.next().await), strict);
+
+    // An agent of protocol 3 cannot refuse plaintext: /agents says so.
+    eventually(
+        "the Strict mode held back from catalog-1 in /agents",
+        || async {
+            fx.admin_json("/agents")
+                .await
+                .as_array()
+                .is_some_and(|agents| {
+                    agents.iter().any(|a| {
+                        a["identity"]["pod_name"] == "catalog-1"
+                            && a["held_back"]
+                                == serde_json::json!([{"port": "inbound (demo/mesh)",
+                            "feature": "peerAuthentication.mode", "needs_protocol": 4}])
+                    })
+                })
+        },
+    )
+    .await;
+    assert_eq!(mtls(&old.next().await), None);
+
+    // An invalid edit is rejected with its path; the agent keeps Strict.
+    fx.write(
+        "mtls.yaml",
+        &format!("{policy}  portLevelMtls: [{{port: 8080, mode: Strict}}, {{port: 8080, mode: Permissive}}]\n"),
+    );
+    let errors = rejections(&fx).await;
+    assert_eq!(errors[0]["object"], "PeerAuthentication demo/mesh");
+    assert_eq!(errors[0]["path"], "spec.portLevelMtls[1].port");
+    assert_eq!(errors[0]["kept_previous"], true);
+    // The next change this agent hears of is a valid one, with Strict still in force.
+    let resilience = fx.read("resilience.yaml");
+    fx.write(
+        "resilience.yaml",
+        &resilience.replace("attempts: 3 ", "attempts: 4 "),
+    );
+    let next = current.next().await;
+    assert_eq!(attempts(&next, "reviews"), Some(4));
+    assert_eq!(mtls(&next), strict, "the last good version stays");
+
+    // Deleting the policy sends none again: Permissive.
+    std::fs::remove_file(fx.path("mtls.yaml")).unwrap();
+    assert_eq!(mtls(&current.next().await), None);
     fx.cp.shutdown().await;
 }

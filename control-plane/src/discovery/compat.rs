@@ -93,39 +93,82 @@ fn strip_new_strategies(port: &mut proto::ServicePort) -> bool {
 /// The protocol that brought `Inbound.authorization` (AuthorizationPolicy).
 pub const AUTHORIZATION_SINCE: u32 = 3;
 
-/// An agent below [`AUTHORIZATION_SINCE`] ignores the pod's authorization policies
-/// and allows every caller: the policies are left out of its snapshot and reported as
-/// held back, so `/agents` and the metric show that the pod is not protected.
-pub fn hold_back_authorization(
+/// The protocol that brought `Inbound.peer_authentication` (PeerAuthentication).
+pub const PEER_AUTHENTICATION_SINCE: u32 = 4;
+
+/// The pod's inbound part as an agent at `level` may have it, and what was held back;
+/// `None` when it goes as it is.
+///
+/// - Below [`AUTHORIZATION_SINCE`] an agent ignores the pod's authorization policies
+///   and allows every caller: the policies are left out and reported as held back, so
+///   `/agents` and the metric show that the pod is not protected.
+/// - Below [`PEER_AUTHENTICATION_SINCE`] an agent cannot refuse plaintext: it neither
+///   reads the mode nor terminates mutual TLS. The PeerAuthentication is left out and a
+///   Strict mode (of the pod, or of any port) is reported as held back; a Permissive
+///   one is what the agent does anyway, so nothing is lost. Failing closed instead has
+///   no safe form: such an agent can only refuse every caller, meshed ones included,
+///   which would turn going Strict before the agents are upgraded into an outage of
+///   every old pod. Left as it is, the pod keeps taking plaintext as it did before the
+///   policy, and the report says which pods are not Strict yet.
+pub fn hold_back_inbound(
     inbound: &Arc<proto::Inbound>,
     level: u32,
 ) -> Option<(Arc<proto::Inbound>, Vec<HeldBack>)> {
-    if level >= AUTHORIZATION_SINCE || inbound.authorization.is_empty() {
+    let authorization = level < AUTHORIZATION_SINCE && !inbound.authorization.is_empty();
+    let peer_authentication =
+        level < PEER_AUTHENTICATION_SINCE && inbound.peer_authentication.is_some();
+    if !authorization && !peer_authentication {
         return None;
     }
-    let held_back = inbound
-        .authorization
-        .iter()
-        .map(|p| HeldBack {
+    let mut stripped = proto::Inbound::clone(inbound);
+    let mut held_back: Vec<HeldBack> = Vec::new();
+    if authorization {
+        held_back.extend(stripped.authorization.drain(..).map(|p| HeldBack {
             port: format!("inbound ({})", p.source),
             feature: "authorization",
             needs_protocol: AUTHORIZATION_SINCE,
-        })
-        .collect();
-    let stripped = proto::Inbound {
-        rate_limits: inbound.rate_limits.clone(),
-        authorization: Vec::new(),
-        peer_authentication: inbound.peer_authentication.clone(),
-    };
+        }));
+    }
+    if peer_authentication && let Some(p) = stripped.peer_authentication.take() {
+        held_back.extend(strict_places(&p).into_iter().map(|port| HeldBack {
+            port,
+            feature: "peerAuthentication.mode",
+            needs_protocol: PEER_AUTHENTICATION_SINCE,
+        }));
+    }
     Some((Arc::new(stripped), held_back))
+}
+
+/// Where a PeerAuthentication refuses plaintext: `inbound (ns/name)` for its mode, then
+/// `inbound port N (ns/name)` for each Strict port override, in port order.
+fn strict_places(p: &proto::PeerAuthentication) -> Vec<String> {
+    let strict = |mode: i32| mode == i32::from(proto::MtlsMode::Strict);
+    let mut places = Vec::new();
+    if strict(p.mode) {
+        places.push(format!("inbound ({})", p.source));
+    }
+    let mut ports: Vec<u32> = p
+        .port_modes
+        .iter()
+        .filter(|(_, mode)| strict(**mode))
+        .map(|(port, _)| *port)
+        .collect();
+    ports.sort_unstable();
+    places.extend(
+        ports
+            .into_iter()
+            .map(|port| format!("inbound port {port} ({})", p.source)),
+    );
+    places
 }
 
 /// One feature held back from one service port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HeldBack {
-    /// `name.namespace:port`.
+    /// `name.namespace:port`, or `inbound (ns/policy)` for the pod's own inbound part.
     pub port: String,
-    /// The feature (`shardTopology`, `routes`, `loadBalancer.strategy`).
+    /// The feature (`shardTopology`, `routes`, `loadBalancer.strategy`,
+    /// `authorization`, `peerAuthentication.mode`).
     pub feature: &'static str,
     /// The protocol version that would get it.
     pub needs_protocol: u32,
@@ -199,12 +242,66 @@ mod tests {
             for_level(&services(), 2).is_none(),
             "3 adds nothing outbound"
         );
-        assert_eq!(level(7), 3, "a newer agent is served what this build knows");
+        assert_eq!(
+            level(7),
+            bulwark_proto::PROTOCOL_VERSION,
+            "a newer agent is served what this build knows"
+        );
         let mut plain = services();
         plain[0].ports[0].shard_topology = None;
         assert!(
             for_level(&plain, 1).is_none(),
             "nothing to hold back: shared as is"
+        );
+    }
+
+    fn inbound(mode: proto::MtlsMode, ports: &[(u32, proto::MtlsMode)]) -> Arc<proto::Inbound> {
+        Arc::new(proto::Inbound {
+            peer_authentication: Some(proto::PeerAuthentication {
+                source: "shop/mtls".into(),
+                mode: mode.into(),
+                port_modes: ports.iter().map(|(p, m)| (*p, i32::from(*m))).collect(),
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_peer_authentication_goes_as_it_is_from_protocol_4() {
+        let strict = inbound(proto::MtlsMode::Strict, &[]);
+        assert!(hold_back_inbound(&strict, 4).is_none());
+        assert!(hold_back_inbound(&Arc::new(proto::Inbound::default()), 1).is_none());
+    }
+
+    #[test]
+    fn below_protocol_4_each_strict_place_is_held_back_in_port_order() {
+        use proto::MtlsMode::{Permissive, Strict};
+        let mixed = inbound(
+            Permissive,
+            &[(9443, Strict), (8080, Permissive), (8443, Strict)],
+        );
+        let (stripped, held_back) = hold_back_inbound(&mixed, 3).unwrap();
+        assert_eq!(stripped.peer_authentication, None);
+        let places: Vec<_> = held_back.iter().map(|h| h.port.as_str()).collect();
+        assert_eq!(
+            places,
+            [
+                "inbound port 8443 (shop/mtls)",
+                "inbound port 9443 (shop/mtls)"
+            ]
+        );
+        assert!(
+            held_back
+                .iter()
+                .all(|h| h.feature == "peerAuthentication.mode"
+                    && h.needs_protocol == PEER_AUTHENTICATION_SINCE)
+        );
+
+        let (stripped, held_back) = hold_back_inbound(&inbound(Permissive, &[]), 3).unwrap();
+        assert_eq!(stripped.peer_authentication, None);
+        assert!(
+            held_back.is_empty(),
+            "Permissive is what an old agent does anyway"
         );
     }
 

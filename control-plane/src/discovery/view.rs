@@ -1,6 +1,7 @@
 //! What one agent sees: every service of the mesh (outbound, shared by all agents) and
-//! the rate limits and authorization policies its own pod enforces (inbound). A view only produces a snapshot when
-//! its content changed; its version is the index revision of that change.
+//! the rate limits, authorization policies and mutual-TLS mode its own pod enforces
+//! (inbound). A view only produces a snapshot when its content changed; its version is
+//! the index revision of that change.
 //!
 //! Work shared by all agents is done once per index state, not once per agent: the
 //! outbound part is encoded to protobuf once and every snapshot carries those bytes
@@ -34,6 +35,10 @@ pub struct AgentView {
     /// The protocol level the agent is served at ([`compat::level`]).
     level: u32,
     sent: Option<PendingSnapshot>,
+    /// The pod's inbound part the last snapshot was made from, before anything was held
+    /// back from it: compared with the next one, so that an older agent's stripped
+    /// inbound part does not read as a change at every new index state.
+    sent_inbound: Option<Arc<proto::Inbound>>,
 }
 
 /// A snapshot ready to go out. It holds the shared outbound part by reference (the
@@ -45,8 +50,8 @@ pub struct PendingSnapshot {
     outbound: Arc<Outbound>,
     /// `outbound.services` as `Snapshot.services` fields, shared by every agent.
     outbound_encoded: Bytes,
-    /// The inbound part of the agent's pod (rate limits, authorization), shared by the
-    /// agents with the same namespace and labels.
+    /// The inbound part of the agent's pod (rate limits, authorization, mutual-TLS
+    /// mode), shared by the agents with the same namespace and labels.
     inbound: Arc<proto::Inbound>,
     /// What the agent's protocol level cannot enforce and was left out.
     held_back: Arc<[HeldBack]>,
@@ -71,6 +76,11 @@ impl PendingSnapshot {
     /// The authorization policies of the agent's pod.
     pub fn authorization(&self) -> &[proto::AuthorizationPolicy] {
         &self.inbound.authorization
+    }
+
+    /// The PeerAuthentication of the agent's pod (none: Permissive).
+    pub fn peer_authentication(&self) -> Option<&proto::PeerAuthentication> {
+        self.inbound.peer_authentication.as_ref()
     }
 
     /// The wire message, as a struct (a deep copy of the services: for tests and
@@ -224,6 +234,7 @@ impl AgentView {
             cache,
             level: bulwark_proto::PROTOCOL_VERSION,
             sent: None,
+            sent_inbound: None,
         }
     }
 
@@ -246,7 +257,7 @@ impl AgentView {
                 .inbound(&state.inbound, &self.namespace, &self.labels);
         if let Some(sent) = &self.sent
             && sent.outbound.changed_at == state.outbound.changed_at
-            && sent.inbound == inbound
+            && self.sent_inbound.as_ref() == Some(&inbound)
         {
             return None;
         }
@@ -259,7 +270,8 @@ impl AgentView {
             version = version.max(sent.version + 1);
         }
         let shared = self.cache.outbound(&state.outbound, self.level);
-        let (inbound, held_back) = match compat::hold_back_authorization(&inbound, self.level) {
+        self.sent_inbound = Some(Arc::clone(&inbound));
+        let (inbound, held_back) = match compat::hold_back_inbound(&inbound, self.level) {
             None => (inbound, shared.held_back),
             Some((stripped, inbound_held_back)) => {
                 let mut all = shared.held_back.to_vec();
@@ -522,6 +534,122 @@ mod tests {
                 .collect::<Vec<_>>(),
             [("inbound (demo/frontend)", "authorization")]
         );
+    }
+
+    #[test]
+    fn a_strict_peer_authentication_reaches_its_pods_and_is_held_back_from_older_agents() {
+        let mut mesh = Mesh::new(&examples());
+        let edited = with_document(
+            examples(),
+            "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {name: frontend-mtls, namespace: demo}\n\
+             spec:\n  selector: {matchLabels: {app: frontend}}\n  mode: Strict\n\
+             \x20 portLevelMtls: [{port: 9090, mode: Permissive}, {port: 8443, mode: Strict}]\n",
+        );
+        let [frontend, catalog, other] = mesh.apply(&edited);
+        assert!(frontend.is_some(), "the selected pod's view changed");
+        assert_eq!((catalog, other), (None, None), "no other view changed");
+        let state = mesh.index.state();
+        let agent = |protocol: u32| {
+            view("demo", labels(&[("app", "frontend")]))
+                .with_protocol(protocol)
+                .update(&state)
+                .unwrap()
+        };
+        let current = agent(bulwark_proto::PROTOCOL_VERSION);
+        let p = current.peer_authentication().unwrap();
+        assert_eq!(
+            (p.source.as_str(), p.mode),
+            ("demo/frontend-mtls", i32::from(proto::MtlsMode::Strict))
+        );
+        assert!(current.held_back().is_empty());
+        let mut bytes = Vec::new();
+        current.encode(&mut bytes);
+        assert_eq!(bytes, current.to_snapshot().encode_to_vec());
+
+        // Protocol 3 cannot refuse plaintext: the policy is left out, its Strict places
+        // are reported, and the authorization rules (protocol 3) still go.
+        let held = |s: &PendingSnapshot| {
+            s.held_back()
+                .iter()
+                .map(|h| (h.port.clone(), h.feature, h.needs_protocol))
+                .collect::<Vec<_>>()
+        };
+        let three = agent(3);
+        assert!(three.peer_authentication().is_none());
+        assert!(!three.authorization().is_empty());
+        assert_eq!(
+            held(&three),
+            [
+                (
+                    "inbound (demo/frontend-mtls)".to_owned(),
+                    "peerAuthentication.mode",
+                    4
+                ),
+                (
+                    "inbound port 8443 (demo/frontend-mtls)".to_owned(),
+                    "peerAuthentication.mode",
+                    4
+                ),
+            ]
+        );
+        let two = agent(2);
+        assert!(two.authorization().is_empty() && two.peer_authentication().is_none());
+        assert_eq!(
+            held(&two).iter().map(|h| h.1).collect::<Vec<_>>(),
+            [
+                "authorization",
+                "peerAuthentication.mode",
+                "peerAuthentication.mode"
+            ]
+        );
+    }
+
+    #[test]
+    fn what_is_held_back_from_an_older_agent_is_no_change_at_the_next_state() {
+        let with_policies = with_document(
+            examples(),
+            "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {name: mesh, namespace: demo}\nspec: {mode: Strict}\n",
+        );
+        let mut index = Index::new(START, &with_policies, Arc::new(Metrics::new()));
+        let cache = Arc::new(ViewCache::new());
+        // The frontend's AuthorizationPolicy and the Strict mode are both held back.
+        let mut old =
+            AgentView::new("demo", labels(&[("app", "frontend")]), cache).with_protocol(2);
+        let first = old.update(&index.state()).unwrap();
+        assert_eq!(first.held_back().len(), 2);
+        // A change to another namespace's inbound part: a new state, nothing new here.
+        index.apply(&with_document(
+            with_policies,
+            "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {name: mesh, namespace: prod}\nspec: {mode: Strict}\n",
+        ));
+        assert_eq!(index.state().revision, START + 1);
+        assert!(old.update(&index.state()).is_none(), "no new snapshot");
+    }
+
+    #[test]
+    fn a_permissive_peer_authentication_costs_an_older_agent_nothing_to_report() {
+        let index = Index::new(
+            START,
+            &with_document(
+                examples(),
+                "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+                 metadata: {name: mesh, namespace: demo}\nspec: {mode: Permissive}\n",
+            ),
+            Arc::new(Metrics::new()),
+        );
+        let mut old = view("demo", labels(&[("app", "catalog")])).with_protocol(3);
+        let snapshot = old.update(&index.state()).unwrap();
+        assert!(
+            snapshot.peer_authentication().is_none(),
+            "it cannot read it"
+        );
+        assert!(snapshot.held_back().is_empty(), "it takes plaintext anyway");
+        let mut current = view("demo", labels(&[("app", "catalog")]));
+        let snapshot = current.update(&index.state()).unwrap();
+        assert_eq!(snapshot.peer_authentication().unwrap().source, "demo/mesh");
     }
 
     #[test]
