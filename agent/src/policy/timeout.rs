@@ -45,11 +45,14 @@ impl Deadline {
         Self::after(min(per_try, self.remaining()))
     }
 
-    /// Awaits `work` until the deadline.
-    pub async fn run<F: Future>(&self, work: F) -> Result<F::Output, Elapsed> {
-        match self.remaining() {
-            Some(left) => tokio::time::timeout(left, work).await.map_err(|_| Elapsed),
-            None => Ok(work.await),
+    /// Runs `work` until the deadline. A plain future struct rather than an `async fn`
+    /// or an enum: `work` (often the largest part of a request's state, such as an
+    /// upstream send) is moved once, into the struct, and the timer is armed from the
+    /// deadline itself, without reading the clock.
+    pub fn run<F: Future>(&self, work: F) -> Bounded<F> {
+        Bounded {
+            work,
+            timer: self.0.map(tokio::time::sleep_until),
         }
     }
 }
@@ -58,6 +61,58 @@ fn min(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+pub use bounded::Bounded;
+
+/// [`Bounded`] and its pin projection (whose generated items carry no docs).
+mod bounded {
+    #![allow(missing_docs)]
+
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use pin_project_lite::pin_project;
+    use tokio::task::coop;
+    use tokio::time::Sleep;
+
+    use super::Elapsed;
+
+    pin_project! {
+        /// Work bounded by a [`Deadline`](super::Deadline) (see
+        /// [`Deadline::run`](super::Deadline::run)): the work, then the timer if any.
+        #[must_use = "futures do nothing unless awaited"]
+        pub struct Bounded<F> {
+            #[pin]
+            pub(super) work: F,
+            #[pin]
+            pub(super) timer: Option<Sleep>,
+        }
+    }
+
+    impl<F: Future> Future for Bounded<F> {
+        type Output = Result<F::Output, Elapsed>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let this = self.project();
+            // As tokio's `Timeout`: when the work used up the task's budget, the timer is
+            // still polled (unconstrained), so that a busy task still times out.
+            let had_budget = coop::has_budget_remaining();
+            if let Poll::Ready(out) = this.work.poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            let Some(timer) = this.timer.as_pin_mut() else {
+                return Poll::Pending;
+            };
+            let fired = if had_budget && !coop::has_budget_remaining() {
+                Pin::new(&mut coop::unconstrained(timer)).poll(cx)
+            } else {
+                timer.poll(cx)
+            };
+            fired.map(|()| Err(Elapsed))
+        }
     }
 }
 

@@ -12,11 +12,14 @@
 //! loop's business, in `forward`.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::debug;
@@ -24,6 +27,7 @@ use tracing::debug;
 use crate::config::destination::Destination;
 use crate::grpc::grpc_status;
 use crate::policy::balance::{PickError, Picked};
+use crate::policy::breaker::BreakerPermit;
 use crate::policy::bulkhead::{BulkheadFull, BulkheadPermit};
 use crate::policy::endpoint::EndpointLoad;
 use crate::policy::retry::{Failure, Retries};
@@ -33,7 +37,7 @@ use crate::proxy::body::{Prefix, read_prefix, replay};
 use crate::proxy::refuse::{BodyFault, body_fault};
 use crate::proxy::strip_hop_by_hop;
 use crate::reason;
-use crate::transport::{ProxyBody, full};
+use crate::transport::{BoxError, ProxyBody, full};
 
 /// The request body, kept for replay when the policy may retry.
 pub enum ReplayBody {
@@ -168,53 +172,59 @@ pub async fn attempt(
         let failed = sent.as_ref().map_or(true, |r| r.status().is_server_error());
         route.record(role, failed);
     }
-    // 4. Classify the outcome, and report it to the breaker.
-    let outcome = match sent {
-        Ok(rsp) => classify(rsp, req.grpc, retries, &try_deadline).await,
-        Err(failure) => Err(failure),
+    // 4. Classify the outcome, and report it to the breaker. In place, in this frame:
+    // only the rare read of a gRPC response's trailers is a future of its own.
+    let guards = (slot, load);
+    let rsp = match sent {
+        Ok(rsp) => rsp,
+        Err(failure) => return Ok(failed(req, retries, endpoint.addr, permit, failure, guards)),
     };
-    let addr = endpoint.addr;
-    match outcome {
-        Ok(classified) => {
-            if classified.status.is_server_error() {
-                permit.failure();
-            } else {
-                permit.success();
+    let status = rsp.status();
+    let (mut head, body) = rsp.into_parts();
+    let found = req.grpc.then(|| grpc_status(&head.headers));
+    let (body, grpc_status) = match (found, retries.trailers_limit()) {
+        // gRPC with no status in the headers, and a retry may follow: the status is in
+        // the trailers of a small response.
+        (Some(None), Some(limit)) => match read_trailers(body, limit, &try_deadline).await {
+            Ok((body, grpc_status)) => (Held::boxed(body, guards), grpc_status),
+            Err(failure) => {
+                return Ok(failed(req, retries, endpoint.addr, permit, failure, guards));
             }
-            let Classified {
-                mut head,
-                body,
-                grpc_status,
-                ..
-            } = classified;
-            strip_hop_by_hop(&mut head.headers);
-            // The slot and the endpoint's load count as long as the response body: a
-            // slow body still occupies the destination.
-            let guards = (slot, load);
-            let body = body
-                .map_frame(move |f| {
-                    let _ = &guards;
-                    f
-                })
-                .boxed_unsync();
-            Ok(Tried {
-                endpoint: addr,
-                outcome: Ok(Answer {
-                    rsp: Response::from_parts(head, body),
-                    grpc_status,
-                }),
-                _guards: None,
-            })
-        }
-        Err(failure) => {
-            permit.failure();
-            debug!(dst = %dst.name, endpoint = %addr, ?failure, attempt = retries.attempt(), "try failed");
-            Ok(Tried {
-                endpoint: addr,
-                outcome: Err(failure),
-                _guards: Some((slot, load)),
-            })
-        }
+        },
+        (found, _) => (Held::boxed(body, guards), found.flatten()),
+    };
+    if status.is_server_error() {
+        permit.failure();
+    } else {
+        permit.success();
+    }
+    strip_hop_by_hop(&mut head.headers);
+    Ok(Tried {
+        endpoint: endpoint.addr,
+        outcome: Ok(Answer {
+            rsp: Response::from_parts(head, body),
+            grpc_status,
+        }),
+        _guards: None,
+    })
+}
+
+/// A try that failed: reported to the endpoint's breaker; its slot and load are held
+/// until the retry decision.
+fn failed(
+    req: &Outgoing<'_>,
+    retries: &Retries<'_>,
+    endpoint: SocketAddr,
+    permit: BreakerPermit,
+    failure: Failure,
+    guards: (BulkheadPermit, EndpointLoad),
+) -> Tried {
+    permit.failure();
+    debug!(dst = %req.dst.name, %endpoint, ?failure, attempt = retries.attempt(), "try failed");
+    Tried {
+        endpoint,
+        outcome: Err(failure),
+        _guards: Some(guards),
     }
 }
 
@@ -282,52 +292,69 @@ fn uri_for(path: &PathAndQuery, authority: &Authority) -> Uri {
     Uri::from_parts(uri).unwrap_or_default()
 }
 
-/// A response with the facts a retry decision needs.
-struct Classified {
-    head: http::response::Parts,
-    body: ProxyBody,
-    status: StatusCode,
-    grpc_status: Option<u32>,
+/// Reads a small gRPC response to its end within the try's deadline, for the
+/// `grpc-status` in its trailers (the retry decision needs it). A response that fails
+/// while being read is a reset.
+async fn read_trailers(
+    body: Incoming,
+    limit: usize,
+    try_deadline: &Deadline,
+) -> Result<(ProxyBody, Option<u32>), Failure> {
+    match try_deadline.run(read_prefix(body, limit)).await {
+        Ok(Ok(Prefix::Complete { data, trailers })) => {
+            let status = trailers.as_ref().and_then(grpc_status);
+            Ok((replay(data, trailers), status))
+        }
+        Ok(Ok(partial)) => Ok((partial.into_body(), None)),
+        Ok(Err(_)) | Err(Elapsed) => Err(Failure::Reset),
+    }
 }
 
-/// Reads what the retry decision needs from a response: its status and, for gRPC, its
-/// `grpc-status`: from the headers, or (when it decides a retry that may follow)
-/// from the trailers of a small response read to its end within the try's deadline.
-/// A response that fails while being read is a reset.
-async fn classify(
-    rsp: Response<Incoming>,
-    grpc: bool,
-    retries: &Retries<'_>,
-    try_deadline: &Deadline,
-) -> Result<Classified, Failure> {
-    let status = rsp.status();
-    let mut grpc = if grpc {
-        Some(grpc_status(rsp.headers()))
-    } else {
-        None
-    };
-    let (head, body) = rsp.into_parts();
-    let limit = match grpc {
-        Some(None) => retries.trailers_limit(),
-        _ => None,
-    };
-    let body = match limit {
-        None => body.map_err(Into::into).boxed_unsync(),
-        Some(limit) => match try_deadline.run(read_prefix(body, limit)).await {
-            Ok(Ok(Prefix::Complete { data, trailers })) => {
-                grpc = Some(trailers.as_ref().and_then(grpc_status));
-                replay(data, trailers)
-            }
-            Ok(Ok(partial)) => partial.into_body(),
-            Ok(Err(_)) | Err(Elapsed) => return Err(Failure::Reset),
-        },
-    };
-    Ok(Classified {
-        head,
-        body,
-        status,
-        grpc_status: grpc.flatten(),
-    })
+pin_project_lite::pin_project! {
+    /// A response body that holds its try's bulkhead slot and endpoint load until it
+    /// ends (a slow body still occupies the destination), boxed once as a [`ProxyBody`].
+    struct Held<B> {
+        #[pin]
+        body: B,
+        guards: (BulkheadPermit, EndpointLoad),
+    }
+}
+
+impl<B> Held<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn boxed(body: B, guards: (BulkheadPermit, EndpointLoad)) -> ProxyBody {
+        Held { body, guards }.boxed_unsync()
+    }
+}
+
+impl<B> Body for Held<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project()
+            .body
+            .poll_frame(cx)
+            .map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[cfg(test)]
