@@ -71,6 +71,8 @@ impl Admin {
         serde_json::json!({
             "spiffeId": state.credentials.as_ref().map(|c| c.spiffe_id.clone()),
             "expiresInSecs": state.credentials.as_ref().map(|c| c.remaining(now).as_secs()),
+            "issuer": state.credentials.as_ref().and_then(|c| crate::identity::tls::issuer(c.chain.first()?)),
+            "anchors": state.credentials.as_ref().map(|c| c.anchors.len()),
             "lastError": state.last_error,
         })
     }

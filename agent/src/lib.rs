@@ -79,11 +79,10 @@ impl Agent {
         settings: Settings,
         propagation: telemetry::Propagation,
     ) -> Result<Self, Error> {
-        let anchors = match &settings.control_plane_ca {
-            Some(path) => Some(identity::channel::read_anchors(path)?),
-            None => None,
-        };
-        let channel = identity::channel::connect(&settings.control_plane, anchors.as_deref())?;
+        let channel = identity::channel::connect_with_file(
+            &settings.control_plane,
+            settings.control_plane_ca.as_deref(),
+        )?;
         let connection = config::subscription::Connection {
             address: settings.control_plane.clone(),
             channel: channel.clone(),

@@ -241,6 +241,15 @@ impl ControlPlane {
                     .server_config()
                     .map_err(|e| Error::Identity(e.into()))?;
                 tasks.push(("serving-cert", serving.spawn_renewal(stop.clone())));
+                // A rotated issuer (the Secret's files changed) signs from now on,
+                // the serving certificate included.
+                let reissue = Arc::clone(&serving);
+                if let Some(task) = id
+                    .authority
+                    .spawn_reload(move || reissue.reissue(), stop.clone())
+                {
+                    tasks.push(("identity-reload", task));
+                }
                 let incoming = identity::serving::incoming(grpc_listener, config, stop.clone());
                 let certify = identity::service::IdentityService::new(
                     Arc::clone(&id.authority),

@@ -78,7 +78,7 @@ impl Running {
     fn channel(&self) -> tonic::transport::Channel {
         channel::connect(
             &format!("https://127.0.0.1:{}", self.cp.grpc_addr().port()),
-            Some(self.authority.anchors()),
+            Some(&self.authority.anchors()),
         )
         .expect("setting up the identity test")
     }
@@ -270,7 +270,7 @@ fn pem(certs: &[rustls::pki_types::CertificateDer<'_>]) -> String {
 /// A real agent whose pod is `pod`, presenting `token`, subscribing over TLS.
 async fn agent(running: &Running, pod: &str, token: &str) -> bulwark_agent::Agent {
     let anchor = running.dir.path().join("anchor.pem");
-    std::fs::write(&anchor, pem(running.authority.anchors())).expect("setting up the agent");
+    std::fs::write(&anchor, pem(&running.authority.anchors())).expect("setting up the agent");
     let token_file = running.dir.path().join(format!("{pod}.agent-token"));
     std::fs::write(&token_file, token).expect("setting up the agent");
     let mut settings = agent_settings(running.cp.grpc_addr(), "frontend", None);

@@ -3,7 +3,8 @@
 //! `payments`), which terminates it and knows the caller is `frontend`, so an
 //! AuthorizationPolicy that admits only `frontend` lets the meshed call through and
 //! refuses a plaintext caller. Certificates come from the control plane over the real
-//! identity path (token file, CSR, signed certificate).
+//! identity path (token file, CSR, signed certificate). The trust anchor rotates under
+//! steady traffic with no failed request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,8 +55,13 @@ struct World {
 }
 
 async fn world() -> World {
+    let authority =
+        Arc::new(Authority::generate(TRUST_DOMAIN, DEFAULT_LIFETIME).expect("mesh authority"));
+    world_with(authority, tempfile::tempdir().expect("temp dir")).await
+}
+
+async fn world_with(authority: Arc<Authority>, dir: tempfile::TempDir) -> World {
     let mesh = Mesh::new().expect("mesh folder");
-    let dir = tempfile::tempdir().expect("temp dir");
     let tokens = dir.path().join("tokens.yaml");
     let entries: String = [FRONTEND, PAYMENTS, INTRUDER]
         .iter()
@@ -67,8 +73,6 @@ async fn world() -> World {
         })
         .collect();
     std::fs::write(&tokens, format!("tokens:\n{entries}")).expect("token file");
-    let authority =
-        Arc::new(Authority::generate(TRUST_DOMAIN, DEFAULT_LIFETIME).expect("mesh authority"));
     let mut settings = control_plane_settings(&mesh, loopback());
     settings.identity = Some(IdentitySettings {
         authority: Arc::clone(&authority),
@@ -110,7 +114,9 @@ impl World {
     /// in front of that app port.
     async fn agent(&self, pod: &Pod, inbound_app: Option<u16>) -> Agent {
         let anchor = self.dir.path().join("anchor.pem");
-        std::fs::write(&anchor, pem(self.authority.anchors())).expect("anchor file");
+        if !anchor.exists() {
+            std::fs::write(&anchor, pem(&self.authority.anchors())).expect("anchor file");
+        }
         let token_file = self.dir.path().join(format!("{}.token", pod.name));
         std::fs::write(&token_file, pod.token).expect("token file");
         let mut settings = agent_settings(self.cp.grpc_addr(), pod.service_account, inbound_app);
@@ -363,5 +369,130 @@ async fn an_unmeshed_endpoint_gets_plaintext_as_before() {
         0.0
     );
     frontend.shutdown().await;
+    world.cp.shutdown().await;
+}
+
+/// A self-signed mesh CA: its certificate and key, PEM.
+fn ca(name: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("CA key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let cert = params.self_signed(&key).expect("CA certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Steady GETs through `client` until `stop`; the statuses that were not 200.
+async fn steady(
+    client: HttpClient,
+    url: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (u32, Vec<String>) {
+    let mut sent = 0;
+    let mut failed = Vec::new();
+    while !*stop.borrow() {
+        sent += 1;
+        match client.get(&url, &[]).await {
+            Ok(rsp) if rsp.status.as_u16() == 200 => {}
+            Ok(rsp) => failed.push(format!("{} {:?}", rsp.status, rsp.reason())),
+            Err(error) => failed.push(error.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (sent, failed)
+}
+
+/// The issuer of `agent`'s certificate, as its `/config` shows it.
+async fn issuer_of(agent: &Agent) -> String {
+    let config: serde_json::Value = HttpClient::direct(agent.admin_addr())
+        .get("/config", &[])
+        .await
+        .expect("/config")
+        .json()
+        .expect("JSON");
+    config["identity"]["issuer"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_trust_anchor_rotates_under_traffic_with_no_failed_request() {
+    // Certificates live 3 s (renewed at 70 %), so each phase below lasts longer than one
+    // lifetime: every agent has renewed within it.
+    const LIFETIME: Duration = Duration::from_secs(3);
+    const PHASE: Duration = Duration::from_millis(3_500);
+    let (old_cert, old_key) = ca("mesh CA 1");
+    let (new_cert, new_key) = ca("mesh CA 2");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("issuer");
+    std::fs::create_dir(&secret).expect("issuer folder");
+    let write =
+        |name: &str, text: &str| std::fs::write(secret.join(name), text).expect("issuer file");
+    // The agents' --control-plane-ca, the trust bundle an operator distributes.
+    let bundle_path = dir.path().join("anchor.pem");
+    let bundle = |text: &str| std::fs::write(&bundle_path, text).expect("bundle");
+    write("tls.crt", &old_cert);
+    write("tls.key", &old_key);
+    bundle(&old_cert);
+    let authority = Arc::new(
+        Authority::load(&secret, TRUST_DOMAIN, LIFETIME)
+            .expect("issuer folder loads")
+            .reload_every(Duration::from_millis(100)),
+    );
+    let world = world_with(authority, dir).await;
+    let payments = world.agent(&PAYMENTS, Some(world.app.addr().port())).await;
+    world.payments(payments.inbound_addrs()[0], true);
+    let frontend = world.agent(&FRONTEND, None).await;
+    ready(&payments).await;
+    ready(&frontend).await;
+    call_payments(&frontend, 200).await;
+    assert_eq!(issuer_of(&payments).await, "CN=mesh CA 1");
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let traffic = tokio::spawn(steady(
+        HttpClient::proxy(frontend.outbound_addr()).with_timeout(Duration::from_secs(5)),
+        format!("http://payments.{NAMESPACE}/"),
+        stopped,
+    ));
+    // A fresh caller at the end of each phase makes new handshakes with the renewed peer.
+    let fresh_call = || async {
+        let fresh = world.agent(&FRONTEND, None).await;
+        ready(&fresh).await;
+        let status = call_payments(&fresh, 200).await.status;
+        fresh.shutdown().await;
+        status
+    };
+
+    // 1. Both anchors are trusted; the old issuer still signs.
+    write("ca.crt", &format!("{old_cert}{new_cert}"));
+    bundle(&format!("{old_cert}{new_cert}"));
+    tokio::time::sleep(PHASE).await;
+    assert_eq!(fresh_call().await, 200);
+    // 2. The new issuer signs: renewed certificates chain to the new anchor.
+    write("tls.key", &new_key);
+    write("tls.crt", &new_cert);
+    tokio::time::sleep(PHASE).await;
+    assert_eq!(issuer_of(&payments).await, "CN=mesh CA 2");
+    assert_eq!(issuer_of(&frontend).await, "CN=mesh CA 2");
+    assert_eq!(fresh_call().await, 200);
+    // 3. The old anchor goes.
+    write("ca.crt", &new_cert);
+    bundle(&new_cert);
+    tokio::time::sleep(PHASE).await;
+    assert_eq!(fresh_call().await, 200);
+
+    stop.send_replace(true);
+    let (sent, failed) = traffic.await.expect("traffic task");
+    assert!(sent > 100, "steady traffic ran ({sent} requests)");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    frontend.shutdown().await;
+    payments.shutdown().await;
     world.cp.shutdown().await;
 }

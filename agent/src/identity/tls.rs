@@ -88,6 +88,13 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     found
 }
 
+/// The issuer's distinguished name of a certificate (e.g. `CN=bulwark mesh CA`), to show
+/// which issuer signed it while an anchor rotates.
+pub fn issuer(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+    Some(parsed.issuer().to_string())
+}
+
 /// The trust domain of a SPIFFE ID (`spiffe://<td>/...`).
 fn trust_domain(id: &str) -> Option<&str> {
     id.strip_prefix("spiffe://")?.split('/').next()

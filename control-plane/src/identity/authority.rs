@@ -10,9 +10,20 @@
 //!
 //! A request decides nothing but the public key: the certificate's only name is the
 //! SPIFFE ID the caller proved, its lifetime is ours, and it can never sign others.
+//!
+//! A loaded authority re-reads its folder (every [`RELOAD_EVERY`]) and takes a changed
+//! issuer or anchor bundle without a restart: that is how the trust anchor rotates
+//! (see the README's identity section). A folder that no longer loads is logged and
+//! the last good issuer keeps signing.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -61,6 +72,15 @@ pub enum LoadError {
         #[source]
         source: rcgen::Error,
     },
+    /// `tls.key` is not the key of the first certificate of `tls.crt`.
+    #[error(
+        "the key in {dir}/tls.key is not the key of the issuer certificate in tls.crt (a Secret \
+         updated halfway?); keeping the last good issuer"
+    )]
+    KeyMismatch {
+        /// The folder.
+        dir: PathBuf,
+    },
     /// A generated authority could not be made.
     #[error("cannot generate a certificate authority: {0}")]
     Generate(#[source] rcgen::Error),
@@ -89,14 +109,27 @@ pub struct Issued {
     pub not_after: SystemTime,
 }
 
+/// How often a loaded authority looks for a changed issuer or anchor bundle.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(10);
+
 /// The mesh's certificate authority.
 pub struct Authority {
+    signing: ArcSwap<Signing>,
+    /// The folder it was loaded from (none: generated, never reloaded).
+    dir: Option<PathBuf>,
+    reload_every: Duration,
+    trust_domain: String,
+    lifetime: Duration,
+}
+
+/// One issuer and anchor bundle.
+struct Signing {
     issuer: Issuer<'static, KeyPair>,
     /// The issuer's certificate and intermediates, sent after every leaf.
     issuer_chain: Vec<CertificateDer<'static>>,
     anchors: Vec<CertificateDer<'static>>,
-    trust_domain: String,
-    lifetime: Duration,
+    /// The files' bytes, to tell a change from a re-read of the same files.
+    files: Vec<u8>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -105,7 +138,7 @@ impl std::fmt::Debug for Authority {
         f.debug_struct("Authority")
             .field("trust_domain", &self.trust_domain)
             .field("lifetime", &self.lifetime)
-            .field("anchors", &self.anchors.len())
+            .field("anchors", &self.signing.load().anchors.len())
             .finish_non_exhaustive()
     }
 }
@@ -134,10 +167,21 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, LoadError> 
     Ok(certs)
 }
 
-impl Authority {
-    /// Loads the issuer from `dir` (see the module doc for the files).
-    pub fn load(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, LoadError> {
+/// The bytes of the folder's files (`ca.crt` may be absent).
+fn files(dir: &Path) -> Result<Vec<u8>, LoadError> {
+    let mut bytes = read(&dir.join("tls.crt"))?;
+    bytes.extend(read(&dir.join("tls.key"))?);
+    let anchors = dir.join("ca.crt");
+    if anchors.exists() {
+        bytes.extend(read(&anchors)?);
+    }
+    Ok(bytes)
+}
+
+impl Signing {
+    fn load(dir: &Path) -> Result<Self, LoadError> {
         let chain = certificates(&dir.join("tls.crt"))?;
+        let files = files(dir)?;
         let key_path = dir.join("tls.key");
         let key_pem = read(&key_path)?;
         // Parsed with rustls first so the error names the file, not rcgen's internals.
@@ -149,6 +193,17 @@ impl Authority {
             dir: dir.to_owned(),
             source,
         })?;
+        let spki = x509_parser::parse_x509_certificate(&chain[0])
+            .map(|(_, cert)| cert.public_key().subject_public_key.data.to_vec())
+            .map_err(|e| LoadError::Pem {
+                path: dir.join("tls.crt"),
+                what: format!("not an X.509 certificate: {e}"),
+            })?;
+        if spki != key.public_key_raw() {
+            return Err(LoadError::KeyMismatch {
+                dir: dir.to_owned(),
+            });
+        }
         let issuer =
             Issuer::from_ca_cert_der(&chain[0], key).map_err(|source| LoadError::Issuer {
                 dir: dir.to_owned(),
@@ -162,13 +217,84 @@ impl Authority {
         };
         // The anchors are what peers trust; they are not sent in the chain.
         let issuer_chain = chain.into_iter().filter(|c| !anchors.contains(c)).collect();
-        Ok(Authority {
+        Ok(Signing {
             issuer,
             issuer_chain,
             anchors,
+            files,
+        })
+    }
+}
+
+impl Authority {
+    /// Loads the issuer from `dir` (see the module doc for the files).
+    pub fn load(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, LoadError> {
+        Ok(Authority {
+            signing: ArcSwap::from_pointee(Signing::load(dir)?),
+            dir: Some(dir.to_owned()),
+            reload_every: RELOAD_EVERY,
             trust_domain: trust_domain.to_owned(),
             lifetime,
         })
+    }
+
+    /// Looks for a changed folder every `every` instead of [`RELOAD_EVERY`].
+    pub fn reload_every(mut self, every: Duration) -> Self {
+        self.reload_every = every;
+        self
+    }
+
+    /// Re-reads the folder; true when the issuer or anchors changed (and now sign).
+    pub fn reload(&self) -> Result<bool, LoadError> {
+        let Some(dir) = &self.dir else {
+            return Ok(false);
+        };
+        if files(dir)? == self.signing.load().files {
+            return Ok(false);
+        }
+        let next = Signing::load(dir)?;
+        info!(
+            dir = %dir.display(),
+            anchors = next.anchors.len(),
+            "the mesh's issuer or trust anchors changed; signing with the new ones"
+        );
+        self.signing.store(Arc::new(next));
+        Ok(true)
+    }
+
+    /// Reloads the folder every [`Authority::reload_every`] until `shutdown`, calling
+    /// `changed` after each change (e.g. to re-sign the serving certificate). A folder
+    /// that fails to load is logged once per error and the last good issuer stays.
+    pub fn spawn_reload(
+        self: &Arc<Self>,
+        changed: impl Fn() + Send + 'static,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Option<JoinHandle<()>> {
+        self.dir.as_ref()?;
+        let this = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            let mut last_error = None;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(this.reload_every) => {}
+                    _ = crate::stopped(&mut shutdown) => return,
+                }
+                match this.reload() {
+                    Ok(true) => {
+                        last_error = None;
+                        changed();
+                    }
+                    Ok(false) => last_error = None,
+                    Err(error) => {
+                        let text = error.to_string();
+                        if last_error.as_ref() != Some(&text) {
+                            warn!(%error, "cannot reload the mesh's issuer; the last good one keeps signing");
+                            last_error = Some(text);
+                        }
+                    }
+                }
+            }
+        }))
     }
 
     /// A new self-signed authority, for a mesh without a cluster (the folder source,
@@ -187,17 +313,22 @@ impl Authority {
         params.not_after = (now + Duration::from_secs(10 * 365 * 24 * 3600)).into();
         let cert = params.self_signed(&key).map_err(LoadError::Generate)?;
         Ok(Authority {
-            issuer: Issuer::new(params, key),
-            issuer_chain: Vec::new(),
-            anchors: vec![cert.der().clone()],
+            signing: ArcSwap::from_pointee(Signing {
+                issuer: Issuer::new(params, key),
+                issuer_chain: Vec::new(),
+                anchors: vec![cert.der().clone()],
+                files: Vec::new(),
+            }),
+            dir: None,
+            reload_every: RELOAD_EVERY,
             trust_domain: trust_domain.to_owned(),
             lifetime,
         })
     }
 
     /// The trust anchors agents verify peers with.
-    pub fn anchors(&self) -> &[CertificateDer<'static>] {
-        &self.anchors
+    pub fn anchors(&self) -> Vec<CertificateDer<'static>> {
+        self.signing.load().anchors.clone()
     }
 
     /// The trust domain of every identity this authority signs.
@@ -238,12 +369,13 @@ impl Authority {
         let not_after = now + self.lifetime;
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
+        let signing = self.signing.load();
         let leaf = params
-            .signed_by(&request.public_key, &self.issuer)
+            .signed_by(&request.public_key, &signing.issuer)
             .map_err(SignError::Sign)?;
-        let mut chain = Vec::with_capacity(1 + self.issuer_chain.len());
+        let mut chain = Vec::with_capacity(1 + signing.issuer_chain.len());
         chain.push(leaf.der().clone());
-        chain.extend(self.issuer_chain.iter().cloned());
+        chain.extend(signing.issuer_chain.iter().cloned());
         Ok(Issued { chain, not_after })
     }
 
@@ -265,11 +397,12 @@ impl Authority {
         params.use_authority_key_identifier_extension = true;
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + self.lifetime).into();
+        let signing = self.signing.load();
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(&key, &signing.issuer)
             .map_err(SignError::Sign)?;
         let mut chain = vec![cert.der().clone()];
-        chain.extend(self.issuer_chain.iter().cloned());
+        chain.extend(signing.issuer_chain.iter().cloned());
         let key = PrivateKeyDer::try_from(key.serialize_der())
             .map_err(|e| SignError::Sign(rcgen::Error::PemError(e.to_owned())))?;
         Ok((chain, key))
@@ -327,7 +460,8 @@ mod tests {
         let lifetime =
             cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, (DEFAULT_LIFETIME + BACKDATE).as_secs() as i64);
-        let (_, anchor) = X509Certificate::from_der(&ca.anchors()[0]).unwrap();
+        let anchors = ca.anchors();
+        let (_, anchor) = X509Certificate::from_der(&anchors[0]).unwrap();
         assert_eq!(cert.issuer(), anchor.subject());
         assert!(cert.verify_signature(Some(anchor.public_key())).is_ok());
     }
@@ -400,6 +534,60 @@ mod tests {
         assert!(leaf.verify_signature(Some(int.public_key())).is_ok());
         assert!(format!("{ca:?}").contains("trust_domain"));
         assert!(!format!("{ca:?}").contains("PRIVATE"));
+    }
+
+    /// A self-signed CA named `name`: its certificate PEM and key PEM.
+    fn root(name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn issuer_cn(der: &[u8]) -> String {
+        let (_, cert) = X509Certificate::from_der(der).unwrap();
+        cert.issuer().to_string()
+    }
+
+    #[test]
+    fn a_rotated_folder_is_taken_and_a_broken_one_leaves_the_last_good_issuer() {
+        let (old_cert, old_key) = root("old");
+        let (new_cert, new_key) = root("new");
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("tls.crt", &old_cert);
+        write("tls.key", &old_key);
+        let ca = Authority::load(dir.path(), "td", DEFAULT_LIFETIME).unwrap();
+        let id = SpiffeId::new("td", "a", "b").unwrap();
+        let sign = || {
+            ca.sign(&csr(vec![]).1, &id, SystemTime::now())
+                .unwrap()
+                .chain[0]
+                .to_vec()
+        };
+        assert!(!ca.reload().unwrap(), "nothing changed");
+
+        // 1. Both anchors trusted, the old issuer still signs.
+        write("ca.crt", &format!("{old_cert}{new_cert}"));
+        assert!(ca.reload().unwrap());
+        assert_eq!(ca.anchors().len(), 2);
+        assert_eq!(issuer_cn(&sign()), "CN=old");
+        // 2. The new issuer signs.
+        write("tls.crt", &new_cert);
+        write("tls.key", &new_key);
+        assert!(ca.reload().unwrap());
+        assert_eq!(issuer_cn(&sign()), "CN=new");
+        // A half-written Secret (key of the other issuer) is refused; signing goes on.
+        write("tls.key", &old_key);
+        assert!(ca.reload().is_err());
+        assert_eq!(issuer_cn(&sign()), "CN=new");
+        write("tls.key", &new_key);
+        // 3. The old anchor goes.
+        write("ca.crt", &new_cert);
+        assert!(ca.reload().unwrap());
+        assert_eq!(ca.anchors().len(), 1);
     }
 
     fn pem_of(der: &CertificateDer<'_>) -> String {

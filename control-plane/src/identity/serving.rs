@@ -101,18 +101,23 @@ impl ServingCert {
                     _ = tokio::time::sleep(every) => {}
                     _ = crate::stopped(&mut shutdown) => return,
                 }
-                match issue(&this.authority, &this.provider, &this.names) {
-                    Ok(key) => {
-                        this.current.store(Arc::new(key));
-                        info!("renewed the control plane's serving certificate");
-                    }
-                    // The current one stays valid for the remaining 30 % of its life.
-                    Err(error) => {
-                        warn!(%error, "cannot renew the control plane's serving certificate; retrying at the next interval")
-                    }
-                }
+                this.reissue();
             }
         })
+    }
+
+    /// Signs a new serving certificate now (at renewal, or when the issuer changed).
+    pub fn reissue(&self) {
+        match issue(&self.authority, &self.provider, &self.names) {
+            Ok(key) => {
+                self.current.store(Arc::new(key));
+                info!("renewed the control plane's serving certificate");
+            }
+            // The current one stays valid for the remaining 30 % of its life.
+            Err(error) => {
+                warn!(%error, "cannot renew the control plane's serving certificate; retrying at the next interval")
+            }
+        }
     }
 }
 
