@@ -669,3 +669,31 @@ fn changing_a_peer_authentication_is_a_change_for_the_pods_it_covers_only() {
         catalog_at
     );
 }
+
+#[test]
+fn the_strict_example_makes_the_demo_strict_but_the_frontends_edge_port() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/strict/peer-authentication.yaml");
+    let m = with_document(examples(), &std::fs::read_to_string(path).unwrap());
+    let strict = i32::from(proto::MtlsMode::Strict);
+    let catalog = mtls(&m, "demo", &[("app", "catalog")]).unwrap();
+    assert_eq!(
+        (catalog.source.as_str(), catalog.mode),
+        ("demo/default", strict)
+    );
+    let frontend = mtls(&m, "demo", &[("app", "frontend")]).unwrap();
+    assert_eq!(
+        (frontend.source.as_str(), frontend.mode),
+        ("demo/frontend", strict)
+    );
+    assert_eq!(
+        frontend.port_modes.get(&8080).copied(),
+        Some(i32::from(proto::MtlsMode::Permissive))
+    );
+    assert!(
+        !index(&m)
+            .diagnostics()
+            .iter()
+            .any(|d| matches!(d, Diagnostic::PeerAuthenticationConflict { .. }))
+    );
+}
