@@ -13,7 +13,8 @@
 # than the chart allows), checks the RBAC with `kubectl auth can-i`, injection (pod
 # annotation, namespace label, a denied annotation), an agent's config for a Service
 # backed by a manual EndpointSlice, policy status (Accepted, Invalid, Conflicted,
-# TargetNotFound, refusals by the schema and CEL), edits and deletes, and a control-plane
+# TargetNotFound, refusals by the schema and CEL), edits and deletes, PeerAuthentication
+# (kubectl explain, defaults, precedence, conflicts, refusals), and a control-plane
 # restart that takes the status Lease over. On exit it stops its processes and deletes
 # its namespaces and the chart's objects (the CRDs stay, as with helm uninstall).
 #
@@ -176,11 +177,18 @@ fi
 ok "the chart is installed ($INSTALL_MODE)"
 kubectl wait --for=condition=Established --timeout=60s crd/resiliencepolicies.bulwark.io \
     crd/ratelimitpolicies.bulwark.io crd/shardtopologies.bulwark.io crd/authorizationpolicies.bulwark.io \
-    >/dev/null || fail "the CRDs are not Established"
-ok "the four CRDs are Established"
+    crd/peerauthentications.bulwark.io >/dev/null || fail "the CRDs are not Established"
+ok "the five CRDs are Established"
 # The server republishes its OpenAPI a moment after a CRD changes.
 explains() { grep -q "Tries in all" <<<"$(kubectl explain resiliencepolicy.spec.retry.attempts 2>/dev/null)"; }
 eventually "kubectl explain resiliencepolicy.spec.retry.attempts describes the field" explains
+# explained FIELD PHRASE: kubectl explain FIELD says PHRASE (its lines joined: it wraps them).
+explained() { kubectl explain "$1" 2>/dev/null | tr -s ' \n' '  ' | grep -q "$2"; }
+explains_mtls() {
+    explained peerauthentication.spec.mode "Strict: the agent closes every connection that is not mutual TLS" &&
+        explained peerauthentication.spec.portLevelMtls.port "a container port, not a Service port"
+}
+eventually "kubectl explain describes peerauthentication.spec.mode and .portLevelMtls.port" explains_mtls
 
 # What the chart calls things, from its rendering.
 render() { "$HELM" template "$RELEASE" "$CHART" -n "$SYSTEM_NS" --kube-version 1.29.0 --show-only "$1"; }
@@ -230,7 +238,7 @@ for verb in list watch; do
     can allowed "$verb" services -A
     can allowed "$verb" pods -A
     can allowed "$verb" endpointslices.discovery.k8s.io -A
-    for kind in resiliencepolicies ratelimitpolicies shardtopologies authorizationpolicies; do
+    for kind in resiliencepolicies ratelimitpolicies shardtopologies authorizationpolicies peerauthentications; do
         can allowed "$verb" "$kind.bulwark.io" -A
     done
     review allowed gateway.networking.k8s.io httproutes "" "$verb"
@@ -241,7 +249,7 @@ for kind in httproutes grpcroutes; do
     review denied gateway.networking.k8s.io "$kind" "" patch
     review denied gateway.networking.k8s.io "$kind" "" update
 done
-for kind in resiliencepolicies ratelimitpolicies shardtopologies authorizationpolicies; do
+for kind in resiliencepolicies ratelimitpolicies shardtopologies authorizationpolicies peerauthentications; do
     can allowed patch "$kind.bulwark.io" --subresource=status -n "$APP_NS"
     can denied patch "$kind.bulwark.io" -n "$APP_NS"
     can denied update "$kind.bulwark.io" -n "$APP_NS"
@@ -660,6 +668,100 @@ eventually "reviews-late is Accepted" condition_is rp reviews-late True/Accepted
 kubectl -n "$APP_NS" delete rp reviews-late >/dev/null
 eventually "delete reviews-late: the agent drops the retry policy" agent_has "None 2"
 kubectl get bulwark -n "$APP_NS"
+
+# ---------------------------------------------------------------------------
+step "PeerAuthentication: status, precedence, conflicts and refusals"
+# pa NAME SPEC_LINES: a PeerAuthentication in APP_NS.
+pa() {
+    cat <<EOF
+apiVersion: bulwark.io/v1alpha1
+kind: PeerAuthentication
+metadata:
+  name: $1
+  namespace: $APP_NS
+spec:
+$2
+EOF
+}
+pa default "  mode: Strict" | kubectl apply -f - >/dev/null
+eventually "a namespace-wide Strict PeerAuthentication is Accepted" condition_is peerauthn default True/Accepted/1
+[ "$(kubectl -n "$APP_NS" get peerauthn default -o jsonpath='{.spec.mode}')" = Strict ] ||
+    fail "the API server did not keep mode: Strict"
+pa web "  selector: {matchLabels: {app: web}}
+  portLevelMtls: [{port: 8080, mode: Strict}]" | kubectl apply -f - >/dev/null
+eventually "a selector PeerAuthentication for app=web is Accepted (no conflict with the namespace-wide one)" \
+    condition_is peerauthn web True/Accepted/1
+[ "$(kubectl -n "$APP_NS" get peerauthn web -o jsonpath='{.spec.mode}')" = Permissive ] ||
+    fail "the API server did not default mode to Permissive"
+ok "the API server defaults mode to Permissive"
+# agent_mtls: "SOURCE MODE PORT=MODE,..." of the agent's inbound mutual-TLS mode, or
+# "absent" when this agent build does not show one in /config.
+agent_mtls() {
+    curl -fsS "http://$AGENT_ADMIN/config" | python3 -c '
+import json, sys
+p = json.load(sys.stdin)["config"].get("inbound", {}).get("peerAuthentication")
+if p is None:
+    print("absent")
+else:
+    ports = ",".join("%s=%s" % (x["port"], x["mode"]) for x in p.get("ports", []))
+    print(p["source"], p["mode"], ports)
+'
+}
+mtls_is() { [ "$(agent_mtls)" = "$1" ]; }
+if [ "$(agent_mtls)" = absent ]; then
+    echo "    note: this agent's /config shows no inbound peerAuthentication; the agent's view is not checked"
+    AGENT_MTLS=
+else
+    AGENT_MTLS=1
+    eventually "the web pod's agent follows the selector policy over the namespace-wide one" \
+        mtls_is "$APP_NS/web Permissive 8080=Strict"
+fi
+
+sleep 1 # creation timestamps have one-second resolution
+pa late "  mode: Permissive" | kubectl apply -f - >/dev/null
+eventually "a younger namespace-wide PeerAuthentication is Conflicted" condition_is peerauthn late False/Conflicted/1
+grep -q "$APP_NS/default takes precedence on every pod of namespace $APP_NS" <<<"$(message peerauthn late)" ||
+    fail "the Conflicted message does not name the winner: $(message peerauthn late)"
+ok "the message names the winner: $(message peerauthn late)"
+pa web-late "  selector: {matchLabels: {app: web}}
+  mode: Strict" | kubectl apply -f - >/dev/null
+eventually "a younger selector PeerAuthentication on the same pod (app=web) is Conflicted" \
+    condition_is peerauthn web-late False/Conflicted/1
+grep -q "$APP_NS/web takes precedence on the pods both select" <<<"$(message peerauthn web-late)" ||
+    fail "the Conflicted message does not name the winner: $(message peerauthn web-late)"
+ok "the message names the winner: $(message peerauthn web-late)"
+kubectl -n "$APP_NS" delete peerauthn web >/dev/null
+eventually "delete web: web-late takes over and is Accepted" condition_is peerauthn web-late True/Accepted/1
+if [ -n "$AGENT_MTLS" ]; then
+    eventually "the agent follows web-late (Strict)" mtls_is "$APP_NS/web-late Strict "
+fi
+
+refused "mode: Disabled (schema)" "spec.mode" "$(pa bad '  mode: Disabled')"
+refused "portLevelMtls port 70000 (schema)" "spec.portLevelMtls\[0\].port" \
+    "$(pa bad '  portLevelMtls: [{port: 70000, mode: Strict}]')"
+DUPLICATE_PORTS="  portLevelMtls: [{port: 8080, mode: Strict}, {port: 8080, mode: Permissive}]"
+if [ "$CEL" = on ]; then
+    refused "a port given twice in portLevelMtls (CEL)" "each port may appear once" "$(pa bad "$DUPLICATE_PORTS")"
+    refused "selector without matchLabels (CEL)" "selector needs matchLabels" "$(pa bad '  selector: {}')"
+    refused "a port entry without mode (CEL)" "mode is required" "$(pa bad '  portLevelMtls: [{port: 8080}]')"
+else
+    pa bad "$DUPLICATE_PORTS" | kubectl apply -f - >/dev/null
+    eventually "a port given twice is Invalid in status (CEL off)" condition_is peerauthn bad False/Invalid/1
+    grep -q 'spec.portLevelMtls\[1\].port' <<<"$(message peerauthn bad)" ||
+        fail "the Invalid message does not name spec.portLevelMtls[1].port: $(message peerauthn bad)"
+    ok "the message names the field: $(message peerauthn bad)"
+    kubectl -n "$APP_NS" delete peerauthn bad >/dev/null
+fi
+columns=$(kubectl -n "$APP_NS" get peerauthn -o wide 2>&1 | sed -n 1p)
+for column in MODE SELECTOR ACCEPTED REASON AGE; do
+    grep -qw "$column" <<<"$columns" || fail "kubectl get peerauthn -o wide lacks $column: $columns"
+done
+ok "kubectl get peerauthn -o wide has the columns $(echo $columns)"
+kubectl -n "$APP_NS" get peerauthn -o wide
+kubectl -n "$APP_NS" delete peerauthn --all >/dev/null
+if [ -n "$AGENT_MTLS" ]; then
+    eventually "with every PeerAuthentication deleted the agent gets none" mtls_is " Permissive "
+fi
 
 # ---------------------------------------------------------------------------
 step "restart the control plane with another identity"
