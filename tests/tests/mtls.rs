@@ -319,6 +319,77 @@ async fn a_meshed_call_carries_the_callers_identity_and_a_plaintext_one_has_none
 }
 
 #[tokio::test]
+async fn a_strict_pod_refuses_plaintext_and_takes_mutual_tls() {
+    let world = world().await;
+    let payments = world.agent(&PAYMENTS, Some(world.app.addr().port())).await;
+    let inbound = payments.inbound_addrs()[0];
+    world.payments(inbound, true);
+    world
+        .mesh
+        .write(
+            "strict.yaml",
+            &format!(
+                "apiVersion: bulwark.io/v1alpha1\nkind: PeerAuthentication\n\
+                 metadata: {{name: default, namespace: {NAMESPACE}}}\nspec: {{mode: Strict}}\n"
+            ),
+        )
+        .expect("mesh file");
+    let frontend = world.agent(&FRONTEND, None).await;
+    ready(&payments).await;
+    ready(&frontend).await;
+    let admin = HttpClient::direct(payments.admin_addr());
+    poll_until(CONFIG_DEADLINE, "payments is Strict", || {
+        let admin = admin.clone();
+        async move {
+            let config: serde_json::Value = admin.get("/config", &[]).await.ok()?.json().ok()?;
+            (config["config"]["inbound"]["peerAuthentication"]["mode"] == "Strict").then_some(())
+        }
+    })
+    .await
+    .expect("the mode reaches the agent");
+
+    // A plaintext caller's connection is closed before any request is read.
+    let plaintext = HttpClient::direct(inbound)
+        .with_timeout(Duration::from_secs(5))
+        .get("/", &[])
+        .await;
+    assert!(
+        plaintext.is_err(),
+        "plaintext refused: {:?}",
+        plaintext.map(|r| r.status)
+    );
+    // A meshed caller is served (and allowed by identity).
+    let rsp = call_payments(&frontend, 200).await;
+    assert_eq!(
+        rsp.json::<Reply>().expect("the app's reply").name,
+        "payments-app"
+    );
+    let metrics = Metrics::scrape(payments.admin_addr())
+        .await
+        .expect("metrics");
+    assert!(metrics.get("bulwark_inbound_plaintext_refused_total", &[]) >= 1.0);
+
+    // Back to Permissive: plaintext is taken again (and denied by the policy, 403).
+    world.mesh.remove("strict.yaml").expect("mesh file");
+    let direct = HttpClient::direct(inbound);
+    poll_until(CONFIG_DEADLINE, "plaintext is taken again", || {
+        let direct = direct.clone();
+        async move {
+            direct
+                .get("/", &[])
+                .await
+                .ok()
+                .filter(|r| r.status.as_u16() == 403)
+        }
+    })
+    .await
+    .expect("Permissive takes plaintext");
+    frontend.shutdown().await;
+    payments.shutdown().await;
+    world.cp.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_caller_that_is_not_the_expected_workload_is_refused_and_counted() {
     let world = world().await;
     // The intruder's agent listens where payments-0 should be: its certificate is valid
