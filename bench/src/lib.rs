@@ -6,14 +6,20 @@
 //! - [`sut`]: the paths under test as processes: upstream, control plane + agent, HAProxy.
 //! - [`run`]: the runner that drives each path and samples CPU and memory from `/proc`.
 //! - [`cpscale`]: the control plane under N simulated agents on real gRPC streams.
+//! - [`mtls`]: two agents in a row, plaintext and mutual TLS between them side by side.
+//! - [`certs`]: the control plane issuing certificates to N simulated agents.
+//! - [`identity`]: a control plane with workload identity on, for those two.
 //! - [`faults`]: `make faults`, the agent under faults (control plane or an endpoint
 //!   killed, policy rewrites, SIGTERM, slowloris, idle connections).
 //! - [`report`]: the Markdown tables.
 
+pub mod certs;
 pub mod cpscale;
 pub mod faults;
+pub mod identity;
 pub mod load;
 pub mod machine;
+pub mod mtls;
 pub mod procstat;
 pub mod report;
 pub mod run;

@@ -245,19 +245,33 @@ impl Run {
     pub fn quantile(&self, quantile: f64) -> Duration {
         Duration::from_nanos(self.latency.value_at_quantile(quantile))
     }
+
+    /// Adds `other` (another round of the same workload) to this run: counts, wall time
+    /// and latencies.
+    pub fn absorb(&mut self, other: Run) {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.elapsed += other.elapsed;
+        let _ = self.latency.add(&other.latency);
+    }
 }
 
-fn histogram() -> Histogram<u64> {
+/// An empty latency histogram (nanoseconds, 1 µs to 60 s, 3 significant digits).
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, MAX_LATENCY.as_nanos() as u64, 3)
         .expect("the histogram bounds are valid")
 }
 
-fn record(histogram: &mut Histogram<u64>, latency: Duration) {
+/// Records `latency` (below 1 µs counts as 1 µs; beyond the bounds as the longest).
+pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
     histogram.saturating_record((latency.as_nanos() as u64).max(1_000));
 }
 
-/// One finished request of an open-loop run.
-type Outcome = Result<Duration, RequestError>;
+/// One finished request of an open-loop run (errors as text, whatever the work).
+type Outcome = Result<Duration, String>;
 
 /// Sends `rate` requests per second for `duration`, each due at its own time on a fixed
 /// schedule whatever happened to the earlier ones. A dedicated thread keeps the schedule
@@ -265,6 +279,21 @@ type Outcome = Result<Duration, RequestError>;
 /// as its own task, and its latency is measured from its due time, so time spent waiting
 /// for a connection or behind a slow request counts.
 pub async fn open_loop(client: Arc<Client>, rate: u32, duration: Duration) -> Run {
+    open_loop_with(rate, duration, move || request(Arc::clone(&client))).await
+}
+
+/// One request of `client`, its error as text (the unit of work of the HTTP runs).
+async fn request(client: Arc<Client>) -> Result<(), String> {
+    client.request().await.map_err(|e| e.to_string())
+}
+
+/// [`open_loop`] for any unit of work `work` (a request, a whole connection, ...): `rate`
+/// calls per second for `duration`, each latency measured from its due time.
+pub async fn open_loop_with<W, F>(rate: u32, duration: Duration, work: W) -> Run
+where
+    W: Fn() -> F + Send + Sync + 'static,
+    F: Future<Output = Result<(), String>> + Send + 'static,
+{
     let total = (u128::from(rate) * duration.as_millis() / 1_000) as u64;
     let interval = Duration::from_secs(1) / rate.max(1);
     let handle = tokio::runtime::Handle::current();
@@ -277,10 +306,10 @@ pub async fn open_loop(client: Arc<Client>, rate: u32, duration: Duration) -> Ru
             if due > now {
                 std::thread::sleep(due - now);
             }
-            let client = Arc::clone(&client);
+            let task = work();
             let tx = tx.clone();
             handle.spawn(async move {
-                let outcome = client.request().await.map(|()| due.elapsed());
+                let outcome = task.await.map(|()| due.elapsed());
                 let _ = tx.send(outcome);
             });
         }
@@ -305,7 +334,7 @@ pub async fn open_loop(client: Arc<Client>, rate: u32, duration: Duration) -> Ru
                     }
                     Err(error) => {
                         run.errors += 1;
-                        run.first_error.get_or_insert_with(|| error.to_string());
+                        run.first_error.get_or_insert(error);
                     }
                 }
             }
@@ -321,22 +350,32 @@ pub async fn open_loop(client: Arc<Client>, rate: u32, duration: Duration) -> Ru
 /// Keeps `concurrency` requests in flight for `duration` (closed loop): the most the
 /// target can answer per second.
 pub async fn saturate(client: Arc<Client>, concurrency: usize, duration: Duration) -> Run {
+    saturate_with(concurrency, duration, move || request(Arc::clone(&client))).await
+}
+
+/// [`saturate`] for any unit of work `work`: `concurrency` calls in flight for `duration`.
+pub async fn saturate_with<W, F>(concurrency: usize, duration: Duration, work: W) -> Run
+where
+    W: Fn() -> F + Send + Sync + 'static,
+    F: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let work = Arc::new(work);
     let start = Instant::now();
     let end = start + duration;
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let client = Arc::clone(&client);
+        let work = Arc::clone(&work);
         workers.push(tokio::spawn(async move {
             let mut latency = histogram();
             let mut errors = 0u64;
             let mut first_error = None;
             while Instant::now() < end {
                 let sent = Instant::now();
-                match client.request().await {
+                match work().await {
                     Ok(()) => record(&mut latency, sent.elapsed()),
                     Err(error) => {
                         errors += 1;
-                        first_error.get_or_insert_with(|| error.to_string());
+                        first_error.get_or_insert(error);
                         // A broken path must not spin.
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bulwark_bench::certs::CertScenario;
 use bulwark_bench::cpscale::Scenario;
 use bulwark_bench::run::Config;
 use bulwark_bench::sut::Layout;
-use bulwark_bench::{faults, load, machine, report, run, sut, upstream};
+use bulwark_bench::{faults, load, machine, mtls, report, run, sut, upstream};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -176,7 +177,36 @@ struct RunArgs {
     /// CPUs for the upstream; empty: no pinning.
     #[arg(long, env = "BENCH_LOAD_CPUS", default_value = "0")]
     load_cpus: String,
-    /// What to run: `all`, `proxies` or `control-plane`.
+    /// The mTLS row (two agents, plaintext and mutual TLS between them): 1 runs it
+    /// with the proxies, 0 leaves it out.
+    #[arg(long, env = "BENCH_MTLS", default_value_t = 1)]
+    mtls: u8,
+    /// Rounds of each mTLS-row run (ABBA: plaintext, mTLS, mTLS, plaintext, ...).
+    #[arg(long, env = "BENCH_MTLS_ROUNDS", default_value_t = 2)]
+    mtls_rounds: usize,
+    /// New connections per second in the mTLS row's handshake runs.
+    #[arg(long, env = "BENCH_MTLS_CONNECTION_RATE", default_value_t = 200)]
+    mtls_connection_rate: u32,
+    /// Seconds of each handshake run.
+    #[arg(long, env = "BENCH_MTLS_CONNECTION_DURATION", default_value_t = 3.0)]
+    mtls_connection_duration: f64,
+    /// Tunnels in flight in the new-connection saturation run.
+    #[arg(long, env = "BENCH_MTLS_CONNECTION_CONCURRENCY", default_value_t = 16)]
+    mtls_connection_concurrency: usize,
+    /// Simulated agents asking the control plane for a certificate (comma separated;
+    /// empty skips it).
+    #[arg(
+        long,
+        env = "BENCH_CERT_AGENTS",
+        value_delimiter = ',',
+        default_value = "10000"
+    )]
+    cert_agents: Vec<usize>,
+    /// Certificate requests in flight at once.
+    #[arg(long, env = "BENCH_CERT_CONCURRENCY", default_value_t = 100)]
+    cert_concurrency: usize,
+    /// What to run: `all`, `proxies` (with the mTLS row), `control-plane` (with the
+    /// certificates), `mtls` or `certs`.
     #[arg(long, env = "BENCH_ONLY", default_value = "all")]
     only: String,
     /// Where `bulwark-agent` and `bulwark-control-plane` are (default: beside this binary).
@@ -326,11 +356,16 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         proxy_cpus: cpus(&args.proxy_cpus),
         load_cpus: cpus(&args.load_cpus),
     };
-    let (proxies, control_plane) = match args.only.as_str() {
-        "all" => (true, true),
-        "proxies" => (true, false),
-        "control-plane" => (false, true),
-        other => anyhow::bail!("BENCH_ONLY={other}: expected all, proxies or control-plane"),
+    // (proxy rows, control-plane scale, mTLS row, certificates)
+    let (proxies, control_plane, mtls_row, certs) = match args.only.as_str() {
+        "all" => (true, true, args.mtls != 0, true),
+        "proxies" => (true, false, args.mtls != 0, false),
+        "control-plane" => (false, true, false, true),
+        "mtls" => (false, false, true, false),
+        "certs" => (false, false, false, true),
+        other => {
+            anyhow::bail!("BENCH_ONLY={other}: expected all, proxies, control-plane, mtls or certs")
+        }
     };
     let mut scale = Vec::new();
     for &agents in args.agents.iter().filter(|a| control_plane && **a > 0) {
@@ -356,6 +391,21 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         haproxy: args.haproxy != 0,
         scale,
         proxies,
+        mtls: mtls_row.then(|| mtls::Settings {
+            rounds: args.mtls_rounds.max(1),
+            connection_rate: args.mtls_connection_rate.max(1),
+            connection_duration: seconds(args.mtls_connection_duration),
+            connection_concurrency: args.mtls_connection_concurrency.max(1),
+        }),
+        certs: args
+            .cert_agents
+            .iter()
+            .filter(|n| certs && **n > 0)
+            .map(|&agents| CertScenario {
+                agents,
+                concurrency: args.cert_concurrency.max(1),
+            })
+            .collect(),
     };
     let load_before = machine::load_average();
     let results = run::run(&layout, &config).await?;
@@ -366,7 +416,7 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
     text.push_str(&format!(
         "- command: `make bench` with BENCH_RATES={} BENCH_DURATION={} BENCH_SATURATION={} \
          BENCH_CONCURRENCY={} BENCH_AGENTS={} BENCH_CP_SERVICES={} BENCH_PROXY_CPUS={} \
-         BENCH_LOAD_CPUS={}\n",
+         BENCH_LOAD_CPUS={} BENCH_MTLS_ROUNDS={} BENCH_CERT_AGENTS={}\n",
         join(&args.rates),
         args.duration,
         args.saturation,
@@ -375,6 +425,8 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         join(&args.cp_services),
         args.proxy_cpus,
         args.load_cpus,
+        args.mtls_rounds,
+        join(&args.cert_agents),
     ));
     text.push_str(&format!(
         "- load average (1, 5, 15 min): {load_before} before, {load_after} after\n\n"

@@ -53,7 +53,22 @@ fn find(results: &Results, kind: PathKind) -> Option<&PathResult> {
 pub fn markdown(results: &Results, rates: &[u32]) -> String {
     let mut out = String::new();
     if results.paths.is_empty() {
+        if let Some(m) = &results.mtls {
+            out.push_str(&m.markdown(rates));
+        }
         scale(&mut out, results);
+        out.push_str(&crate::certs::markdown(&results.certs));
+        let lines = identity_targets(results, rates);
+        if !lines.is_empty() {
+            let _ = writeln!(
+                out,
+                "#### Targets\n\n| target | measured | met |\n|---|---|---|"
+            );
+            for (target, measured, met) in lines {
+                let _ = writeln!(out, "| {target} | {measured} | {} |", met_text(met));
+            }
+            out.push('\n');
+        }
         return out;
     }
     for p in [Protocol::Http1, Protocol::Http2] {
@@ -150,9 +165,32 @@ pub fn markdown(results: &Results, rates: &[u32]) -> String {
     }
     out.push('\n');
 
+    if let Some(m) = &results.mtls {
+        out.push_str(&m.markdown(rates));
+    }
     ratios_and_targets(&mut out, results, rates);
     scale(&mut out, results);
+    out.push_str(&crate::certs::markdown(&results.certs));
     out
+}
+
+/// The targets of the mTLS row and of issuing certificates: `(target, measured, met)`.
+fn identity_targets(results: &Results, rates: &[u32]) -> Vec<(String, String, Option<bool>)> {
+    let mut lines = results
+        .mtls
+        .as_ref()
+        .map(|m| m.targets(rates))
+        .unwrap_or_default();
+    lines.extend(crate::certs::targets(&results.certs));
+    lines
+}
+
+fn met_text(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "not measurable",
+    }
 }
 
 fn ratios_and_targets(out: &mut String, results: &Results, rates: &[u32]) {
@@ -202,12 +240,7 @@ fn ratios_and_targets(out: &mut String, results: &Results, rates: &[u32]) {
     let _ = writeln!(out, "#### Targets\n");
     let _ = writeln!(out, "| target | measured | met |\n|---|---|---|");
     let mut line = |target: &str, measured: String, met: Option<bool>| {
-        let met = match met {
-            Some(true) => "yes",
-            Some(false) => "**no**",
-            None => "not measurable",
-        };
-        let _ = writeln!(out, "| {target} | {measured} | {met} |");
+        let _ = writeln!(out, "| {target} | {measured} | {} |", met_text(met));
     };
     let agent = find(results, PathKind::AgentPolicies).or(find(results, PathKind::Agent));
     let cpu_high = |path: Option<&PathResult>| {
@@ -296,6 +329,9 @@ fn ratios_and_targets(out: &mut String, results: &Results, rates: &[u32]) {
                 Some(s.peak_rss_kib * 1024 < 256_000_000),
             );
         }
+    }
+    for (target, measured, met) in identity_targets(results, rates) {
+        line(&target, measured, met);
     }
     out.push('\n');
 }

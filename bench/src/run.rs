@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::certs::{self, CertResult, CertScenario};
 use crate::cpscale::{self, ScaleResult, Scenario};
 use crate::load::{self, Client, Protocol, Run, Target};
+use crate::mtls::{self, MtlsResult};
 use crate::procstat::{self, Sample};
 use crate::sut::{self, AgentPath, Haproxy, Layout, Policies, Upstream};
 use crate::tcp::{self, Route, Transfer};
@@ -41,6 +43,10 @@ pub struct Config {
     pub scale: Vec<Scenario>,
     /// Run the proxy paths (false: only the control-plane scenarios).
     pub proxies: bool,
+    /// The mTLS row (none: skip it).
+    pub mtls: Option<mtls::Settings>,
+    /// Certificate issuing runs (empty: skip).
+    pub certs: Vec<CertScenario>,
 }
 
 /// One fixed-rate run and the proxy's CPU during it.
@@ -125,6 +131,10 @@ pub struct Results {
     pub paths: Vec<PathResult>,
     /// Control-plane scenarios.
     pub scale: Vec<ScaleResult>,
+    /// The mTLS row, if it ran.
+    pub mtls: Option<MtlsResult>,
+    /// Certificate issuing runs.
+    pub certs: Vec<CertResult>,
 }
 
 /// The process whose CPU a path's runs are charged to.
@@ -256,7 +266,45 @@ pub async fn run(layout: &Layout, config: &Config) -> anyhow::Result<Results> {
         );
         scale.push(result);
     }
-    Ok(Results { paths, scale })
+    let mtls = match &config.mtls {
+        Some(settings) => {
+            eprintln!("mutual TLS between two agents");
+            let mut upstream =
+                Upstream::start_named(layout, "upstream-mtls", Duration::ZERO).await?;
+            let result = mtls::run(layout, config, settings, &upstream).await;
+            upstream.proc.check_alive()?;
+            upstream.proc.stop().await;
+            Some(result?)
+        }
+        None => None,
+    };
+    let mut issued = Vec::new();
+    for &scenario in &config.certs {
+        eprintln!(
+            "certificates: {} agents, {} in flight",
+            scenario.agents, scenario.concurrency
+        );
+        let result = certs::run(layout, scenario, layout.proxy_cpus.as_deref()).await?;
+        eprintln!(
+            "  {:.2} s, {:.0}/s, p99 {:?}, {} errors{}",
+            result.elapsed.as_secs_f64(),
+            result.rate(),
+            result.quantile(0.99),
+            result.errors,
+            result
+                .first_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+        issued.push(result);
+    }
+    Ok(Results {
+        paths,
+        scale,
+        mtls,
+        certs: issued,
+    })
 }
 
 async fn run_proxies(

@@ -107,7 +107,7 @@ impl Proc {
     }
 
     /// Waits until `check` holds, failing if the process dies or time runs out.
-    async fn wait<F, Fut>(&mut self, what: &str, mut check: F) -> anyhow::Result<()>
+    pub async fn wait<F, Fut>(&mut self, what: &str, mut check: F) -> anyhow::Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
@@ -412,10 +412,24 @@ impl ControlPlane {
         cpus: Option<&str>,
         grpc: SocketAddr,
     ) -> anyhow::Result<ControlPlane> {
+        Self::start_with(layout, name, mesh.path(), debounce, cpus, grpc, &[]).await
+    }
+
+    /// Like [`ControlPlane::start_at`] over the folder `mesh`, with `extra` flags after
+    /// the bench's own (e.g. workload identity).
+    pub async fn start_with(
+        layout: &Layout,
+        name: &str,
+        mesh: &Path,
+        debounce: &str,
+        cpus: Option<&str>,
+        grpc: SocketAddr,
+        extra: &[String],
+    ) -> anyhow::Result<ControlPlane> {
         let admin = free_addr()?;
-        let args = vec![
+        let mut args = vec![
             "--source".to_owned(),
-            format!("dir:{}", mesh.path().display()),
+            format!("dir:{}", mesh.display()),
             "--grpc-addr".to_owned(),
             grpc.to_string(),
             "--admin-addr".to_owned(),
@@ -423,6 +437,7 @@ impl ControlPlane {
             "--debounce".to_owned(),
             debounce.to_owned(),
         ];
+        args.extend_from_slice(extra);
         let mut proc = Proc::spawn(
             layout,
             name,

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bulwark_bench::certs::CertScenario;
 use bulwark_bench::cpscale::Scenario;
+use bulwark_bench::mtls::{self, Variant};
 use bulwark_bench::report;
 use bulwark_bench::run::{self, Config, PathKind};
 use bulwark_bench::sut::{self, Layout};
@@ -70,6 +72,16 @@ async fn every_path_starts_and_completes_requests() {
             agents_per_connection: 7,
         }],
         proxies: true,
+        mtls: Some(mtls::Settings {
+            rounds: 1,
+            connection_rate: 20,
+            connection_duration: Duration::from_millis(300),
+            connection_concurrency: 2,
+        }),
+        certs: vec![CertScenario {
+            agents: 20,
+            concurrency: 4,
+        }],
     };
     let results = run::run(&layout, &config).await.unwrap();
 
@@ -126,7 +138,47 @@ async fn every_path_starts_and_completes_requests() {
     );
     assert!(scale.agents_page_bytes.is_some_and(|b| b > 0));
 
+    let mtls = results.mtls.as_ref().expect("the mTLS row ran");
+    assert_eq!(mtls.protocols.len(), 2);
+    for rows in &mtls.protocols {
+        for (variant, rates, saturation) in &rows.variants {
+            for m in rates.iter().chain([saturation]) {
+                assert!(
+                    m.run.ok > 0 && m.run.errors == 0,
+                    "{:?} {variant:?}: {} ok, {} errors, first: {:?}",
+                    rows.protocol,
+                    m.run.ok,
+                    m.run.errors,
+                    m.run.first_error
+                );
+            }
+        }
+    }
+    for (variant, fixed, closed) in &mtls.connections {
+        assert!(
+            fixed.run.ok > 0 && fixed.run.errors == 0 && closed.run.ok > 0,
+            "{variant:?} new connections: {:?}",
+            fixed.run.first_error
+        );
+        // A meshed tunnel is one handshake per connection; a plaintext one, none.
+        match variant {
+            Variant::Plain => assert_eq!(fixed.handshakes, 0),
+            Variant::Mtls => assert!(fixed.handshakes >= fixed.run.ok, "{}", fixed.handshakes),
+        }
+    }
+    let [issued] = results.certs.as_slice() else {
+        panic!("one certificate run: {:?}", results.certs.len());
+    };
+    assert_eq!(
+        (issued.issued, issued.errors),
+        (20, 0),
+        "{:?}",
+        issued.first_error
+    );
+
     let table = report::markdown(&results, &config.rates);
+    assert!(table.contains("Mutual TLS between two agents"), "{table}");
+    assert!(table.contains("Certificates for N agents"), "{table}");
     for path in &results.paths {
         assert!(table.contains(&format!("| {} |", path.name)), "{table}");
     }
