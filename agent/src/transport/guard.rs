@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
@@ -94,6 +95,8 @@ impl Drop for ConnectionPermit {
 const HTTP2: u8 = 1;
 const UPGRADED: u8 = 2;
 const CL_TE: u8 = 4;
+const RELEASE: u8 = 8;
+const BODY: u8 = 16;
 
 /// What the request service tells the connection's [`Guarded`] socket: requests in
 /// flight, HTTP/2 or not, tunnelled or not, and whether the last head read was
@@ -137,11 +140,36 @@ impl ConnState {
         self.flags.fetch_and(!CL_TE, Ordering::AcqRel) & CL_TE != 0
     }
 
+    /// Whether the request just dispatched has a body. hyper may still be reading (or
+    /// discarding) it after the response ended, so the connection's HTTP/1 state is
+    /// not released before a bodiless request has been answered.
+    pub fn request_body(&self, has_body: bool) {
+        let flags = self.flags();
+        if has_body && flags & BODY == 0 {
+            self.flags.fetch_or(BODY, Ordering::AcqRel);
+        } else if !has_body && flags & BODY != 0 {
+            self.flags.fetch_and(!BODY, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether the connection has been idle long enough that its HTTP/1 state should be
+    /// released (see [`Guarded::release_after`]); until [`Self::released`], the socket
+    /// is not shut down when hyper closes the connection.
+    pub fn wants_release(&self) -> bool {
+        self.flags() & RELEASE != 0
+    }
+
+    /// The socket is back in the serving loop: the next connection shuts it down again.
+    pub fn released(&self) {
+        self.flags.fetch_and(!RELEASE, Ordering::AcqRel);
+    }
+
     fn dispatched(&self) -> u32 {
         self.dispatched.load(Ordering::Acquire)
     }
 
-    fn in_flight(&self) -> u32 {
+    /// Requests in flight on the connection now.
+    pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
     }
 
@@ -228,11 +256,19 @@ enum Phase {
 #[derive(Debug)]
 pub struct Guarded<I> {
     io: I,
+    /// Bytes already read (by the serving loop, before hyper), read back first.
+    prefix: Bytes,
     conn: Arc<ConnState>,
     counters: Arc<ListenerCounters>,
     timeouts: Timeouts,
     phase: Phase,
+    /// When the current phase's timeout closes the connection.
     deadline: Option<Instant>,
+    /// How long an idle connection keeps its HTTP/1 state, and when this one's ends.
+    release: Option<Duration>,
+    release_at: Option<Instant>,
+    /// The last write found the socket full: hyper still holds bytes to send.
+    write_blocked: bool,
     timer: Option<Pin<Box<Sleep>>>,
     /// [`ConnState::dispatched`] when last looked at.
     seen: u32,
@@ -249,11 +285,15 @@ impl<I> Guarded<I> {
     ) -> Self {
         let mut guarded = Self {
             io,
+            prefix: Bytes::new(),
             conn,
             counters,
             timeouts,
             phase: Phase::Head,
             deadline: None,
+            release: None,
+            release_at: None,
+            write_blocked: false,
             timer: None,
             seen: 0,
             scan: HeadScan::default(),
@@ -262,12 +302,68 @@ impl<I> Guarded<I> {
         guarded
     }
 
+    /// `bytes` are read back before anything else from the socket: the first bytes of a
+    /// request that the serving loop read while hyper's state was released.
+    pub fn replay(&mut self, bytes: Bytes) {
+        self.prefix = bytes;
+    }
+
+    /// Once idle this long with no byte of a next request, the connection asks (in its
+    /// [`ConnState`]) for its HTTP/1 state to be released (none: never).
+    pub fn release_after(&mut self, after: Option<Duration>) {
+        self.release = after;
+    }
+
+    /// Starts the phase's `timeout`; in the idle phase, also the release delay.
     fn arm(&mut self, timeout: Option<Duration>) {
-        self.deadline = timeout.map(|t| Instant::now() + t);
-        if let Some(deadline) = self.deadline {
+        let now = Instant::now();
+        self.deadline = timeout.map(|t| now + t);
+        self.release_at = match self.phase {
+            Phase::Idle => self.release.map(|r| now + r),
+            _ => None,
+        };
+        self.rearm();
+    }
+
+    /// Sets the timer to the earliest of the deadline and the release.
+    fn rearm(&mut self) {
+        let at = match (self.deadline, self.release_at) {
+            (Some(d), Some(r)) => Some(d.min(r)),
+            (d, r) => d.or(r),
+        };
+        if let Some(at) = at {
             match &mut self.timer {
-                Some(timer) => timer.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                Some(timer) => timer.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+    }
+
+    /// The timer fired while a read waited: the connection times out, or (the release
+    /// delay passed first) asks for its HTTP/1 state to be released and waits on.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            if self.deadline.is_none() && self.release_at.is_none() {
+                return Poll::Pending;
+            }
+            let Some(timer) = &mut self.timer else {
+                return Poll::Pending;
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            match self.release_at.take() {
+                // Not while hyper may still read a request body or write a response.
+                Some(_) if self.conn.flags() & BODY != 0 => self.rearm(),
+                Some(_) if self.write_blocked => {
+                    self.release_at = self.release.map(|r| Instant::now() + r);
+                    self.rearm();
+                }
+                Some(_) => {
+                    self.conn.flags.fetch_or(RELEASE, Ordering::AcqRel);
+                    self.rearm();
+                }
+                None => return Poll::Ready(self.time_out()),
             }
         }
     }
@@ -286,6 +382,7 @@ impl<I> Guarded<I> {
         );
         self.phase = Phase::TimedOut;
         self.deadline = None;
+        self.release_at = None;
         io::Error::new(io::ErrorKind::TimedOut, what)
     }
 }
@@ -308,11 +405,22 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
                 "connection timed out",
             )));
         }
+        if !this.prefix.is_empty() {
+            // Read (and looked at) by the serving loop already.
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            if this.prefix.is_empty() {
+                // An empty slice still holds its buffer (hyper's, after a release).
+                this.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let dispatched = this.conn.dispatched();
         if this.conn.in_flight() > 0 {
             this.phase = Phase::Busy;
             this.seen = dispatched;
             this.deadline = None;
+            this.release_at = None;
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         if this.phase == Phase::Busy || this.seen != dispatched {
@@ -340,15 +448,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => {
-                if this.deadline.is_some()
-                    && let Some(timer) = &mut this.timer
-                    && timer.as_mut().poll(cx).is_ready()
-                {
-                    return Poll::Ready(Err(this.time_out()));
-                }
-                Poll::Pending
-            }
+            Poll::Pending => this.poll_timer(cx).map(Err),
             failed => failed,
         }
     }
@@ -360,7 +460,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.write_blocked = polled.is_pending();
+        polled
     }
 
     fn poll_write_vectored(
@@ -368,7 +471,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.write_blocked = polled.is_pending();
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -376,11 +482,20 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        // hyper flushes the socket once its own buffer is empty: a wrapper's (TLS) may not be.
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.write_blocked = polled.is_pending();
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.conn.wants_release() {
+            // hyper closes its idle HTTP/1 state and hands the socket back: it stays open.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -413,9 +528,18 @@ struct HeadScan {
 impl HeadScan {
     /// Looks at the next bytes of the head; true once both names have been seen.
     fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
+        let mut rest = bytes;
+        while let Some((&b, tail)) = rest.split_first() {
             if self.done {
                 break;
+            }
+            rest = tail;
+            if b != b'\n' && self.line > 0 && (self.candidates == 0 || !self.started) {
+                // Nothing more to learn from this line (the request line, or a field
+                // that is neither name): skip to its end, one compare a byte.
+                let end = rest.iter().position(|&c| c == b'\n');
+                rest = &rest[end.unwrap_or(rest.len())..];
+                continue;
             }
             match b {
                 b'\n' => {
@@ -575,6 +699,68 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_asks_for_release_and_keeps_its_socket_and_idle_timeout() {
+        const RELEASE: Duration = Duration::from_millis(250);
+        let (mut client, mut io, conn, counters) = guarded();
+        io.release_after(Some(RELEASE));
+        let mut buf = [0u8; 64];
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        drop(conn.start(http::Version::HTTP_11));
+        let idle_from = Instant::now();
+        let read = tokio::time::timeout(RELEASE * 2, io.read(&mut buf)).await;
+        assert!(read.is_err(), "still waiting for the next request");
+        assert!(conn.wants_release(), "asked after the release delay");
+        io.shutdown().await.unwrap();
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(
+            io.read(&mut buf).await.unwrap(),
+            1,
+            "the socket stayed open"
+        );
+        conn.released();
+        assert!(!conn.wants_release());
+        // Bytes came: a head is being read; replayed bytes are read back first.
+        io.replay(Bytes::from_static(b"GET"));
+        assert_eq!(io.read(&mut buf).await.unwrap(), 3);
+        assert_eq!(&buf[..3], b"GET");
+        let error = read_until_error(&mut io).await;
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(idle_from.elapsed(), RELEASE * 2 + HEADER);
+        assert_eq!(counters.header_timeouts.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_release_after_a_request_with_a_body_or_while_a_write_waits() {
+        const RELEASE: Duration = Duration::from_millis(250);
+        let (mut client, mut io, conn, _counters) = guarded();
+        io.release_after(Some(RELEASE));
+        let mut buf = [0u8; 64];
+        client.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        let request = conn.start(http::Version::HTTP_11);
+        conn.request_body(true);
+        drop(request);
+        // hyper may still be reading the body the handler left.
+        let read = tokio::time::timeout(RELEASE * 4, io.read(&mut buf)).await;
+        assert!(read.is_err());
+        assert!(!conn.wants_release());
+        // A bodiless request, then a response the client does not read.
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        let request = conn.start(http::Version::HTTP_11);
+        conn.request_body(false);
+        let big = vec![b'x'; 4096];
+        let blocked = tokio::time::timeout(RELEASE, io.write_all(&big)).await;
+        assert!(blocked.is_err(), "the pipe is full");
+        drop(request);
+        let read = tokio::time::timeout(RELEASE * 4, io.read(&mut buf)).await;
+        assert!(read.is_err());
+        assert!(!conn.wants_release(), "not while a write waits");
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_first_byte_of_a_keep_alive_request_starts_the_header_timeout() {
         let (mut client, mut io, conn, counters) = guarded();
         let mut buf = [0u8; 64];
@@ -669,6 +855,13 @@ mod tests {
         let (a, b) = head.split_at(30);
         assert!(!scan.feed(a));
         assert!(scan.feed(b));
+        // Names that start alike, fed a byte at a time.
+        let head = b"POST / HTTP/1.1\r\ncontent-type: a\r\ntransfer-encodings: b\r\nTransfer-Encoding: chunked\r\ncontent-length: 1\r\n\r\n";
+        let mut scan = HeadScan::default();
+        let flagged: Vec<bool> = head.iter().map(|b| scan.feed(&[*b])).collect();
+        assert_eq!(flagged.iter().filter(|f| **f).count(), 1);
+        let mut scan = HeadScan::default();
+        assert!(!scan.feed(b"GET / HTTP/1.1\r\ncontent-type: a\r\ntransfer-encodings: b\r\n\r\n"));
     }
 
     #[test]

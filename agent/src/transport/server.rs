@@ -1,20 +1,33 @@
 //! The accept loop every listener shares, and HTTP serving of one connection:
 //! HTTP/1.1 and HTTP/2 (prior knowledge) on one port, graceful drain on shutdown, and
 //! the [`Limits`] every listener holds its clients to (see [`super::guard`]).
+//!
+//! An idle HTTP/1.1 connection costs only its socket. hyper keeps a connection's state
+//! for as long as it serves it: an 8 KiB write buffer, a read buffer of 8-16 KiB, a box
+//! the size of the request future and the parsed-header cache, about 30 KiB in all,
+//! whether a request is in flight or the client went quiet for a minute. So once a
+//! connection has been idle for [`IDLE_RELEASE`] with no byte of a next request, the
+//! serving loop closes hyper's state without closing the socket (the socket's
+//! [`Guarded`] skips the shutdown) and takes the socket back; the next request's first
+//! bytes start a new hyper connection with them. A busy connection (its next request
+//! within the delay) never pays for this; HTTP/2 connections keep their state.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -26,6 +39,15 @@ use crate::reason;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// How long an idle HTTP/1.1 connection keeps hyper's state before only its socket is
+/// kept (see the module doc): a client's next request on a busy connection comes
+/// sooner, so the hot path never pays for a new hyper connection.
+pub const IDLE_RELEASE: Duration = Duration::from_millis(250);
+/// What the serving loop reads of a request before hyper takes over (on the stack of
+/// one poll, never kept): most request heads fit.
+const FIRST_READ: usize = 2048;
+/// An HTTP/2 client's connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What one listener holds its connections to, and the counters that show it.
 #[derive(Clone, Debug)]
@@ -38,10 +60,17 @@ pub struct ListenerOptions {
 
 /// Serves HTTP on accepted connections; each connection it serves is drained on shutdown.
 pub struct Conn {
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    servers: Arc<Servers>,
+    /// Changes when the listener drains; held (and counted) until the connection ends.
+    drain: watch::Receiver<()>,
     timeouts: Timeouts,
     counters: Arc<ListenerCounters>,
+}
+
+/// hyper's HTTP/1.1 and HTTP/2 servers of one listener.
+struct Servers {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -52,24 +81,44 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-/// hyper's server for one listener: HTTP/1.1 buffers no larger than a request head
+/// hyper's servers for one listener: HTTP/1.1 buffers no larger than a request head
 /// may be, HTTP/2 streams and header lists bounded, resets before accept bounded
 /// (rapid reset); a CONTINUATION flood is bounded by the header list size (h2 counts
 /// CONTINUATION frames against it and answers GOAWAY `ENHANCE_YOUR_CALM`).
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(limits.http1_max_buffer())
+fn servers(limits: &Limits) -> Servers {
+    let mut h1 = http1::Builder::new();
+    h1.max_buf_size(limits.http1_max_buffer())
         // The guard's header-read timeout replaces hyper's (see `guard`).
         .header_read_timeout(None);
-    builder
-        .http2()
-        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_header_list_size(limits.http2_max_header_list_size())
         .max_pending_accept_reset_streams(limits.http2_max_pending_resets)
         .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS);
-    builder
+    Servers {
+        http1: h1,
+        http2: h2,
+    }
+}
+
+/// Connections drained together on shutdown: each holds a receiver until it ends.
+struct Drain(watch::Sender<()>);
+
+impl Drain {
+    fn new() -> Self {
+        Self(watch::Sender::new(()))
+    }
+
+    fn watcher(&self) -> watch::Receiver<()> {
+        self.0.subscribe()
+    }
+
+    /// Tells every connection to finish (idle ones close now, busy ones after their
+    /// response) and waits until all have ended.
+    async fn shutdown(self) {
+        self.0.send_replace(());
+        self.0.closed().await;
+    }
 }
 
 /// The answer to a request head carrying both `Content-Length` and
@@ -110,23 +159,31 @@ impl Conn {
         H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
+        let Conn {
+            servers,
+            mut drain,
+            timeouts,
+            counters,
+        } = self;
         let state = Arc::new(ConnState::default());
-        let io = Guarded::new(
-            io,
-            Arc::clone(&state),
-            self.timeouts,
-            Arc::clone(&self.counters),
-        );
-        let counters = Arc::clone(&self.counters);
-        let svc = service_fn(move |req: Request<Incoming>| {
+        let mut io = Guarded::new(io, Arc::clone(&state), timeouts, Arc::clone(&counters));
+        let listener = Arc::clone(&counters);
+        let svc_state = Arc::clone(&state);
+        let mut svc = service_fn(move |req: Request<Incoming>| {
+            let state = &svc_state;
             let in_flight = state.start(req.version());
+            state.request_body(!http_body::Body::is_end_stream(req.body()));
             let connect = req.method() == Method::CONNECT;
             let rsp = if state.take_cl_te() {
                 counters.cl_te.inc();
                 debug!(listener = counters.listener, %peer, reason = crate::limits::refused::CL_TE, "request refused: both Content-Length and Transfer-Encoding");
                 None
             } else {
-                Some(handler(req, peer))
+                // Boxed once, here: hyper moves the future it gets into a box of its own
+                // per request (a copy of its whole size, several KiB for a proxied
+                // request's state), and keeps that box, the future's size, for as long
+                // as the connection lives. A pointer is cheap to move and to keep.
+                Some(Box::pin(handler(req, peer)))
             };
             async move {
                 let rsp = match rsp {
@@ -142,19 +199,140 @@ impl Conn {
                 Ok::<_, Infallible>(Response::from_parts(head, Tracked::new(body, in_flight)))
             }
         });
-        // Upgrades are on so that CONNECT tunnels work on the outbound listener.
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .into_owned();
-        if let Err(error) = self.watcher.watch(conn).await {
-            if let Some(reason) = http2_goaway(error.as_ref()) {
-                self.counters.http2_goaway(&reason);
-                debug!(listener = self.counters.listener, %peer, %reason, "HTTP/2 connection closed with GOAWAY");
+        let Some(first) = preface(&mut io, &mut drain).await else {
+            return;
+        };
+        if first.starts_with(H2_PREFACE) {
+            io.replay(first);
+            // Boxed, like HTTP/1.1's below: the task stays small while idle.
+            let mut conn = Box::pin(servers.http2.serve_connection(TokioIo::new(io), svc));
+            let ended = run(conn.as_mut(), &state, &mut drain, |c| c.graceful_shutdown()).await;
+            return log_end(ended.map(|_| ()), &listener, peer);
+        }
+        io.release_after(Some(IDLE_RELEASE));
+        let mut first = first;
+        loop {
+            io.replay(first);
+            // Upgrades are on so that CONNECT tunnels work on the outbound listener.
+            let conn = servers
+                .http1
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
+            let mut conn = Box::pin(conn);
+            match run(conn.as_mut(), &state, &mut drain, |c| c.graceful_shutdown()).await {
+                Ok(true) => {}
+                ended => return log_end(ended.map(|_| ()), &listener, peer),
+            }
+            // Idle: hyper's state goes, the socket stays (see the module doc).
+            let Some(parts) = Pin::into_inner(conn).into_parts() else {
+                return;
+            };
+            state.released();
+            io = parts.io.into_inner();
+            svc = parts.service;
+            first = if parts.read_buf.is_empty() {
+                // Even empty, hyper's read buffer holds its allocation: let it go first.
+                drop(parts.read_buf);
+                match next_bytes(&mut io, &mut drain).await {
+                    Some(bytes) => bytes,
+                    None => return,
+                }
             } else {
-                debug!(listener = self.counters.listener, %peer, %error, "connection ended with an error");
+                parts.read_buf
+            };
+        }
+    }
+}
+
+/// Reads a new connection's first bytes: enough to tell an HTTP/2 preface from an
+/// HTTP/1.1 request. `None`: the connection ended (or the listener drains) first.
+async fn preface<I: AsyncRead + Unpin>(
+    io: &mut Guarded<I>,
+    drain: &mut watch::Receiver<()>,
+) -> Option<Bytes> {
+    let mut first = next_bytes(io, drain).await?;
+    while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
+        let more = next_bytes(io, drain).await?;
+        let mut joined = BytesMut::from(&first[..]);
+        joined.extend_from_slice(&more);
+        first = joined.freeze();
+    }
+    Some(first)
+}
+
+/// Waits for the next bytes from the client, holding nothing but the socket: they are
+/// read into a buffer on the stack of the poll that finds them, and copied out.
+/// `None`: the connection ended, failed or timed out, or the listener drains.
+async fn next_bytes<I: AsyncRead + Unpin>(
+    io: &mut Guarded<I>,
+    drain: &mut watch::Receiver<()>,
+) -> Option<Bytes> {
+    let mut drained = pin!(drain.changed());
+    poll_fn(|cx| {
+        if drained.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut buf = ReadBuf::uninit(&mut stack);
+        let read = ready!(Pin::new(&mut *io).poll_read(cx, &mut buf));
+        Poll::Ready(match read {
+            Ok(()) if !buf.filled().is_empty() => Some(Bytes::copy_from_slice(buf.filled())),
+            _ => None,
+        })
+    })
+    .await
+}
+
+/// Drives a hyper connection until it ends; `Ok(true)`: it ended because the socket
+/// asked for its idle state to be released ([`ConnState::wants_release`]), and the
+/// socket is to be taken back. On drain the connection is shut down gracefully.
+async fn run<C>(
+    mut conn: Pin<&mut C>,
+    state: &ConnState,
+    drain: &mut watch::Receiver<()>,
+    shutdown: impl Fn(Pin<&mut C>),
+) -> hyper::Result<bool>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let mut drained = pin!(drain.changed());
+    let (mut draining, mut releasing) = (false, false);
+    poll_fn(|cx| {
+        if !draining && drained.as_mut().poll(cx).is_ready() {
+            draining = true;
+            shutdown(conn.as_mut());
+        }
+        loop {
+            match conn.as_mut().poll(cx) {
+                Poll::Ready(ended) => return Poll::Ready(ended.map(|()| releasing && !draining)),
+                Poll::Pending
+                    if !releasing
+                        && !draining
+                        && state.wants_release()
+                        && state.in_flight() == 0 =>
+                {
+                    // Idle with nothing read: hyper closes its state at once, writing
+                    // nothing, and (the socket skipping the shutdown) ends.
+                    releasing = true;
+                    shutdown(conn.as_mut());
+                }
+                Poll::Pending => return Poll::Pending,
             }
         }
+    })
+    .await
+}
+
+/// Logs how a connection ended, counting an HTTP/2 GOAWAY of the agent's own.
+fn log_end(ended: hyper::Result<()>, counters: &ListenerCounters, peer: SocketAddr) {
+    let Err(error) = ended else {
+        return;
+    };
+    if let Some(reason) = http2_goaway(&error) {
+        counters.http2_goaway(&reason);
+        debug!(listener = counters.listener, %peer, %reason, "HTTP/2 connection closed with GOAWAY");
+    } else {
+        debug!(listener = counters.listener, %peer, %error, "connection ended with an error");
     }
 }
 
@@ -174,8 +352,8 @@ pub async fn serve_connections<D, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let name = options.counters.listener;
-    let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder(&options.limits));
+    let graceful = Drain::new();
+    let servers = Arc::new(servers(&options.limits));
     let limit = ConnectionLimit::new(
         options.limits.max_connections,
         options.counters.open.clone(),
@@ -207,8 +385,8 @@ pub async fn serve_connections<D, F>(
                     debug!(listener = name, %error, "cannot set TCP_NODELAY");
                 }
                 let conn = Conn {
-                    builder: Arc::clone(&builder),
-                    watcher: graceful.watcher(),
+                    servers: Arc::clone(&servers),
+                    drain: graceful.watcher(),
                     timeouts,
                     counters: Arc::clone(&options.counters),
                 };
@@ -253,4 +431,106 @@ pub async fn serve<H, F>(
         move |stream, peer, conn| conn.serve_http(stream, peer, handler.clone()),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::client::conn::{http1 as client1, http2 as client2};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    /// A connection served by `serve_http` with a handler answering "ok", the client's
+    /// end, and the listener's drain.
+    fn served() -> (DuplexStream, JoinHandle<()>, Drain) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let drain = Drain::new();
+        let conn = Conn {
+            servers: Arc::new(servers(&Limits::default())),
+            drain: drain.watcher(),
+            timeouts: Timeouts {
+                header: Some(Duration::from_secs(10)),
+                idle: Some(Duration::from_secs(60)),
+            },
+            counters: Arc::new(ListenerCounters::default()),
+        };
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let task = tokio::spawn(conn.serve_http(server, peer, |_req, _peer| async {
+            Response::new(full("ok"))
+        }));
+        (client, task, drain)
+    }
+
+    async fn response(client: &mut DuplexStream) -> String {
+        let mut buf = vec![0u8; 1024];
+        let n = client.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_connection_is_served_after_its_idle_state_is_released() {
+        let (mut client, task, _drain) = served();
+        for _ in 0..3 {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .unwrap();
+            let rsp = response(&mut client).await;
+            assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+            assert!(rsp.ends_with("ok"), "{rsp}");
+            assert!(!rsp.contains("close"), "kept alive: {rsp}");
+            tokio::time::sleep(IDLE_RELEASE * 4).await;
+        }
+        // A head that arrives in pieces across a release is still read whole.
+        client.write_all(b"GET / HT").await.unwrap();
+        tokio::time::sleep(IDLE_RELEASE * 4).await;
+        client
+            .write_all(b"TP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(response(&mut client).await.starts_with("HTTP/1.1 200"));
+        drop(client);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_prior_knowledge_is_served() {
+        let (client, task, _drain) = served();
+        let (mut send, conn) = client2::handshake(TokioExecutor::new(), TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..2 {
+            let req = Request::builder()
+                .uri("http://a/")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let rsp = send.send_request(req).await.unwrap();
+            assert_eq!(rsp.version(), http::Version::HTTP_2);
+            let body = rsp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            tokio::time::sleep(IDLE_RELEASE * 4).await;
+        }
+        drop(send);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_closes_a_released_connection_and_ends() {
+        let (client, task, drain) = served();
+        let (mut send, conn) = client1::handshake(TokioIo::new(client)).await.unwrap();
+        let client_conn = tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "a")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+        tokio::time::sleep(IDLE_RELEASE * 4).await;
+        drain.shutdown().await;
+        task.await.unwrap();
+        client_conn.await.unwrap().unwrap();
+    }
 }
