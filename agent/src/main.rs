@@ -16,6 +16,45 @@ use bulwark_agent::telemetry::{self, LogFormat};
 use bulwark_agent::{Agent, Identity, InboundSpec, Settings};
 use clap::{Parser, Subcommand};
 
+/// The agent's allocator: jemalloc, whose freed pages go back to the OS (glibc's malloc
+/// kept the memory of closed connections for the life of the process: docs/benchmarks.md,
+/// "Memory under hostile clients"). Configured by [`allocator::configure`].
+#[cfg(unix)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, set when the agent starts.
+#[cfg(unix)]
+mod allocator {
+    use tikv_jemalloc_ctl::{Access, AsName};
+
+    /// How long an unused dirty page stays before it goes back to the OS (jemalloc's
+    /// default, 10 s, holds a burst of closed connections' memory that long).
+    const DIRTY_DECAY_MS: isize = 1000;
+
+    /// A background thread purges unused pages even while the agent is idle (otherwise
+    /// only allocations do); dirty pages go after [`DIRTY_DECAY_MS`], straight to the
+    /// OS (`muzzy_decay_ms` 0: not through `MADV_FREE`, which the kernel takes back
+    /// only under memory pressure, so RSS would not fall). For the arenas made from now
+    /// on and for those that exist (the runtime's threads have allocated already).
+    /// `_RJEM_MALLOC_CONF` in the environment still sets the rest.
+    pub fn configure() {
+        let set = |name: &str, value: isize| {
+            let _ = format!("{name}\0").as_str().name().write(value);
+        };
+        set("arenas.dirty_decay_ms", DIRTY_DECAY_MS);
+        set("arenas.muzzy_decay_ms", 0);
+        let arenas: u32 = b"arenas.narenas\0".name().read().unwrap_or(0);
+        for i in 0..arenas {
+            // An arena not yet initialised refuses; it will take the defaults above.
+            set(&format!("arena.{i}.dirty_decay_ms"), DIRTY_DECAY_MS);
+            set(&format!("arena.{i}.muzzy_decay_ms"), 0);
+        }
+        // Without one (a platform jemalloc has none for), pages go back on allocations.
+        let _ = tikv_jemalloc_ctl::background_thread::write(true);
+    }
+}
+
 /// Bulwark's per-pod agent: enforces timeouts, retries, circuit breaking,
 /// bulkheads and rate limits on the pod's traffic.
 #[derive(Debug, Parser)]
@@ -258,6 +297,8 @@ fn parse_labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    allocator::configure();
     let cli = Cli::parse();
     match cli.command {
         // One line for the operator (no backtrace even with RUST_BACKTRACE set):
