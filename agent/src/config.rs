@@ -335,6 +335,7 @@ impl Config {
                     "key": match &c.key {
                         RateLimitKey::None => json!({"type": "None"}),
                         RateLimitKey::ClientAddress => json!({"type": "ClientAddress"}),
+                        RateLimitKey::ClientIdentity => json!({"type": "ClientIdentity"}),
                         RateLimitKey::Header(h) => json!({"type": "Header", "header": h.as_str()}),
                     },
                     "requests": c.requests.get(),

@@ -13,7 +13,7 @@ use bulwark_proto::v1;
 use http::HeaderMap;
 
 /// A caller's verified SPIFFE ID, split once per connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PeerId {
     uri: String,
     // Byte ranges of the three names within `uri`.

@@ -19,6 +19,7 @@ use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::policy::authorization::PeerId;
 use crate::policy::duration::{InvalidDuration, duration};
 
 /// A rate limit that cannot be enforced. Messages name the field within the limit; the caller
@@ -65,6 +66,9 @@ pub enum RateLimitKey {
     None,
     /// One bucket per client IP address.
     ClientAddress,
+    /// One bucket per caller's mesh identity (SPIFFE ID, proven by mutual TLS);
+    /// plaintext callers share one bucket.
+    ClientIdentity,
     /// One bucket per value of this header; requests without it share one bucket.
     Header(HeaderName),
 }
@@ -112,6 +116,7 @@ impl TryFrom<&v1::RateLimit> for RateLimitConfig {
         let key = match proto.key.as_ref().and_then(|k| k.kind.as_ref()) {
             None | Some(Kind::None(_)) => RateLimitKey::None,
             Some(Kind::ClientAddress(_)) => RateLimitKey::ClientAddress,
+            Some(Kind::ClientIdentity(_)) => RateLimitKey::ClientIdentity,
             Some(Kind::Header(name)) => RateLimitKey::Header(
                 HeaderName::from_bytes(name.as_bytes())
                     .map_err(|_| InvalidRateLimit::Header(name.clone()))?,
@@ -208,8 +213,13 @@ impl Clone for HeaderKey {
 enum Buckets {
     Single(Direct),
     ByAddress(Keyed<IpAddr>),
+    ByIdentity(Keyed<IdentityKey>),
     ByHeader(HeaderName, Keyed<HeaderKey>),
 }
+
+/// A caller's identity as a bucket key (`None`: every plaintext caller).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct IdentityKey(Option<Arc<PeerId>>);
 
 /// One inbound rate limit and its buckets, shared as `Arc`.
 pub struct RateLimiter {
@@ -238,6 +248,9 @@ impl RateLimiter {
             RateLimitKey::ClientAddress => {
                 Buckets::ByAddress(governor::RateLimiter::dashmap_with_clock(quota, clock))
             }
+            RateLimitKey::ClientIdentity => {
+                Buckets::ByIdentity(governor::RateLimiter::dashmap_with_clock(quota, clock))
+            }
             RateLimitKey::Header(name) => Buckets::ByHeader(
                 name.clone(),
                 governor::RateLimiter::dashmap_with_clock(quota, clock),
@@ -257,12 +270,26 @@ impl RateLimiter {
         self.config.ports.is_empty() || self.config.ports.contains(&port)
     }
 
-    /// Takes a token from the request's bucket, or says how long until one is available.
+    /// Takes a token from the bucket of a plaintext caller's request, or says how long
+    /// until one is available.
     pub fn check(&self, client: IpAddr, headers: &HeaderMap) -> Result<(), RateLimited> {
+        self.check_from(client, None, headers)
+    }
+
+    /// Takes a token from the bucket of a request from `caller` (its mesh identity, if
+    /// it has one), or says how long until one is available.
+    pub fn check_from(
+        &self,
+        client: IpAddr,
+        caller: Option<&Arc<PeerId>>,
+        headers: &HeaderMap,
+    ) -> Result<(), RateLimited> {
         let result = match &self.buckets {
             Buckets::Single(limiter) => limiter.check(),
             // One bucket per host whether it connects over IPv4 or IPv4-mapped IPv6.
             Buckets::ByAddress(limiter) => limiter.check_key(&client.to_canonical()),
+            // Cloning the caller is a reference-count increment.
+            Buckets::ByIdentity(limiter) => limiter.check_key(&IdentityKey(caller.cloned())),
             // With several values the first one counts; cloning a parsed value is a
             // reference-count increment, not a copy.
             Buckets::ByHeader(name, limiter) => {
@@ -296,6 +323,10 @@ impl RateLimiter {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
             }
+            Buckets::ByIdentity(limiter) => {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            }
             Buckets::ByHeader(_, limiter) => {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
@@ -315,6 +346,7 @@ impl RateLimiter {
         match &self.buckets {
             Buckets::Single(_) => 1,
             Buckets::ByAddress(limiter) => limiter.len(),
+            Buckets::ByIdentity(limiter) => limiter.len(),
             Buckets::ByHeader(_, limiter) => limiter.len(),
         }
     }
@@ -353,11 +385,24 @@ impl RateLimits {
         Self(limiters)
     }
 
-    /// Checks a request on local `port` from `client` against every limit that applies.
+    /// Checks a plaintext caller's request on local `port` from `client` against every
+    /// limit that applies.
     pub fn check(&self, port: u16, client: IpAddr, headers: &HeaderMap) -> Result<(), RateLimited> {
+        self.check_from(port, client, None, headers)
+    }
+
+    /// Checks a request on local `port` from `client`, whose mesh identity is `caller`,
+    /// against every limit that applies.
+    pub fn check_from(
+        &self,
+        port: u16,
+        client: IpAddr,
+        caller: Option<&Arc<PeerId>>,
+        headers: &HeaderMap,
+    ) -> Result<(), RateLimited> {
         for limiter in &self.0 {
             if limiter.applies_to(port) {
-                limiter.check(client, headers)?;
+                limiter.check_from(client, caller, headers)?;
             }
         }
         Ok(())
@@ -473,6 +518,28 @@ mod tests {
         assert_eq!(passes(&limiter, 1, ip(1), &none), 1);
         assert_eq!(passes(&limiter, 1, ip(2), &none), 1);
         assert_eq!(passes(&limiter, 1, ip(3), &none), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caller_identities_have_separate_buckets_and_plaintext_callers_share_one() {
+        let limiter = RateLimiter::new(limit("per-caller", RateLimitKey::ClientIdentity, 10, 2));
+        let none = HeaderMap::new();
+        let id =
+            |sa: &str| Arc::new(PeerId::parse(&format!("spiffe://td/ns/shop/sa/{sa}")).unwrap());
+        let (orders, billing) = (id("orders"), id("billing"));
+        let from = |caller: Option<&Arc<PeerId>>, addr: u8| {
+            (0..5)
+                .filter(|_| limiter.check_from(ip(addr), caller, &none).is_ok())
+                .count()
+        };
+        // One workload's pods (any address) share its bucket.
+        assert_eq!(from(Some(&orders), 1), 2);
+        assert_eq!(from(Some(&orders), 2), 0);
+        assert_eq!(from(Some(&billing), 1), 2);
+        // Plaintext callers, whatever their address, share one bucket.
+        assert_eq!(from(None, 3), 2);
+        assert_eq!(from(None, 4), 0);
+        assert_eq!(limiter.tracked_keys(), 3);
     }
 
     #[tokio::test(start_paused = true)]

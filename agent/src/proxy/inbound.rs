@@ -139,11 +139,12 @@ impl Inbound {
         &self,
         config: &Config,
         peer: SocketAddr,
+        caller: Option<&Arc<PeerId>>,
         headers: &http::HeaderMap,
     ) -> Result<(), Refused> {
         config
             .inbound
-            .check(self.app_port, peer.ip(), headers)
+            .check_from(self.app_port, peer.ip(), caller, headers)
             .map_err(|limited| {
                 // The rate limiter logs the refusal with the client, policy and limit.
                 self.metrics.rate_limited(&limited.source, &limited.name);
@@ -275,7 +276,7 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
-        let rsp = match self.steps(&req, peer, caller.as_deref()) {
+        let rsp = match self.steps(&req, peer, caller.as_ref()) {
             Err(refused) => refused.response(),
             Ok(slot) => {
                 if self.options.forwarded_for {
@@ -306,14 +307,14 @@ impl Inbound {
         &self,
         req: &Request<Incoming>,
         peer: SocketAddr,
-        caller: Option<&PeerId>,
+        caller: Option<&Arc<PeerId>>,
     ) -> Result<Option<OwnedSemaphorePermit>, Refused> {
         let config = self.config.load();
         // 1. The caller's mesh identity came with the connection (see `front`).
         // 2. Authorization.
-        self.authorize(&config, caller, req)?;
+        self.authorize(&config, caller.map(AsRef::as_ref), req)?;
         // 3. Rate limit.
-        self.rate_limit(&config, peer, req.headers())?;
+        self.rate_limit(&config, peer, caller, req.headers())?;
         drop(config);
         // 4. Admission.
         let slot = self.admit(peer)?;
@@ -353,7 +354,7 @@ impl Inbound {
     {
         let headers = http::HeaderMap::new();
         if self
-            .rate_limit(&self.config.load(), peer, &headers)
+            .rate_limit(&self.config.load(), peer, None, &headers)
             .is_err()
         {
             return;
@@ -474,7 +475,7 @@ mod tests {
         let peer = "10.0.0.1:5000".parse().unwrap();
         assert!(
             inbound
-                .rate_limit(&config, peer, &http::HeaderMap::new())
+                .rate_limit(&config, peer, None, &http::HeaderMap::new())
                 .is_ok()
         );
     }

@@ -97,8 +97,9 @@ pub struct LimitSpec {
     "message": "header is required when type is Header, and only allowed then",
 }]))]
 pub struct KeySpec {
-    /// None (one bucket for all), ClientAddress (one per client IP) or Header (one per
-    /// value of `header`). Default None.
+    /// None (one bucket for all), ClientAddress (one per client IP), ClientIdentity (one
+    /// per caller's mesh identity, proven by mutual TLS; plaintext callers share one) or
+    /// Header (one per value of `header`). Default None.
     #[serde(rename = "type")]
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = "None"))]
@@ -111,7 +112,8 @@ pub struct KeySpec {
 }
 
 /// `spec.limits[].key.type`: None (one bucket for all, the default), ClientAddress
-/// (one per client IP) or Header (one per value of `header`).
+/// (one per client IP), ClientIdentity (one per caller's mesh identity) or Header (one
+/// per value of `header`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[schemars(extend("maxLength" = 32))]
 pub enum KeyType {
@@ -119,6 +121,8 @@ pub enum KeyType {
     None,
     /// One bucket per client IP address.
     ClientAddress,
+    /// One bucket per caller's mesh identity (its SPIFFE ID).
+    ClientIdentity,
     /// One bucket per value of a request header.
     Header,
 }
@@ -262,6 +266,7 @@ impl KeySpec {
             )),
             (KeyType::None, None) => Ok(model::LimitKey::None),
             (KeyType::ClientAddress, None) => Ok(model::LimitKey::ClientAddress),
+            (KeyType::ClientIdentity, None) => Ok(model::LimitKey::ClientIdentity),
         }
     }
 }
@@ -303,7 +308,8 @@ mod tests {
             "  limits:\n\
              \x20   - {name: a, key: {type: Header, header: x-tenant-id}, rate: {requests: 1, per: 1s}, burst: 3}\n\
              \x20   - {name: b, key: {type: ClientAddress}, rate: {requests: 1, per: 1m}}\n\
-             \x20   - {name: c, key: {}, rate: {requests: 1, per: 1s}}\n",
+             \x20   - {name: c, key: {}, rate: {requests: 1, per: 1s}}\n\
+             \x20   - {name: d, key: {type: ClientIdentity}, rate: {requests: 1, per: 1s}}\n",
         )
         .unwrap();
         assert_eq!(
@@ -314,6 +320,7 @@ mod tests {
         assert_eq!(p.limits[1].key, model::LimitKey::ClientAddress);
         assert_eq!(p.limits[1].per, StdDuration::from_secs(60));
         assert_eq!(p.limits[2].key, model::LimitKey::None);
+        assert_eq!(p.limits[3].key, model::LimitKey::ClientIdentity);
     }
 
     #[test]

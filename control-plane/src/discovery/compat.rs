@@ -96,6 +96,16 @@ pub const AUTHORIZATION_SINCE: u32 = 3;
 /// The protocol that brought `Inbound.peer_authentication` (PeerAuthentication).
 pub const PEER_AUTHENTICATION_SINCE: u32 = 4;
 
+/// The protocol that brought rate limits keyed by the caller's mesh identity.
+pub const CLIENT_IDENTITY_KEY_SINCE: u32 = 4;
+
+fn keyed_by_identity(limit: &proto::RateLimit) -> bool {
+    matches!(
+        limit.key.as_ref().and_then(|k| k.kind.as_ref()),
+        Some(proto::rate_limit_key::Kind::ClientIdentity(_))
+    )
+}
+
 /// The pod's inbound part as an agent at `level` may have it, and what was held back;
 /// `None` when it goes as it is.
 ///
@@ -110,6 +120,11 @@ pub const PEER_AUTHENTICATION_SINCE: u32 = 4;
 ///   which would turn going Strict before the agents are upgraded into an outage of
 ///   every old pod. Left as it is, the pod keeps taking plaintext as it did before the
 ///   policy, and the report says which pods are not Strict yet.
+/// - Below [`CLIENT_IDENTITY_KEY_SINCE`] an agent reads a rate limit keyed by client
+///   identity as keyed by nothing: one bucket for every caller, a limit far stricter
+///   than meant. It gets the limit keyed by client address instead (a meshed caller's
+///   pod has one address, so the buckets are close to per workload instance), reported
+///   as held back.
 pub fn hold_back_inbound(
     inbound: &Arc<proto::Inbound>,
     level: u32,
@@ -117,11 +132,29 @@ pub fn hold_back_inbound(
     let authorization = level < AUTHORIZATION_SINCE && !inbound.authorization.is_empty();
     let peer_authentication =
         level < PEER_AUTHENTICATION_SINCE && inbound.peer_authentication.is_some();
-    if !authorization && !peer_authentication {
+    let identity_keys =
+        level < CLIENT_IDENTITY_KEY_SINCE && inbound.rate_limits.iter().any(keyed_by_identity);
+    if !authorization && !peer_authentication && !identity_keys {
         return None;
     }
     let mut stripped = proto::Inbound::clone(inbound);
     let mut held_back: Vec<HeldBack> = Vec::new();
+    if identity_keys {
+        for limit in stripped
+            .rate_limits
+            .iter_mut()
+            .filter(|l| keyed_by_identity(l))
+        {
+            limit.key = Some(proto::RateLimitKey {
+                kind: Some(proto::rate_limit_key::Kind::ClientAddress(proto::Empty {})),
+            });
+            held_back.push(HeldBack {
+                port: format!("inbound ({} limit {})", limit.source, limit.name),
+                feature: "rateLimit.key.ClientIdentity",
+                needs_protocol: CLIENT_IDENTITY_KEY_SINCE,
+            });
+        }
+    }
     if authorization {
         held_back.extend(stripped.authorization.drain(..).map(|p| HeldBack {
             port: format!("inbound ({})", p.source),
@@ -302,6 +335,46 @@ mod tests {
         assert!(
             held_back.is_empty(),
             "Permissive is what an old agent does anyway"
+        );
+    }
+
+    #[test]
+    fn below_protocol_4_an_identity_keyed_limit_goes_keyed_by_client_address() {
+        use proto::rate_limit_key::Kind;
+        let limit = |name: &str, kind: Kind| proto::RateLimit {
+            source: "shop/limits".into(),
+            name: name.into(),
+            key: Some(proto::RateLimitKey { kind: Some(kind) }),
+            ..Default::default()
+        };
+        let limits = Arc::new(proto::Inbound {
+            rate_limits: vec![
+                limit("per-caller", Kind::ClientIdentity(proto::Empty {})),
+                limit("per-tenant", Kind::Header("x-tenant".into())),
+            ],
+            ..Default::default()
+        });
+        assert!(hold_back_inbound(&limits, 4).is_none());
+        let (stripped, held_back) = hold_back_inbound(&limits, 3).unwrap();
+        let kinds: Vec<_> = stripped
+            .rate_limits
+            .iter()
+            .map(|l| l.key.as_ref().and_then(|k| k.kind.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                Some(Kind::ClientAddress(proto::Empty {})),
+                Some(Kind::Header("x-tenant".into()))
+            ]
+        );
+        assert_eq!(
+            held_back,
+            [HeldBack {
+                port: "inbound (shop/limits limit per-caller)".into(),
+                feature: "rateLimit.key.ClientIdentity",
+                needs_protocol: 4,
+            }]
         );
     }
 

@@ -91,6 +91,7 @@ pub fn rate_limit(policy: &ObjectName, limit: &policy::Limit, ports: Vec<u32>) -
     let key = match &limit.key {
         LimitKey::None => ProtoKeyKind::None(proto::Empty {}),
         LimitKey::ClientAddress => ProtoKeyKind::ClientAddress(proto::Empty {}),
+        LimitKey::ClientIdentity => ProtoKeyKind::ClientIdentity(proto::Empty {}),
         LimitKey::Header(name) => ProtoKeyKind::Header(name.clone()),
     };
     proto::RateLimit {

@@ -235,6 +235,8 @@ pub enum LimitKey {
     None,
     /// One bucket per client IP address.
     ClientAddress,
+    /// One bucket per caller's mesh identity (plaintext callers share one).
+    ClientIdentity,
     /// One bucket per value of this (lowercase) request header.
     Header(String),
 }
