@@ -1,9 +1,10 @@
 //! Bulwark's test kit: the test upstream (also the `bulwark-upstream` binary), an HTTP
-//! client, a Prometheus text reader and `eventually`. The end-to-end tests
-//! (`bulwark-tests`, which re-exports all of it) and the demo both use it, so the demo
-//! does not depend on the tests.
+//! client, a Prometheus text reader, `eventually` and the replay of fuzz corpora. The
+//! end-to-end tests (`bulwark-tests`, which re-exports all of it) and the demo both use
+//! it, so the demo does not depend on the tests.
 
 pub mod client;
+pub mod corpus;
 pub mod eventually;
 pub mod grpc;
 pub mod metrics;
