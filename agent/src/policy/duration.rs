@@ -22,9 +22,25 @@ pub enum InvalidDuration {
         /// The message's `nanos`.
         nanos: i32,
     },
+    /// Longer than [`MAX_DURATION`].
+    #[error(
+        "duration {seconds}s is longer than the {max}s a policy may set; the control plane sent a malformed duration",
+        max = MAX_DURATION.as_secs()
+    )]
+    TooLong {
+        /// The message's `seconds`.
+        seconds: i64,
+    },
 }
 
-/// Converts a protobuf `Duration` into a [`Duration`], rejecting negative or malformed values.
+/// The longest duration a policy may set: 100 years, far beyond what the control plane
+/// accepts (four components of five digits, under 46 years). Without a bound, a deadline
+/// or a breaker's reopening time (now plus the duration) would overflow the clock and
+/// panic on the request path.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// Converts a protobuf `Duration` into a [`Duration`], rejecting negative, malformed or
+/// too long values.
 pub fn duration(d: &prost_types::Duration) -> Result<Duration, InvalidDuration> {
     if d.seconds < 0 || d.nanos < 0 {
         return Err(InvalidDuration::Negative {
@@ -36,7 +52,11 @@ pub fn duration(d: &prost_types::Duration) -> Result<Duration, InvalidDuration> 
         .ok()
         .filter(|n| *n < 1_000_000_000)
         .ok_or(InvalidDuration::NanosOutOfRange { nanos: d.nanos })?;
-    Ok(Duration::new(d.seconds.unsigned_abs(), nanos))
+    let duration = Duration::new(d.seconds.unsigned_abs(), nanos);
+    if duration > MAX_DURATION {
+        return Err(InvalidDuration::TooLong { seconds: d.seconds });
+    }
+    Ok(duration)
 }
 
 /// Serialises `Duration` as `"250ms"`.
@@ -93,7 +113,21 @@ mod tests {
         );
         assert_eq!(
             duration(&proto(i64::MAX, 0)),
-            Ok(Duration::from_secs(i64::MAX as u64))
+            Err(InvalidDuration::TooLong { seconds: i64::MAX })
         );
+    }
+
+    #[test]
+    fn a_duration_that_would_overflow_the_clock_is_refused() {
+        // Found by the config_snapshot fuzz target: a request timeout of i64::MAX seconds
+        // was accepted, and every request's deadline (now + timeout) then panicked.
+        let max = i64::try_from(MAX_DURATION.as_secs()).unwrap();
+        let longest = duration(&proto(max, 0)).unwrap();
+        let _ = tokio::time::Instant::now() + longest;
+        assert_eq!(
+            duration(&proto(max, 1)),
+            Err(InvalidDuration::TooLong { seconds: max })
+        );
+        assert!(duration(&proto(max + 1, 0)).is_err());
     }
 }
