@@ -9,6 +9,8 @@
 #
 # `all` adds the bench's every-policy ResiliencePolicy (none triggers). Needs the
 # release binaries (bulwark-agent, bulwark-control-plane, bulwark-bench) and valgrind.
+# AGENT_BIN and CONTROL_PLANE_BIN run other builds (e.g. an older commit's, built in a
+# worktree) with this tree's bench, so that two agents are compared under one load.
 set -euo pipefail
 
 POLICIES=${1:-none}
@@ -17,12 +19,14 @@ RATE=${3:-100}
 SECONDS_=${4:-20}
 BIN=${BIN_DIR:-target/release}
 OUT=${CALLGRIND_OUT:-$BIN/bench-logs}
+AGENT_BIN=${AGENT_BIN:-$BIN/bulwark-agent}
+CONTROL_PLANE_BIN=${CONTROL_PLANE_BIN:-$BIN/bulwark-control-plane}
 
 for tool in valgrind callgrind_control; do
 	command -v "$tool" >/dev/null || { echo "callgrind: $tool not found (apt-get install valgrind)" >&2; exit 1; }
 done
-for bin in bulwark-agent bulwark-control-plane bulwark-bench; do
-	[[ -x $BIN/$bin ]] || { echo "callgrind: $BIN/$bin missing (cargo build --release -p ...)" >&2; exit 1; }
+for bin in "$AGENT_BIN" "$CONTROL_PLANE_BIN" "$BIN/bulwark-bench"; do
+	[[ -x $bin ]] || { echo "callgrind: $bin missing (cargo build --release -p ...)" >&2; exit 1; }
 done
 mkdir -p "$OUT"
 
@@ -94,7 +98,7 @@ spec:
 EOF
 fi
 
-RUST_LOG=warn "$BIN/bulwark-control-plane" --source "dir:$MESH" --grpc-addr "127.0.0.1:$GRPC" \
+RUST_LOG=warn "$CONTROL_PLANE_BIN" --source "dir:$MESH" --grpc-addr "127.0.0.1:$GRPC" \
 	--admin-addr "127.0.0.1:$CP_ADMIN" --debounce 50ms >"$OUT/callgrind-control-plane.log" 2>&1 &
 PIDS+=($!)
 wait_ready "http://127.0.0.1:$CP_ADMIN/ready" "control plane"
@@ -102,7 +106,7 @@ wait_ready "http://127.0.0.1:$CP_ADMIN/ready" "control plane"
 DUMP="$OUT/callgrind.out.$POLICIES-$PROTOCOL"
 rm -f "$DUMP"*
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$DUMP" \
-	"$BIN/bulwark-agent" --control-plane "http://127.0.0.1:$GRPC" --namespace bench \
+	"$AGENT_BIN" --control-plane "http://127.0.0.1:$GRPC" --namespace bench \
 	--pod-name bench-0 --service-account bench --label app=bench \
 	--outbound-addr "127.0.0.1:$OUTBOUND" --admin-addr "127.0.0.1:$ADMIN" \
 	>"$OUT/callgrind-agent.log" 2>&1 &

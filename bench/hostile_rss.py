@@ -14,6 +14,7 @@ Loopback only, bounded in time. Raise `ulimit -n` (both processes inherit the
 script's limit, raised to the hard limit here).
 
     bench/hostile_rss.py [--slowloris 2000] [--idle 10000] [--agent-arg=--header-read-timeout-ms=10000 ...]
+        [--wrap 'heaptrack -o /tmp/idle']
 """
 
 import argparse
@@ -152,6 +153,8 @@ def main():
     p.add_argument("--listener", choices=["inbound", "admin"], default="inbound",
                    help="where the clients connect: the inbound listener (proxied to the upstream) or admin (answered by the agent)")
     p.add_argument("--agent-arg", action="append", default=[])
+    p.add_argument("--wrap", default="",
+                   help="a command to run the agent under, e.g. 'heaptrack -o /tmp/idle' (RSS is then the wrapper's)")
     a = p.parse_args()
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -164,7 +167,7 @@ def main():
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(up_port, "the upstream")
         agent = subprocess.Popen(
-            [f"{a.bin}/bulwark-agent", "--control-plane", "http://127.0.0.1:1",
+            [*a.wrap.split(), f"{a.bin}/bulwark-agent", "--control-plane", "http://127.0.0.1:1",
              "--inbound", f"127.0.0.1:{in_port}={up_port}",
              "--admin-addr", f"127.0.0.1:{admin_port}",
              "--outbound-addr", f"127.0.0.1:{out_port}", *a.agent_arg],
