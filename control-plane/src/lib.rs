@@ -27,6 +27,10 @@ pub mod api;
 pub mod crds;
 pub mod discovery;
 pub mod duration;
+// The fuzz target's body: for `fuzz/` (the `fuzzing` feature) and the corpus replay.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod index;
 pub mod lease;

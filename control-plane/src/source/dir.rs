@@ -228,37 +228,28 @@ impl DirSource {
 /// file, in this folder or an earlier one) is rejected as a duplicate.
 fn read_file(path: &Path, pass: &mut Pass) {
     let shown = path.display().to_string();
-    let reject = |document: Option<&documents::Document<'_>>,
-                  key: Option<&ObjectKey>,
-                  field: String,
-                  reason: String| RejectedObject {
-        file: shown.clone(),
-        document: document.map(|d| d.index),
-        line: document.map(|d| d.line),
-        object: RejectedObject::object_key(key),
-        path: field,
-        reason,
-        kept_previous: false,
-        since: Timestamp::now(),
-    };
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+    match std::fs::read_to_string(path) {
+        Ok(text) => read_documents(&shown, &text, pass),
         Err(e) => {
             let reason = format!("cannot read the file: {e}");
             pass.rejected
-                .push(reject(None, None, String::new(), reason));
+                .push(rejection(&shown, None, None, String::new(), reason));
             pass.unreadable.insert(shown);
-            return;
         }
-    };
-    for doc in documents::split(&text) {
+    }
+}
+
+/// Decodes the documents of `text`, the file `shown`, into `pass`: valid objects, and a
+/// rejection for each invalid or duplicate document.
+fn read_documents(shown: &str, text: &str, pass: &mut Pass) {
+    for doc in documents::split(text) {
         let value = match documents::parse(&doc) {
             Ok(value) => value,
             Err(e) => {
                 let reason = format!("invalid YAML: {e}");
                 pass.rejected
-                    .push(reject(Some(&doc), None, String::new(), reason));
-                pass.unreadable.insert(shown.clone());
+                    .push(rejection(shown, Some(&doc), None, String::new(), reason));
+                pass.unreadable.insert(shown.to_owned());
                 continue;
             }
         };
@@ -271,15 +262,20 @@ fn read_file(path: &Path, pass: &mut Pass) {
                         "{key} is already defined in {} document {}; this duplicate is ignored",
                         first.file, first.document
                     );
-                    pass.rejected
-                        .push(reject(Some(&doc), Some(&key), String::new(), reason));
+                    pass.rejected.push(rejection(
+                        shown,
+                        Some(&doc),
+                        Some(&key),
+                        String::new(),
+                        reason,
+                    ));
                     continue;
                 }
                 pass.ignored
                     .extend(ignored.into_iter().map(|e| (key.clone(), e.path, e.reason)));
                 let loaded = Loaded {
                     object,
-                    file: shown.clone(),
+                    file: shown.to_owned(),
                     document: doc.index,
                 };
                 pass.next.insert(key, loaded);
@@ -293,10 +289,50 @@ fn read_file(path: &Path, pass: &mut Pass) {
                 if let Some(key) = &e.key {
                     pass.rejected_keys.push((pass.rejected.len(), key.clone()));
                 }
-                let rejection = reject(Some(&doc), e.key.as_ref(), e.error.path, e.error.reason);
+                let rejection = rejection(
+                    shown,
+                    Some(&doc),
+                    e.key.as_ref(),
+                    e.error.path,
+                    e.error.reason,
+                );
                 pass.rejected.push(rejection);
             }
         }
+    }
+}
+
+/// The valid objects of one file's text, each with its document's index, and the
+/// rejections of its other documents: what a load reads from that file.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn read_text(shown: &str, text: &str) -> (Vec<(Object, usize)>, Vec<RejectedObject>) {
+    let mut pass = Pass::default();
+    read_documents(shown, text, &mut pass);
+    let objects = pass
+        .next
+        .into_values()
+        .map(|l| (l.object, l.document))
+        .collect();
+    (objects, pass.rejected)
+}
+
+/// A rejection of the file `file` (of one of its documents, when `document` is given).
+fn rejection(
+    file: &str,
+    document: Option<&documents::Document<'_>>,
+    key: Option<&ObjectKey>,
+    path: String,
+    reason: String,
+) -> RejectedObject {
+    RejectedObject {
+        file: file.to_owned(),
+        document: document.map(|d| d.index),
+        line: document.map(|d| d.line),
+        object: RejectedObject::object_key(key),
+        path,
+        reason,
+        kept_previous: false,
+        since: Timestamp::now(),
     }
 }
 
