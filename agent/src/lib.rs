@@ -6,6 +6,10 @@
 
 pub mod admin;
 pub mod config;
+// The fuzz targets' bodies: for `fuzz/` (the `fuzzing` feature) and the corpus replays.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod identity;
 pub mod init;
