@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use bulwark_control_plane::source::kubernetes;
 use bulwark_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, Settings, Source, identity, webhook};
 use clap::{Parser, ValueEnum};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// Bulwark's control plane: reads policies and services, streams each agent its view.
@@ -138,7 +138,7 @@ async fn identity_settings(
         (Some(dir), _) => Authority::load(dir, &args.trust_domain, args.certificate_lifetime)?,
         (None, Some(anchor_out)) => {
             let authority = Authority::generate(&args.trust_domain, args.certificate_lifetime)?;
-            let pem: String = authority.anchors().iter().map(|a| pem(a)).collect();
+            let pem = webhook::anchors::certificates_pem(&authority.anchors());
             std::fs::write(anchor_out, pem).with_context(|| {
                 format!("cannot write the trust anchor to {}", anchor_out.display())
             })?;
@@ -172,19 +172,6 @@ async fn identity_settings(
         reviewer,
         serving_names: names,
     }))
-}
-
-/// A DER certificate as PEM.
-fn pem(der: &[u8]) -> String {
-    use base64::Engine as _;
-    let text = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in text.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 fn parse_debounce(value: &str) -> Result<Duration, String> {
@@ -249,10 +236,9 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 async fn start_webhook(
     addr: SocketAddr,
     cert_dir: PathBuf,
-    config: &std::path::Path,
+    inject: webhook::InjectConfig,
     source: &Source,
 ) -> anyhow::Result<webhook::Webhook> {
-    let inject = webhook::InjectConfig::load(config)?;
     let native = match webhook::native_sidecars(inject.sidecar_mode, "", "") {
         Some(native) => native,
         None => {
@@ -277,6 +263,50 @@ async fn start_webhook(
     webhook::Webhook::start(settings)
         .await
         .context("the injection webhook could not start")
+}
+
+/// With identity on a cluster, and a webhook that injects agents with identity: keeps the
+/// trust-anchor ConfigMap that injected pods mount in every namespace the webhook may
+/// inject into (see `webhook::anchors`).
+async fn start_anchor_sync(
+    settings: &Settings,
+    inject: Option<&webhook::InjectConfig>,
+) -> anyhow::Result<Option<webhook::anchors::AnchorSync>> {
+    let Some(inject) = inject else {
+        return Ok(None);
+    };
+    match (&settings.identity, inject.identity.is_some()) {
+        (None, false) => return Ok(None),
+        (Some(_), false) => {
+            warn!(
+                "identity is on but the webhook injects agents without it: they subscribe in plaintext, which this control plane refuses"
+            );
+            return Ok(None);
+        }
+        (None, true) => {
+            warn!(
+                "the webhook injects agents with identity but this control plane runs without it (no --identity-dir): they cannot subscribe"
+            );
+            return Ok(None);
+        }
+        (Some(_), true) => {}
+    }
+    let (Some(identity), Source::Kubernetes(k)) = (&settings.identity, &settings.source) else {
+        return Ok(None);
+    };
+    let client = kubernetes::client_from(k.kubeconfig.as_deref())
+        .await
+        .context("cannot reach the API server to write the trust-anchor ConfigMaps")?;
+    let mut excluded: std::collections::BTreeSet<String> =
+        inject.excluded_namespaces.iter().cloned().collect();
+    excluded.insert(inject.control_plane_namespace.clone());
+    excluded.insert(webhook::inject::KUBE_SYSTEM.to_owned());
+    Ok(Some(webhook::anchors::AnchorSync::spawn(
+        client,
+        std::sync::Arc::clone(&identity.authority),
+        excluded,
+        webhook::anchors::CHECK_EVERY,
+    )))
 }
 
 #[tokio::main]
@@ -321,19 +351,20 @@ async fn main() -> anyhow::Result<()> {
         debounce: args.debounce,
         identity,
     };
+    let inject = match args.webhook_addr {
+        Some(_) => Some(webhook::InjectConfig::load(&args.webhook_config)?),
+        None => None,
+    };
+    // issue 15: before the webhook, so the anchors that injected pods mount are written
+    // as early as can be.
+    let _anchors = start_anchor_sync(&settings, inject.as_ref()).await?;
     // issue 5: the injection webhook starts first, so pods created while the source
     // syncs are not refused.
-    let _webhook = match args.webhook_addr {
-        Some(addr) => Some(
-            start_webhook(
-                addr,
-                args.webhook_cert_dir,
-                &args.webhook_config,
-                &settings.source,
-            )
-            .await?,
-        ),
-        None => None,
+    let _webhook = match (args.webhook_addr, inject) {
+        (Some(addr), Some(inject)) => {
+            Some(start_webhook(addr, args.webhook_cert_dir, inject, &settings.source).await?)
+        }
+        _ => None,
     };
     let mut control_plane = ControlPlane::start(settings)
         .await

@@ -10,6 +10,10 @@
 //!
 //! The serving certificate comes from a folder (the chart's TLS Secret) and is re-read
 //! when it changes ([`certs`]).
+//!
+//! With workload identity, injected agents mount the mesh's trust anchors from a
+//! ConfigMap in their namespace, which the control plane keeps ([`anchors`]; that task,
+//! not the webhook, watches Namespaces).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +35,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+pub mod anchors;
 pub mod certs;
 pub mod config;
 pub mod inject;

@@ -19,8 +19,8 @@ fn committed_files_match_the_types() {
     let files = crds::files().unwrap();
     assert_eq!(
         files.len(),
-        crds::definitions().len() + 2,
-        "the CRDs, the ClusterRole's and the Role's rules"
+        crds::definitions().len() + 3,
+        "the CRDs, the ClusterRole's, the Role's and identity's rules"
     );
     for (path, generated) in files {
         let committed = std::fs::read_to_string(root().join(&path))

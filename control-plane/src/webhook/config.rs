@@ -41,6 +41,35 @@ impl Default for Ports {
     }
 }
 
+/// Workload identity in injected pods: what the agent needs to prove who it is and to
+/// verify the control plane.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityInjection {
+    /// How long the projected ServiceAccount token the kubelet writes for the agent is
+    /// valid; the kubelet replaces it at 80 % of that, and the agent reads it at every
+    /// request.
+    #[serde(default = "default_token_expiration")]
+    pub token_expiration_seconds: i64,
+}
+
+impl Default for IdentityInjection {
+    fn default() -> Self {
+        IdentityInjection {
+            token_expiration_seconds: default_token_expiration(),
+        }
+    }
+}
+
+/// Default [`IdentityInjection::token_expiration_seconds`]: one hour.
+pub const DEFAULT_TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+/// The shortest token Kubernetes projects (`expirationSeconds` must be at least 10 min).
+pub const MIN_TOKEN_EXPIRATION_SECONDS: i64 = 600;
+
+fn default_token_expiration() -> i64 {
+    DEFAULT_TOKEN_EXPIRATION_SECONDS
+}
+
 /// The injection settings, as the chart writes them.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -81,6 +110,14 @@ pub struct InjectConfig {
     /// Redirect IPv6 too (ip6tables rules and IPv6 listeners); off for IPv4-only pods.
     #[serde(default)]
     pub ipv6: bool,
+    /// Workload identity: the agent gets a projected token and the mesh's trust anchors
+    /// and dials an `https://` control plane. Absent: plaintext, as without identity.
+    #[serde(default)]
+    pub identity: Option<IdentityInjection>,
+    /// Namespaces the webhook configuration never sends (besides the control plane's and
+    /// `kube-system`): they get no trust-anchor ConfigMap either.
+    #[serde(default)]
+    pub excluded_namespaces: Vec<String>,
 }
 
 fn default_version() -> String {
@@ -136,6 +173,8 @@ impl InjectConfig {
             init_resources: ResourceRequirements::default(),
             skip_outbound_cidrs: Vec::new(),
             ipv6: false,
+            identity: None,
+            excluded_namespaces: Vec::new(),
         }
     }
 
@@ -194,6 +233,29 @@ impl InjectConfig {
         {
             return invalid("imagePullPolicy must be Always, IfNotPresent or Never");
         }
+        // The agent verifies an https:// control plane with the anchors only identity
+        // mounts, and presents its token only over TLS: the two go together.
+        let tls = self.control_plane_address.starts_with("https://");
+        match &self.identity {
+            Some(_) if !tls => {
+                return invalid(
+                    "with identity, controlPlaneAddress must be https:// (agents present their \
+                     token over TLS only)",
+                );
+            }
+            None if tls => {
+                return invalid(
+                    "an https:// controlPlaneAddress needs identity (the agent verifies the \
+                     control plane with the trust anchors identity mounts)",
+                );
+            }
+            Some(identity) if identity.token_expiration_seconds < MIN_TOKEN_EXPIRATION_SECONDS => {
+                return invalid(
+                    "identity.tokenExpirationSeconds must be at least 600 (Kubernetes' minimum)",
+                );
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -227,5 +289,33 @@ mod tests {
         assert!(err.to_string().contains("must differ"), "{err}");
         let err = InjectConfig::parse(&format!("{base}sidecarMode: Sometimes\n")).unwrap_err();
         assert!(err.to_string().contains("sidecarMode"), "{err}");
+    }
+
+    #[test]
+    fn identity_goes_with_an_https_control_plane() {
+        let with = |address: &str, identity: &str| {
+            InjectConfig::parse(&format!(
+                "image: a\ncontrolPlaneAddress: {address}\ncontrolPlaneNamespace: c\n{identity}"
+            ))
+        };
+        let config = with("https://cp:9990", "identity: {}\n").unwrap();
+        assert_eq!(
+            config.identity,
+            Some(IdentityInjection {
+                token_expiration_seconds: 3600
+            })
+        );
+        let err = with("http://cp:9990", "identity: {}\n").unwrap_err();
+        assert!(err.to_string().contains("must be https://"), "{err}");
+        let err = with("https://cp:9990", "").unwrap_err();
+        assert!(err.to_string().contains("needs identity"), "{err}");
+        let err = with(
+            "https://cp:9990",
+            "identity: {tokenExpirationSeconds: 60}\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("at least 600"), "{err}");
+        let err = with("https://cp:9990", "identity: {audience: x}\n").unwrap_err();
+        assert!(err.to_string().contains("audience"), "{err}");
     }
 }

@@ -5,6 +5,12 @@
 //! the agent as the first container in container mode, one `emptyDir` for the init
 //! container's iptables lock, and the `bulwark.io/injected` annotation. Nothing the pod
 //! already has is replaced.
+//!
+//! With workload identity on (the settings' `identity`), the agent also gets one projected
+//! volume, mounted read-only at [`IDENTITY_DIR`]: a ServiceAccount token for audience
+//! `bulwark` (bound to the pod, short-lived, renewed by the kubelet) and the mesh's trust
+//! anchors from the namespace's [`TRUST_ANCHORS_CONFIGMAP`] (see [`super::anchors`]); and
+//! it dials the control plane over TLS with both.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,15 +18,18 @@ use std::net::IpAddr;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
-use super::config::InjectConfig;
+use super::anchors::{TRUST_ANCHORS_CONFIGMAP, TRUST_ANCHORS_KEY};
+use super::config::{IdentityInjection, InjectConfig};
+use crate::identity::token::AUDIENCE;
 
 /// Annotation (pod) and label (namespace) that ask for injection: `enabled` or `disabled`.
 pub const INJECT: &str = "bulwark.io/inject";
@@ -47,6 +56,15 @@ pub const INIT_CONTAINER: &str = "bulwark-init";
 pub const INIT_VOLUME: &str = "bulwark-init-run";
 /// Namespace whose pods are never injected, besides the control plane's.
 pub const KUBE_SYSTEM: &str = "kube-system";
+/// The agent's projected volume: its ServiceAccount token and the mesh's trust anchors.
+pub const IDENTITY_VOLUME: &str = "bulwark-identity";
+/// Where the agent finds them: the layout of Kubernetes' own ServiceAccount mount, and
+/// the agent's default token path.
+pub const IDENTITY_DIR: &str = "/var/run/secrets/bulwark.io/serviceaccount";
+/// The token's file in [`IDENTITY_DIR`].
+pub const TOKEN_FILE: &str = "token";
+/// The trust anchors' file in [`IDENTITY_DIR`].
+pub const ANCHORS_FILE: &str = "ca.crt";
 
 /// Why a pod is left alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,10 +185,14 @@ pub fn patch(pod: &Pod, config: &InjectConfig, native: bool) -> Result<Patch, In
         }),
         ..Volume::default()
     };
+    let mut volumes = vec![volume];
+    volumes.extend(config.identity.as_ref().map(identity_volume));
     if spec.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
-        ops.push(add(&["spec", "volumes", "-"], to_value(volume)));
+        for volume in volumes {
+            ops.push(add(&["spec", "volumes", "-"], to_value(volume)));
+        }
     } else {
-        ops.push(add(&["spec", "volumes"], to_value(vec![volume])));
+        ops.push(add(&["spec", "volumes"], to_value(volumes)));
     }
 
     if pod.metadata.annotations.is_some() {
@@ -326,6 +348,44 @@ fn init_container(
     })
 }
 
+/// The projected volume of the agent's token and the mesh's trust anchors. Both are
+/// rewritten in place by the kubelet (the token before it expires, the anchors when the
+/// ConfigMap changes), and the agent reads them at each use, so neither needs a restart.
+fn identity_volume(identity: &IdentityInjection) -> Volume {
+    Volume {
+        name: IDENTITY_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(AUDIENCE.to_owned()),
+                        expiration_seconds: Some(identity.token_expiration_seconds),
+                        path: TOKEN_FILE.to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    // Not optional: the kubelet holds the pod until the control plane has
+                    // written the namespace's anchors, rather than start an agent that
+                    // cannot verify the control plane.
+                    config_map: Some(ConfigMapProjection {
+                        name: TRUST_ANCHORS_CONFIGMAP.to_owned(),
+                        items: Some(vec![KeyToPath {
+                            key: TRUST_ANCHORS_KEY.to_owned(),
+                            path: ANCHORS_FILE.to_owned(),
+                            mode: None,
+                        }]),
+                        optional: Some(false),
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+            default_mode: None,
+        }),
+        ..Volume::default()
+    }
+}
+
 fn runtime_default() -> SeccompProfile {
     SeccompProfile {
         type_: "RuntimeDefault".to_owned(),
@@ -408,6 +468,16 @@ fn agent_container(
             format!("0.0.0.0:{}", ports.inbound),
         ));
     }
+    if config.identity.is_some() {
+        env_vars.push(env(
+            "BULWARK_CONTROL_PLANE_CA",
+            format!("{IDENTITY_DIR}/{ANCHORS_FILE}"),
+        ));
+        env_vars.push(env(
+            "BULWARK_TOKEN_FILE",
+            format!("{IDENTITY_DIR}/{TOKEN_FILE}"),
+        ));
+    }
     // The agent's identity labels: the pod's labels as created (the agent reports them
     // to the control plane, which matches policy targets against them).
     let args: Vec<String> = pod
@@ -458,6 +528,14 @@ fn agent_container(
             ..Lifecycle::default()
         }),
         resources: non_empty(resources),
+        volume_mounts: config.identity.as_ref().map(|_| {
+            vec![VolumeMount {
+                name: IDENTITY_VOLUME.to_owned(),
+                mount_path: IDENTITY_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]
+        }),
         security_context: Some(SecurityContext {
             run_as_user: Some(uid),
             run_as_group: Some(uid),
