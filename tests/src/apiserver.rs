@@ -10,6 +10,11 @@
 //! only when the spec does. Tests drive it like a cluster (`apply`, `delete`), take it
 //! away and bring it back (`stop`, `restart`), compact its history (`compact`), and read
 //! every request it served (`requests`), so that a test can check them against RBAC.
+//!
+//! It also answers TokenReviews (issue 15) as a real API server does for ServiceAccount
+//! tokens: [`ApiServer::create_token`] stands for `kubectl create token`, a token bound
+//! to a pod is valid while that pod exists, and a token proves nothing for an audience
+//! it was not made for.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -48,7 +53,7 @@ pub struct Resource {
 }
 
 /// Every resource the control plane touches.
-pub const RESOURCES: [Resource; 11] = [
+pub const RESOURCES: [Resource; 13] = [
     Resource {
         group: "",
         version: "v1",
@@ -103,6 +108,19 @@ pub const RESOURCES: [Resource; 11] = [
         plural: "leases",
         kind: "Lease",
     },
+    // issue 15: the trust-anchor ConfigMap in every namespace.
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        kind: "Namespace",
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        kind: "ConfigMap",
+    },
     // issue 6: served only after `serve_gateway_api` (the CRDs are optional in a cluster).
     Resource {
         group: GATEWAY_GROUP,
@@ -129,6 +147,11 @@ impl Resource {
         } else {
             format!("{}/{}", self.group, self.version)
         }
+    }
+
+    /// Whether its objects live outside namespaces (stored under namespace `""`).
+    pub fn cluster_scoped(&self) -> bool {
+        self.plural == "namespaces"
     }
 
     fn by_plural(group: &str, plural: &str) -> Option<Resource> {
@@ -195,6 +218,18 @@ struct State {
     /// Bearer tokens refused with 401, as a real server refuses a deleted
     /// ServiceAccount's token.
     revoked: std::collections::BTreeSet<String>,
+    /// ServiceAccount tokens made by `create_token`, for TokenReviews.
+    tokens: BTreeMap<String, IssuedToken>,
+}
+
+/// A ServiceAccount token the server made.
+#[derive(Clone, Debug)]
+struct IssuedToken {
+    namespace: String,
+    service_account: String,
+    /// The pod it is bound to: name and uid.
+    pod: Option<(String, String)>,
+    audiences: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -415,7 +450,9 @@ impl State {
         }
         let rv = self.bump();
         let meta = &mut object["metadata"];
-        meta["namespace"] = json!(namespace);
+        if !resource.cluster_scoped() {
+            meta["namespace"] = json!(namespace);
+        }
         meta["resourceVersion"] = json!(rv.to_string());
         match &previous {
             Some(prev) => {
@@ -589,10 +626,12 @@ impl ApiServer {
         let kind = object["kind"].as_str().unwrap_or_default();
         let resource = Resource::by_kind(api_version, kind)
             .unwrap_or_else(|| panic!("the test API server does not serve {api_version} {kind}"));
-        let namespace = object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_owned();
+        let namespace = match object["metadata"]["namespace"].as_str() {
+            _ if resource.cluster_scoped() => "",
+            Some(namespace) => namespace,
+            None => "default",
+        }
+        .to_owned();
         let stored = self
             .shared
             .lock()
@@ -660,6 +699,46 @@ impl ApiServer {
     /// Refuses `token` with 401 from now on (a deleted or rotated ServiceAccount).
     pub fn revoke_token(&self, token: &str) {
         self.shared.lock().revoked.insert(token.to_owned());
+    }
+
+    /// A ServiceAccount token for `audiences` (none: the API server's own), bound to
+    /// `pod` if given (which must exist), as `kubectl create token SA --audience A
+    /// --bound-object-kind Pod --bound-object-name POD` makes one.
+    pub fn create_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: Option<&str>,
+        audiences: &[&str],
+    ) -> String {
+        let mut state = self.shared.lock();
+        let pod = pod.map(|name| {
+            let uid = state
+                .objects
+                .get(&("pods", namespace.to_owned(), name.to_owned()))
+                .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| panic!("no pod {namespace}/{name} to bind a token to"));
+            (name.to_owned(), uid)
+        });
+        let audiences = if audiences.is_empty() {
+            vec![API_SERVER_AUDIENCE.to_owned()]
+        } else {
+            audiences.iter().map(|a| (*a).to_owned()).collect()
+        };
+        let token = format!(
+            "eyJhbGciOiJSUzI1NiJ9.test-{}-{namespace}-{service_account}",
+            state.tokens.len()
+        );
+        state.tokens.insert(
+            token.clone(),
+            IssuedToken {
+                namespace: namespace.to_owned(),
+                service_account: service_account.to_owned(),
+                pod,
+                audiences,
+            },
+        );
+        token
     }
 
     /// Accepts `token` again.
@@ -750,6 +829,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         .and_then(|v| v.strip_prefix("Bearer "));
     if token.is_some_and(|t| shared.lock().revoked.contains(t)) {
         return error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    }
+    // issue 15: TokenReviews (a create of a virtual resource: recorded, never stored).
+    if parts.uri.path() == TOKEN_REVIEWS_PATH {
+        return token_review(&shared, &parts, body).await;
     }
     // issue 5: `/version` (public, not a resource: not recorded).
     if parts.method == Method::GET && parts.uri.path() == "/version" {
@@ -859,10 +942,11 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         return group_not_served();
     }
     let resource = target.resource;
-    let namespace = target
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
+    let namespace = match &target.namespace {
+        _ if resource.cluster_scoped() => String::new(),
+        Some(namespace) => namespace.clone(),
+        None => "default".to_owned(),
+    };
     match verb {
         "list" => {
             let list = shared.lock().list(resource, target.namespace.as_deref());
@@ -927,11 +1011,39 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
             let name = target.name.unwrap_or_default();
             let merge = header("content-type")
                 .is_some_and(|c| c.starts_with("application/merge-patch+json"));
-            if target.subresource.as_deref() != Some("status") || !merge {
+            if !merge {
                 return error(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "UnsupportedMediaType",
-                    "the test API server takes merge patches of /status only",
+                    "the test API server takes merge patches only",
+                );
+            }
+            if target.subresource.is_none() {
+                // issue 15: a merge patch of a whole object (the trust-anchor ConfigMaps).
+                let patched = {
+                    let mut state = shared.lock();
+                    let key = (resource.plural, namespace.clone(), name.clone());
+                    state.objects.get(&key).cloned().map(|mut object| {
+                        merge_patch(&mut object, &body.unwrap_or(Value::Null));
+                        state.store(resource, &namespace, object, None, false)
+                    })
+                };
+                shared.changed.notify_waiters();
+                return match patched {
+                    Some(Ok((object, _))) => respond(StatusCode::OK, &object),
+                    Some(Err((code, reason, message))) => error(code, &reason, &message),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("{} \"{name}\" not found", resource.plural),
+                    ),
+                };
+            }
+            if target.subresource.as_deref() != Some("status") {
+                return error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    "the test API server patches objects and their /status only",
                 );
             }
             let patched = shared.lock().patch_status(
@@ -960,6 +1072,122 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
             }
         }
     }
+}
+
+/// Where TokenReviews are created.
+pub const TOKEN_REVIEWS_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+/// The audience of a token made without one, and of a review that names none: the API
+/// server's own (its `--service-account-issuer`, which `--api-audiences` defaults to).
+pub const API_SERVER_AUDIENCE: &str = "https://kubernetes.default.svc";
+
+/// Answers a TokenReview as the API server's ServiceAccount authenticator does.
+async fn token_review(
+    shared: &Shared,
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    if parts.method != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        );
+    }
+    let review: Value = match body.collect().await.map(|b| b.to_bytes()) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(review) => review,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        },
+        Err(_) => return error(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body"),
+    };
+    let header = |name: http::header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let mut state = shared.lock();
+    state.requests.push(Recorded {
+        verb: "create".to_owned(),
+        group: "authentication.k8s.io".to_owned(),
+        resource: "tokenreviews".to_owned(),
+        namespace: None,
+        name: None,
+        token: header(http::header::AUTHORIZATION)
+            .and_then(|a| a.strip_prefix("Bearer ").map(str::to_owned)),
+        content_type: header(http::header::CONTENT_TYPE),
+        body: Some(review.clone()),
+    });
+    let spec = &review["spec"];
+    let token = spec["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = match spec["audiences"].as_array() {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect(),
+        _ => vec![API_SERVER_AUDIENCE.to_owned()],
+    };
+    let status = match state.tokens.get(token) {
+        // The answers' texts are a 1.24 API server's.
+        None => json!({"user": {}, "error": "invalid bearer token"}),
+        Some(issued) => {
+            let audiences: Vec<&String> = wanted
+                .iter()
+                .filter(|a| issued.audiences.contains(a))
+                .collect();
+            let pod_gone = issued.pod.as_ref().is_some_and(|(name, uid)| {
+                state
+                    .objects
+                    .get(&("pods", issued.namespace.clone(), name.clone()))
+                    .is_none_or(|pod| pod["metadata"]["uid"].as_str() != Some(uid.as_str()))
+            });
+            if audiences.is_empty() {
+                json!({
+                    "user": {},
+                    "error": format!(
+                        "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",
+                        issued.audiences, wanted
+                    ),
+                })
+            } else if pod_gone {
+                json!({
+                    "user": {},
+                    "error": "[invalid bearer token, service account token has been invalidated]",
+                })
+            } else {
+                let ns = &issued.namespace;
+                let mut extra = serde_json::Map::new();
+                if let Some((name, uid)) = &issued.pod {
+                    extra.insert(
+                        "authentication.kubernetes.io/pod-name".into(),
+                        json!([name]),
+                    );
+                    extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+                }
+                json!({
+                    "authenticated": true,
+                    "user": {
+                        "username": format!("system:serviceaccount:{ns}:{}", issued.service_account),
+                        "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                        "extra": extra,
+                    },
+                    "audiences": audiences,
+                })
+            }
+        }
+    };
+    drop(state);
+    respond(
+        StatusCode::CREATED,
+        &json!({
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": null},
+            "spec": spec,
+            "status": status,
+        }),
+    )
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
@@ -1057,15 +1285,16 @@ fn watch(
 /// The namespace the tests' control planes run in (their Lease's).
 pub const CONTROL_PLANE_NAMESPACE: &str = "bulwark-system";
 
-/// Whether the control plane's RBAC rules (the chart's ClusterRole, and its Role in
-/// [`CONTROL_PLANE_NAMESPACE`]) allow `r`.
+/// Whether the control plane's RBAC rules (the chart's ClusterRole, with identity's
+/// rules as by default, and its Role in [`CONTROL_PLANE_NAMESPACE`]) allow `r`.
 pub fn rbac_allows(r: &Recorded) -> bool {
     use bulwark_control_plane::crds;
-    if r.namespace.as_deref() == Some(CONTROL_PLANE_NAMESPACE) {
+    let allowed = if r.namespace.as_deref() == Some(CONTROL_PLANE_NAMESPACE) {
         crds::allows_in_own_namespace(&r.group, &r.resource, &r.verb, r.name.as_deref())
     } else {
         crds::allows(&r.group, &r.resource, &r.verb)
-    }
+    };
+    allowed || crds::identity_allows(&r.group, &r.resource, &r.verb, r.name.as_deref())
 }
 
 /// Panics unless the control plane's RBAC rules allow every one of `requests`.

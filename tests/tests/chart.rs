@@ -3,6 +3,11 @@
 //! fields; the ClusterRole is exactly the generated rules and covers every CRD the chart
 //! installs; the injection settings parse;
 //! and the generated certificate works with the webhook under the Service's name.
+//! Workload identity is on by default: the generated issuer Secret loads as the mesh's
+//! certificate authority and serves the control plane's gRPC port under the Service's
+//! names, the injected agents dial it over TLS, and the identity RBAC rules are granted;
+//! with `identity.enabled=false` none of it is rendered, and a Secret of the user's
+//! replaces the generated one.
 //!
 //! `helm` comes from `HELM` or `.tools/bin/helm` (installed by `hack/install-helm.sh`,
 //! which `make test` runs through `hack/setup.sh`, and which these tests run too).
@@ -12,7 +17,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark_control_plane::crds::{NAMESPACE_RBAC_RULES, RBAC_RULES, Rule};
+use bulwark_control_plane::crds::{IDENTITY_RBAC_RULES, NAMESPACE_RBAC_RULES, RBAC_RULES, Rule};
 use bulwark_control_plane::webhook::{self, InjectConfig, Webhook};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -222,6 +227,7 @@ fn default_manifests_parse_into_their_types_with_no_unknown_fields() {
             "Role",
             "RoleBinding",
             "Secret",
+            "Secret",
             "Service",
             "Service",
             "ServiceAccount",
@@ -294,24 +300,32 @@ fn overridden_manifests_parse_into_their_types_too() {
     }
 }
 
+/// The generated rules as a Role's or ClusterRole's rules.
+fn policy_rules<'r>(rules: impl IntoIterator<Item = &'r Rule>) -> Vec<PolicyRule> {
+    let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    rules
+        .into_iter()
+        .map(|rule| PolicyRule {
+            api_groups: Some(strings(rule.api_groups)),
+            resources: Some(strings(rule.resources)),
+            resource_names: (!rule.resource_names.is_empty()).then(|| strings(rule.resource_names)),
+            verbs: strings(rule.verbs),
+            ..PolicyRule::default()
+        })
+        .collect()
+}
+
 #[test]
 fn the_cluster_role_is_exactly_the_generated_rules() {
     let docs = render(&[]);
     let role: ClusterRole = typed(find(&docs, "ClusterRole", "bulwark-control-plane"));
-    let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let policy_rules = |rules: &[Rule]| -> Vec<PolicyRule> {
-        rules
-            .iter()
-            .map(|rule| PolicyRule {
-                api_groups: Some(strings(rule.api_groups)),
-                resources: Some(strings(rule.resources)),
-                resource_names: (!rule.resource_names.is_empty())
-                    .then(|| strings(rule.resource_names)),
-                verbs: strings(rule.verbs),
-                ..PolicyRule::default()
-            })
-            .collect()
-    };
+    // Identity is on by default: its rules come after the others.
+    assert_eq!(
+        role.rules.unwrap(),
+        policy_rules(RBAC_RULES.iter().chain(IDENTITY_RBAC_RULES))
+    );
+    let off = render(&["identity.enabled=false"]);
+    let role: ClusterRole = typed(find(&off, "ClusterRole", "bulwark-control-plane"));
     assert_eq!(role.rules.unwrap(), policy_rules(RBAC_RULES));
     assert!(
         !RBAC_RULES.iter().any(|r| r.resources.contains(&"leases")),
@@ -411,7 +425,7 @@ fn the_injection_settings_point_agents_at_the_rendered_control_plane() {
     assert_eq!(inject.image, "ghcr.io/bulwark-mesh/agent:v9");
     assert_eq!(
         inject.control_plane_address,
-        "http://bulwark-control-plane.mesh.svc:7000"
+        "https://bulwark-control-plane.mesh.svc:7000"
     );
     assert_eq!(inject.control_plane_namespace, NAMESPACE);
     assert_eq!(inject.sidecar_mode, webhook::SidecarMode::Container);
@@ -487,6 +501,24 @@ fn the_webhook_configuration_calls_the_webhook_service_and_spares_system_namespa
     assert_eq!(ports[0].port, 443);
 }
 
+/// A TLS client that trusts only the certificates in `pem`.
+fn connector_trusting(pem: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        roots
+            .add(cert.expect("the bundle is PEM"))
+            .expect("a usable anchor");
+    }
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(client))
+}
+
 /// The chart's generated certificate, served by the webhook, verifies against the
 /// MutatingWebhookConfiguration's caBundle under the Service's DNS name, as the API
 /// server dials it.
@@ -520,18 +552,7 @@ async fn the_generated_certificate_is_trusted_under_the_service_name() {
     })
     .await
     .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&ca_bundle) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let connector = connector_trusting(&ca_bundle);
     for name in [
         "bulwark-webhook.mesh.svc",
         "bulwark-webhook.mesh.svc.cluster.local",
@@ -590,4 +611,245 @@ fn the_network_policy_admits_only_the_control_planes_ports() {
     }
     let off = render(&["networkPolicy.enabled=false"]);
     assert!(!off.iter().any(|d| d["kind"] == "NetworkPolicy"));
+}
+
+/// The issuer Secret and the names of the control plane's serving certificate, as the
+/// chart renders them with `sets`; None without identity.
+fn issuer(docs: &[Value]) -> Option<(Secret, Vec<String>)> {
+    let deployment: Deployment = typed(find(docs, "Deployment", "bulwark-control-plane"));
+    let pod = deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("the Deployment has a pod spec");
+    let args = pod.containers[0].args.clone().unwrap_or_default();
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")).map(str::to_owned))
+    };
+    let dir = flag("identity-dir")?;
+    let mount = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == dir)
+        .expect("the identity folder is a mount");
+    assert_eq!(mount.read_only, Some(true));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mount's volume");
+    let secret_name = volume
+        .secret
+        .as_ref()
+        .and_then(|s| s.secret_name.clone())
+        .expect("the identity folder is a Secret");
+    let names = flag("tls-name")
+        .expect("--tls-name with identity")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let secret = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == secret_name.as_str())
+        .map(typed)
+        .unwrap_or_else(|| Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(secret_name),
+                ..Default::default()
+            },
+            ..Secret::default()
+        });
+    Some((secret, names))
+}
+
+#[test]
+fn identity_is_on_by_default_and_off_with_its_value() {
+    let docs = render(&[
+        "identity.trustDomain=example.org",
+        "identity.certLifetime=12h",
+    ]);
+    let deployment: Deployment = typed(find(&docs, "Deployment", "bulwark-control-plane"));
+    let args = deployment.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    for arg in [
+        "--identity-dir=/var/run/bulwark/identity",
+        "--trust-domain=example.org",
+        "--cert-lifetime=12h",
+        "--tls-name=bulwark-control-plane,bulwark-control-plane.mesh,\
+         bulwark-control-plane.mesh.svc,bulwark-control-plane.mesh.svc.cluster.local",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "{arg} missing from {args:?}");
+    }
+    let (secret, _) = issuer(&docs).unwrap();
+    assert_eq!(
+        secret.metadata.name.as_deref(),
+        Some("bulwark-identity-issuer")
+    );
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.unwrap();
+    assert_eq!(
+        data["ca.crt"], data["tls.crt"],
+        "the generated issuer is its own anchor"
+    );
+    let config: ConfigMap = typed(find(&docs, "ConfigMap", "bulwark-inject"));
+    let inject = InjectConfig::parse(&config.data.unwrap()["inject.yaml"]).unwrap();
+    assert_eq!(
+        inject.control_plane_address,
+        "https://bulwark-control-plane.mesh.svc:9990"
+    );
+    assert_eq!(
+        inject.identity.map(|i| i.token_expiration_seconds),
+        Some(3600)
+    );
+    assert_eq!(
+        inject.excluded_namespaces,
+        ["kube-system", "kube-public", "kube-node-lease"]
+    );
+
+    // Off: plaintext as before, no issuer, no identity rules (checked above).
+    let off = render(&["identity.enabled=false"]);
+    assert!(issuer(&off).is_none());
+    let secrets: Vec<_> = off
+        .iter()
+        .filter(|d| d["kind"] == "Secret")
+        .map(|d| d["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(secrets, ["bulwark-webhook-tls"]);
+    let config: ConfigMap = typed(find(&off, "ConfigMap", "bulwark-inject"));
+    let inject = InjectConfig::parse(&config.data.unwrap()["inject.yaml"]).unwrap();
+    assert_eq!(
+        inject.control_plane_address,
+        "http://bulwark-control-plane.mesh.svc:9990"
+    );
+    assert_eq!(inject.identity, None);
+}
+
+#[test]
+fn a_users_issuer_secret_replaces_the_generated_one() {
+    let docs = render(&["identity.issuer.secretName=mesh-issuer"]);
+    let (secret, _) = issuer(&docs).unwrap();
+    assert_eq!(secret.metadata.name.as_deref(), Some("mesh-issuer"));
+    assert!(
+        secret.data.is_none(),
+        "the chart does not render the user's Secret"
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "bulwark-identity-issuer"),
+        "no generated issuer"
+    );
+    for bad in [
+        "identity.tokenExpirationSeconds=60",
+        "identity.trustDomain=Example.org",
+        "identity.certLifetime=1day",
+    ] {
+        let output = Command::new(helm())
+            .args(["template", "bulwark", "charts/bulwark", "--set", bad])
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{bad} was accepted");
+        let field = bad.split('=').next().unwrap().replace('.', "/");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&format!("/{field}")), "{bad}: {stderr}");
+    }
+}
+
+/// The generated issuer is one the control plane loads: with it, the gRPC port serves
+/// TLS that verifies against the Secret's `ca.crt` under each name the chart gives, and
+/// an agent's certificate request is signed under the chart's trust domain.
+#[tokio::test]
+async fn the_generated_issuer_serves_the_control_plane_under_its_service_names() {
+    use bulwark_agent::identity::client::{Claims, GrpcCertifier};
+    use bulwark_agent::identity::credentials::PendingKey;
+    use bulwark_agent::identity::renewal::Certifier as _;
+    use bulwark_control_plane::identity::IdentitySettings;
+    use bulwark_control_plane::identity::authority::{Authority, DEFAULT_LIFETIME};
+    use bulwark_control_plane::identity::token::TokenReviewer;
+
+    let docs = render(&["identity.trustDomain=example.org"]);
+    let (secret, names) = issuer(&docs).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (file, bytes) in secret.data.unwrap() {
+        std::fs::write(dir.path().join(file), bytes.0).unwrap();
+    }
+    let anchors = std::fs::read(dir.path().join("ca.crt")).unwrap();
+    let authority = Arc::new(Authority::load(dir.path(), "example.org", DEFAULT_LIFETIME).unwrap());
+    let tokens = dir.path().join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        "tokens: [{token: orders-0-token-0123456789, namespace: shop, serviceAccount: orders, pod: orders-0}]\n",
+    )
+    .unwrap();
+    let mesh = tempfile::tempdir().unwrap();
+    let mut settings =
+        bulwark_control_plane::Settings::new(bulwark_control_plane::Source::Dir(vec![
+            mesh.path().to_owned(),
+        ]));
+    settings.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    settings.admin_addr = "127.0.0.1:0".parse().unwrap();
+    settings.identity = Some(IdentitySettings {
+        authority: Arc::clone(&authority),
+        reviewer: TokenReviewer::from_file(&tokens).unwrap(),
+        // The chart's names, and the address the certificate request below dials.
+        serving_names: names
+            .iter()
+            .cloned()
+            .chain(["127.0.0.1".to_owned()])
+            .collect(),
+    });
+    let cp = bulwark_control_plane::ControlPlane::start(settings)
+        .await
+        .unwrap();
+
+    let connector = connector_trusting(&anchors);
+    assert!(names.contains(&"bulwark-control-plane.mesh.svc".to_owned()));
+    for name in names.iter().chain(["other.mesh.svc".to_owned()].iter()) {
+        let tcp = tokio::net::TcpStream::connect(cp.grpc_addr())
+            .await
+            .unwrap();
+        let connect = connector.connect(ServerName::try_from(name.clone()).unwrap(), tcp);
+        let result = tokio::time::timeout(Duration::from_secs(30), connect)
+            .await
+            .unwrap();
+        assert_eq!(
+            result.is_ok(),
+            name != "other.mesh.svc",
+            "{name}: {result:?}"
+        );
+    }
+
+    // An agent's certificate request, signed by the chart's issuer under its trust
+    // domain (dialled by address here: the Service's names do not resolve in a test).
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "orders-0-token-0123456789").unwrap();
+    let certifier = GrpcCertifier::new(
+        bulwark_agent::identity::channel::connect(
+            &format!("https://127.0.0.1:{}", cp.grpc_addr().port()),
+            Some(&authority.anchors()),
+        )
+        .unwrap(),
+        token_file,
+        Claims {
+            namespace: "shop".into(),
+            pod_name: "orders-0".into(),
+            service_account: "orders".into(),
+        },
+    );
+    let key = PendingKey::generate().unwrap();
+    let signed = certifier.certify(key.csr_der().to_vec()).await.unwrap();
+    assert_eq!(signed.spiffe_id, "spiffe://example.org/ns/shop/sa/orders");
+    let parsed: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&anchors)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        signed.anchors, parsed,
+        "the agent's anchors are the Secret's ca.crt"
+    );
+    cp.shutdown().await;
 }

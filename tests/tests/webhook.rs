@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use bulwark_control_plane::webhook::config::IdentityInjection;
+use bulwark_control_plane::webhook::inject::{IDENTITY_DIR, IDENTITY_VOLUME};
 use bulwark_control_plane::webhook::{self, InjectConfig, SidecarMode, Webhook};
 use bulwark_tests::eventually_named;
 use bytes::Bytes;
@@ -24,6 +26,8 @@ use tokio_rustls::TlsConnector;
 const IMAGE: &str = "ghcr.io/bulwark-mesh/agent:0.1.0";
 const CP_ADDR: &str = "http://bulwark-control-plane.bulwark.svc:9990";
 const CP_NAMESPACE: &str = "bulwark";
+/// The control plane's address with identity on (the chart's default).
+const CP_TLS_ADDR: &str = "https://bulwark-control-plane.bulwark.svc:9990";
 
 /// A CA and a serving certificate for `localhost`, written as `tls.crt`/`tls.key`.
 /// Returns the CA's PEM.
@@ -341,6 +345,108 @@ async fn a_plain_pod_in_a_labelled_namespace_gets_the_init_container_and_a_nativ
     assert_eq!(volumes.len(), 1);
     assert_eq!(volumes[0].name, "bulwark-init-run");
     assert!(volumes[0].empty_dir.is_some());
+    // Without identity: no token, no anchors, plaintext.
+    assert!(env(agent, "BULWARK_TOKEN_FILE").is_none());
+    assert!(agent.volume_mounts.is_none());
+}
+
+/// The names of the pod's volumes, in order.
+fn volume_names(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<&str> {
+    spec.volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect()
+}
+
+/// The settings the chart renders by default: identity on, an `https://` control plane.
+fn with_identity(config: &mut InjectConfig) {
+    config.control_plane_address = CP_TLS_ADDR.to_owned();
+    config.identity = Some(IdentityInjection::default());
+}
+
+/// What the agent of an identity-injected pod must have: the control plane over TLS,
+/// the anchors and token files of its projected volume, mounted read-only.
+fn assert_identity_wiring(agent: &Container) {
+    assert_eq!(
+        env_value(agent, "BULWARK_CONTROL_PLANE").as_deref(),
+        Some(CP_TLS_ADDR)
+    );
+    assert_eq!(
+        env_value(agent, "BULWARK_TOKEN_FILE").as_deref(),
+        Some(bulwark_agent::identity::client::DEFAULT_TOKEN_PATH),
+        "where the agent looks by default"
+    );
+    assert_eq!(
+        env_value(agent, "BULWARK_CONTROL_PLANE_CA").as_deref(),
+        Some("/var/run/secrets/bulwark.io/serviceaccount/ca.crt")
+    );
+    let mounts = agent
+        .volume_mounts
+        .as_ref()
+        .expect("the agent mounts its identity");
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].name, IDENTITY_VOLUME);
+    assert_eq!(mounts[0].mount_path, IDENTITY_DIR);
+    assert_eq!(mounts[0].read_only, Some(true));
+    assert_eq!(
+        mounts[0].sub_path, None,
+        "a subPath mount would never be updated"
+    );
+}
+
+#[tokio::test]
+async fn with_identity_the_agent_gets_a_projected_token_and_the_trust_anchors() {
+    let running = start(true, with_identity).await;
+    let pod = fixture("no-automount.yaml");
+    let (patched, typed) = apply(&pod, &admit(&running, &pod, "shop", true).await);
+    let spec = typed.spec.as_ref().unwrap();
+    let inits = spec.init_containers.as_ref().unwrap();
+    assert_eq!(inits[1].name, "bulwark-agent");
+    assert_identity_wiring(&inits[1]);
+    // Only the agent sees the token: not the init container, not the app.
+    assert_eq!(inits[0].volume_mounts.as_ref().unwrap().len(), 1);
+    assert_eq!(patched["spec"]["containers"], pod["spec"]["containers"]);
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(
+        patched["spec"]["volumes"],
+        json!([
+            {"name": "bulwark-init-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+            {"name": "bulwark-identity", "projected": {"sources": [
+                {"serviceAccountToken": {"audience": "bulwark", "expirationSeconds": 3600, "path": "token"}},
+                {"configMap": {"name": "bulwark-trust-anchors", "items": [{"key": "ca.crt", "path": "ca.crt"}], "optional": false}}
+            ]}}
+        ])
+    );
+}
+
+#[tokio::test]
+async fn with_identity_in_container_mode_the_first_container_gets_them_after_the_pods_volumes() {
+    let running = start(false, |config| {
+        with_identity(config);
+        config.sidecar_mode = SidecarMode::Container;
+        config.identity = Some(IdentityInjection {
+            token_expiration_seconds: 600,
+        });
+    })
+    .await;
+    let pod = fixture("init-containers.yaml");
+    let (patched, typed) = apply(&pod, &admit(&running, &pod, "storage", true).await);
+    let spec = typed.spec.as_ref().unwrap();
+    assert_eq!(spec.containers[0].name, "bulwark-agent");
+    assert_identity_wiring(&spec.containers[0]);
+    assert_eq!(
+        volume_names(spec),
+        ["data", "bulwark-init-run", "bulwark-identity"]
+    );
+    assert_eq!(
+        patched["spec"]["volumes"][2]["projected"]["sources"][0]["serviceAccountToken"]["expirationSeconds"],
+        600
+    );
+    assert_eq!(
+        patched["spec"]["containers"][1],
+        pod["spec"]["containers"][0]
+    );
 }
 
 #[tokio::test]
@@ -363,14 +469,7 @@ async fn a_pod_with_init_containers_and_volumes_keeps_them_after_the_agent() {
         patched["spec"]["initContainers"][2],
         pod["spec"]["initContainers"][0]
     );
-    let volumes: Vec<_> = spec
-        .volumes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|v| v.name.as_str())
-        .collect();
-    assert_eq!(volumes, ["data", "bulwark-init-run"]);
+    assert_eq!(volume_names(spec), ["data", "bulwark-init-run"]);
     // The pod's own security context and annotations stay; the record is added.
     assert_eq!(
         patched["spec"]["securityContext"],

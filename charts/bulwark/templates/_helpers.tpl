@@ -25,6 +25,18 @@
 {{- printf "%s-webhook" (include "bulwark.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The Secret of the mesh's issuer: the user's, or the one the chart generates. */}}
+{{- define "bulwark.identityIssuer" -}}
+{{- default (printf "%s-identity-issuer" (include "bulwark.fullname" .) | trunc 63 | trimSuffix "-") .Values.identity.issuer.secretName }}
+{{- end }}
+
+{{/* The names agents dial the control plane's gRPC port by, for its serving certificate. */}}
+{{- define "bulwark.controlPlaneNames" -}}
+{{- $service := include "bulwark.controlPlane" . }}
+{{- $ns := .Release.Namespace }}
+{{- join "," (list $service (printf "%s.%s" $service $ns) (printf "%s.%s.svc" $service $ns) (printf "%s.%s.svc.cluster.local" $service $ns)) }}
+{{- end }}
+
 {{- define "bulwark.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "bulwark.controlPlane" .) .Values.serviceAccount.name }}
