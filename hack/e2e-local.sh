@@ -15,7 +15,11 @@
 # backed by a manual EndpointSlice, policy status (Accepted, Invalid, Conflicted,
 # TargetNotFound, refusals by the schema and CEL), edits and deletes, PeerAuthentication
 # (kubectl explain, defaults, precedence, conflicts, refusals), and a control-plane
-# restart that takes the status Lease over. On exit it stops its processes and deletes
+# restart that takes the status Lease over. Then workload identity as the chart turns it
+# on (issue 15): the issuer Secret (helm install and upgrade keep it), identity's RBAC, the
+# control plane with the chart's identity flags serving TLS, the trust-anchor ConfigMaps
+# and their rotation, real TokenReviews, agents with a bound token and a forged one, and
+# the token volume in injected pods. On exit it stops its processes and deletes
 # its namespaces and the chart's objects (the CRDs stay, as with helm uninstall).
 #
 # E2E_SKIP_BUILD=1 uses the binaries already in target/debug; E2E_DEADLINE (default 60)
@@ -787,6 +791,258 @@ eventually "generation 2, applied after the restart, is Invalid (written by e2e-
 rp reviews reviews "  retry: {attempts: 4}" | kubectl apply -f - >/dev/null
 eventually "generation 3 reaches the agent through the new process" agent_has "4 2"
 eventually "generation 3 is Accepted" condition_is rp reviews True/Accepted/3
+
+# ---------------------------------------------------------------------------
+# issue 15: workload identity as the chart turns it on. The chart's issuer Secret, a
+# control plane run with the chart's identity flags (the Secret's files where the pod
+# mounts them), the trust-anchor ConfigMaps it writes, real TokenReviews, an agent with a
+# projected-style token, and the webhook's identity volume in real pods.
+step "workload identity from the chart: issuer Secret, TLS, anchors, TokenReview"
+ID_RELEASE=bulwark-idcheck
+ID_NS=bulwark-e2e-identity
+ID_PIDS=()
+identity_cleanup() {
+    set +e
+    for pid in "${ID_PIDS[@]}"; do stop "$pid"; done
+    "$HELM" uninstall "$ID_RELEASE" -n "$ID_NS" >/dev/null 2>&1
+    kubectl delete namespace "$ID_NS" --ignore-not-found --wait=false >/dev/null 2>&1
+    # The trust-anchor ConfigMaps the control plane wrote into every namespace.
+    kubectl delete configmap -A -l app.kubernetes.io/managed-by=bulwark-control-plane \
+        --ignore-not-found >/dev/null 2>&1
+}
+# Ours first, keeping the script's exit status for the main cleanup.
+trap 'status=$?; identity_cleanup; (exit $status); cleanup' EXIT
+kubectl delete namespace "$ID_NS" --ignore-not-found --wait=false >/dev/null
+gone "$ID_NS"
+
+ISSUER=$(render templates/identity.yaml | python3 -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["metadata"]["name"])')
+# secret_file SECRET KEY: the decoded value of KEY in SECRET (in SYSTEM_NS).
+secret_file() {
+    kubectl -n "${3:-$SYSTEM_NS}" get secret "$1" -o json |
+        python3 -c 'import base64, json, sys; sys.stdout.buffer.write(base64.b64decode(json.load(sys.stdin)["data"][sys.argv[1]]))' "$2"
+}
+[ "$(kubectl -n "$SYSTEM_NS" get secret "$ISSUER" -o jsonpath='{.type}')" = kubernetes.io/tls ] ||
+    fail "no kubernetes.io/tls Secret $SYSTEM_NS/$ISSUER"
+mkdir -p "$WORK/identity"
+for key in tls.crt tls.key ca.crt; do
+    secret_file "$ISSUER" "$key" >"$WORK/identity/$key" || fail "the issuer Secret lacks $key"
+done
+openssl x509 -in "$WORK/identity/ca.crt" -noout -text | grep -q "CA:TRUE" || fail "the issuer's ca.crt is not a CA"
+[ "$(openssl pkey -in "$WORK/identity/tls.key" -pubout)" = "$(openssl x509 -in "$WORK/identity/tls.crt" -noout -pubkey)" ] ||
+    fail "the issuer's tls.key is not the key of its tls.crt"
+ok "the chart made the issuer Secret $SYSTEM_NS/$ISSUER (kubernetes.io/tls; $(openssl x509 -in "$WORK/identity/ca.crt" -noout -subject), a CA, its key matches)"
+
+# helm install and upgrade keep the issuer: a release of a copy of the chart whose
+# kubeVersion admits this server (its webhooks Ignore failures, and it goes at the end).
+cp -r "$CHART" "$WORK/chart-copy"
+sed -i 's/^kubeVersion:.*/kubeVersion: ">=1.24.0-0"/' "$WORK/chart-copy/Chart.yaml"
+kubectl create namespace "$ID_NS" >/dev/null
+"$HELM" install "$ID_RELEASE" "$WORK/chart-copy" -n "$ID_NS" --skip-crds \
+    --set webhook.failurePolicy=Ignore >"$WORK/id-install.txt" 2>&1 || fail "helm install: $(cat "$WORK/id-install.txt")"
+grep -q "Workload identity is on" "$WORK/id-install.txt" || fail "helm install's notes do not say identity is on"
+ID_ISSUER=$ID_RELEASE-identity-issuer # the release name holds "bulwark": the full name is the release
+first=$(secret_file "$ID_ISSUER" tls.crt "$ID_NS" | sha256sum) || fail "helm install made no $ID_NS/$ID_ISSUER"
+"$HELM" upgrade "$ID_RELEASE" "$WORK/chart-copy" -n "$ID_NS" --skip-crds --reuse-values \
+    --set identity.certLifetime=12h >"$WORK/id-upgrade.txt" 2>&1 || fail "helm upgrade: $(cat "$WORK/id-upgrade.txt")"
+[ "$(secret_file "$ID_ISSUER" tls.crt "$ID_NS" | sha256sum)" = "$first" ] || fail "helm upgrade re-keyed the issuer"
+grep -q -- "--cert-lifetime=12h" <<<"$(kubectl -n "$ID_NS" get deployment "$ID_RELEASE-control-plane" -o jsonpath='{.spec.template.spec.containers[0].args}')" ||
+    fail "the upgrade did not reach the Deployment"
+ok "helm install made $ID_NS/$ID_ISSUER; helm upgrade kept it (lookup) and changed the Deployment's flags"
+"$HELM" uninstall "$ID_RELEASE" -n "$ID_NS" >/dev/null || fail "helm uninstall $ID_RELEASE"
+kubectl delete namespace "$ID_NS" --wait=false >/dev/null
+
+AS=system:serviceaccount:$SYSTEM_NS:$SA
+can allowed create tokenreviews.authentication.k8s.io
+can allowed list namespaces
+can allowed watch namespaces
+can allowed create configmaps -n "$APP_NS"
+can allowed patch configmaps/bulwark-trust-anchors -n "$APP_NS"
+can denied patch configmaps/other -n "$APP_NS"
+can denied update configmaps/bulwark-trust-anchors -n "$APP_NS"
+can denied get configmaps/bulwark-trust-anchors -n "$APP_NS"
+can denied list configmaps -A
+can denied delete configmaps/bulwark-trust-anchors -n "$APP_NS"
+ok "identity's RBAC: create tokenreviews, list/watch namespaces, create configmaps and patch bulwark-trust-anchors only; no configmap reads"
+
+# The control plane with the chart's identity flags; the issuer folder is the Secret's
+# files, as the pod mounts them. It also answers on 127.0.0.1, which the agent dials here.
+mapfile -t ID_FLAGS < <(render templates/deployment.yaml | python3 -c '
+import sys, yaml
+args = yaml.safe_load(sys.stdin)["spec"]["template"]["spec"]["containers"][0]["args"]
+for a in args:
+    if a.startswith(("--identity-dir=", "--trust-domain=", "--cert-lifetime=", "--tls-name=")):
+        print(a)')
+[ "${#ID_FLAGS[@]}" -eq 4 ] || fail "the chart's Deployment lacks identity flags: ${ID_FLAGS[*]}"
+TLS_NAMES=$(printf '%s\n' "${ID_FLAGS[@]}" | sed -n 's/^--tls-name=//p')
+SERVICE_NAME=$(tr ',' '\n' <<<"$TLS_NAMES" | grep '\.svc$')
+ID_FLAGS=("${ID_FLAGS[@]/#--identity-dir=*/--identity-dir=$WORK/identity}")
+echo "    the chart's identity flags: ${ID_FLAGS[*]}"
+stop "$CP_PID"
+env -u KUBECONFIG "$TARGET/debug/bulwark-control-plane" \
+    --source "kubernetes:$WORK/cp.kubeconfig" \
+    --grpc-addr "$CP_GRPC" --admin-addr "$CP_ADMIN" \
+    --lease-namespace "$SYSTEM_NS" --identity e2e-local-identity \
+    --webhook-addr "127.0.0.1:$WEBHOOK_PORT" --webhook-cert-dir "$WORK/tls" \
+    --webhook-config "$WORK/inject.yaml" "${ID_FLAGS[@]}" --tls-name 127.0.0.1 \
+    >>"$WORK/control-plane-identity.log" 2>&1 &
+CP_PID=$!
+PIDS+=("$CP_PID")
+ID_PIDS+=("$CP_PID")
+eventually "the control plane with identity is ready" curl -fsS "http://$CP_ADMIN/ready"
+serves_tls() {
+    openssl s_client -connect "$CP_GRPC" -servername "$SERVICE_NAME" -verify_hostname "$SERVICE_NAME" \
+        -CAfile "$WORK/identity/ca.crt" -verify_return_error -alpn h2 </dev/null 2>&1 |
+        grep -q "Verify return code: 0 (ok)"
+}
+eventually "its gRPC port serves TLS that verifies against the issuer's ca.crt as $SERVICE_NAME" serves_tls
+curl -fsS -o /dev/null --max-time 5 "http://$CP_GRPC/" 2>/dev/null && fail "the gRPC port answers plaintext HTTP"
+ok "and no plaintext"
+
+# anchors_in NAMESPACE: the trust-anchor ConfigMap's ca.crt there.
+anchors_in() { kubectl -n "$1" get configmap bulwark-trust-anchors -o jsonpath='{.data.ca\.crt}' 2>/dev/null; }
+anchors_are() { [ "$(anchors_in "$1")" = "$(cat "$2")" ]; }
+for ns in "$APP_NS" "$LABELLED_NS" default; do
+    eventually "ConfigMap $ns/bulwark-trust-anchors holds the issuer's ca.crt" anchors_are "$ns" "$WORK/identity/ca.crt"
+done
+for ns in "$SYSTEM_NS" kube-system; do
+    [ -z "$(anchors_in "$ns")" ] || fail "the control plane wrote trust anchors into $ns"
+done
+ok "none in $SYSTEM_NS or kube-system"
+
+# A real TokenReview, by the control plane's ServiceAccount, of a token for audience
+# bulwark bound to the pending web pod.
+WEB_UID=$(kubectl -n "$APP_NS" get pod "$WEB_POD" -o jsonpath='{.metadata.uid}')
+kubectl -n "$APP_NS" create token default --audience bulwark --duration 1h \
+    --bound-object-kind Pod --bound-object-name "$WEB_POD" --bound-object-uid "$WEB_UID" >"$WORK/web.token" ||
+    fail "kubectl create token default --audience bulwark"
+# token_review TOKEN_FILE: the review's status as the control plane's ServiceAccount gets it.
+token_review() {
+    KUBECONFIG=$WORK/cp.kubeconfig kubectl create -o json -f - <<EOF | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["status"], sort_keys=True))'
+apiVersion: authentication.k8s.io/v1
+kind: TokenReview
+spec: {token: "$(cat "$1")", audiences: [bulwark]}
+EOF
+}
+REVIEW=$(token_review "$WORK/web.token") || fail "the control plane's ServiceAccount cannot create a TokenReview"
+python3 -c '
+import json, sys
+s = json.loads(sys.argv[1])
+want = {"authenticated": True, "audiences": ["bulwark"]}
+assert all(s.get(k) == v for k, v in want.items()), s
+assert s["user"]["username"] == "system:serviceaccount:%s:default" % sys.argv[2], s
+assert s["user"]["extra"]["authentication.kubernetes.io/pod-name"] == [sys.argv[3]], s
+' "$REVIEW" "$APP_NS" "$WEB_POD" || fail "unexpected TokenReview: $REVIEW"
+ok "TokenReview: $REVIEW"
+kubectl -n "$APP_NS" create token default >"$WORK/api.token"
+grep -q "is invalid for the target audiences" <<<"$(token_review "$WORK/api.token")" ||
+    fail "a token for the API server passes for audience bulwark: $(token_review "$WORK/api.token")"
+ok "a token without audience bulwark is not authenticated for it: $(token_review "$WORK/api.token")"
+
+# agent_with TOKEN_FILE OUT_PORT ADMIN: an agent of the web pod over TLS, its anchors
+# from the namespace's ConfigMap (as the pod mounts them).
+anchors_in "$APP_NS" >"$WORK/agent-ca.crt"
+agent_with() {
+    "$TARGET/debug/bulwark-agent" --control-plane "https://127.0.0.1:$CP_GRPC_PORT" \
+        --control-plane-ca "$WORK/agent-ca.crt" --token-file "$1" \
+        --namespace "$APP_NS" --pod-name "$WEB_POD" --service-account default "${LABELS[@]}" \
+        --outbound-addr "127.0.0.1:$2" --admin-addr "$3" >>"$WORK/agent-$(basename "$1").log" 2>&1 &
+    PIDS+=($!)
+    ID_PIDS+=($!)
+}
+read -r ID_OUT ID_ADMIN_PORT BAD_OUT BAD_ADMIN_PORT <<<"$(free_ports 4)"
+agent_with "$WORK/web.token" "$ID_OUT" "127.0.0.1:$ID_ADMIN_PORT"
+# identity_of ADMIN: "SPIFFE_ID ENDPOINTS_OF_REVIEWS" from the agent's /config.
+identity_of() {
+    curl -fsS "http://$1/config" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)
+dest = [d for d in (c.get("config") or {}).get("destinations", []) if d["name"] == sys.argv[1]]
+print((c.get("identity") or {}).get("spiffeId"), len(dest[0].get("endpoints", [])) if dest else 0)
+' "reviews.$APP_NS:80"
+}
+identity_is() { [ "$(identity_of "$1")" = "$2" ]; }
+eventually "the agent with the web pod's token gets spiffe://cluster.local/ns/$APP_NS/sa/default and its config" \
+    identity_is "127.0.0.1:$ID_ADMIN_PORT" "spiffe://cluster.local/ns/$APP_NS/sa/default 2"
+eventually "and is ready" curl -fsS "http://127.0.0.1:$ID_ADMIN_PORT/ready"
+printf 'forged.%s.token' "$(openssl rand -hex 8)" >"$WORK/forged.token"
+agent_with "$WORK/forged.token" "$BAD_OUT" "127.0.0.1:$BAD_ADMIN_PORT"
+refused_error() {
+    curl -fsS "http://127.0.0.1:$BAD_ADMIN_PORT/config" | python3 -c '
+import json, sys
+print((json.load(sys.stdin).get("identity") or {}).get("lastError") or "")' | grep -q "Unauthenticated"
+}
+eventually "an agent with a forged token is refused (Unauthenticated)" refused_error
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$BAD_ADMIN_PORT/ready")" = 503 ] ||
+    fail "the agent with a forged token is ready"
+[ "$(identity_of "127.0.0.1:$BAD_ADMIN_PORT")" = "None 0" ] || fail "the forged agent got something: $(identity_of "127.0.0.1:$BAD_ADMIN_PORT")"
+ok "and gets neither certificate nor config"
+grep -q "the token proves nothing" "$WORK/control-plane-identity.log" || fail "the control plane did not log the refusal"
+if grep -q -e "PRIVATE KEY" -e "$(cat "$WORK/web.token")" "$WORK/control-plane-identity.log" "$WORK"/agent-*.log; then
+    fail "a private key or a token reached a log"
+fi
+ok "no private key and no token in the logs"
+
+# The webhook's patch: pods made through the real admission chain carry the token
+# volume, and the API server took it (a projected token of at least 10 minutes).
+# check_identity NAMESPACE POD: what identity put into the pod.
+check_identity() {
+    kubectl -n "$1" get pod "$2" -o json | python3 -c '
+import json, sys
+pod = json.load(sys.stdin)
+spec = pod["spec"]
+vol = {v["name"]: v for v in spec.get("volumes", [])}.get("bulwark-identity")
+problems = []
+if not vol:
+    sys.exit("no bulwark-identity volume")
+sources = vol["projected"]["sources"]
+token = [s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s]
+cm = [s["configMap"] for s in sources if "configMap" in s]
+if token != [{"audience": "bulwark", "expirationSeconds": 3600, "path": "token"}]:
+    problems.append(f"token projection {token}")
+if not cm or cm[0]["name"] != "bulwark-trust-anchors":
+    problems.append(f"anchors projection {cm}")
+agent = [c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "bulwark-agent"][0]
+mounts = [m for m in agent.get("volumeMounts", []) if m["name"] == "bulwark-identity"]
+if [(m["mountPath"], m.get("readOnly")) for m in mounts] != [("/var/run/secrets/bulwark.io/serviceaccount", True)]:
+    problems.append("agent mounts %s" % agent.get("volumeMounts"))
+env = {e["name"]: e.get("value") for e in agent.get("env", [])}
+if not env.get("BULWARK_CONTROL_PLANE", "").startswith("https://"):
+    problems.append("control plane %s" % env.get("BULWARK_CONTROL_PLANE"))
+if env.get("BULWARK_TOKEN_FILE") != "/var/run/secrets/bulwark.io/serviceaccount/token":
+    problems.append("BULWARK_TOKEN_FILE")
+if env.get("BULWARK_CONTROL_PLANE_CA") != "/var/run/secrets/bulwark.io/serviceaccount/ca.crt":
+    problems.append("BULWARK_CONTROL_PLANE_CA")
+for c in spec["containers"] + spec.get("initContainers", []):
+    if c["name"] != "bulwark-agent" and any(m["name"] == "bulwark-identity" for m in c.get("volumeMounts", [])):
+        problems.append("%s mounts the token" % c["name"])
+if problems:
+    sys.exit("; ".join(problems))
+print(pod["metadata"]["name"], "agent env", env["BULWARK_CONTROL_PLANE"])
+'
+}
+check_identity "$APP_NS" "$WEB_POD" || fail "the web pod lacks identity"
+deployment "$LABELLED_NS" idweb
+eventually "a pod of a new Deployment in $LABELLED_NS is created" has_pod "$LABELLED_NS" idweb
+check_identity "$LABELLED_NS" "$(pod_of "$LABELLED_NS" idweb)" || fail "the new pod lacks identity"
+ok "injected pods carry the projected token (audience bulwark, 3600 s) and the anchors, mounted into the agent only"
+
+# An anchor rotation, step 1 (both anchors in ca.crt): every namespace's ConfigMap
+# follows without a restart; step 3 (the old one dropped) too.
+openssl req -x509 -newkey ed25519 -nodes -days 1 -subj "/CN=bulwark e2e next anchor" \
+    -keyout "$WORK/next.key" -out "$WORK/next.crt" >/dev/null 2>&1 || fail "openssl: a second anchor"
+cp "$WORK/identity/ca.crt" "$WORK/old-ca.crt"
+cat "$WORK/old-ca.crt" "$WORK/next.crt" >"$WORK/bundle.crt"
+cp "$WORK/bundle.crt" "$WORK/identity/ca.crt"
+two_anchors() { [ "$(anchors_in "$1" | grep -c 'BEGIN CERTIFICATE')" = 2 ]; }
+for ns in "$APP_NS" "$LABELLED_NS"; do
+    eventually "after ca.crt became two anchors, $ns/bulwark-trust-anchors holds both" two_anchors "$ns"
+done
+cp "$WORK/old-ca.crt" "$WORK/identity/ca.crt"
+for ns in "$APP_NS" "$LABELLED_NS"; do
+    eventually "back to one anchor in $ns" anchors_are "$ns" "$WORK/old-ca.crt"
+done
+curl -fsS "http://127.0.0.1:$ID_ADMIN_PORT/ready" >/dev/null || fail "the agent is not ready after the anchor changes"
+ok "the agent stays ready throughout"
 
 # ---------------------------------------------------------------------------
 printf '\n==> summary\n'
