@@ -238,3 +238,20 @@ spec:
 {spec}"
     )
 }
+
+/// Certificates as PEM (e.g. the mesh's anchors, for an agent's `--control-plane-ca`).
+pub fn pem(certs: &[rustls::pki_types::CertificateDer<'_>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for cert in certs {
+        let text = base64::engine::general_purpose::STANDARD.encode(cert);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        // Base64 is ASCII, so every 64-byte chunk is a str.
+        for line in text.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}

@@ -20,6 +20,7 @@ use bulwark_proto::v1::agent_message::Kind;
 use bulwark_proto::v1::discovery_client::DiscoveryClient;
 use bulwark_proto::v1::{AgentMessage, Identity};
 use bulwark_tests::harness::agent_settings;
+use bulwark_tests::harness::pem;
 use bulwark_tests::mesh::{Mesh, NAMESPACE};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -249,22 +250,6 @@ async fn discovery_serves_only_an_agent_whose_token_proves_its_pod() {
     let (_tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(1);
     assert!(client.stream(ReceiverStream::new(rx)).await.is_err());
     running.cp.shutdown().await;
-}
-
-/// PEM of DER certificates, as the control plane writes its anchor for agents.
-fn pem(certs: &[rustls::pki_types::CertificateDer<'_>]) -> String {
-    use base64::Engine as _;
-    let mut out = String::new();
-    for cert in certs {
-        let text = base64::engine::general_purpose::STANDARD.encode(cert);
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        for line in text.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(line).expect("setting up the agent"));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
-    }
-    out
 }
 
 /// A real agent whose pod is `pod`, presenting `token`, subscribing over TLS.

@@ -16,6 +16,7 @@ use bulwark_control_plane::identity::IdentitySettings;
 use bulwark_control_plane::identity::authority::{Authority, DEFAULT_LIFETIME};
 use bulwark_control_plane::identity::token::TokenReviewer;
 use bulwark_tests::client::HttpClient;
+use bulwark_tests::harness::pem;
 use bulwark_tests::harness::{CONFIG_DEADLINE, agent_settings, control_plane_settings, loopback};
 use bulwark_tests::mesh::{Mesh, NAMESPACE};
 use bulwark_tests::upstream::{Knobs, Reply, Upstream};
@@ -92,21 +93,6 @@ async fn world_with(authority: Arc<Authority>, dir: tempfile::TempDir) -> World 
         dir,
         app,
     }
-}
-
-fn pem(certs: &[rustls::pki_types::CertificateDer<'_>]) -> String {
-    use base64::Engine as _;
-    let mut out = String::new();
-    for cert in certs {
-        let text = base64::engine::general_purpose::STANDARD.encode(cert);
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        for line in text.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
-    }
-    out
 }
 
 impl World {
