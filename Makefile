@@ -11,7 +11,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # sockets and start servers); plain `cargo test` does the same job without it.
 NEXTEST := $(shell command -v cargo-nextest 2>/dev/null)
 
-.PHONY: help setup build test lint fmt demo bench faults clean crds e2e-k8s e2e-local chart images helm
+.PHONY: help setup build test lint fmt demo bench faults fuzz clean crds e2e-k8s e2e-local chart images helm
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ bench: setup ## measure the agent, HAProxy and the control plane (installs HAPro
 
 faults: setup ## run the fault suite on release binaries: killed control plane and endpoint, policy rewrites, SIGTERM, slowloris, idle connections (docs/benchmarks.md)
 	@hack/faults.sh
+
+fuzz: setup ## run each fuzz target for FUZZ_SECONDS (default 60; FUZZ_TARGETS=a,b picks some; installs cargo-fuzz; docs/fuzzing.md)
+	@hack/fuzz.sh
 
 clean: ## remove build output and demo logs
 	$(CARGO) clean
