@@ -130,28 +130,21 @@ mod tests {
             .join(target)
     }
 
-    #[test]
-    fn protocol_detect_corpus_replays() {
-        replay(&corpus("protocol_detect"), super::protocol_detect);
+    /// One test per target, replaying its corpus.
+    macro_rules! replays {
+        ($($test:ident: $target:ident),* $(,)?) => {$(
+            #[test]
+            fn $test() {
+                replay(&corpus(stringify!($target)), super::$target);
+            }
+        )*};
     }
 
-    #[test]
-    fn http1_head_corpus_replays() {
-        replay(&corpus("http1_head"), super::http1_head);
-    }
-
-    #[test]
-    fn shard_key_corpus_replays() {
-        replay(&corpus("shard_key"), super::shard_key);
-    }
-
-    #[test]
-    fn route_match_corpus_replays() {
-        replay(&corpus("route_match"), super::route_match);
-    }
-
-    #[test]
-    fn config_snapshot_corpus_replays() {
-        replay(&corpus("config_snapshot"), super::config_snapshot);
+    replays! {
+        protocol_detect_corpus_replays: protocol_detect,
+        http1_head_corpus_replays: http1_head,
+        shard_key_corpus_replays: shard_key,
+        route_match_corpus_replays: route_match,
+        config_snapshot_corpus_replays: config_snapshot,
     }
 }

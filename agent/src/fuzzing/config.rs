@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use bulwark_proto::v1;
 use futures::FutureExt;
-use http::Method;
+use http::{Method, StatusCode};
 use prost::Message;
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
@@ -81,9 +81,14 @@ async fn use_policy(dst: &Destination) {
     let deadline = Deadline::new(Instant::now(), policy.timeouts.request, None);
     let mut retries = Retries::new(policy.retry.as_ref(), dst.budget.as_deref(), &Method::GET);
     let _ = deadline.for_try(retries.per_try_timeout());
-    // Bounded by the policy's attempts, or by its budget.
-    while let Ok(backoff) = retries.next(TRIED, &deadline) {
-        let _ = deadline.allows(backoff.delay);
+    // Every try answered 503, as far as the policy's attempts, deadline and budget go.
+    while retries.retries_response(StatusCode::SERVICE_UNAVAILABLE, None) {
+        match retries.next(TRIED, &deadline) {
+            Ok(backoff) => {
+                let _ = deadline.allows(backoff.delay);
+            }
+            Err(_) => break,
+        }
     }
     // A slot, then one more request (which queues, times out, or is refused); a wait
     // that cannot end is the bulkhead's to bound, not this harness's.

@@ -8,8 +8,8 @@
 //! every other destination is refused (no passthrough), so no input reaches the network.
 //!
 //! The client writes the input through a small in-memory pipe (so the agent reads it in
-//! pieces), waits until the agent has done what it can, closes its side, and reads until
-//! the agent closes. Time is tokio's paused clock, so the agent's header-read and idle
+//! pieces), waits until the agent has done what it can, closes its side, and reads the
+//! answer until the agent closes. Time is tokio's paused clock, so the agent's header-read and idle
 //! timeouts end a connection left open at no real cost. The answer must be a close,
 //! well-formed HTTP/1.x responses (each framed by its length, its chunks or the close),
 //! or start with an HTTP/2 SETTINGS frame (for a preface); a first request head carrying
@@ -55,6 +55,8 @@ const HANG: Duration = Duration::from_secs(120);
 const REAL_HANG: Duration = Duration::from_secs(2);
 /// How long the client waits, on the paused clock, before closing its side.
 const QUIET: Duration = Duration::from_millis(10);
+/// Bytes of answer the agent may write before the client reads them.
+const ANSWER_PIPE: usize = 64 * 1024;
 
 /// The only service of the mesh.
 const SERVICE: &str = "echo";
@@ -112,6 +114,13 @@ impl Harness {
             .build()
             .unwrap_or_else(|e| panic!("cannot start a runtime: {e}"));
         let (listener, outbound, conns, shutdown) = runtime.block_on(async {
+            // A libFuzzer binary starts from C's main, which leaves SIGPIPE fatal (a Rust
+            // main ignores it): hyper's vectored write to a socket its peer has reset then
+            // kills the process without a word. tokio's handler, once installed, stays
+            // for the life of the process.
+            if let Err(e) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::pipe()) {
+                panic!("cannot catch SIGPIPE: {e}");
+            }
             let upstream = bind().await;
             let upstream_addr = local_addr(&upstream);
             tokio::spawn(serve_upstream(upstream));
@@ -185,13 +194,17 @@ async fn exchange(
         panic!("the harness's listener stopped");
     };
     drop(socket);
-    // A small, input-dependent pipe splits the bytes at varied places.
-    let (client, server) = tokio::io::duplex(1 + data.len() % 61);
+    // The client's bytes go through a small, input-dependent pipe, so that the agent
+    // reads them in pieces split at varied places; the answer comes back through a wide
+    // one, as through a socket's buffers (hyper gives up flushing its last response once
+    // it has failed a connection, so a narrow one would cut it short).
+    let (mut writer, requests) = tokio::io::duplex(1 + data.len() % 61);
+    let (mut reader, answers) = tokio::io::duplex(ANSWER_PIPE);
     let outbound = Arc::clone(outbound);
+    let server = tokio::io::join(requests, answers);
     let served = tokio::spawn(conn.serve_http(server, peer, move |req, peer| {
         Arc::clone(&outbound).handle(req, peer)
     }));
-    let (mut reader, mut writer) = tokio::io::split(client);
     let write = async {
         // The agent may close before reading everything: the write then fails.
         let _ = writer.write_all(data).await;
