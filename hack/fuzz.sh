@@ -10,8 +10,13 @@
 #   FUZZ_NICE=19           the fuzzer's niceness (it takes a whole core)
 #
 # New inputs go to fuzz/target/corpus/<target>/ (kept between runs, not committed); the
-# committed seeds in fuzz/corpus/<target>/ are only read. `hack/fuzz.sh --seed` writes the
-# seeds again from the examples (see docs/fuzzing.md).
+# committed corpus in fuzz/corpus/<target>/ is only read. Two maintenance modes:
+#
+#   hack/fuzz.sh --seed    writes the seed-* inputs again from the examples
+#   hack/fuzz.sh --corpus  adds to fuzz/corpus/<target>/ the FUZZ_CORPUS_MAX (default 25)
+#                          inputs of the last runs that reach the most new coverage
+#
+# (see docs/fuzzing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +50,22 @@ echo "fuzz: building the targets"
 nice -n "${FUZZ_NICE:-19}" "$CARGO" fuzz build "${flags[@]}"
 bin="fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release"
 
+if [[ "${1:-}" == "--corpus" ]]; then
+  for t in "${targets[@]}"; do
+    [[ -d "fuzz/target/corpus/$t" ]] || continue
+    out=$(mktemp -d)
+    control="fuzz/target/logs/$t.merge"
+    mkdir -p fuzz/target/logs
+    # An empty first folder: libFuzzer runs every input once and writes each one's
+    # coverage features to the control file, which the script picks from.
+    nice -n "${FUZZ_NICE:-19}" "$bin/$t" -merge=1 -merge_control_file="$control" \
+      "$out" "fuzz/corpus/$t" "fuzz/target/corpus/$t" >"fuzz/target/logs/$t.merge.log" 2>&1
+    rm -rf "$out"
+    python3 hack/fuzz-corpus.py "$control" "fuzz/corpus/$t" "${FUZZ_CORPUS_MAX:-25}"
+  done
+  exit 0
+fi
+
 # The last value of `key` in a libFuzzer log (its final stats, or its last status line).
 stat() { grep -o "$2[: ]*[0-9][0-9]*" "$1" | tail -n1 | grep -o '[0-9]*$' || echo 0; }
 
@@ -69,6 +90,10 @@ for t in "${targets[@]}"; do
   set -e
   took=$((SECONDS - start))
   runs=$(stat "$log" 'stat::number_of_executed_units')
+  if [[ "$runs" == 0 ]]; then
+    # No final stats (the fuzzer was stopped): its last status line's count.
+    runs=$(grep -o '^#[0-9]*' "$log" | tail -n1 | tr -d '#' || true)
+  fi
   rate=$(stat "$log" 'stat::average_exec_per_sec')
   new=$(stat "$log" 'stat::new_units_added')
   cov=$(stat "$log" 'cov')
@@ -76,7 +101,11 @@ for t in "${targets[@]}"; do
     result=ok
   else
     failed=1
-    artifact=$(grep -o 'Test unit written to [^ ]*' "$log" | tail -n1 | sed 's/Test unit written to //')
+    artifact=$(grep -o 'Test unit written to [^ ]*' "$log" | tail -n1 | sed 's/Test unit written to //' || true)
+    if [[ -z "$artifact" ]] && (( code > 128 )); then
+      # No input to blame: something else ended the fuzzer (a kill, the OOM killer).
+      artifact="(killed by signal $((code - 128)); see $log)"
+    fi
     result="FAILED ${artifact:-(see $log)}"
     grep -m1 -E "panicked at|ERROR: libFuzzer|ALARM|out-of-memory" "$log" | sed "s/^/fuzz: $t: /" >&2 || true
   fi
