@@ -235,6 +235,14 @@ impl MeshTls {
         &self.counters
     }
 
+    /// The configurations of the certificate in use.
+    fn current(&self) -> Result<Arc<Configs>, TlsError> {
+        self.configs
+            .as_ref()
+            .and_then(|slot| slot.load_full())
+            .ok_or(TlsError::NoCertificate)
+    }
+
     fn log_failure(&self, peer: SocketAddr, direction: &'static str, error: &TlsError) {
         self.counters.failure(direction, error.reason());
         let first = {
@@ -273,11 +281,7 @@ impl MeshTls {
         expected: &Arc<str>,
         alpn: Alpn,
     ) -> Result<client::TlsStream<TcpStream>, TlsError> {
-        let configs = self
-            .configs
-            .as_ref()
-            .and_then(|slot| slot.load_full())
-            .ok_or(TlsError::NoCertificate)?;
+        let configs = self.current()?;
         let config = match alpn {
             Alpn::Http1 => &configs.client_h1,
             Alpn::Http2 => &configs.client_h2,
@@ -326,11 +330,7 @@ impl MeshTls {
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
-        let configs = self
-            .configs
-            .as_ref()
-            .and_then(|slot| slot.load_full())
-            .ok_or(TlsError::NoCertificate)?;
+        let configs = self.current()?;
         let handshake = TlsAcceptor::from(Arc::clone(&configs.server)).accept(io);
         let tls = tokio::time::timeout(self.handshake_timeout, handshake)
             .await
