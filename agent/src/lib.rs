@@ -109,7 +109,10 @@ impl Agent {
             _ => None,
         };
         let config = Arc::new(ArcSwap::from_pointee(config::Config::default()));
-        let metrics = Arc::new(metrics::Metrics::new(Arc::clone(&config)));
+        let metrics = Arc::new(metrics::Metrics::with_caller_labels(
+            Arc::clone(&config),
+            settings.max_caller_labels,
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = watch::channel(false);
         let drain = settings.drain_timeout;

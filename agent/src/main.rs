@@ -11,6 +11,7 @@ use bulwark_agent::limits::{
     DEFAULT_HTTP2_MAX_PENDING_RESETS, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUEST_HEADERS_BYTES, DEFAULT_PROXY_PASSTHROUGH, Limits,
 };
+use bulwark_agent::metrics::DEFAULT_MAX_CALLER_LABELS;
 use bulwark_agent::settings::{DEFAULT_OPAQUE_PORTS, DEFAULT_TCP_IDLE_TIMEOUT};
 use bulwark_agent::telemetry::{self, LogFormat};
 use bulwark_agent::{Agent, Identity, InboundSpec, Settings};
@@ -202,6 +203,10 @@ struct Args {
     /// Append the client's address to X-Forwarded-For on inbound HTTP requests.
     #[arg(long)]
     forwarded_for: bool,
+    /// Distinct caller identities (namespace/serviceaccount) with a `caller` label of
+    /// their own on inbound metrics; later ones share `caller="other"`.
+    #[arg(long, env = "BULWARK_MAX_CALLER_LABELS", default_value_t = DEFAULT_MAX_CALLER_LABELS)]
+    max_caller_labels: usize,
     /// How long a client may take to send a whole request head, from connecting or from
     /// the first byte of a keep-alive request, in milliseconds; then the connection is
     /// closed (0: no limit).
@@ -368,6 +373,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     settings.tcp_idle_timeout = Duration::from_secs(args.tcp_idle_timeout_secs);
     settings.inbound_max_concurrency = args.inbound_max_concurrency;
     settings.forwarded_for = args.forwarded_for;
+    settings.max_caller_labels = args.max_caller_labels;
     settings.control_plane_ca = args.control_plane_ca;
     settings.token_file = args.token_file;
     settings.limits = Limits {

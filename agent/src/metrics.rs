@@ -6,10 +6,21 @@
 //! from the config in force (through [`PolicyState`], which the config implements,
 //! so that this module imports neither the config nor a policy), so it costs
 //! nothing per request and never shows endpoints that are gone.
+//!
+//! Inbound series carry the caller's identity (`caller`, [`CallerLabel`]), bounded: the
+//! first `--max-caller-labels` distinct `namespace/serviceaccount` values of the agent's
+//! life get their own label, later ones share `other`, and callers without a mesh
+//! identity are `unauthenticated`. The labelled handles are resolved once per
+//! connection, when its TLS handshake names the caller ([`Metrics::from_caller`]); a
+//! plaintext connection uses handles resolved when the port was first used. Outbound
+//! series have no peer label: the server's identity is a function of `dst` (the control
+//! plane names the one identity each endpoint must prove and the handshake refuses any
+//! other), and a request's tries may reach several endpoints.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -42,6 +53,89 @@ impl Direction {
     }
 }
 
+/// What an authorization decision was about: the `protocol` label of
+/// `bulwark_unauthorized_total` and `bulwark_shadow_unauthorized_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// An HTTP request (answered 403).
+    Http,
+    /// An opaque TCP connection (closed before it reaches the app).
+    Tcp,
+}
+
+impl Protocol {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// Default of `--max-caller-labels`: distinct caller identities with a label of their own.
+pub const DEFAULT_MAX_CALLER_LABELS: usize = 100;
+/// The `caller` of a connection without a mesh identity.
+pub const CALLER_UNAUTHENTICATED: &str = "unauthenticated";
+/// The `caller` of identities beyond the cap.
+pub const CALLER_OTHER: &str = "other";
+
+/// A caller's identity as the value of a `caller` label, made only by
+/// [`Metrics::caller_label`], so every one is within the cap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallerLabel(Arc<str>);
+
+impl CallerLabel {
+    /// The label value: `namespace/serviceaccount`, `other` or `unauthenticated`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The caller identities that have a label of their own, at most `max` for the agent's
+/// life: a counter must keep its series, so none is ever given up for another.
+struct CallerLabels {
+    max: usize,
+    admitted: Mutex<HashSet<Arc<str>>>,
+    unauthenticated: CallerLabel,
+    other: CallerLabel,
+    overflow: Counter,
+}
+
+impl CallerLabels {
+    fn new(max: usize, overflow: Counter) -> Self {
+        Self {
+            max,
+            admitted: Mutex::new(HashSet::new()),
+            unauthenticated: CallerLabel(CALLER_UNAUTHENTICATED.into()),
+            other: CallerLabel(CALLER_OTHER.into()),
+            overflow,
+        }
+    }
+
+    fn label(&self, identity: Option<(&str, &str)>) -> CallerLabel {
+        let Some((namespace, service_account)) = identity else {
+            return self.unauthenticated.clone();
+        };
+        let value = format!("{namespace}/{service_account}");
+        let mut admitted = self
+            .admitted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(known) = admitted.get(value.as_str()) {
+            return CallerLabel(Arc::clone(known));
+        }
+        if admitted.len() >= self.max {
+            drop(admitted);
+            self.overflow.inc();
+            return self.other.clone();
+        }
+        let label: Arc<str> = value.into();
+        admitted.insert(Arc::clone(&label));
+        CallerLabel(label)
+    }
+}
+
 type Labels = Vec<(&'static str, String)>;
 
 /// Latency buckets in seconds: 0.5 ms to 10 s.
@@ -71,6 +165,7 @@ pub struct Metrics {
     route_requests: Family<Labels, Counter>,
     connections: ConnectionFamilies,
     tls: TlsCounters,
+    callers: CallerLabels,
 }
 
 /// Per listener connection metric families: the limits against hostile clients.
@@ -180,8 +275,14 @@ fn histogram() -> Histogram {
 
 impl Metrics {
     /// Creates the registry; `state` (the config in force) is read at scrape time for
-    /// breaker and bulkhead state.
+    /// breaker and bulkhead state. Callers get [`DEFAULT_MAX_CALLER_LABELS`] labels.
     pub fn new<S: PolicyState>(state: Arc<S>) -> Self {
+        Self::with_caller_labels(state, DEFAULT_MAX_CALLER_LABELS)
+    }
+
+    /// Like [`Metrics::new`], with at most `max_callers` distinct caller identities
+    /// labelled as themselves (`--max-caller-labels`).
+    pub fn with_caller_labels<S: PolicyState>(state: Arc<S>, max_callers: usize) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Labels, Counter>::default();
         let durations = Family::<Labels, Histogram>::new_with_constructor(histogram as fn() -> _);
@@ -240,12 +341,14 @@ impl Metrics {
         );
         registry.register(
             "bulwark_unauthorized",
-            "Inbound requests answered 403 because no AuthorizationPolicy rule allows them, by policy and caller",
+            "Inbound requests answered 403 (protocol=\"http\") and opaque TCP connections closed \
+             (protocol=\"tcp\") because no AuthorizationPolicy rule allows them, by policy and caller",
             unauthorized.clone(),
         );
         registry.register(
             "bulwark_shadow_unauthorized",
-            "Inbound requests a Shadow AuthorizationPolicy would deny (and let through), by policy and caller",
+            "Inbound requests and opaque TCP connections a Shadow AuthorizationPolicy would deny \
+             (and let through), by policy, caller and protocol",
             shadow_unauthorized.clone(),
         );
         registry.register(
@@ -351,8 +454,16 @@ impl Metrics {
              seconds left = this - time()",
             tls.expiry.clone(),
         );
+        let caller_overflow = Counter::default();
+        registry.register(
+            "bulwark_caller_labels_overflow",
+            "Inbound connections whose caller is labelled caller=\"other\" because \
+             --max-caller-labels distinct callers already have a label of their own",
+            caller_overflow.clone(),
+        );
         registry.register_collector(Box::new(StateCollector { state }));
         Self {
+            callers: CallerLabels::new(max_callers, caller_overflow),
             tls,
             registry,
             requests,
@@ -457,37 +568,86 @@ impl Metrics {
 
     /// Resolves the handles of one destination's request-path metrics.
     pub fn destination(&self, direction: Direction, dst: &str) -> DstMetrics {
+        self.resolve(direction, dst, None)
+    }
+
+    /// Resolves the handles of an inbound destination's (`localhost:PORT`) metrics for
+    /// requests and connections from `caller`.
+    pub fn inbound(&self, dst: &str, caller: &CallerLabel) -> DstMetrics {
+        self.resolve(Direction::Inbound, dst, Some(caller))
+    }
+
+    /// The handles of `base`'s destination for requests and connections from `caller`:
+    /// only the series labelled by caller are resolved again (once per connection).
+    pub fn from_caller(&self, base: &DstMetrics, caller: &CallerLabel) -> DstMetrics {
+        let (status, duration, tcp_connections) =
+            self.by_caller(base.direction, &base.dst, Some(caller));
+        DstMetrics {
+            status,
+            duration,
+            tcp_connections,
+            ..base.clone()
+        }
+    }
+
+    /// The `caller` label of an identity (`namespace`, `serviceaccount`), or of a
+    /// caller without one (`None`): its own while fewer than the cap have one, `other`
+    /// beyond it. Takes a lock: once per connection, never per request.
+    pub fn caller_label(&self, identity: Option<(&str, &str)>) -> CallerLabel {
+        self.callers.label(identity)
+    }
+
+    fn resolve(&self, direction: Direction, dst: &str, caller: Option<&CallerLabel>) -> DstMetrics {
+        let dst_only = || vec![("dst", dst.to_owned())];
+        let (status, duration, tcp_connections) = self.by_caller(direction, dst, caller);
+        DstMetrics {
+            direction,
+            dst: dst.into(),
+            status,
+            duration,
+            retries: self.retries.get_or_create(&dst_only()).clone(),
+            recovered: self.recovered.get_or_create(&dst_only()).clone(),
+            budget_exhausted: self.budget_exhausted.get_or_create(&dst_only()).clone(),
+            bulkhead_rejected: self.bulkhead_rejected.get_or_create(&dst_only()).clone(),
+            local_responses: self.local_responses.clone(),
+            tcp_connections,
+            refused_requests: self.connections.refused_requests.clone(),
+        }
+    }
+
+    /// The series of a destination that carry the caller, when there is one.
+    fn by_caller(
+        &self,
+        direction: Direction,
+        dst: &str,
+        caller: Option<&CallerLabel>,
+    ) -> ([Counter; 5], Histogram, Counter) {
         let base = || {
-            vec![
+            let mut l = vec![
                 ("direction", direction.as_str().to_owned()),
                 ("dst", dst.to_owned()),
-            ]
+            ];
+            if let Some(caller) = caller {
+                l.push(("caller", caller.as_str().to_owned()));
+            }
+            l
         };
         let by_class = |class: &str| {
             let mut l = base();
             l.push(("status_class", class.to_owned()));
             self.requests.get_or_create(&l).clone()
         };
-        let dst_only = || vec![("dst", dst.to_owned())];
-        DstMetrics {
-            direction,
-            dst: dst.into(),
-            status: [
+        (
+            [
                 by_class("1xx"),
                 by_class("2xx"),
                 by_class("3xx"),
                 by_class("4xx"),
                 by_class("5xx"),
             ],
-            duration: self.durations.get_or_create(&base()).clone(),
-            retries: self.retries.get_or_create(&dst_only()).clone(),
-            recovered: self.recovered.get_or_create(&dst_only()).clone(),
-            budget_exhausted: self.budget_exhausted.get_or_create(&dst_only()).clone(),
-            bulkhead_rejected: self.bulkhead_rejected.get_or_create(&dst_only()).clone(),
-            local_responses: self.local_responses.clone(),
-            tcp_connections: self.tcp_connections.get_or_create(&base()).clone(),
-            refused_requests: self.connections.refused_requests.clone(),
-        }
+            self.durations.get_or_create(&base()).clone(),
+            self.tcp_connections.get_or_create(&base()).clone(),
+        )
     }
 
     /// Counts a 429 from one rate limit.
@@ -500,9 +660,16 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a 403 from the authorization policies; `caller` is the caller's
-    /// `namespace/serviceaccount`, or `unauthenticated` (bounded by the mesh's accounts).
-    pub fn unauthorized(&self, policy: &str, caller: &str, shadow: bool) {
+    /// Counts a denial by the authorization policies (a 403, or a TCP connection
+    /// closed), or with `shadow` one a Shadow policy would make. Denials are the rare
+    /// path, so the family lookup here is affordable.
+    pub fn unauthorized(
+        &self,
+        policy: &str,
+        caller: &CallerLabel,
+        protocol: Protocol,
+        shadow: bool,
+    ) {
         let family = if shadow {
             &self.shadow_unauthorized
         } else {
@@ -511,7 +678,8 @@ impl Metrics {
         family
             .get_or_create(&vec![
                 ("policy", policy.to_owned()),
-                ("caller", caller.to_owned()),
+                ("caller", caller.as_str().to_owned()),
+                ("protocol", protocol.as_str().to_owned()),
             ])
             .inc();
     }
@@ -684,5 +852,70 @@ impl<S: PolicyState> Collector for StateCollector<S> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoState;
+
+    impl PolicyState for NoState {
+        fn policy_state(&self) -> StateSnapshot {
+            StateSnapshot::default()
+        }
+    }
+
+    #[test]
+    fn caller_labels_are_bounded_and_kept_for_the_agents_life() {
+        let metrics = Metrics::with_caller_labels(Arc::new(NoState), 2);
+        let label = |id: Option<(&str, &str)>| metrics.caller_label(id).as_str().to_owned();
+        assert_eq!(label(Some(("shop", "orders"))), "shop/orders");
+        assert_eq!(label(Some(("shop", "reviews"))), "shop/reviews");
+        assert_eq!(label(Some(("shop", "audit"))), "other", "beyond the cap");
+        assert_eq!(label(Some(("web", "checkout"))), "other");
+        assert_eq!(
+            label(Some(("shop", "orders"))),
+            "shop/orders",
+            "an admitted caller keeps its label"
+        );
+        assert_eq!(label(None), "unauthenticated", "not counted in the cap");
+        assert!(
+            metrics
+                .encode()
+                .contains("bulwark_caller_labels_overflow_total 2\n"),
+            "{}",
+            metrics.encode()
+        );
+    }
+
+    #[test]
+    fn inbound_series_carry_the_caller_and_outbound_ones_do_not() {
+        let metrics = Metrics::new(Arc::new(NoState));
+        let plaintext = metrics.caller_label(None);
+        let base = metrics.inbound("localhost:8080", &plaintext);
+        let orders = metrics.caller_label(Some(("shop", "orders")));
+        let from_orders = metrics.from_caller(&base, &orders);
+        from_orders.response(http::StatusCode::OK, std::time::Duration::from_millis(3));
+        from_orders.tcp_connection();
+        base.response(http::StatusCode::FORBIDDEN, std::time::Duration::ZERO);
+        metrics
+            .destination(Direction::Outbound, "payments.shop:80")
+            .response(http::StatusCode::OK, std::time::Duration::ZERO);
+        let text = metrics.encode();
+        for line in [
+            "bulwark_requests_total{direction=\"inbound\",dst=\"localhost:8080\",caller=\"shop/orders\",status_class=\"2xx\"} 1",
+            "bulwark_requests_total{direction=\"inbound\",dst=\"localhost:8080\",caller=\"unauthenticated\",status_class=\"4xx\"} 1",
+            "bulwark_tcp_connections_total{direction=\"inbound\",dst=\"localhost:8080\",caller=\"shop/orders\"} 1",
+            "bulwark_request_duration_seconds_count{direction=\"inbound\",dst=\"localhost:8080\",caller=\"shop/orders\"} 1",
+            "bulwark_requests_total{direction=\"outbound\",dst=\"payments.shop:80\",status_class=\"2xx\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert!(
+            !text.contains("direction=\"inbound\",dst=\"localhost:8080\",status_class"),
+            "no inbound series without a caller"
+        );
     }
 }

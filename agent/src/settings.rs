@@ -111,6 +111,9 @@ pub struct Settings {
     /// Let `CONNECT` and absolute-form requests reach destinations outside the mesh;
     /// off: only mesh destinations. The agent's own listeners are never reachable so.
     pub proxy_passthrough: bool,
+    /// Distinct caller identities that get a `caller` label of their own on inbound
+    /// metrics; later ones are labelled `other`.
+    pub max_caller_labels: usize,
 }
 
 impl Settings {
@@ -135,6 +138,7 @@ impl Settings {
             token_file: None,
             limits: Limits::default(),
             proxy_passthrough: crate::limits::DEFAULT_PROXY_PASSTHROUGH,
+            max_caller_labels: crate::metrics::DEFAULT_MAX_CALLER_LABELS,
         }
     }
 }

@@ -1,11 +1,17 @@
-//! Authorization: whether a caller may make a request to this pod, from the caller's
-//! mutual-TLS identity and the request's method, path and headers.
+//! Authorization: whether a caller may make a request to this pod, or open an opaque TCP
+//! connection to it, from the caller's mutual-TLS identity and (for HTTP) the request's
+//! method, path and headers.
 //!
 //! A pod with no policy on a port allows every caller there. With any `Enforce` policy
 //! on the port, a request is allowed only when some rule of an enforcing policy holds;
 //! `Shadow` policies are evaluated beside them and only say what they would deny. A
 //! caller without a mesh identity (plaintext in Permissive mode) matches only rules
 //! with no `from`.
+//!
+//! An opaque TCP connection goes through the same rules ([`Authorization::check_tcp`]),
+//! as Istio does: it has no method, path or header, so a rule that asks for any of them
+//! (a `to` entry with methods or paths, any `when`) cannot hold for it, and only rules
+//! that need nothing but the caller can allow it. One evaluation serves both ([`Access`]).
 //!
 //! The check reads the config and the request; it allocates nothing and takes no lock.
 
@@ -182,6 +188,23 @@ pub struct Authorization {
     policies: Vec<Policy>,
 }
 
+/// What is being authorized: an HTTP request, or an opaque TCP connection, which has
+/// none of a request's attributes.
+#[derive(Clone, Copy, Debug)]
+pub enum Access<'r> {
+    /// An HTTP request; `path` is without the query.
+    Http {
+        /// The method.
+        method: &'r http::Method,
+        /// The path, without the query.
+        path: &'r str,
+        /// The headers.
+        headers: &'r HeaderMap,
+    },
+    /// An opaque TCP connection (plaintext, or mutual TLS with ALPN `bulwark-tcp`).
+    Tcp,
+}
+
 /// What the policies say of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision<'a> {
@@ -304,33 +327,44 @@ impl Source {
 }
 
 impl Operation {
-    fn matches(&self, method: &http::Method, path: &str) -> bool {
-        (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+    /// A TCP connection has no method and no path: only an operation that asks for
+    /// neither holds for it.
+    fn matches(&self, access: Access<'_>) -> bool {
+        let (method, path) = match access {
+            Access::Http { method, path, .. } => (Some(method), Some(path)),
+            Access::Tcp => (None, None),
+        };
+        (self.methods.is_empty() || method.is_some_and(|m| self.methods.contains(m)))
             && (self.paths.is_empty()
-                || self.paths.iter().any(|p| match p {
-                    Path::Exact(e) => &**e == path,
-                    Path::Prefix(prefix) => path.starts_with(&**prefix),
+                || path.is_some_and(|path| {
+                    self.paths.iter().any(|p| match p {
+                        Path::Exact(e) => &**e == path,
+                        Path::Prefix(prefix) => path.starts_with(&**prefix),
+                    })
                 }))
     }
 }
 
+impl Condition {
+    /// A TCP connection carries no header, so no header condition holds for it.
+    fn holds(&self, access: Access<'_>) -> bool {
+        let Access::Http { headers, .. } = access else {
+            return false;
+        };
+        headers.get_all(&self.name).iter().any(|v| {
+            self.values
+                .iter()
+                .any(|want| v.as_bytes() == want.as_bytes())
+        })
+    }
+}
+
 impl Rule {
-    fn allows(
-        &self,
-        peer: Option<&PeerId>,
-        method: &http::Method,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> bool {
+    fn allows(&self, peer: Option<&PeerId>, access: Access<'_>) -> bool {
         let from =
             self.from.is_empty() || peer.is_some_and(|p| self.from.iter().any(|s| s.matches(p)));
-        from && (self.to.is_empty() || self.to.iter().any(|o| o.matches(method, path)))
-            && self.when.iter().all(|c| {
-                headers
-                    .get_all(&c.name)
-                    .iter()
-                    .any(|v| c.values.iter().any(|want| v.as_bytes() == want.as_bytes()))
-            })
+        from && (self.to.is_empty() || self.to.iter().any(|o| o.matches(access)))
+            && self.when.iter().all(|c| c.holds(access))
     }
 }
 
@@ -339,16 +373,8 @@ impl Policy {
         self.ports.is_empty() || self.ports.contains(&port)
     }
 
-    fn allows(
-        &self,
-        peer: Option<&PeerId>,
-        method: &http::Method,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> bool {
-        self.rules
-            .iter()
-            .any(|r| r.allows(peer, method, path, headers))
+    fn allows(&self, peer: Option<&PeerId>, access: Access<'_>) -> bool {
+        self.rules.iter().any(|r| r.allows(peer, access))
     }
 }
 
@@ -358,8 +384,8 @@ impl Authorization {
         self.policies.is_empty()
     }
 
-    /// The decision for a request on local `port` from `peer` (None: no mesh identity).
-    /// `path` is the path without the query.
+    /// The decision for an HTTP request on local `port` from `peer` (None: no mesh
+    /// identity). `path` is the path without the query.
     pub fn check(
         &self,
         port: u16,
@@ -368,11 +394,31 @@ impl Authorization {
         path: &str,
         headers: &HeaderMap,
     ) -> Decision<'_> {
+        self.decide(
+            port,
+            peer,
+            Access::Http {
+                method,
+                path,
+                headers,
+            },
+        )
+    }
+
+    /// The decision for an opaque TCP connection to local `port` from `peer` (None: no
+    /// mesh identity): only rules that need nothing but the caller can allow it.
+    pub fn check_tcp(&self, port: u16, peer: Option<&PeerId>) -> Decision<'_> {
+        self.decide(port, peer, Access::Tcp)
+    }
+
+    /// The decision for `access` on local `port` from `peer`: the one evaluation behind
+    /// [`Authorization::check`] and [`Authorization::check_tcp`].
+    pub fn decide(&self, port: u16, peer: Option<&PeerId>, access: Access<'_>) -> Decision<'_> {
         let mut enforcing: Option<&str> = None;
         let mut allowed = false;
         let mut shadow_denied = None;
         for policy in self.policies.iter().filter(|p| p.applies_to(port)) {
-            let allows = policy.allows(peer, method, path, headers);
+            let allows = policy.allows(peer, access);
             if policy.shadow {
                 if !allows && shadow_denied.is_none() {
                     shadow_denied = Some(&*policy.source);
@@ -603,6 +649,114 @@ mod tests {
                 shadow_denied: None
             },
             "any enforcing policy's rule allows"
+        );
+    }
+
+    #[test]
+    fn a_tcp_connection_is_allowed_only_by_rules_that_need_nothing_but_the_caller() {
+        // payments' rules all need HTTP (a method and path, or a header): no TCP at all.
+        let http_only = Authorization::try_from(&[payments(false)][..]).unwrap();
+        let denied = Decision::Denied {
+            policy: "shop/payments",
+        };
+        for caller in [
+            peer("shop", "orders"),
+            peer("monitoring", "prometheus"),
+            peer("web", "checkout"),
+        ] {
+            assert_eq!(
+                http_only.check_tcp(8080, Some(&caller)),
+                denied,
+                "{}",
+                caller.as_str()
+            );
+        }
+        let allowed = Decision::Allowed {
+            shadow_denied: None,
+        };
+        // A rule of the caller alone, and one whose operation names nothing.
+        let mut mixed = payments(false);
+        mixed.rules.push(v1::AuthorizationRule {
+            from: vec![source("*", "batch", "*")],
+            to: vec![],
+            when: vec![],
+        });
+        mixed.rules.push(v1::AuthorizationRule {
+            from: vec![source("*", "shop", "reports")],
+            to: vec![v1::OperationMatch {
+                methods: vec![],
+                paths: vec![],
+            }],
+            when: vec![],
+        });
+        let mixed = Authorization::try_from(&[mixed][..]).unwrap();
+        assert_eq!(
+            mixed.check_tcp(8080, Some(&peer("batch", "nightly"))),
+            allowed
+        );
+        assert_eq!(
+            mixed.check_tcp(8080, Some(&peer("shop", "reports"))),
+            allowed
+        );
+        assert_eq!(mixed.check_tcp(8080, Some(&peer("shop", "orders"))), denied);
+        assert_eq!(mixed.check_tcp(8080, None), denied, "no identity");
+        // The same rules still serve HTTP as before.
+        assert_eq!(
+            check(
+                &mixed,
+                Some(&peer("shop", "orders")),
+                Method::POST,
+                "/charge",
+                &[]
+            ),
+            allowed
+        );
+        // A rule with no `from` is the only one a caller without an identity matches.
+        let open = Authorization::try_from(
+            &[v1::AuthorizationPolicy {
+                source: "shop/open".into(),
+                ports: vec![5432],
+                shadow: false,
+                rules: vec![v1::AuthorizationRule::default()],
+            }][..],
+        )
+        .unwrap();
+        assert_eq!(open.check_tcp(5432, None), allowed);
+        assert_eq!(
+            open.check_tcp(6379, None),
+            Decision::Unprotected,
+            "another port"
+        );
+        assert_eq!(
+            Authorization::default().check_tcp(5432, None),
+            Decision::Unprotected,
+            "no policy allows all"
+        );
+    }
+
+    #[test]
+    fn shadow_and_deny_all_policies_judge_tcp_as_they_judge_http() {
+        let shadow = Authorization::try_from(&[payments(true)][..]).unwrap();
+        assert_eq!(
+            shadow.check_tcp(8080, Some(&peer("shop", "orders"))),
+            Decision::Allowed {
+                shadow_denied: Some("shop/payments")
+            }
+        );
+        let deny_all = Authorization::try_from(
+            &[v1::AuthorizationPolicy {
+                source: "shop/deny-all".into(),
+                ports: vec![],
+                shadow: false,
+                rules: vec![],
+            }][..],
+        )
+        .unwrap();
+        assert_eq!(
+            deny_all.check_tcp(1, Some(&peer("shop", "orders"))),
+            Decision::Denied {
+                policy: "shop/deny-all"
+            }
         );
     }
 

@@ -4,7 +4,8 @@
 //! ```text
 //! caller      the caller's mesh identity: mutual TLS terminated per connection
 //!             ([`Inbound::front`]); a plaintext caller has none, and a Strict port
-//!             (PeerAuthentication) closes its connection
+//!             (PeerAuthentication) closes its connection. The metric handles
+//!             labelled with the caller are resolved here, once per connection
 //! authorize   the pod's AuthorizationPolicies: 403 unless a rule allows it
 //! rate limit  the pod's RateLimitPolicies: 429 with Retry-After
 //! admit       the concurrency limit across the pod's ports: 503 bulkhead-full
@@ -15,6 +16,12 @@
 //!
 //! Each step either lets the request on or refuses it ([`Refused`]), counting the
 //! refusal where it knows why; a plain list of calls, as on the outbound path.
+//!
+//! An opaque TCP connection ([`Inbound::relay`]: an opaque or undetected port, or mutual
+//! TLS with ALPN `bulwark-tcp`) takes the same steps once, for the whole connection:
+//! authorization by the caller alone (a rule that needs a path, method or header cannot
+//! allow it), the rate limits, the concurrency limit; a refused connection is closed
+//! before the agent connects to the app, so not a byte reaches it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -31,8 +38,8 @@ use tracing::debug;
 
 use super::{local_response, refuse, send_plain};
 use crate::config::Config;
-use crate::metrics::{Direction, DstMetrics, Metrics};
-use crate::policy::authorization::{Decision, PeerId};
+use crate::metrics::{CallerLabel, DstMetrics, Metrics, Protocol};
+use crate::policy::authorization::{Access, Decision, PeerId};
 use crate::reason;
 use crate::transport::ProxyBody;
 use crate::transport::server::Conn;
@@ -40,9 +47,30 @@ use crate::transport::tcp::{self, RelayEnd};
 use crate::transport::tls::{Alpn, TLS_HANDSHAKE_RECORD};
 use crate::transport::upstream::Upstream;
 
-/// A caller's verified mesh identity, shared by the requests of its connection
-/// (`None`: a plaintext caller).
-pub type Caller = Option<Arc<PeerId>>;
+/// A caller's verified mesh identity and the metric handles labelled with it, resolved
+/// once per connection and shared by its requests (a clone is a reference count). Where
+/// an `Option<Caller>` is `None`, the caller has no mesh identity (plaintext).
+#[derive(Clone, Debug)]
+pub struct Caller(Arc<CallerState>);
+
+#[derive(Debug)]
+struct CallerState {
+    id: Arc<PeerId>,
+    label: CallerLabel,
+    metrics: DstMetrics,
+}
+
+impl Caller {
+    /// The caller's SPIFFE ID.
+    pub fn as_str(&self) -> &str {
+        self.0.id.as_str()
+    }
+
+    /// The caller's identity, split.
+    pub fn id(&self) -> &Arc<PeerId> {
+        &self.0.id
+    }
+}
 
 /// How an inbound connection arrived, once its caller step ran.
 pub enum Front<I> {
@@ -51,7 +79,7 @@ pub enum Front<I> {
         /// The decrypted stream (boxed: a TLS session is large, and per connection).
         io: Box<tokio_rustls::server::TlsStream<I>>,
         /// The caller's identity (none if its certificate names no workload).
-        caller: Caller,
+        caller: Option<Caller>,
         /// The application protocol the caller chose (ALPN).
         alpn: Option<Alpn>,
     },
@@ -82,7 +110,10 @@ pub struct InboundOptions {
 pub struct Inbound {
     config: Arc<ArcSwap<Config>>,
     metrics: Arc<Metrics>,
+    /// The handles of callers without a mesh identity (`caller="unauthenticated"`).
     dst: DstMetrics,
+    /// Their label.
+    unauthenticated: CallerLabel,
     app: Authority,
     app_addr: SocketAddr,
     app_port: u16,
@@ -104,11 +135,13 @@ impl Inbound {
         options: InboundOptions,
     ) -> Self {
         let label = format!("localhost:{}", app.port());
-        let dst = metrics.destination(Direction::Inbound, &label);
+        let unauthenticated = metrics.caller_label(None);
+        let dst = metrics.inbound(&label, &unauthenticated);
         Self {
             config,
             metrics,
             dst,
+            unauthenticated,
             // A SocketAddr always renders as a valid authority.
             app: Authority::try_from(app.to_string())
                 .unwrap_or_else(|_| Authority::from_static("127.0.0.1")),
@@ -153,30 +186,51 @@ impl Inbound {
             })
     }
 
-    /// The authorization step: a 403 when no rule of an enforcing policy allows the
-    /// request; a shadow denial is only counted.
+    /// The authorization step of an HTTP request: a 403 when no rule of an enforcing
+    /// policy allows it; a shadow denial is only counted.
     fn authorize(
         &self,
         config: &Config,
-        caller: Option<&PeerId>,
+        caller: Option<&Caller>,
         req: &Request<Incoming>,
     ) -> Result<(), Refused> {
         if config.authorization.is_empty() {
             return Ok(());
         }
-        let decision = config.authorization.check(
-            self.app_port,
-            caller,
-            req.method(),
-            req.uri().path(),
-            req.headers(),
-        );
-        let who = || {
-            caller.map_or_else(
-                || "unauthenticated".to_owned(),
-                |c| format!("{}/{}", c.namespace(), c.service_account()),
-            )
+        let access = Access::Http {
+            method: req.method(),
+            path: req.uri().path(),
+            headers: req.headers(),
         };
+        self.judge(config, caller, access)
+    }
+
+    /// The authorization step of an opaque TCP connection: only rules that need nothing
+    /// but the caller can allow it.
+    fn authorize_tcp(&self, config: &Config, caller: Option<&Caller>) -> Result<(), Refused> {
+        if config.authorization.is_empty() {
+            return Ok(());
+        }
+        self.judge(config, caller, Access::Tcp)
+    }
+
+    /// The policies' decision on `access` from `caller`, counted and logged.
+    fn judge(
+        &self,
+        config: &Config,
+        caller: Option<&Caller>,
+        access: Access<'_>,
+    ) -> Result<(), Refused> {
+        let decision =
+            config
+                .authorization
+                .decide(self.app_port, caller.map(|c| c.id().as_ref()), access);
+        let (protocol, path) = match access {
+            Access::Http { path, .. } => (Protocol::Http, path),
+            Access::Tcp => (Protocol::Tcp, ""),
+        };
+        let who = caller.map_or(crate::metrics::CALLER_UNAUTHENTICATED, Caller::as_str);
+        let label = caller.map_or(&self.unauthenticated, |c| &c.0.label);
         match decision {
             Decision::Unprotected
             | Decision::Allowed {
@@ -185,17 +239,46 @@ impl Inbound {
             Decision::Allowed {
                 shadow_denied: Some(policy),
             } => {
-                debug!(policy, caller = %who(), path = req.uri().path(), "shadow authorization policy would deny");
-                self.metrics.unauthorized(policy, &who(), true);
+                debug!(
+                    policy,
+                    caller = who,
+                    protocol = protocol.as_str(),
+                    path,
+                    app_port = self.app_port,
+                    "shadow authorization policy would deny"
+                );
+                self.metrics.unauthorized(policy, label, protocol, true);
                 Ok(())
             }
             Decision::Denied { policy } => {
-                debug!(policy, caller = %who(), path = req.uri().path(), reason = reason::UNAUTHORIZED, "inbound request denied");
-                self.metrics.unauthorized(policy, &who(), false);
+                debug!(
+                    policy,
+                    caller = who,
+                    protocol = protocol.as_str(),
+                    path,
+                    app_port = self.app_port,
+                    reason = reason::UNAUTHORIZED,
+                    "inbound request or connection denied"
+                );
+                self.metrics.unauthorized(policy, label, protocol, false);
                 self.dst.local_response(reason::UNAUTHORIZED);
                 Err(Refused::Unauthorized)
             }
         }
+    }
+
+    /// The caller of a connection whose handshake proved `id`, with its metric handles
+    /// (resolved here, once per connection).
+    fn caller(&self, id: PeerId) -> Caller {
+        let label = self
+            .metrics
+            .caller_label(Some((id.namespace(), id.service_account())));
+        let metrics = self.metrics.from_caller(&self.dst, &label);
+        Caller(Arc::new(CallerState {
+            id: Arc::new(id),
+            label,
+            metrics,
+        }))
     }
 
     /// The caller step of a connection to `port` (the app port): when the agent has an
@@ -223,7 +306,10 @@ impl Inbound {
         if starts_tls {
             let (io, caller) = tls.accept(stream, peer).await.ok()?;
             let alpn = Alpn::negotiated(io.get_ref().1.alpn_protocol());
-            let caller = caller.as_deref().and_then(PeerId::parse).map(Arc::new);
+            let caller = caller
+                .as_deref()
+                .and_then(PeerId::parse)
+                .map(|id| self.caller(id));
             return Some(Front::Tls {
                 io: Box::new(io),
                 caller,
@@ -257,7 +343,7 @@ impl Inbound {
             }
             Some(Front::Tls { io, caller, alpn }) => {
                 if alpn == Some(Alpn::Opaque) {
-                    return self.relay(io, peer).await;
+                    return self.relay(io, peer, caller.as_ref()).await;
                 }
                 conn.serve_http(io, peer, move |req, peer| {
                     Arc::clone(&self).handle(req, peer, caller.clone())
@@ -267,12 +353,12 @@ impl Inbound {
         }
     }
 
-    /// Handles one request from the mesh, from `caller`.
+    /// Handles one request from the mesh, from `caller` (none: no mesh identity).
     pub async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        caller: Caller,
+        caller: Option<Caller>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
@@ -294,7 +380,8 @@ impl Inbound {
                 Response::from_parts(head, body)
             }
         };
-        self.dst.response(rsp.status(), start.elapsed());
+        self.metrics_of(caller.as_ref())
+            .response(rsp.status(), start.elapsed());
         if grpc {
             super::grpc::local_to_grpc(rsp)
         } else {
@@ -302,19 +389,24 @@ impl Inbound {
         }
     }
 
+    /// The request-path metric handles of `caller`'s requests and connections.
+    fn metrics_of<'a>(&'a self, caller: Option<&'a Caller>) -> &'a DstMetrics {
+        caller.map_or(&self.dst, |c| &c.0.metrics)
+    }
+
     /// The steps before the app, in order; the admission slot to hold if they all pass.
     fn steps(
         &self,
         req: &Request<Incoming>,
         peer: SocketAddr,
-        caller: Option<&Arc<PeerId>>,
+        caller: Option<&Caller>,
     ) -> Result<Option<OwnedSemaphorePermit>, Refused> {
         let config = self.config.load();
         // 1. The caller's mesh identity came with the connection (see `front`).
         // 2. Authorization.
-        self.authorize(&config, caller.map(AsRef::as_ref), req)?;
+        self.authorize(&config, caller, req)?;
         // 3. Rate limit.
-        self.rate_limit(&config, peer, caller, req.headers())?;
+        self.rate_limit(&config, peer, caller.map(Caller::id), req.headers())?;
         drop(config);
         // 4. Admission.
         let slot = self.admit(peer)?;
@@ -345,18 +437,24 @@ impl Inbound {
         }
     }
 
-    /// Relays an opaque TCP connection from `peer` to the app. Rate limits apply
-    /// per connection (a header-keyed limit sees no headers: one shared bucket);
-    /// the concurrency limit holds a slot for the connection's life.
-    pub async fn relay<C>(&self, client: C, peer: SocketAddr)
+    /// Relays an opaque TCP connection from `peer` (whose mesh identity is `caller`, if
+    /// it has one) to the app. Authorization and rate limits apply once, to the whole
+    /// connection: only rules that need nothing but the caller can allow it, and a
+    /// header-keyed limit sees no headers (one shared bucket). The concurrency limit
+    /// holds a slot for the connection's life. A refused connection is closed (dropped)
+    /// before the app is dialled: not a byte of it reaches the app.
+    pub async fn relay<C>(&self, client: C, peer: SocketAddr, caller: Option<&Caller>)
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
     {
         let headers = http::HeaderMap::new();
-        if self
-            .rate_limit(&self.config.load(), peer, None, &headers)
-            .is_err()
-        {
+        let allowed = {
+            let config = self.config.load();
+            self.authorize_tcp(&config, caller)
+                .and_then(|()| self.rate_limit(&config, peer, caller.map(Caller::id), &headers))
+        };
+        // Each step logged and counted its refusal.
+        if allowed.is_err() {
             return;
         }
         let Ok(_slot) = self.admit(peer) else {
@@ -376,7 +474,7 @@ impl Inbound {
                 return;
             }
         };
-        self.dst.tcp_connection();
+        self.metrics_of(caller).tcp_connection();
         match tcp::relay(client, app, self.options.tcp_idle_timeout).await {
             Ok(done) if done.end == RelayEnd::Idle => {
                 debug!(app = %self.app_addr, client = %peer, "idle connection closed");
@@ -478,6 +576,193 @@ mod tests {
                 .rate_limit(&config, peer, None, &http::HeaderMap::new())
                 .is_ok()
         );
+    }
+
+    use bulwark_proto::v1;
+    use bulwark_testkit::Metrics as Scraped;
+    use futures::FutureExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use crate::policy::authorization::Authorization;
+
+    fn from(namespace: &str, service_account: &str) -> v1::SourceMatch {
+        v1::SourceMatch {
+            trust_domain: "*".into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    /// An inbound port in front of a real app listener, protected by one policy:
+    /// `shop/orders` may connect (a rule of the caller alone), `shop/reviews` may only
+    /// GET /status (a rule that needs HTTP, so it cannot allow a TCP connection).
+    async fn protected(shadow: bool) -> (Arc<Inbound>, Arc<Metrics>, TcpListener) {
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let policy = v1::AuthorizationPolicy {
+            source: "shop/payments".into(),
+            ports: vec![],
+            shadow,
+            rules: vec![
+                v1::AuthorizationRule {
+                    from: vec![from("shop", "orders")],
+                    to: vec![],
+                    when: vec![],
+                },
+                v1::AuthorizationRule {
+                    from: vec![from("shop", "reviews")],
+                    to: vec![v1::OperationMatch {
+                        methods: vec!["GET".into()],
+                        paths: vec![v1::PathMatch {
+                            kind: Some(v1::path_match::Kind::Exact("/status".into())),
+                        }],
+                    }],
+                    when: vec![],
+                },
+            ],
+        };
+        let mut config = Config::default();
+        config.authorization = Authorization::try_from(&[policy][..]).unwrap();
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        let metrics = Arc::new(Metrics::new(Arc::clone(&config)));
+        let options = InboundOptions {
+            tcp_idle_timeout: Duration::from_secs(60),
+            ..InboundOptions::default()
+        };
+        let inbound = Inbound::with_options(
+            config,
+            Arc::clone(&metrics),
+            app.local_addr().unwrap(),
+            options,
+        );
+        (Arc::new(inbound), metrics, app)
+    }
+
+    fn caller(inbound: &Inbound, namespace: &str, service_account: &str) -> Caller {
+        let id = format!("spiffe://cluster.local/ns/{namespace}/sa/{service_account}");
+        inbound.caller(PeerId::parse(&id).unwrap())
+    }
+
+    fn scrape(metrics: &Metrics) -> Scraped {
+        Scraped::parse(&metrics.encode()).unwrap()
+    }
+
+    /// Relays one connection from `caller` and says whether it reached the app: bytes
+    /// go both ways through it, or the client sees the connection closed with nothing
+    /// and the app has no connection waiting.
+    async fn connect(inbound: &Arc<Inbound>, app: &TcpListener, caller: Option<Caller>) -> bool {
+        let peer = "10.0.0.7:40000".parse().unwrap();
+        let (mut client, agent_side) = tokio::io::duplex(1024);
+        let relaying = Arc::clone(inbound);
+        let mut relay =
+            tokio::spawn(async move { relaying.relay(agent_side, peer, caller.as_ref()).await });
+        let accepted = tokio::select! {
+            accepted = app.accept() => Some(accepted.unwrap().0),
+            done = &mut relay => {
+                done.unwrap();
+                None
+            }
+        };
+        let Some(mut app_side) = accepted else {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert!(got.is_empty(), "a refused client gets nothing back");
+            assert!(
+                app.accept().now_or_never().is_none(),
+                "the app never saw a connection"
+            );
+            return false;
+        };
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        app_side.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        app_side.write_all(b"pong").await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        drop((client, app_side));
+        relay.await.unwrap();
+        true
+    }
+
+    #[tokio::test]
+    async fn a_tcp_connection_reaches_the_app_only_if_a_rule_allows_its_caller_alone() {
+        let (inbound, metrics, app) = protected(false).await;
+        let orders = caller(&inbound, "shop", "orders");
+        assert!(connect(&inbound, &app, Some(orders)).await, "orders");
+        let reviews = caller(&inbound, "shop", "reviews");
+        assert!(
+            !connect(&inbound, &app, Some(reviews)).await,
+            "reviews' only rule needs a path and a method"
+        );
+        assert!(!connect(&inbound, &app, None).await, "no identity");
+        let seen = scrape(&metrics);
+        let denied = |caller: &str| {
+            seen.get(
+                "bulwark_unauthorized_total",
+                &[
+                    ("policy", "shop/payments"),
+                    ("caller", caller),
+                    ("protocol", "tcp"),
+                ],
+            )
+        };
+        assert_eq!(denied("shop/reviews"), 1.0);
+        assert_eq!(denied("unauthenticated"), 1.0);
+        assert_eq!(denied("shop/orders"), 0.0);
+        let relayed = |caller: &str| {
+            seen.get(
+                "bulwark_tcp_connections_total",
+                &[("direction", "inbound"), ("caller", caller)],
+            )
+        };
+        assert_eq!(relayed("shop/orders"), 1.0);
+        assert_eq!(relayed("shop/reviews") + relayed("unauthenticated"), 0.0);
+        assert_eq!(
+            seen.get(
+                "bulwark_local_responses_total",
+                &[("direction", "inbound"), ("reason", "unauthorized")]
+            ),
+            2.0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shadow_policy_counts_the_tcp_connection_it_would_deny_and_lets_it_through() {
+        let (inbound, metrics, app) = protected(true).await;
+        let reviews = caller(&inbound, "shop", "reviews");
+        assert!(connect(&inbound, &app, Some(reviews)).await);
+        assert!(connect(&inbound, &app, None).await);
+        let seen = scrape(&metrics);
+        let would_deny = |caller: &str| {
+            seen.get(
+                "bulwark_shadow_unauthorized_total",
+                &[("caller", caller), ("protocol", "tcp")],
+            )
+        };
+        assert_eq!(would_deny("shop/reviews"), 1.0);
+        assert_eq!(would_deny("unauthenticated"), 1.0);
+        assert_eq!(seen.get("bulwark_unauthorized_total", &[]), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_pod_without_policy_relays_every_caller() {
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = Arc::new(ArcSwap::from_pointee(Config::default()));
+        let metrics = Arc::new(Metrics::new(Arc::clone(&config)));
+        let options = InboundOptions {
+            tcp_idle_timeout: Duration::from_secs(60),
+            ..InboundOptions::default()
+        };
+        let inbound = Arc::new(Inbound::with_options(
+            config,
+            metrics,
+            app.local_addr().unwrap(),
+            options,
+        ));
+        let stranger = caller(&inbound, "elsewhere", "stranger");
+        assert!(connect(&inbound, &app, Some(stranger)).await);
+        assert!(connect(&inbound, &app, None).await);
     }
 
     #[test]

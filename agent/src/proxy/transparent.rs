@@ -199,7 +199,7 @@ impl InboundPorts {
             Some(Front::Tls { io, caller, alpn }) => {
                 debug!(%peer, %orig, ?alpn, caller = caller.as_ref().map(|c| c.as_str()), "inbound mutual TLS connection");
                 if alpn == Some(Alpn::Opaque) {
-                    return inbound.relay(io, peer).await;
+                    return inbound.relay(io, peer, caller.as_ref()).await;
                 }
                 // HTTP/1.1 or HTTP/2 (hyper tells them apart by the preface).
                 return conn
@@ -228,7 +228,7 @@ impl InboundPorts {
                 })
                 .await;
             }
-            Protocol::Opaque => inbound.relay(io, peer).await,
+            Protocol::Opaque => inbound.relay(io, peer, None).await,
         }
     }
 }
