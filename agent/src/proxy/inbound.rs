@@ -333,7 +333,10 @@ impl Inbound {
         conn: Conn,
         wait: Duration,
     ) {
-        match self.front(stream, peer, self.app_port, wait).await {
+        // Boxed, like every step that ends before the connection does: the handshake's
+        // state (rustls's connection, the detect timer) would otherwise stay in the
+        // connection's task, idle or not, for as long as it lives.
+        match Box::pin(self.front(stream, peer, self.app_port, wait)).await {
             None => {}
             Some(Front::Plain(io)) => {
                 conn.serve_http(io, peer, move |req, peer| {
@@ -343,7 +346,8 @@ impl Inbound {
             }
             Some(Front::Tls { io, caller, alpn }) => {
                 if alpn == Some(Alpn::Opaque) {
-                    return self.relay(io, peer, caller.as_ref()).await;
+                    // Boxed for the same reason: opaque TCP's state is not HTTP's.
+                    return Box::pin(self.relay(io, peer, caller.as_ref())).await;
                 }
                 conn.serve_http(io, peer, move |req, peer| {
                     Arc::clone(&self).handle(req, peer, caller.clone())

@@ -19,6 +19,7 @@ use tracing::debug;
 use super::inbound::{Front, Inbound, InboundOptions};
 use super::outbound::{Outbound, PASSTHROUGH_CONNECT_TIMEOUT, opaque};
 use crate::config::Config;
+use crate::config::destination::Destination;
 use crate::metrics::Metrics;
 use crate::transport::orig_dst::original_dst;
 use crate::transport::prefixed::Prefixed;
@@ -81,7 +82,9 @@ pub async fn outbound(
     };
     let found = outbound.config().load().lookup_original(orig);
     let hint = interception.hint(orig.port(), found.as_ref().map(|(d, _)| d.hint));
-    let Some((protocol, prefix)) = interception.protocol(&mut stream, hint).await else {
+    // Boxed: detection's state (its timer, the bytes peeked) ends before the connection
+    // does, and inline it would stay in the connection's task for as long as it lives.
+    let Some((protocol, prefix)) = Box::pin(interception.protocol(&mut stream, hint)).await else {
         return;
     };
     debug!(%peer, %orig, dst = found.as_ref().map(|(d, _)| d.name.as_ref()), ?protocol, "redirected outbound connection");
@@ -95,36 +98,60 @@ pub async fn outbound(
             };
             conn.serve_http(io, peer, handler).await;
         }
-        Protocol::Opaque => match found {
-            Some((dst, pinned)) => match opaque::connect(&dst, pinned).await {
-                Ok((upstream, _slot)) => {
-                    dst.metrics.tcp_connection();
+        // Boxed: opaque TCP's state (an mTLS connect, the relay) is not HTTP's, and
+        // inline every HTTP connection's task would keep room for it.
+        Protocol::Opaque => {
+            Box::pin(opaque_outbound(
+                &outbound,
+                &interception,
+                found,
+                io,
+                peer,
+                orig,
+            ))
+            .await
+        }
+    }
+}
+
+/// Relays one outbound opaque TCP connection: to the destination's endpoints under its
+/// policy when the mesh knows it, else straight to where the app dialled.
+async fn opaque_outbound(
+    outbound: &Outbound,
+    interception: &Interception,
+    found: Option<(Arc<Destination>, Option<SocketAddr>)>,
+    io: Prefixed<TcpStream>,
+    peer: SocketAddr,
+    orig: SocketAddr,
+) {
+    match found {
+        Some((dst, pinned)) => match opaque::connect(&dst, pinned).await {
+            Ok((upstream, _slot)) => {
+                dst.metrics.tcp_connection();
+                log_relay(
+                    tcp::relay(io, upstream, interception.tcp_idle_timeout).await,
+                    orig,
+                );
+            }
+            Err(refused) => {
+                dst.metrics.local_response(refused.0);
+                debug!(dst = %dst.name, reason = refused.0, %peer, "opaque connection refused");
+            }
+        },
+        None => {
+            outbound.metrics().passthrough_connection();
+            match tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect(orig)).await
+            {
+                Ok(Ok(upstream)) => {
                     log_relay(
                         tcp::relay(io, upstream, interception.tcp_idle_timeout).await,
                         orig,
                     );
                 }
-                Err(refused) => {
-                    dst.metrics.local_response(refused.0);
-                    debug!(dst = %dst.name, reason = refused.0, %peer, "opaque connection refused");
-                }
-            },
-            None => {
-                outbound.metrics().passthrough_connection();
-                match tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect(orig))
-                    .await
-                {
-                    Ok(Ok(upstream)) => {
-                        log_relay(
-                            tcp::relay(io, upstream, interception.tcp_idle_timeout).await,
-                            orig,
-                        );
-                    }
-                    Ok(Err(error)) => debug!(%orig, %error, "passthrough connect failed"),
-                    Err(_) => debug!(%orig, "passthrough connect timed out"),
-                }
+                Ok(Err(error)) => debug!(%orig, %error, "passthrough connect failed"),
+                Err(_) => debug!(%orig, "passthrough connect timed out"),
             }
-        },
+        }
     }
 }
 
@@ -191,15 +218,17 @@ impl InboundPorts {
             return;
         };
         let inbound = self.port(orig.port());
-        let front = inbound
-            .front(stream, peer, orig.port(), self.interception.detect_timeout)
-            .await;
+        // Boxed: see `Inbound::serve_http`.
+        let front =
+            Box::pin(inbound.front(stream, peer, orig.port(), self.interception.detect_timeout))
+                .await;
         let mut stream = match front {
             None => return,
             Some(Front::Tls { io, caller, alpn }) => {
                 debug!(%peer, %orig, ?alpn, caller = caller.as_ref().map(|c| c.as_str()), "inbound mutual TLS connection");
                 if alpn == Some(Alpn::Opaque) {
-                    return inbound.relay(io, peer, caller.as_ref()).await;
+                    // Boxed: see `Inbound::serve_http`.
+                    return Box::pin(inbound.relay(io, peer, caller.as_ref())).await;
                 }
                 // HTTP/1.1 or HTTP/2 (hyper tells them apart by the preface).
                 return conn
@@ -216,7 +245,10 @@ impl InboundPorts {
             .lookup_original(orig)
             .map(|(d, _)| d.hint);
         let hint = self.interception.hint(orig.port(), declared);
-        let Some((protocol, prefix)) = self.interception.protocol(&mut stream, hint).await else {
+        // Boxed, as the front step above and outbound detection.
+        let Some((protocol, prefix)) =
+            Box::pin(self.interception.protocol(&mut stream, hint)).await
+        else {
             return;
         };
         debug!(%peer, %orig, ?protocol, "redirected inbound connection");
@@ -228,7 +260,7 @@ impl InboundPorts {
                 })
                 .await;
             }
-            Protocol::Opaque => inbound.relay(io, peer, None).await,
+            Protocol::Opaque => Box::pin(inbound.relay(io, peer, None)).await,
         }
     }
 }
