@@ -30,7 +30,8 @@ pub struct AuthorizationPolicyDocument {
 /// identity (its ServiceAccount, from mutual TLS), the path, the method and headers. A
 /// workload with no policy allows every caller; with any policy, it denies what no
 /// rule allows (403 with x-bulwark-reason unauthorized). `mode: Shadow` counts what it
-/// would deny without denying.
+/// would deny without denying. Opaque TCP connections are judged by the caller alone:
+/// only rules without `to` operations and `when` conditions can allow them.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, kube::CustomResource)]
 #[kube(
     group = "bulwark.io",
@@ -86,6 +87,7 @@ pub enum ModeSpec {
 
 /// One allow rule: it holds when the caller is one of `from`, the request is one of
 /// `to`, and every condition of `when` holds. A missing part holds for every request.
+/// A rule naming methods, paths or headers never allows an opaque TCP connection.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleSpec {
