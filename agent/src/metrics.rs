@@ -434,7 +434,8 @@ impl Metrics {
         let tls = TlsCounters::default();
         registry.register(
             "bulwark_tls_handshakes",
-            "Mutual-TLS handshakes with other agents that succeeded, by direction",
+            "Mutual-TLS handshakes with other agents that succeeded, by direction and key-exchange \
+             group (X25519MLKEM768; X25519 with an agent of an older build)",
             tls.handshakes.clone(),
         );
         registry.register(

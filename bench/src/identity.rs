@@ -130,18 +130,17 @@ impl IdentityControlPlane {
         Ok(certs)
     }
 
-    /// A TLS 1.3 client configuration (ring, as the agent's) trusting its anchors and
-    /// offering `h2`: what an agent's channel to it uses.
+    /// A TLS 1.3 client configuration (the mesh's provider, as the agent's) trusting its
+    /// anchors and offering `h2`: what an agent's channel to it uses.
     pub fn client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         let mut roots = rustls::RootCertStore::empty();
         let (added, _) = roots.add_parsable_certificates(self.anchors()?);
         anyhow::ensure!(added > 0, "no trust anchor of the control plane parses");
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(bulwark_proto::tls::provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }

@@ -234,7 +234,7 @@ impl ControlPlane {
             Some(id) => {
                 // Agents dial over TLS with the mesh's anchor; the certificate renews
                 // itself before it expires.
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let provider = Arc::new(bulwark_proto::tls::provider());
                 let serving = identity::serving::ServingCert::new(
                     Arc::clone(&id.authority),
                     provider,

@@ -158,12 +158,11 @@ impl Webhook {
     /// Loads the certificate, binds the listener and starts serving.
     pub async fn start(settings: Settings) -> Result<Self, Error> {
         let cert = certs::ReloadingCert::load(&settings.cert_dir)?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(cert.clone());
+        let mut tls =
+            rustls::ServerConfig::builder_with_provider(Arc::new(bulwark_proto::tls::provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_cert_resolver(cert.clone());
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind(settings.addr)

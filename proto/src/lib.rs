@@ -2,6 +2,7 @@
 //! (configuration) and `proto/bulwark/identity/v1/identity.proto` (certificates).
 
 pub mod defaults;
+pub mod tls;
 
 /// Version 1 of the mesh discovery API.
 pub mod mesh {

@@ -510,10 +510,11 @@ fn connector_trusting(pem: &[u8]) -> tokio_rustls::TlsConnector {
             .expect("a usable anchor");
     }
     let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        // rustls's own defaults, as a client that is not ours (the API server) would offer.
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .expect("ring supports the default TLS versions")
+    .expect("aws-lc-rs supports the default TLS versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(client))

@@ -274,11 +274,12 @@ async fn a_meshed_call_carries_the_callers_identity_and_a_plaintext_one_has_none
     let out = Metrics::scrape(frontend.admin_addr())
         .await
         .expect("metrics");
+    // Two agents of this build agree on the post-quantum hybrid key exchange.
     assert!(
         tls_metric(
             &out,
             "bulwark_tls_handshakes_total",
-            &[("direction", "outbound")]
+            &[("direction", "outbound"), ("group", "X25519MLKEM768")]
         ) >= 1.0
     );
     let inb = Metrics::scrape(payments.admin_addr())
@@ -288,7 +289,7 @@ async fn a_meshed_call_carries_the_callers_identity_and_a_plaintext_one_has_none
         tls_metric(
             &inb,
             "bulwark_tls_handshakes_total",
-            &[("direction", "inbound")]
+            &[("direction", "inbound"), ("group", "X25519MLKEM768")]
         ) >= 1.0
     );
     assert!(

@@ -2,7 +2,8 @@
 //! against the mesh's trust anchors for `https://`.
 //!
 //! tonic's own TLS would pull in a second TLS stack configuration; a connector of ours
-//! keeps one rustls set-up (ring, TLS 1.3, our anchors) for every TLS the agent does.
+//! keeps one rustls set-up (the mesh's provider, TLS 1.3, our anchors) for every TLS the
+//! agent does.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -133,7 +134,7 @@ fn tls_config(anchors: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, 
             reason: "no anchor parses".to_owned(),
         });
     }
-    let mut config = ClientConfig::builder_with_provider(Arc::new(super::tls::provider()))
+    let mut config = ClientConfig::builder_with_provider(Arc::new(bulwark_proto::tls::provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();

@@ -23,10 +23,11 @@ use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificat
 
 use super::credentials::Credentials;
 
-/// The TLS counters of the agent (labels: direction, reason).
+/// The TLS counters of the agent (labels: direction, group, reason).
 #[derive(Clone, Debug, Default)]
 pub struct TlsCounters {
-    /// Handshakes completed, by direction (`inbound`, `outbound`).
+    /// Handshakes completed, by direction (`inbound`, `outbound`) and key-exchange group
+    /// (`X25519MLKEM768`; `X25519` with a peer of an older, *ring*-based build).
     pub handshakes: Family<Vec<(&'static str, String)>, Counter>,
     /// Handshakes failed, by direction and reason.
     pub failures: Family<Vec<(&'static str, String)>, Counter>,
@@ -37,10 +38,14 @@ pub struct TlsCounters {
 }
 
 impl TlsCounters {
-    /// Counts a finished handshake.
-    pub fn handshake(&self, direction: &'static str) {
+    /// Counts a finished handshake and the key-exchange group it used
+    /// ([`bulwark_proto::tls::group_label`]: a handful of values).
+    pub fn handshake(&self, direction: &'static str, group: &'static str) {
         self.handshakes
-            .get_or_create(&vec![("direction", direction.to_owned())])
+            .get_or_create(&vec![
+                ("direction", direction.to_owned()),
+                ("group", group.to_owned()),
+            ])
             .inc();
     }
 
@@ -190,14 +195,6 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// The crypto provider of mesh TLS: *ring*, the one the rest of the agent (and the
-/// control plane's gRPC) already builds with. It has no post-quantum key exchange;
-/// X25519MLKEM768 is in rustls only with the aws-lc-rs provider (see the README's
-/// identity section for why the mesh does not switch yet).
-pub fn provider() -> CryptoProvider {
-    rustls::crypto::ring::default_provider()
-}
-
 /// The configuration to originate mutual TLS to meshed peers with `credentials`,
 /// offering `alpn` (e.g. `h2`, `http/1.1`).
 pub fn client_config(
@@ -315,8 +312,34 @@ mod tests {
         })
     }
 
+    /// The mesh's provider, as `MeshTls` builds its configurations with.
     fn provider() -> Arc<CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        Arc::new(bulwark_proto::tls::provider())
+    }
+
+    /// A peer of an older build, whose *ring* provider has no post-quantum group:
+    /// X25519 alone (ring also lists the NIST curves after it; X25519 alone is stricter).
+    fn x25519_only() -> Arc<CryptoProvider> {
+        Arc::new(CryptoProvider {
+            kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+            ..bulwark_proto::tls::provider()
+        })
+    }
+
+    /// What one side learnt from a finished handshake.
+    #[derive(Debug)]
+    struct Seen {
+        peer: Option<String>,
+        group: Option<rustls::NamedGroup>,
+        kind: Option<rustls::HandshakeKind>,
+    }
+
+    fn seen(tls: &rustls::CommonState) -> Seen {
+        Seen {
+            peer: peer_identity(tls.peer_certificates()),
+            group: tls.negotiated_key_exchange_group().map(|g| g.name()),
+            kind: tls.handshake_kind(),
+        }
     }
 
     /// One handshake over an in-memory pipe and a byte each way; each side's view of
@@ -325,11 +348,22 @@ mod tests {
         client: &Credentials,
         server: &Credentials,
     ) -> Result<(Option<String>, Option<String>), String> {
+        let (client, server) = handshake_with(client, provider(), server, provider()).await?;
+        Ok((client.peer, server.peer))
+    }
+
+    /// [`handshake`] with each side's own provider; what each side saw.
+    async fn handshake_with(
+        client: &Credentials,
+        client_provider: Arc<CryptoProvider>,
+        server: &Credentials,
+        server_provider: Arc<CryptoProvider>,
+    ) -> Result<(Seen, Seen), String> {
         let connector = TlsConnector::from(Arc::new(
-            client_config(client, provider(), &[b"http/1.1"]).unwrap(),
+            client_config(client, client_provider, &[b"http/1.1"]).unwrap(),
         ));
         let acceptor = TlsAcceptor::from(Arc::new(
-            server_config(server, provider(), &[b"http/1.1"]).unwrap(),
+            server_config(server, server_provider, &[b"http/1.1"]).unwrap(),
         ));
         let (a, b) = tokio::io::duplex(64 * 1024);
         let server_side = tokio::spawn(async move {
@@ -337,7 +371,7 @@ mod tests {
             let mut byte = [0u8; 1];
             tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
             tls.write_all(&byte).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(peer_identity(tls.get_ref().1.peer_certificates()))
+            Ok::<_, String>(seen(tls.get_ref().1))
         });
         let name = ServerName::try_from("peer.bulwark.invalid").unwrap();
         let client_side = async {
@@ -348,7 +382,7 @@ mod tests {
             tls.write_all(b"x").await.map_err(|e| e.to_string())?;
             let mut byte = [0u8; 1];
             tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(peer_identity(tls.get_ref().1.peer_certificates()))
+            Ok::<_, String>(seen(tls.get_ref().1))
         };
         let client_view = client_side.await;
         let server_view = server_side.await.unwrap();
@@ -366,6 +400,59 @@ mod tests {
         let (client_sees, server_sees) = handshake(&client, &server).await.unwrap();
         assert_eq!(client_sees.as_deref(), Some(PAYMENTS));
         assert_eq!(server_sees.as_deref(), Some(ORDERS));
+    }
+
+    #[tokio::test]
+    async fn two_agents_agree_on_the_post_quantum_hybrid_key_exchange() {
+        let mesh = ca("mesh");
+        let client = credentials(ORDERS, &mesh, &mesh, false);
+        let server = credentials(PAYMENTS, &mesh, &mesh, false);
+        let (client_saw, server_saw) = handshake_with(&client, provider(), &server, provider())
+            .await
+            .unwrap();
+        for side in [&client_saw, &server_saw] {
+            assert_eq!(
+                side.group,
+                Some(rustls::NamedGroup::X25519MLKEM768),
+                "{side:?}"
+            );
+            assert_eq!(side.kind, Some(rustls::HandshakeKind::Full), "{side:?}");
+        }
+        assert_eq!(client_saw.peer.as_deref(), Some(PAYMENTS));
+        assert_eq!(server_saw.peer.as_deref(), Some(ORDERS));
+    }
+
+    /// A rolling upgrade: an agent of an older build (X25519 only) and one of this build
+    /// agree on X25519 whichever side calls, in one round trip: no HelloRetryRequest,
+    /// which would cost a round trip, and no failed handshake.
+    #[tokio::test]
+    async fn a_peer_offering_only_x25519_connects_either_way_without_a_retry() {
+        let mesh = ca("mesh");
+        let client = credentials(ORDERS, &mesh, &mesh, false);
+        let server = credentials(PAYMENTS, &mesh, &mesh, false);
+        for (older, client_provider, server_provider) in [
+            ("client", x25519_only(), provider()),
+            ("server", provider(), x25519_only()),
+        ] {
+            let (client_saw, server_saw) =
+                handshake_with(&client, client_provider, &server, server_provider)
+                    .await
+                    .unwrap_or_else(|e| panic!("older {older}: {e}"));
+            for side in [&client_saw, &server_saw] {
+                assert_eq!(
+                    side.group,
+                    Some(rustls::NamedGroup::X25519),
+                    "older {older}: {side:?}"
+                );
+                assert_eq!(
+                    side.kind,
+                    Some(rustls::HandshakeKind::Full),
+                    "older {older}: {side:?}"
+                );
+            }
+            assert_eq!(client_saw.peer.as_deref(), Some(PAYMENTS));
+            assert_eq!(server_saw.peer.as_deref(), Some(ORDERS));
+        }
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use bulwark_proto::tls::group_label;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -268,7 +269,10 @@ impl MeshTls {
     ) -> Result<client::TlsStream<TcpStream>, TlsError> {
         let result = self.try_connect(stream, peer, expected, alpn).await;
         match &result {
-            Ok(_) => self.counters.handshake("outbound"),
+            Ok(tls) => self.counters.handshake(
+                "outbound",
+                group_label(tls.get_ref().1.negotiated_key_exchange_group()),
+            ),
             Err(error) => self.log_failure(peer, "outbound", error),
         }
         result
@@ -320,7 +324,10 @@ impl MeshTls {
     {
         let result = self.try_accept(io).await;
         match &result {
-            Ok(_) => self.counters.handshake("inbound"),
+            Ok((tls, _)) => self.counters.handshake(
+                "inbound",
+                group_label(tls.get_ref().1.negotiated_key_exchange_group()),
+            ),
             Err(error) => self.log_failure(peer, "inbound", error),
         }
         result
@@ -368,7 +375,7 @@ impl Alpn {
 }
 
 fn build(credentials: &Credentials) -> Result<Configs, TlsConfigError> {
-    let provider = Arc::new(crate::identity::tls::provider());
+    let provider = Arc::new(bulwark_proto::tls::provider());
     let client = |alpn: &[u8]| {
         client_config(credentials, Arc::clone(&provider), &[alpn]).map(|mut c| {
             // Resuming skips the certificate exchange, which is where the peer's identity

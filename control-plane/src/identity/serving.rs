@@ -244,7 +244,7 @@ mod tests {
     #[tokio::test]
     async fn serves_tls_with_a_certificate_agents_verify_against_the_anchor() {
         let authority = Arc::new(Authority::generate("td", DEFAULT_LIFETIME).unwrap());
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(bulwark_proto::tls::provider());
         let serving = ServingCert::new(
             Arc::clone(&authority),
             Arc::clone(&provider),
@@ -272,12 +272,22 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         for name in ["bulwark-control-plane.bulwark.svc", "127.0.0.1"] {
             let tcp = TcpStream::connect(addr).await.unwrap();
-            let _client = connector
+            let client = connector
                 .connect(ServerName::try_from(name).unwrap(), tcp)
                 .await
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             let accepted = connections.next().await.unwrap().unwrap();
             assert!(accepted.connect_info().remote_addr.is_some());
+            // Discovery and identity use the mesh's post-quantum hybrid key exchange.
+            for group in [
+                client.get_ref().1.negotiated_key_exchange_group(),
+                accepted.0.get_ref().1.negotiated_key_exchange_group(),
+            ] {
+                assert_eq!(
+                    group.map(|g| g.name()),
+                    Some(rustls::NamedGroup::X25519MLKEM768)
+                );
+            }
         }
         let tcp = TcpStream::connect(addr).await.unwrap();
         let wrong = connector

@@ -91,6 +91,11 @@ pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Result<Client,
                 .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?
         }
     };
+    // kube builds its rustls configuration with the process's default provider (and
+    // installs rustls's own if there is none): make it the mesh's, so the connection to
+    // the API server offers the same key exchange as every other TLS of ours. An error
+    // only says one is installed already (an earlier client).
+    let _ = bulwark_proto::tls::provider().install_default();
     Client::try_from(config).map_err(KubeError::Client)
 }
 

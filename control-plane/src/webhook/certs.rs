@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -72,7 +71,10 @@ fn certified_key(dir: &Path, pems: &Pems) -> Result<CertifiedKey, CertError> {
     }
     let key =
         PrivateKeyDer::from_pem_slice(&pems.key).map_err(|e| pem_error(KEY_FILE, e.to_string()))?;
-    let key = any_supported_type(&key).map_err(|e| pem_error(KEY_FILE, e.to_string()))?;
+    let key = bulwark_proto::tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| pem_error(KEY_FILE, e.to_string()))?;
     let certified = CertifiedKey::new(chain, key);
     certified
         .keys_match()
