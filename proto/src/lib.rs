@@ -26,4 +26,4 @@ pub mod identity {
 
 /// The highest API revision this build understands (see `Identity.protocol_version`
 /// in the .proto for what each adds).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;

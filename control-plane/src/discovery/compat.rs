@@ -99,6 +99,9 @@ pub const PEER_AUTHENTICATION_SINCE: u32 = 4;
 /// The protocol that brought rate limits keyed by the caller's mesh identity.
 pub const CLIENT_IDENTITY_KEY_SINCE: u32 = 4;
 
+/// The protocol from which an agent enforces `Inbound.authorization` on opaque TCP.
+pub const TCP_AUTHORIZATION_SINCE: u32 = 5;
+
 fn keyed_by_identity(limit: &proto::RateLimit) -> bool {
     matches!(
         limit.key.as_ref().and_then(|k| k.kind.as_ref()),
@@ -125,6 +128,10 @@ fn keyed_by_identity(limit: &proto::RateLimit) -> bool {
 ///   than meant. It gets the limit keyed by client address instead (a meshed caller's
 ///   pod has one address, so the buckets are close to per workload instance), reported
 ///   as held back.
+/// - From [`AUTHORIZATION_SINCE`] to below [`TCP_AUTHORIZATION_SINCE`] an agent
+///   enforces the policies on HTTP but relays opaque TCP from any caller. The policies
+///   go as they are (HTTP stays protected) and each is reported as held back for TCP,
+///   so that `/agents` shows which pods still take TCP from anyone.
 pub fn hold_back_inbound(
     inbound: &Arc<proto::Inbound>,
     level: u32,
@@ -134,11 +141,20 @@ pub fn hold_back_inbound(
         level < PEER_AUTHENTICATION_SINCE && inbound.peer_authentication.is_some();
     let identity_keys =
         level < CLIENT_IDENTITY_KEY_SINCE && inbound.rate_limits.iter().any(keyed_by_identity);
-    if !authorization && !peer_authentication && !identity_keys {
+    let tcp_authorization = (AUTHORIZATION_SINCE..TCP_AUTHORIZATION_SINCE).contains(&level)
+        && !inbound.authorization.is_empty();
+    if !authorization && !peer_authentication && !identity_keys && !tcp_authorization {
         return None;
     }
     let mut stripped = proto::Inbound::clone(inbound);
     let mut held_back: Vec<HeldBack> = Vec::new();
+    if tcp_authorization {
+        held_back.extend(stripped.authorization.iter().map(|p| HeldBack {
+            port: format!("inbound ({})", p.source),
+            feature: "authorization.tcp",
+            needs_protocol: TCP_AUTHORIZATION_SINCE,
+        }));
+    }
     if identity_keys {
         for limit in stripped
             .rate_limits
@@ -201,7 +217,7 @@ pub struct HeldBack {
     /// `name.namespace:port`, or `inbound (ns/policy)` for the pod's own inbound part.
     pub port: String,
     /// The feature (`shardTopology`, `routes`, `loadBalancer.strategy`,
-    /// `authorization`, `peerAuthentication.mode`).
+    /// `authorization`, `authorization.tcp`, `peerAuthentication.mode`).
     pub feature: &'static str,
     /// The protocol version that would get it.
     pub needs_protocol: u32,
@@ -269,7 +285,7 @@ mod tests {
 
     #[test]
     fn a_current_agent_gets_everything() {
-        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 4);
+        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 5);
         assert!(for_level(&services(), 3).is_none());
         assert!(
             for_level(&services(), 2).is_none(),
@@ -375,6 +391,38 @@ mod tests {
                 feature: "rateLimit.key.ClientIdentity",
                 needs_protocol: 4,
             }]
+        );
+    }
+
+    #[test]
+    fn below_protocol_5_authorization_goes_for_http_and_is_reported_held_back_for_tcp() {
+        let protected = Arc::new(proto::Inbound {
+            authorization: vec![proto::AuthorizationPolicy {
+                source: "shop/only-frontend".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert!(hold_back_inbound(&protected, 5).is_none());
+        let (sent, held_back) = hold_back_inbound(&protected, 4).unwrap();
+        assert_eq!(
+            sent.authorization, protected.authorization,
+            "HTTP stays protected"
+        );
+        assert_eq!(
+            held_back,
+            [HeldBack {
+                port: "inbound (shop/only-frontend)".into(),
+                feature: "authorization.tcp",
+                needs_protocol: TCP_AUTHORIZATION_SINCE,
+            }]
+        );
+        let (sent, held_back) = hold_back_inbound(&protected, 2).unwrap();
+        assert!(sent.authorization.is_empty());
+        assert_eq!(
+            held_back.iter().map(|h| h.feature).collect::<Vec<_>>(),
+            ["authorization"],
+            "an agent without authorization at all is reported once, for all of it"
         );
     }
 

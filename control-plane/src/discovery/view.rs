@@ -568,7 +568,8 @@ mod tests {
         assert_eq!(bytes, current.to_snapshot().encode_to_vec());
 
         // Protocol 3 cannot refuse plaintext: the policy is left out, its Strict places
-        // are reported, and the authorization rules (protocol 3) still go.
+        // are reported, and the authorization rules (protocol 3) still go, reported as
+        // not enforced on opaque TCP (protocol 5).
         let held = |s: &PendingSnapshot| {
             s.held_back()
                 .iter()
@@ -581,6 +582,11 @@ mod tests {
         assert_eq!(
             held(&three),
             [
+                (
+                    "inbound (demo/frontend)".to_owned(),
+                    "authorization.tcp",
+                    5
+                ),
                 (
                     "inbound (demo/frontend-mtls)".to_owned(),
                     "peerAuthentication.mode",
