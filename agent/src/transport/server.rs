@@ -13,10 +13,12 @@
 //! within the delay) never pays for this; HTTP/2 connections keep their state.
 //!
 //! What an idle connection keeps is then its task, tokio's registration of the socket
-//! and the guard's timer: about 1.7 KiB. A task is allocated once, at the size of the
-//! largest state its future can be in, so every step that ends before the connection
-//! does (the TLS handshake, protocol detection, opaque TCP) is boxed by its caller: the
-//! inbound task is 1.3 KiB instead of 4 KiB (`make faults`, docs/benchmarks.md).
+//! and the guard's timer: about 1.1 KiB. A task is allocated once, at the size of the
+//! largest state its future can be in, so once released an HTTP/1.1 connection moves
+//! to a task of its own (`serve_idle`) holding only its socket, service and listener
+//! share, and the accepting task, with every step before HTTP (the TLS handshake,
+//! protocol detection), ends; those steps and opaque TCP are boxed by their callers all
+//! the same (`make faults`, docs/benchmarks.md).
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
@@ -39,7 +41,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::guard::{ConnState, ConnectionLimit, Guarded, Timeouts, Tracked};
+use super::guard::{ConnState, ConnectionLimit, ConnectionPermit, Guarded, Timeouts, Tracked};
 use super::{ProxyBody, full};
 use crate::limits::{HTTP2_MAX_LOCAL_ERROR_RESETS, Limits, ListenerCounters};
 use crate::reason;
@@ -70,14 +72,19 @@ pub struct Conn {
     servers: Arc<Servers>,
     /// Changes when the listener drains; held (and counted) until the connection ends.
     drain: watch::Receiver<()>,
-    timeouts: Timeouts,
     counters: Arc<ListenerCounters>,
+    /// The connection's place under the listener's limit, shared with the task that
+    /// accepted it: an idle HTTP/1.1 connection moves to a task of its own (see
+    /// [`serve_idle`]) while an opaque one never leaves the first.
+    _permit: Arc<ConnectionPermit>,
 }
 
-/// hyper's HTTP/1.1 and HTTP/2 servers of one listener.
+/// hyper's HTTP/1.1 and HTTP/2 servers of one listener, and its connections' timeouts
+/// (here, shared, rather than in every [`Conn`]: an idle connection keeps its `Conn`).
 struct Servers {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    timeouts: Timeouts,
 }
 
 impl std::fmt::Debug for Conn {
@@ -105,6 +112,10 @@ fn servers(limits: &Limits) -> Servers {
     Servers {
         http1: h1,
         http2: h2,
+        timeouts: Timeouts {
+            header: limits.header_read_timeout,
+            idle: limits.idle_timeout,
+        },
     }
 }
 
@@ -160,23 +171,22 @@ fn http2_goaway(error: &(dyn std::error::Error + 'static)) -> Option<String> {
 
 impl Conn {
     /// Serves HTTP/1.1 or HTTP/2 on `io` with `handler` until the connection ends.
-    pub async fn serve_http<I, H, F>(self, io: I, peer: SocketAddr, handler: H)
+    pub async fn serve_http<I, H, F>(mut self, io: I, peer: SocketAddr, handler: H)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
-        let Conn {
-            servers,
-            mut drain,
-            timeouts,
-            counters,
-        } = self;
         let state = Arc::new(ConnState::default());
-        let mut io = Guarded::new(io, Arc::clone(&state), timeouts, Arc::clone(&counters));
-        let listener = Arc::clone(&counters);
+        let mut io = Guarded::new(
+            io,
+            Arc::clone(&state),
+            self.servers.timeouts,
+            Arc::clone(&self.counters),
+        );
+        let counters = Arc::clone(&self.counters);
         let svc_state = Arc::clone(&state);
-        let mut svc = service_fn(move |req: Request<Incoming>| {
+        let svc = service_fn(move |req: Request<Incoming>| {
             let state = &svc_state;
             let in_flight = state.start(req.version());
             state.request_body(!http_body::Body::is_end_stream(req.body()));
@@ -206,52 +216,113 @@ impl Conn {
                 Ok::<_, Infallible>(Response::from_parts(head, Tracked::new(body, in_flight)))
             }
         });
-        let Some(first) = preface(&mut io, &mut drain).await else {
+        let Some(first) = preface(&mut io, &mut self.drain).await else {
             return;
         };
         if first.starts_with(H2_PREFACE) {
             io.replay(first);
             // Boxed, like HTTP/1.1's below: the task stays small while idle.
-            let mut conn = Box::pin(servers.http2.serve_connection(TokioIo::new(io), svc));
-            let ended = run(conn.as_mut(), &state, &mut drain, |c| c.graceful_shutdown()).await;
-            return log_end(ended.map(|_| ()), &listener, peer);
+            let mut conn = Box::pin(self.servers.http2.serve_connection(TokioIo::new(io), svc));
+            let ended = run(conn.as_mut(), &state, &mut self.drain, |c| {
+                c.graceful_shutdown()
+            })
+            .await;
+            return log_end(ended.map(|_| ()), &self.counters, peer);
         }
         io.release_after(Some(IDLE_RELEASE));
-        let mut first = first;
+        let http1 = Http1 {
+            conn: self,
+            io,
+            svc,
+            state,
+            peer,
+        };
+        // The first requests in this task; once the connection goes idle it moves to a
+        // task of its own, and this one (with the steps before HTTP) ends.
+        if let Some((idle, read)) = Box::pin(burst(http1, first)).await {
+            let fut = serve_idle(idle, read);
+            tokio::spawn(fut);
+        }
+    }
+}
+
+/// An HTTP/1.1 connection between hyper connections: the socket (with its guard), the
+/// request service and the listener's share, and nothing of hyper's.
+struct Http1<I, S> {
+    conn: Conn,
+    io: Guarded<I>,
+    svc: S,
+    state: Arc<ConnState>,
+    peer: SocketAddr,
+}
+
+/// Serves requests on `c` with a new hyper connection, `first` read first, until the
+/// connection goes idle (`Some`: hyper's state released, the socket kept, with what
+/// hyper had read of a next request) or ends (`None`).
+async fn burst<I, S>(mut c: Http1<I, S>, first: Bytes) -> Option<(Http1<I, S>, Bytes)>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Tracked<ProxyBody>>,
+{
+    c.io.replay(first);
+    // Upgrades are on so that CONNECT tunnels work on the outbound listener.
+    let conn = c
+        .conn
+        .servers
+        .http1
+        .serve_connection(TokioIo::new(c.io), c.svc)
+        .with_upgrades();
+    let mut conn = Box::pin(conn);
+    match run(conn.as_mut(), &c.state, &mut c.conn.drain, |c| {
+        c.graceful_shutdown()
+    })
+    .await
+    {
+        Ok(true) => {}
+        ended => {
+            log_end(ended.map(|_| ()), &c.conn.counters, c.peer);
+            return None;
+        }
+    }
+    // Idle: hyper's state goes, the socket stays (see the module doc).
+    let parts = Pin::into_inner(conn).into_parts()?;
+    c.io = parts.io.into_inner();
+    c.svc = parts.service;
+    c.state.released();
+    Some((c, parts.read_buf))
+}
+
+/// Serves an idle HTTP/1.1 connection from its own task for as long as it lives: waits
+/// for a next request holding only what [`Http1`] holds (no future of a step before
+/// HTTP, no hyper state), then serves requests until it is idle again.
+///
+/// Not an `async fn`: one moves each argument into a local of its body, and the future
+/// keeps both (the argument's slot for its whole life), doubling what an idle
+/// connection costs. The block below uses the captured values in place.
+#[allow(clippy::manual_async_fn)]
+fn serve_idle<I, S>(mut c: Http1<I, S>, mut read: Bytes) -> impl Future<Output = ()>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Tracked<ProxyBody>>,
+{
+    async move {
         loop {
-            io.replay(first);
-            // Upgrades are on so that CONNECT tunnels work on the outbound listener.
-            let conn = servers
-                .http1
-                .serve_connection(TokioIo::new(io), svc)
-                .with_upgrades();
-            let mut conn = Box::pin(conn);
-            match run(conn.as_mut(), &state, &mut drain, |c| c.graceful_shutdown()).await {
-                Ok(true) => {}
-                ended => return log_end(ended.map(|_| ()), &listener, peer),
-            }
-            // Idle: hyper's state goes, the socket stays (see the module doc).
-            // `parts` in a scope of its own that ends before the wait: a binding still in
-            // scope across an `.await` keeps its room in the task.
-            let read = {
-                let Some(parts) = Pin::into_inner(conn).into_parts() else {
-                    return;
-                };
-                io = parts.io.into_inner();
-                svc = parts.service;
-                parts.read_buf
-            };
-            state.released();
-            first = if read.is_empty() {
+            let first = if read.is_empty() {
                 // Even empty, hyper's read buffer holds its allocation: let it go first.
-                drop(read);
-                match next_bytes(&mut io, &mut drain).await {
+                drop(std::mem::take(&mut read));
+                match next_bytes(&mut c.io, &mut c.conn.drain).await {
                     Some(bytes) => bytes,
                     None => return,
                 }
             } else {
-                read
+                std::mem::take(&mut read)
             };
+            // Boxed: the burst's frame (hyper's connection is boxed already) lives only
+            // while requests come.
+            match Box::pin(burst(c, first)).await {
+                Some((idle, bytes)) => (c, read) = (idle, bytes),
+                None => return,
+            }
         }
     }
 }
@@ -370,10 +441,6 @@ pub async fn serve_connections<D, F>(
         options.limits.max_connections,
         options.counters.open.clone(),
     );
-    let timeouts = Timeouts {
-        header: options.limits.header_read_timeout,
-        idle: options.limits.idle_timeout,
-    };
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -396,11 +463,12 @@ pub async fn serve_connections<D, F>(
                 if let Err(error) = stream.set_nodelay(true) {
                     debug!(listener = name, %error, "cannot set TCP_NODELAY");
                 }
+                let permit = Arc::new(permit);
                 let conn = Conn {
                     servers: Arc::clone(&servers),
                     drain: graceful.watcher(),
-                    timeouts,
                     counters: Arc::clone(&options.counters),
+                    _permit: Arc::clone(&permit),
                 };
                 let served = dispatch(stream, peer, conn);
                 // Not `async move { served.await; drop(permit) }`: an async block keeps a
@@ -463,11 +531,12 @@ mod tests {
         let conn = Conn {
             servers: Arc::new(servers(&Limits::default())),
             drain: drain.watcher(),
-            timeouts: Timeouts {
-                header: Some(Duration::from_secs(10)),
-                idle: Some(Duration::from_secs(60)),
-            },
             counters: Arc::new(ListenerCounters::default()),
+            _permit: Arc::new(
+                ConnectionLimit::new(None, Default::default())
+                    .try_acquire()
+                    .expect("no limit"),
+            ),
         };
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
         let task = tokio::spawn(conn.serve_http(server, peer, |_req, _peer| async {
@@ -506,6 +575,44 @@ mod tests {
         assert!(response(&mut client).await.starts_with("HTTP/1.1 200"));
         drop(client);
         task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_in_its_own_task_keeps_its_place_under_the_limit() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let open = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let limit = ConnectionLimit::new(Some(1), open.clone());
+        let drain = Drain::new();
+        let conn = Conn {
+            servers: Arc::new(servers(&Limits::default())),
+            drain: drain.watcher(),
+            counters: Arc::new(ListenerCounters::default()),
+            _permit: Arc::new(limit.try_acquire().expect("a free place")),
+        };
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let task = tokio::spawn(conn.serve_http(server, peer, |_req, _peer| async {
+            Response::new(full("ok"))
+        }));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(response(&mut client).await.starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(IDLE_RELEASE * 4).await;
+        task.await.unwrap();
+        assert_eq!(open.get(), 1, "the idle connection still holds its place");
+        assert!(
+            limit.try_acquire().is_none(),
+            "and the limit still counts it"
+        );
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(response(&mut client).await.starts_with("HTTP/1.1 200"));
+        drop(client);
+        drain.shutdown().await;
+        assert_eq!(open.get(), 0, "the place frees when the connection ends");
     }
 
     #[tokio::test(start_paused = true)]

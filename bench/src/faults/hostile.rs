@@ -34,6 +34,26 @@ const SETTLE: Duration = Duration::from_secs(10);
 const CLOSE_SLACK: Duration = Duration::from_millis(1500);
 /// The idle-connections target: RSS with all of them open.
 const IDLE_RSS_TARGET_BYTES: u64 = 30_000_000;
+/// At most this long for the idle connections' RSS to stop falling.
+const IDLE_STEADY: Duration = Duration::from_secs(6);
+
+/// The process's RSS once it no longer falls: the lowest reading, taken every half
+/// second until three in a row did not fall below it (or `limit` passed).
+async fn rss_steady(pid: u32, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    let mut lowest = rss_kib(pid).unwrap_or(0);
+    let mut flat = 0;
+    while flat < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_kib(pid).unwrap_or(0);
+        if now < lowest {
+            (lowest, flat) = (now, 0);
+        } else {
+            flat += 1;
+        }
+    }
+    lowest
+}
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
@@ -319,9 +339,12 @@ pub async fn idle(layout: &Layout, config: &Config, upstream: &Upstream) -> anyh
         }
     }
     let opened_in = started.elapsed();
-    // Let the agent finish with the requests (pooled upstream connections settle).
+    // Let the agent finish with the requests (pooled upstream connections settle), then
+    // measure the idle state: the agent's allocator gives freed pages back over about a
+    // second (jemalloc's decay), so the state the connections' requests left is gone
+    // only once RSS stops falling.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let with_them = rss_kib(pid).unwrap_or(0);
+    let with_them = rss_steady(pid, IDLE_STEADY).await;
     let held = streams.len() as u64;
     drop(streams);
     let after = rss_settled(pid, baseline, RSS_SLACK_BYTES / 1024, SETTLE).await;
@@ -344,7 +367,7 @@ pub async fn idle(layout: &Layout, config: &Config, upstream: &Upstream) -> anyh
         rss_before_kib: Some(baseline),
         rss_after_kib: Some(after),
         notes: format!(
-            "one GET each, then silence; opened in {:.1} s; RSS {measured}; {} once closed",
+            "one GET each, then silence; opened in {:.1} s; RSS (once it stops falling) {measured}; {} once closed",
             opened_in.as_secs_f64(),
             mib(after)
         ),

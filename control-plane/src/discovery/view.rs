@@ -582,11 +582,7 @@ mod tests {
         assert_eq!(
             held(&three),
             [
-                (
-                    "inbound (demo/frontend)".to_owned(),
-                    "authorization.tcp",
-                    5
-                ),
+                ("inbound (demo/frontend)".to_owned(), "authorization.tcp", 5),
                 (
                     "inbound (demo/frontend-mtls)".to_owned(),
                     "peerAuthentication.mode",
