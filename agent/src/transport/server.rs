@@ -240,8 +240,7 @@ impl Conn {
         // The first requests in this task; once the connection goes idle it moves to a
         // task of its own, and this one (with the steps before HTTP) ends.
         if let Some((idle, read)) = Box::pin(burst(http1, first)).await {
-            let fut = serve_idle(idle, read);
-            tokio::spawn(fut);
+            tokio::spawn(serve_idle(idle, read));
         }
     }
 }
