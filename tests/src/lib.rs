@@ -17,6 +17,7 @@
 pub mod apiserver;
 pub mod canary;
 pub mod harness;
+pub mod identity_mesh;
 pub mod mesh;
 #[cfg(target_os = "linux")]
 pub mod netns;

@@ -11,26 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulwark_agent::Agent;
-use bulwark_control_plane::ControlPlane;
-use bulwark_control_plane::identity::IdentitySettings;
-use bulwark_control_plane::identity::authority::{Authority, DEFAULT_LIFETIME};
-use bulwark_control_plane::identity::token::TokenReviewer;
+use bulwark_control_plane::identity::authority::Authority;
 use bulwark_tests::client::HttpClient;
-use bulwark_tests::harness::pem;
-use bulwark_tests::harness::{CONFIG_DEADLINE, agent_settings, control_plane_settings, loopback};
-use bulwark_tests::mesh::{Mesh, NAMESPACE};
-use bulwark_tests::upstream::{Knobs, Reply, Upstream};
+use bulwark_tests::harness::CONFIG_DEADLINE;
+use bulwark_tests::identity_mesh::{IdentityMesh, Pod, TRUST_DOMAIN};
+use bulwark_tests::mesh::NAMESPACE;
+use bulwark_tests::upstream::Reply;
 use bulwark_tests::{Metrics, poll_until};
 
-const TRUST_DOMAIN: &str = "cluster.local";
-
-/// A pod's agent: its name, ServiceAccount and token.
-struct Pod {
-    name: &'static str,
-    service_account: &'static str,
-    token: &'static str,
-}
-
+/// The pods of the tests: the caller, the protected pod and a workload with a valid
+/// certificate of its own that no policy admits.
 const FRONTEND: Pod = Pod {
     name: "frontend-0",
     service_account: "frontend",
@@ -46,74 +36,26 @@ const INTRUDER: Pod = Pod {
     service_account: "intruder",
     token: "intruder-0-token-0123456789abcdef",
 };
-
-struct World {
-    mesh: Mesh,
-    cp: ControlPlane,
-    authority: Arc<Authority>,
-    dir: tempfile::TempDir,
-    app: Upstream,
-}
+const PODS: [Pod; 3] = [FRONTEND, PAYMENTS, INTRUDER];
 
 async fn world() -> World {
-    let authority =
-        Arc::new(Authority::generate(TRUST_DOMAIN, DEFAULT_LIFETIME).expect("mesh authority"));
-    world_with(authority, tempfile::tempdir().expect("temp dir")).await
+    IdentityMesh::start(&PODS).await
 }
 
 async fn world_with(authority: Arc<Authority>, dir: tempfile::TempDir) -> World {
-    let mesh = Mesh::new().expect("mesh folder");
-    let tokens = dir.path().join("tokens.yaml");
-    let entries: String = [FRONTEND, PAYMENTS, INTRUDER]
-        .iter()
-        .map(|p| {
-            format!(
-                "  - {{token: {}, namespace: {NAMESPACE}, serviceAccount: {}, pod: {}}}\n",
-                p.token, p.service_account, p.name
-            )
-        })
-        .collect();
-    std::fs::write(&tokens, format!("tokens:\n{entries}")).expect("token file");
-    let mut settings = control_plane_settings(&mesh, loopback());
-    settings.identity = Some(IdentitySettings {
-        authority: Arc::clone(&authority),
-        reviewer: TokenReviewer::from_file(&tokens).expect("token reviewer"),
-        serving_names: vec!["127.0.0.1".into()],
-    });
-    let cp = ControlPlane::start(settings)
-        .await
-        .expect("control plane starts");
-    let app = Upstream::start(loopback(), "payments-app", Knobs::healthy())
-        .await
-        .expect("payments app");
-    World {
-        mesh,
-        cp,
-        authority,
-        dir,
-        app,
-    }
+    IdentityMesh::start_with(authority, dir, &PODS).await
 }
 
-impl World {
-    /// A real agent for `pod` with identity on; `inbound_app` puts an inbound listener
-    /// in front of that app port.
-    async fn agent(&self, pod: &Pod, inbound_app: Option<u16>) -> Agent {
-        let anchor = self.dir.path().join("anchor.pem");
-        if !anchor.exists() {
-            std::fs::write(&anchor, pem(&self.authority.anchors())).expect("anchor file");
-        }
-        let token_file = self.dir.path().join(format!("{}.token", pod.name));
-        std::fs::write(&token_file, pod.token).expect("token file");
-        let mut settings = agent_settings(self.cp.grpc_addr(), pod.service_account, inbound_app);
-        settings.identity.pod_name = pod.name.to_owned();
-        settings.identity.service_account = pod.service_account.to_owned();
-        settings.control_plane = format!("https://127.0.0.1:{}", self.cp.grpc_addr().port());
-        settings.control_plane_ca = Some(anchor);
-        settings.token_file = Some(token_file);
-        Agent::start(settings).await.expect("agent starts")
-    }
+type World = IdentityMesh;
 
+/// The payments side of the tests, over the shared identity mesh.
+trait Payments {
+    /// The payments Service whose one endpoint is `addr`, on Pod payments-0; `meshed`
+    /// puts the injector's annotation on the pod. Only `frontend` may call it.
+    fn payments(&self, addr: SocketAddr, meshed: bool);
+}
+
+impl Payments for World {
     /// The payments Service whose one endpoint is `addr`, on Pod payments-0; `meshed`
     /// puts the injector's annotation on the pod. Only `frontend` may call it. The
     /// Service's target port is the app's (what a pod's agent protects); the endpoint

@@ -9,94 +9,52 @@
 //! payments agent's inbound metrics carry each caller's `namespace/serviceaccount`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bulwark_agent::Agent;
-use bulwark_control_plane::ControlPlane;
-use bulwark_control_plane::identity::IdentitySettings;
-use bulwark_control_plane::identity::authority::{Authority, DEFAULT_LIFETIME};
-use bulwark_control_plane::identity::token::TokenReviewer;
 use bulwark_tests::client::HttpClient;
-use bulwark_tests::harness::pem;
-use bulwark_tests::harness::{CONFIG_DEADLINE, agent_settings, control_plane_settings, loopback};
-use bulwark_tests::mesh::{Mesh, NAMESPACE};
-use bulwark_tests::upstream::{Knobs, Upstream};
+use bulwark_tests::harness::CONFIG_DEADLINE;
+use bulwark_tests::identity_mesh::{IdentityMesh, Pod};
+use bulwark_tests::mesh::NAMESPACE;
 use bulwark_tests::{Metrics, poll_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The pods of the test, by ServiceAccount; each proves its identity with a token.
-const PODS: [&str; 3] = ["frontend", "payments", "intruder"];
+/// The pods of the test; each proves its identity with a token.
+const FRONTEND: Pod = Pod {
+    name: "frontend-0",
+    service_account: "frontend",
+    token: "frontend-0-token-0123456789abcdef",
+};
+const PAYMENTS: Pod = Pod {
+    name: "payments-0",
+    service_account: "payments",
+    token: "payments-0-token-0123456789abcdef",
+};
+const INTRUDER: Pod = Pod {
+    name: "intruder-0",
+    service_account: "intruder",
+    token: "intruder-0-token-0123456789abcdef",
+};
 
-struct World {
-    mesh: Mesh,
-    cp: ControlPlane,
-    authority: Arc<Authority>,
-    dir: tempfile::TempDir,
-    app: Upstream,
+type World = IdentityMesh;
+
+/// A real agent for `pod` over `world`, once it has its config and certificate;
+/// `inbound_app` puts an inbound listener in front of that app port.
+async fn agent(world: &World, pod: &Pod, inbound_app: Option<u16>) -> Agent {
+    let agent = world.agent(pod, inbound_app).await;
+    ready(&agent).await;
+    agent
 }
 
-fn token(service_account: &str) -> String {
-    format!("{service_account}-0-token-0123456789abcdef")
+/// The payments side of the test, over the shared identity mesh.
+trait Payments {
+    /// The payments Service, its one meshed endpoint at `addr`, and its
+    /// AuthorizationPolicy.
+    fn payments(&self, addr: SocketAddr);
 }
 
-async fn world() -> World {
-    let authority =
-        Arc::new(Authority::generate("cluster.local", DEFAULT_LIFETIME).expect("mesh authority"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mesh = Mesh::new().expect("mesh folder");
-    let tokens = dir.path().join("tokens.yaml");
-    let entries: String = PODS
-        .iter()
-        .map(|sa| {
-            format!(
-                "  - {{token: {}, namespace: {NAMESPACE}, serviceAccount: {sa}, pod: {sa}-0}}\n",
-                token(sa)
-            )
-        })
-        .collect();
-    std::fs::write(&tokens, format!("tokens:\n{entries}")).expect("token file");
-    let mut settings = control_plane_settings(&mesh, loopback());
-    settings.identity = Some(IdentitySettings {
-        authority: Arc::clone(&authority),
-        reviewer: TokenReviewer::from_file(&tokens).expect("token reviewer"),
-        serving_names: vec!["127.0.0.1".into()],
-    });
-    let cp = ControlPlane::start(settings)
-        .await
-        .expect("control plane starts");
-    let app = Upstream::start(loopback(), "payments-app", Knobs::healthy())
-        .await
-        .expect("payments app");
-    World {
-        mesh,
-        cp,
-        authority,
-        dir,
-        app,
-    }
-}
-
-impl World {
-    /// A real agent with identity on for the pod of `service_account`; `inbound_app`
-    /// puts an inbound listener in front of that app port.
-    async fn agent(&self, service_account: &str, inbound_app: Option<u16>) -> Agent {
-        let anchor = self.dir.path().join("anchor.pem");
-        if !anchor.exists() {
-            std::fs::write(&anchor, pem(&self.authority.anchors())).expect("anchor file");
-        }
-        let token_file = self.dir.path().join(format!("{service_account}.token"));
-        std::fs::write(&token_file, token(service_account)).expect("token file");
-        let mut settings = agent_settings(self.cp.grpc_addr(), service_account, inbound_app);
-        settings.control_plane = format!("https://127.0.0.1:{}", self.cp.grpc_addr().port());
-        settings.control_plane_ca = Some(anchor);
-        settings.token_file = Some(token_file);
-        let agent = Agent::start(settings).await.expect("agent starts");
-        ready(&agent).await;
-        agent
-    }
-
+impl Payments for World {
     /// The payments Service, its one meshed endpoint at `addr` (the agent in front of
     /// the app), and its AuthorizationPolicy.
     fn payments(&self, addr: SocketAddr) {
@@ -220,11 +178,11 @@ async fn through_tunnel(agent: &Agent) -> Vec<u8> {
 
 #[tokio::test]
 async fn tcp_is_authorized_by_the_callers_identity_and_metrics_name_the_caller() {
-    let world = world().await;
-    let payments = world.agent("payments", Some(world.app.addr().port())).await;
+    let world = IdentityMesh::start(&[FRONTEND, PAYMENTS, INTRUDER]).await;
+    let payments = agent(&world, &PAYMENTS, Some(world.app.addr().port())).await;
     world.payments(payments.inbound_addrs()[0]);
-    let frontend = world.agent("frontend", None).await;
-    let intruder = world.agent("intruder", None).await;
+    let frontend = agent(&world, &FRONTEND, None).await;
+    let intruder = agent(&world, &INTRUDER, None).await;
     // Both callers reach payments over mutual TLS on an HTTP path the policy opens to
     // both (frontend: any request; intruder: /public/*).
     knows_payments(&frontend).await;
