@@ -453,6 +453,39 @@ mod tests {
         Metrics::new(Arc::new(arc_swap::ArcSwap::from_pointee(Config::default())))
     }
 
+    #[test]
+    fn a_push_keeps_connection_pools_unless_the_connection_settings_change() {
+        let metrics = metrics();
+        let with_connect = |version, ms| {
+            let mut s = snapshot(version, 1, "10.0.0.1:8080");
+            let policy = s.services[0].ports[0].resilience.as_mut().unwrap();
+            policy.timeouts = Some(v1::Timeouts {
+                connect: Some(dur(ms)),
+                ..Default::default()
+            });
+            s
+        };
+        let pool = |config: &Config| {
+            let dst = config
+                .lookup(classify("reviews.demo", 80).unwrap(), "x")
+                .unwrap();
+            let endpoint = &dst.balancer.endpoints()[0];
+            (Arc::clone(&endpoint.pool), endpoint.pool.resets())
+        };
+        let first = Config::build(&with_connect(1, 1000), &Config::default(), &metrics).unwrap();
+        let (pool1, resets1) = pool(&first);
+        // Same connection settings: the same pool, kept as it is.
+        let second = Config::build(&with_connect(2, 1000), &first, &metrics).unwrap();
+        let (pool2, resets2) = pool(&second);
+        assert!(Arc::ptr_eq(&pool1, &pool2));
+        assert_eq!(resets2, resets1);
+        // Another connect timeout: new clients, and the pool's connections are closed.
+        let third = Config::build(&with_connect(3, 2000), &second, &metrics).unwrap();
+        let (pool3, resets3) = pool(&third);
+        assert!(Arc::ptr_eq(&pool1, &pool3));
+        assert_eq!(resets3, resets1 + 1);
+    }
+
     #[tokio::test]
     async fn a_push_keeps_breakers_bulkheads_and_buckets_whose_config_is_unchanged() {
         let metrics = metrics();

@@ -9,12 +9,14 @@ pub mod outbound;
 pub mod refuse;
 pub mod transparent;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::reason::REASON_HEADER;
+use crate::transport::pool::Pool;
 use crate::transport::{ProxyBody, full, upstream};
 
 /// A response the agent makes itself, saying why in `x-bulwark-reason`.
@@ -39,14 +41,22 @@ pub fn local_response(
     rsp
 }
 
+/// Where [`send_plain`] sends: one pool's endpoint, or any authority outside the mesh.
+pub enum Plain<'a> {
+    /// The endpoint whose connections `pool` keeps (e.g. the local app).
+    Pool(&'a upstream::Upstream, &'a Arc<Pool>),
+    /// Whatever authority the request names.
+    Passthrough(&'a upstream::Passthrough),
+}
+
 /// Sends `req` unchanged but for its target (`authority`) and hop-by-hop
 /// headers: the path for traffic without policy (passthrough, inbound to the app).
 /// A failure of the client's body is told by [`refuse::body_fault`] on the error.
 pub async fn send_plain(
-    upstream: &upstream::Upstream,
+    to: Plain<'_>,
     req: http::Request<hyper::body::Incoming>,
     authority: http::uri::Authority,
-) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error> {
+) -> Result<Response<ProxyBody>, upstream::SendError> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let mut uri = http::uri::Parts::default();
@@ -62,7 +72,11 @@ pub async fn send_plain(
     parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
     let http2 = parts.version == http::Version::HTTP_2;
     let req = http::Request::from_parts(parts, refuse::client_body(body));
-    let (mut head, body) = upstream.send(req, http2).await?.into_parts();
+    let rsp = match to {
+        Plain::Pool(upstream, pool) => upstream.send(pool, req, http2).await?,
+        Plain::Passthrough(passthrough) => passthrough.send(req, http2).await?,
+    };
+    let (mut head, body) = rsp.into_parts();
     strip_hop_by_hop(&mut head.headers);
     Ok(Response::from_parts(
         head,

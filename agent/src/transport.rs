@@ -5,6 +5,7 @@
 pub mod connector;
 pub mod guard;
 pub mod orig_dst;
+pub mod pool;
 pub mod prefixed;
 pub mod protocol;
 pub mod server;

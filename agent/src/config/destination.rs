@@ -203,6 +203,8 @@ impl Destination {
             .clone()
             .unwrap_or_else(BreakerConfig::disabled);
         let mut endpoints = Vec::with_capacity(port.endpoints.len());
+        // Which of `endpoints` are the previous version's (their pools may need a reset).
+        let mut kept = Vec::with_capacity(port.endpoints.len());
         let mut meshed = std::collections::HashMap::new();
         for ep in &port.endpoints {
             let addr: SocketAddr = ep
@@ -229,6 +231,7 @@ impl Destination {
                         && *old.breaker.config() == breaker_config
                 })
             });
+            kept.push(reused.is_some());
             endpoints.push(match reused {
                 Some(old) => Arc::clone(old),
                 None => {
@@ -274,6 +277,21 @@ impl Destination {
             ),
             _ => Upstream::new(policy.timeouts.connect, bulkhead.connection_limit()),
         };
+        if let Some(prev) = previous {
+            // Pooled connections made under other settings (TLS on or off, another
+            // connection limit) or to a peer expected to prove another identity are
+            // closed; requests in flight on them finish.
+            let same = prev.upstream.same(&upstream);
+            for (endpoint, _) in endpoints.iter().zip(&kept).filter(|(_, kept)| **kept) {
+                let expected = upstream
+                    .is_meshed()
+                    .then(|| meshed.get(&endpoint.addr))
+                    .flatten();
+                if !same || prev.upstream.expected(endpoint.addr).as_ref() != expected {
+                    endpoint.pool.reset();
+                }
+            }
+        }
         upstream.set_meshed(meshed);
         let http2 = matches!(
             port.app_protocol.as_str(),

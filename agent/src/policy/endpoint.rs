@@ -1,6 +1,7 @@
 //! Endpoints (the pods behind a service port) with their circuit breaker and load.
 
 use crate::policy::breaker::CircuitBreaker;
+use crate::transport::pool::Pool;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ pub struct Endpoint {
     /// `addr` as a URI authority, rendered once so that each request to this
     /// endpoint only clones it.
     pub authority: http::uri::Authority,
+    /// The connections kept open to it.
+    pub pool: Arc<Pool>,
     in_flight: AtomicUsize,
 }
 
@@ -59,6 +62,7 @@ impl Endpoint {
             weight: weight.max(1),
             breaker,
             authority: authority(addr),
+            pool: Arc::default(),
             in_flight: AtomicUsize::new(0),
         }
     }

@@ -36,12 +36,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{local_response, refuse, send_plain};
+use super::{Plain, local_response, refuse, send_plain};
 use crate::config::Config;
 use crate::metrics::{CallerLabel, DstMetrics, Metrics, Protocol};
 use crate::policy::authorization::{Access, Decision, PeerId};
 use crate::reason;
 use crate::transport::ProxyBody;
+use crate::transport::pool::Pool;
 use crate::transport::server::Conn;
 use crate::transport::tcp::{self, RelayEnd};
 use crate::transport::tls::{Alpn, TLS_HANDSHAKE_RECORD};
@@ -118,6 +119,8 @@ pub struct Inbound {
     app_addr: SocketAddr,
     app_port: u16,
     upstream: Upstream,
+    /// The connections kept open to the app.
+    app_pool: Arc<Pool>,
     options: InboundOptions,
 }
 
@@ -148,6 +151,7 @@ impl Inbound {
             app_addr: app,
             app_port: app.port(),
             upstream: Upstream::new(APP_CONNECT_TIMEOUT, None),
+            app_pool: Arc::default(),
             options,
         }
     }
@@ -419,7 +423,13 @@ impl Inbound {
     }
 
     async fn to_app(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        match send_plain(&self.upstream, req, self.app.clone()).await {
+        match send_plain(
+            Plain::Pool(&self.upstream, &self.app_pool),
+            req,
+            self.app.clone(),
+        )
+        .await
+        {
             Ok(rsp) => rsp,
             Err(error) => match refuse::body_fault(&error) {
                 // The client broke its body: its fault, not the app's.

@@ -19,7 +19,7 @@ pub mod forward;
 pub mod opaque;
 
 use super::refuse::{self, Targets};
-use super::{local_response, send_plain};
+use super::{Plain, local_response, send_plain};
 use crate::config::Config;
 use crate::config::destination::Destination;
 use crate::config::target::{self, Target};
@@ -27,7 +27,7 @@ use crate::metrics::{Direction, DstMetrics, Metrics};
 use crate::reason;
 use crate::telemetry::Propagation;
 use crate::transport::ProxyBody;
-use crate::transport::upstream::Upstream;
+use crate::transport::upstream::Passthrough;
 
 /// Connect timeout for destinations outside the mesh.
 pub const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,7 +39,7 @@ pub struct Outbound {
     metrics: Arc<Metrics>,
     namespace: String,
     listen: SocketAddr,
-    passthrough: Upstream,
+    passthrough: Passthrough,
     passthrough_metrics: DstMetrics,
     propagation: Propagation,
     targets: Targets,
@@ -60,7 +60,7 @@ impl Outbound {
             metrics,
             namespace,
             listen,
-            passthrough: Upstream::new(PASSTHROUGH_CONNECT_TIMEOUT, None),
+            passthrough: Passthrough::new(PASSTHROUGH_CONNECT_TIMEOUT),
             passthrough_metrics,
             propagation,
             targets: Targets::new(Vec::new(), crate::limits::DEFAULT_PROXY_PASSTHROUGH),
@@ -374,7 +374,7 @@ impl Outbound {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         self.metrics.passthrough();
-        let rsp = match send_plain(&self.passthrough, req, authority).await {
+        let rsp = match send_plain(Plain::Passthrough(&self.passthrough), req, authority).await {
             Ok(rsp) => rsp,
             Err(error) => match refuse::body_fault(&error) {
                 Some(fault) => {

@@ -2,10 +2,9 @@
 //! connections per destination (the bulkhead's `maxConnections`), and mutual TLS to
 //! meshed endpoints.
 //!
-//! hyper's client has no cap on total connections, so we wrap its connector:
-//! a connection holds a semaphore permit for as long as it lives, and a
-//! request that needs a new connection waits for a permit (or for a pooled
-//! connection to free up, whichever comes first: the pool races both).
+//! A connection holds a semaphore permit for as long as it lives, and a request that
+//! needs a new connection waits for a permit (or for a pooled connection to free up,
+//! whichever comes first: `transport/upstream.rs` races both).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -52,6 +51,11 @@ impl Connector {
             limit,
             mesh: None,
         }
+    }
+
+    /// Whether new connections wait for a slot in a connection limit.
+    pub fn is_limited(&self) -> bool {
+        self.limit.is_some()
     }
 
     /// This connector, speaking mutual TLS (with `alpn`) to the endpoints `peers` names.
@@ -142,23 +146,6 @@ pin_project_lite::pin_project! {
         #[pin]
         io: Io,
         _permit: Option<OwnedSemaphorePermit>,
-    }
-}
-
-impl Connection for LimitedConn {
-    fn connected(&self) -> Connected {
-        match &self.io {
-            Io::Plain { io } => io.connected(),
-            Io::Tls { io } => {
-                let (tcp, session) = io.inner().get_ref();
-                let connected = tcp.connected();
-                if session.alpn_protocol() == Some(super::tls::ALPN_H2) {
-                    connected.negotiated_h2()
-                } else {
-                    connected
-                }
-            }
-        }
     }
 }
 

@@ -35,15 +35,20 @@ const CLOSE_SLACK: Duration = Duration::from_millis(1500);
 /// The idle-connections target: RSS with all of them open.
 const IDLE_RSS_TARGET_BYTES: u64 = 30_000_000;
 /// At most this long for the idle connections' RSS to stop falling.
-const IDLE_STEADY: Duration = Duration::from_secs(6);
+const IDLE_STEADY: Duration = Duration::from_secs(40);
+/// RSS is steady once it has not fallen for this long: longer than the agent's pool
+/// purge interval (5 s: the idle upstream connections beyond recent use close then, half
+/// at a time) plus the allocator's decay (1 s).
+const IDLE_FLAT: Duration = Duration::from_secs(7);
 
 /// The process's RSS once it no longer falls: the lowest reading, taken every half
-/// second until three in a row did not fall below it (or `limit` passed).
+/// second until it has not fallen for [`IDLE_FLAT`] (or `limit` passed).
 async fn rss_steady(pid: u32, limit: Duration) -> u64 {
     let deadline = Instant::now() + limit;
     let mut lowest = rss_kib(pid).unwrap_or(0);
     let mut flat = 0;
-    while flat < 3 && Instant::now() < deadline {
+    let readings = IDLE_FLAT.as_millis() / 500;
+    while flat < readings && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = rss_kib(pid).unwrap_or(0);
         if now < lowest {

@@ -16,12 +16,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::transport::upstream::Leased;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tracing::debug;
 
 use crate::config::destination::Destination;
@@ -154,7 +154,7 @@ pub async fn attempt(
     let try_deadline = deadline.for_try(retries.per_try_timeout());
     let upstream_req = req.request(&endpoint.authority, retries.is_last());
     let sent = match try_deadline
-        .run(dst.upstream.send(upstream_req, req.http2))
+        .run(dst.upstream.send(&endpoint.pool, upstream_req, req.http2))
         .await
     {
         Ok(Ok(rsp)) => Ok(rsp),
@@ -296,7 +296,7 @@ fn uri_for(path: &PathAndQuery, authority: &Authority) -> Uri {
 /// `grpc-status` in its trailers (the retry decision needs it). A response that fails
 /// while being read is a reset.
 async fn read_trailers(
-    body: Incoming,
+    body: Leased,
     limit: usize,
     try_deadline: &Deadline,
 ) -> Result<(ProxyBody, Option<u32>), Failure> {
