@@ -5,7 +5,7 @@ pub mod destination;
 pub mod subscription;
 pub mod target;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -62,17 +62,45 @@ pub enum ConfigError {
     /// An authorization policy cannot be enforced.
     #[error("inbound authorization: {0}")]
     Authorization(#[from] crate::policy::authorization::InvalidAuthorization),
+    /// A delta made for another version than the one in force (a message was missed
+    /// or refused); the control plane answers the NACK with the whole view.
+    #[error("delta onto version {base} but version {held} is in force: waiting for the whole view")]
+    DeltaBase {
+        /// `Snapshot.base_version`.
+        base: u64,
+        /// The version in force.
+        held: u64,
+    },
 }
 
 /// Destinations by namespace, then name, then port. Nested maps let a lookup
 /// borrow the request's host instead of allocating a key.
 type ByName = HashMap<String, HashMap<String, Vec<(u16, Arc<Destination>)>>>;
 
+/// A service's place in the config: (namespace, name).
+type ServiceKey = (String, String);
+
+/// One service of the config as it was built: what deltas replace or remove whole.
+#[derive(Debug)]
+struct AppliedService {
+    /// `Service.version` (0 from a control plane that does not send it).
+    version: u64,
+    cluster_ips: Vec<IpAddr>,
+    /// A destination per port, in the snapshot's port order.
+    ports: Vec<(u16, Arc<Destination>)>,
+}
+
 /// The whole config in force.
 #[derive(Debug, Default)]
 pub struct Config {
     /// The snapshot version this config came from (0: none yet).
     pub version: u64,
+    /// Every service, by namespace then name: the source the lookups below are built
+    /// from, and what a delta changes.
+    services: BTreeMap<ServiceKey, Arc<AppliedService>>,
+    /// The inbound part the inbound policies were built from, kept for a delta that
+    /// leaves it unchanged.
+    inbound_source: Arc<v1::Inbound>,
     destinations: Vec<Arc<Destination>>,
     by_name: ByName,
     by_addr: HashMap<SocketAddr, Arc<Destination>>,
@@ -98,73 +126,80 @@ impl Config {
         }
     }
 
-    /// Builds the config of `snapshot`, reusing `previous`'s runtime state where unchanged.
+    /// Builds the config of `snapshot`, reusing `previous`'s runtime state where
+    /// unchanged. A whole snapshot replaces `previous`; a delta (protocol 6) changes it,
+    /// and must have been made for `previous.version`. Either way the result is a new
+    /// config to swap in whole, and on error `previous` stays as it is.
     pub fn build(
         snapshot: &v1::Snapshot,
         previous: &Config,
         metrics: &Metrics,
     ) -> Result<Self, ConfigError> {
+        let delta = bulwark_proto::delta::is_delta(snapshot);
+        if delta && snapshot.base_version != previous.version {
+            return Err(ConfigError::DeltaBase {
+                base: snapshot.base_version,
+                held: previous.version,
+            });
+        }
+        let mut services = if delta {
+            // Unchanged services are shared with `previous`, destinations and all.
+            previous.services.clone()
+        } else {
+            BTreeMap::new()
+        };
+        for gone in &snapshot.removed_services {
+            services.remove(&(gone.namespace.clone(), gone.name.clone()));
+        }
+        for svc in &snapshot.services {
+            let applied = AppliedService::build(svc, previous, metrics)?;
+            services.insert((svc.namespace.clone(), svc.name.clone()), Arc::new(applied));
+        }
+        let inbound_source = match &snapshot.inbound {
+            Some(inbound) => Arc::new(inbound.clone()),
+            None if delta => Arc::clone(&previous.inbound_source),
+            None => Arc::default(),
+        };
         let mut config = Config {
             version: snapshot.version,
             tls: Arc::clone(&previous.tls),
+            services,
+            inbound_source,
             ..Config::default()
         };
-        for svc in &snapshot.services {
-            let qualified = format!("{}.{}", svc.name, svc.namespace);
-            let mut ips = Vec::with_capacity(svc.cluster_ips.len());
-            for ip in &svc.cluster_ips {
-                let parsed: IpAddr = ip.parse().map_err(|_| ConfigError::ClusterIp {
-                    service: qualified.clone(),
-                    ip: ip.clone(),
-                })?;
-                ips.push(parsed);
-            }
-            for port in &svc.ports {
-                let number = u16::try_from(port.port)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| ConfigError::Port {
-                        service: qualified.clone(),
-                        port: port.port,
-                    })?;
-                let name = format!("{qualified}:{number}");
-                let prev = previous.lookup_name(&svc.name, &svc.namespace, number);
-                let dst = Destination::build_with_tls(
-                    &name,
-                    port,
-                    prev.map(AsRef::as_ref),
-                    metrics,
-                    &previous.tls,
-                )
-                .map_err(|source| ConfigError::Destination {
-                    service: name.clone(),
-                    source,
-                })?;
-                let dst = Arc::new(dst);
-                for ip in &ips {
-                    config
-                        .by_addr
-                        .insert(SocketAddr::new(*ip, number), Arc::clone(&dst));
+        config.index();
+        config.build_inbound(previous)?;
+        Ok(config)
+    }
+
+    /// Fills the lookups from `services`, in their order (namespace, then name).
+    fn index(&mut self) {
+        for ((namespace, name), svc) in &self.services {
+            for (number, dst) in &svc.ports {
+                for ip in &svc.cluster_ips {
+                    self.by_addr
+                        .insert(SocketAddr::new(*ip, *number), Arc::clone(dst));
                 }
                 // A pod address belongs to the first service port that lists it.
                 for ep in dst.balancer.endpoints() {
-                    config
-                        .by_endpoint
+                    self.by_endpoint
                         .entry(ep.addr)
-                        .or_insert_with(|| Arc::clone(&dst));
+                        .or_insert_with(|| Arc::clone(dst));
                 }
-                config
-                    .by_name
-                    .entry(svc.namespace.clone())
+                self.by_name
+                    .entry(namespace.clone())
                     .or_default()
-                    .entry(svc.name.clone())
+                    .entry(name.clone())
                     .or_default()
-                    .push((number, Arc::clone(&dst)));
-                config.destinations.push(dst);
+                    .push((*number, Arc::clone(dst)));
+                self.destinations.push(Arc::clone(dst));
             }
         }
-        let limits = snapshot.inbound.as_ref().map(|i| i.rate_limits.as_slice());
-        for limit in limits.unwrap_or_default() {
+    }
+
+    /// Builds the inbound policies from `inbound_source`.
+    fn build_inbound(&mut self, previous: &Config) -> Result<(), ConfigError> {
+        for limit in &self.inbound_source.rate_limits {
             let cfg =
                 RateLimitConfig::try_from(limit).map_err(|source| ConfigError::RateLimit {
                     name: limit.name.clone(),
@@ -178,22 +213,20 @@ impl Config {
                 .find(|old| *old.config() == cfg)
                 .cloned()
                 .unwrap_or_else(|| Arc::new(RateLimiter::new(cfg)));
-            config.limiters.push(limiter);
+            self.limiters.push(limiter);
         }
-        config.inbound = RateLimits::new(config.limiters.clone());
-        let policies = snapshot
-            .inbound
-            .as_ref()
-            .map(|i| i.authorization.as_slice())
-            .unwrap_or_default();
-        config.authorization = Authorization::try_from(policies)?;
-        config.peer_authentication = PeerAuthentication::from_proto(
-            snapshot
-                .inbound
-                .as_ref()
-                .and_then(|i| i.peer_authentication.as_ref()),
-        );
-        Ok(config)
+        self.inbound = RateLimits::new(self.limiters.clone());
+        self.authorization = Authorization::try_from(self.inbound_source.authorization.as_slice())?;
+        self.peer_authentication =
+            PeerAuthentication::from_proto(self.inbound_source.peer_authentication.as_ref());
+        Ok(())
+    }
+
+    /// The services in force with their versions, by namespace then name.
+    pub fn service_versions(&self) -> impl Iterator<Item = (&str, &str, u64)> {
+        self.services
+            .iter()
+            .map(|((namespace, name), svc)| (namespace.as_str(), name.as_str(), svc.version))
     }
 
     /// Every destination.
@@ -355,6 +388,52 @@ impl Config {
     }
 }
 
+// === impl AppliedService ===
+
+impl AppliedService {
+    /// Builds `svc`'s destinations, reusing the runtime state of `previous`'s.
+    fn build(svc: &v1::Service, previous: &Config, metrics: &Metrics) -> Result<Self, ConfigError> {
+        let qualified = format!("{}.{}", svc.name, svc.namespace);
+        let mut cluster_ips = Vec::with_capacity(svc.cluster_ips.len());
+        for ip in &svc.cluster_ips {
+            let parsed: IpAddr = ip.parse().map_err(|_| ConfigError::ClusterIp {
+                service: qualified.clone(),
+                ip: ip.clone(),
+            })?;
+            cluster_ips.push(parsed);
+        }
+        let mut ports = Vec::with_capacity(svc.ports.len());
+        for port in &svc.ports {
+            let number = u16::try_from(port.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| ConfigError::Port {
+                    service: qualified.clone(),
+                    port: port.port,
+                })?;
+            let name = format!("{qualified}:{number}");
+            let prev = previous.lookup_name(&svc.name, &svc.namespace, number);
+            let dst = Destination::build_with_tls(
+                &name,
+                port,
+                prev.map(AsRef::as_ref),
+                metrics,
+                &previous.tls,
+            )
+            .map_err(|source| ConfigError::Destination {
+                service: name.clone(),
+                source,
+            })?;
+            ports.push((number, Arc::new(dst)));
+        }
+        Ok(AppliedService {
+            version: svc.version,
+            cluster_ips,
+            ports,
+        })
+    }
+}
+
 impl PolicyState for ArcSwap<Config> {
     fn policy_state(&self) -> StateSnapshot {
         let config = self.load();
@@ -405,6 +484,7 @@ mod tests {
                 name: "reviews".into(),
                 namespace: "demo".into(),
                 cluster_ips: vec!["10.96.0.10".into()],
+                version,
                 ports: vec![v1::ServicePort {
                     name: "http".into(),
                     port: 80,
@@ -446,6 +526,7 @@ mod tests {
                     ..Default::default()
                 }],
             }),
+            ..Default::default()
         }
     }
 
@@ -631,6 +712,181 @@ mod tests {
             config
                 .lookup(classify("reviews.demo", 81).unwrap(), "demo")
                 .is_none()
+        );
+    }
+
+    /// A random whole view: some of eight services, each with one or two ports, an
+    /// endpoint or two and a cluster IP, some with a retry policy.
+    fn random_view(rng: &mut fastrand::Rng, version: u64) -> v1::Snapshot {
+        let mut services = Vec::new();
+        for n in 0..8u8 {
+            if rng.u8(..4) == 0 {
+                continue;
+            }
+            let ports = (0..1 + rng.u32(..2))
+                .map(|p| v1::ServicePort {
+                    name: format!("p{p}"),
+                    port: 80 + p,
+                    endpoints: (0..1 + rng.u8(..2))
+                        .map(|e| v1::Endpoint {
+                            address: format!("10.0.{n}.{}:8080", e + rng.u8(..2)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    resilience: rng.bool().then(|| v1::ResiliencePolicy {
+                        source: format!("demo/svc-{n}"),
+                        retry: Some(v1::Retry {
+                            attempts: 1 + rng.u32(..3),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect();
+            services.push(v1::Service {
+                name: format!("svc-{n}"),
+                namespace: "demo".into(),
+                ports,
+                cluster_ips: vec![format!("10.96.0.{n}")],
+                version,
+            });
+        }
+        v1::Snapshot {
+            version,
+            services,
+            inbound: Some(
+                snapshot(version, 1, "10.0.0.1:8080")
+                    .inbound
+                    .unwrap_or_default(),
+            )
+            .filter(|_| rng.bool()),
+            ..Default::default()
+        }
+    }
+
+    /// The delta from `from` to `to`, as the control plane would send it (services
+    /// compared by content here; the control plane compares their versions).
+    fn delta_between(from: &v1::Snapshot, to: &v1::Snapshot) -> v1::Snapshot {
+        let find = |view: &v1::Snapshot, name: &str| {
+            view.services.iter().find(|s| s.name == name).cloned()
+        };
+        let mut updated: Vec<v1::Service> = to
+            .services
+            .iter()
+            .filter(|s| {
+                find(from, &s.name).is_none_or(|old| {
+                    v1::Service {
+                        version: s.version,
+                        ..old
+                    } != **s
+                })
+            })
+            .cloned()
+            .collect();
+        for service in &mut updated {
+            service.version = to.version;
+        }
+        v1::Snapshot {
+            version: to.version,
+            base_version: from.version,
+            services: updated,
+            inbound: (from.inbound != to.inbound).then(|| to.inbound.clone().unwrap_or_default()),
+            removed_services: from
+                .services
+                .iter()
+                .filter(|s| find(to, &s.name).is_none())
+                .map(|s| v1::ServiceRef {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    version: to.version,
+                })
+                .collect(),
+        }
+    }
+
+    /// What a config routes: its JSON, and where each cluster IP and pod address goes.
+    fn routes(config: &Config) -> (Value, Vec<(SocketAddr, String)>) {
+        let mut addrs: Vec<(SocketAddr, String)> = config
+            .by_addr
+            .iter()
+            .chain(config.by_endpoint.iter())
+            .map(|(addr, dst)| (*addr, dst.name.to_string()))
+            .collect();
+        addrs.sort();
+        (config.to_json(), addrs)
+    }
+
+    /// For random sequences of views, deltas applied one after the other (each with
+    /// its changes shuffled) build the config the last view builds whole. A
+    /// deterministic randomized test (fixed seeds).
+    #[test]
+    fn deltas_in_any_order_build_the_config_of_the_whole_view() {
+        let metrics = metrics();
+        for seed in 0..64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut view = random_view(&mut rng, 1);
+            let mut config = Config::build(&view, &Config::default(), &metrics).unwrap();
+            for version in 2..16 {
+                let next = random_view(&mut rng, version);
+                let mut delta = delta_between(&view, &next);
+                rng.shuffle(&mut delta.services);
+                rng.shuffle(&mut delta.removed_services);
+                config = Config::build(&delta, &config, &metrics).unwrap();
+                view = next;
+            }
+            let mut whole = view.clone();
+            whole.inbound = Some(whole.inbound.unwrap_or_default());
+            let fresh = Config::build(&whole, &Config::default(), &metrics).unwrap();
+            assert_eq!(routes(&config), routes(&fresh), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_delta_keeps_unchanged_destinations_as_they_are_and_refuses_another_base() {
+        let metrics = metrics();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let first = random_view(&mut rng, 1);
+        let config = Config::build(&first, &Config::default(), &metrics).unwrap();
+        let kept = first.services[0].clone();
+        let mut changed = first.services[1].clone();
+        changed.ports[0].endpoints[0].address = "10.9.9.9:8080".into();
+        let delta = v1::Snapshot {
+            version: 2,
+            base_version: 1,
+            services: vec![changed],
+            ..Default::default()
+        };
+        let next = Config::build(&delta, &config, &metrics).unwrap();
+        let dst = |c: &Config, name: &str| {
+            Arc::clone(
+                c.lookup(classify(&format!("{name}.demo"), 80).unwrap(), "x")
+                    .unwrap(),
+            )
+        };
+        assert!(
+            Arc::ptr_eq(&dst(&config, &kept.name), &dst(&next, &kept.name)),
+            "the same runtime state"
+        );
+        assert!(!Arc::ptr_eq(
+            &dst(&config, &first.services[1].name),
+            &dst(&next, &first.services[1].name)
+        ));
+        assert_eq!(
+            next.to_json()["inbound"],
+            config.to_json()["inbound"],
+            "absent: unchanged"
+        );
+
+        let stale = v1::Snapshot {
+            version: 3,
+            base_version: 1,
+            ..Default::default()
+        };
+        let error = Config::build(&stale, &next, &metrics).unwrap_err();
+        assert!(
+            matches!(error, ConfigError::DeltaBase { base: 1, held: 2 }),
+            "{error}"
         );
     }
 }

@@ -42,7 +42,8 @@ pub struct IndexState {
 /// The outbound part of every view.
 #[derive(Debug, PartialEq)]
 pub struct Outbound {
-    /// Services in wire form, sorted by namespace and name.
+    /// Services in wire form, sorted by namespace and name, each with the revision at
+    /// which it last changed (`Service.version`), which deltas are computed from.
     pub services: Vec<proto::Service>,
     /// The revision at which this content last changed.
     pub changed_at: u64,
@@ -167,6 +168,36 @@ impl Inbound {
     }
 }
 
+/// Gives each of `services` its version: the previous service's when its content is the
+/// same, else `revision`. Both lists are sorted by namespace and name (the model's
+/// order). Returns whether the list changed: a service added, changed or removed.
+fn stamp(previous: &[proto::Service], services: &mut [proto::Service], revision: u64) -> bool {
+    fn key(s: &proto::Service) -> (&str, &str) {
+        (s.namespace.as_str(), s.name.as_str())
+    }
+    let mut changed = previous.len() != services.len();
+    let mut old = previous.iter().peekable();
+    for service in services.iter_mut() {
+        while old.next_if(|o| key(o) < key(service)).is_some() {
+            changed = true;
+        }
+        match old.next_if(|o| key(o) == key(service)) {
+            Some(before) => {
+                service.version = before.version;
+                if *service != *before {
+                    service.version = revision;
+                    changed = true;
+                }
+            }
+            None => {
+                service.version = revision;
+                changed = true;
+            }
+        }
+    }
+    changed || old.next().is_some()
+}
+
 /// Lookups over a model's topology, built once per resolution.
 pub(crate) struct Topology<'a> {
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
@@ -265,7 +296,8 @@ impl Index {
     ) -> Self {
         let mut diagnostics = BTreeSet::new();
         let topology = Topology::new(model, trust_domain.as_deref());
-        let services = outbound::services(model, &topology, &mut diagnostics);
+        let mut services = outbound::services(model, &topology, &mut diagnostics);
+        stamp(&[], &mut services, revision);
         let limits = inbound::limits(model, &topology, &mut diagnostics);
         for d in &diagnostics {
             d.log();
@@ -308,7 +340,7 @@ impl Index {
     pub fn apply(&mut self, model: &Model) -> bool {
         let mut diagnostics = BTreeSet::new();
         let topology = Topology::new(model, self.trust_domain.as_deref());
-        let services = outbound::services(model, &topology, &mut diagnostics);
+        let mut services = outbound::services(model, &topology, &mut diagnostics);
         let limits = inbound::limits(model, &topology, &mut diagnostics);
         for d in diagnostics.difference(&self.diagnostics) {
             d.log();
@@ -317,11 +349,11 @@ impl Index {
         self.metrics.set_objects(model);
 
         let current = self.state();
-        let same_outbound = current.outbound.services == services;
+        let revision = current.revision + 1;
+        let same_outbound = !stamp(&current.outbound.services, &mut services, revision);
         if same_outbound && current.inbound.same_limits(&limits) {
             return false;
         }
-        let revision = current.revision + 1;
         let outbound = if same_outbound {
             Arc::clone(&current.outbound)
         } else {

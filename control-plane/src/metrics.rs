@@ -33,6 +33,11 @@ pub struct Metrics {
     pub agents_connected: Gauge,
     /// `bulwark_cp_snapshots_sent_total`: snapshots handed to agent streams.
     pub snapshots_sent: Counter,
+    /// `bulwark_cp_deltas_sent_total`: of the snapshots sent, those that carried only
+    /// what changed (protocol 6).
+    pub deltas_sent: Counter,
+    /// `bulwark_cp_snapshot_bytes_total`: encoded bytes of the snapshots sent.
+    pub snapshot_bytes: Counter,
     /// `bulwark_cp_acks_total`: snapshots agents applied.
     pub acks: Counter,
     /// `bulwark_cp_nacks_total`: snapshots agents rejected.
@@ -65,6 +70,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let agents_connected = Gauge::default();
         let snapshots_sent = Counter::default();
+        let deltas_sent = Counter::default();
+        let snapshot_bytes = Counter::default();
         let acks = Counter::default();
         let nacks = Counter::default();
         let held_back_snapshots = Counter::default();
@@ -95,6 +102,16 @@ impl Metrics {
             "bulwark_cp_snapshots_sent",
             "Configuration snapshots sent to agents",
             snapshots_sent.clone(),
+        );
+        registry.register(
+            "bulwark_cp_deltas_sent",
+            "Of the snapshots sent, those that carried only what changed (protocol 6)",
+            deltas_sent.clone(),
+        );
+        registry.register(
+            "bulwark_cp_snapshot_bytes",
+            "Encoded bytes of the snapshots sent",
+            snapshot_bytes.clone(),
         );
         registry.register(
             "bulwark_cp_acks",
@@ -152,6 +169,8 @@ impl Metrics {
             registry,
             agents_connected,
             snapshots_sent,
+            deltas_sent,
+            snapshot_bytes,
             acks,
             nacks,
             held_back_snapshots,

@@ -43,6 +43,8 @@ async fn connect_agent(fx: &Fixture, pod: &str, labels: &[(&str, &str)]) -> Agen
 struct Agent {
     tx: mpsc::Sender<AgentMessage>,
     snapshots: Streaming<Snapshot>,
+    /// The whole view, with every delta received so far applied.
+    view: Snapshot,
 }
 
 fn hello(pod: &str, labels: &[(&str, &str)]) -> AgentMessage {
@@ -73,7 +75,11 @@ async fn open(addr: SocketAddr, first: AgentMessage) -> Result<Agent, tonic::Sta
     let (tx, rx) = mpsc::channel(8);
     tx.send(first).await.unwrap();
     let snapshots = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-    Ok(Agent { tx, snapshots })
+    Ok(Agent {
+        tx,
+        snapshots,
+        view: Snapshot::default(),
+    })
 }
 
 impl Agent {
@@ -81,12 +87,20 @@ impl Agent {
         open(addr, hello(pod, labels)).await.unwrap()
     }
 
-    async fn next(&mut self) -> Snapshot {
+    /// The next message as it came: the whole view or a delta.
+    async fn next_message(&mut self) -> Snapshot {
         tokio::time::timeout(DEADLINE, self.snapshots.message())
             .await
             .expect("no snapshot within the deadline")
             .unwrap()
             .expect("stream ended")
+    }
+
+    /// The whole view after the next message (a delta applied to what came before).
+    async fn next(&mut self) -> Snapshot {
+        let message = self.next_message().await;
+        bulwark_proto::delta::apply(&mut self.view, message).unwrap();
+        self.view.clone()
     }
 
     async fn ack(&self, version: u64) {
@@ -675,5 +689,152 @@ async fn a_peer_authentication_from_a_folder_reaches_its_pods_and_an_invalid_edi
     // Deleting the policy sends none again: Permissive.
     std::fs::remove_file(fx.path("mtls.yaml")).unwrap();
     assert_eq!(mtls(&current.next().await), None);
+    fx.cp.shutdown().await;
+}
+
+/// A Service with one port and no endpoints, as a file of its own.
+fn extra_service(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec: {{ports: [{{port: 80}}]}}\n"
+    )
+}
+
+#[tokio::test]
+async fn agents_of_protocol_5_and_6_on_one_control_plane_hold_the_same_mesh() {
+    let fx = Fixture::start().await;
+    let mut old = open(
+        fx.cp.grpc_addr(),
+        hello_at("catalog-old", &[("app", "catalog")], 5),
+    )
+    .await
+    .unwrap();
+    let mut new = connect_agent(&fx, "catalog-new", &[("app", "catalog")]).await;
+    let first = new.next().await;
+    assert_eq!(old.next().await, first, "both start from the whole view");
+
+    // A policy edit: the old agent gets the whole view, the new one the one service.
+    let resilience = fx.read("resilience.yaml");
+    fx.write(
+        "resilience.yaml",
+        &resilience.replace("attempts: 3 ", "attempts: 4 "),
+    );
+    let whole = old.next_message().await;
+    assert_eq!(whole.base_version, 0);
+    assert_eq!(whole.services.len(), 4);
+    let delta = new.next_message().await;
+    assert_eq!(delta.version, whole.version);
+    assert_eq!(delta.base_version, first.version);
+    let changed: Vec<_> = delta.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(changed, ["reviews"], "only what changed");
+    assert_eq!(delta.services[0].version, delta.version);
+    assert!(delta.removed_services.is_empty());
+    assert!(delta.inbound.is_none(), "the inbound part did not change");
+    bulwark_proto::delta::apply(&mut new.view, delta).unwrap();
+    assert_eq!(new.view, whole, "the delta ends where the whole view is");
+    old.view = whole;
+
+    // A service added, then removed.
+    fx.write("extra.yaml", &extra_service("extra"));
+    let added = new.next_message().await;
+    assert_eq!(
+        added
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["extra"]
+    );
+    bulwark_proto::delta::apply(&mut new.view, added).unwrap();
+    assert_eq!(new.view, old.next().await);
+    std::fs::remove_file(fx.path("extra.yaml")).unwrap();
+    let removed = new.next_message().await;
+    assert!(removed.services.is_empty());
+    let gone: Vec<_> = removed
+        .removed_services
+        .iter()
+        .map(|r| (r.namespace.as_str(), r.name.as_str(), r.version))
+        .collect();
+    assert_eq!(gone, [("demo", "extra", removed.version)]);
+    bulwark_proto::delta::apply(&mut new.view, removed).unwrap();
+    assert_eq!(new.view, old.next().await);
+
+    let (_, metrics) = fx.admin("/metrics").await;
+    assert_eq!(metric(&metrics, "bulwark_cp_deltas_sent_total"), Some(3.0));
+    assert_eq!(
+        metric(&metrics, "bulwark_cp_snapshots_sent_total"),
+        Some(8.0)
+    );
+    fx.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_nacked_delta_is_answered_with_the_whole_view() {
+    let fx = Fixture::start().await;
+    let mut agent = connect_agent(&fx, "catalog-0", &[("app", "catalog")]).await;
+    let first = agent.next().await;
+    agent.ack(first.version).await;
+    let resilience = fx.read("resilience.yaml");
+    fx.write(
+        "resilience.yaml",
+        &resilience.replace("attempts: 3 ", "attempts: 4 "),
+    );
+    let delta = agent.next_message().await;
+    assert_eq!(delta.base_version, first.version);
+    // The agent cannot apply it: it keeps `first`, and gets the whole view at once,
+    // with no change to the mesh.
+    agent.nack(delta.version, "cannot apply").await;
+    let whole = agent.next_message().await;
+    assert_eq!(whole.base_version, 0, "the whole view");
+    assert_eq!(whole.version, delta.version + 1, "versions never repeat");
+    assert_eq!(attempts(&whole, "reviews"), Some(4));
+    agent.ack(whole.version).await;
+    agent.view = whole.clone();
+
+    // Back to deltas for the next change.
+    fx.write(
+        "resilience.yaml",
+        &resilience.replace("attempts: 3 ", "attempts: 5 "),
+    );
+    let next = agent.next_message().await;
+    assert_eq!(next.base_version, whole.version);
+    fx.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_reconnects_mid_delta_gets_the_whole_view() {
+    let fx = Fixture::start().await;
+    let mut agent = connect_agent(&fx, "catalog-0", &[("app", "catalog")]).await;
+    let first = agent.next().await;
+    agent.ack(first.version).await;
+    let resilience = fx.read("resilience.yaml");
+    fx.write(
+        "resilience.yaml",
+        &resilience.replace("attempts: 3 ", "attempts: 4 "),
+    );
+    let delta = agent.next_message().await;
+    assert_eq!(delta.base_version, first.version);
+    // Gone before applying or answering it; meanwhile the mesh moves on.
+    drop(agent);
+    fx.write("extra.yaml", &extra_service("extra"));
+    eventually(
+        "the agent gone and the new service in the index",
+        || async {
+            let (_, metrics) = fx.admin("/metrics").await;
+            let revision = metric(&metrics, "bulwark_cp_revision").unwrap_or(0.0);
+            revision > delta.version as f64
+                && fx
+                    .admin_json("/agents")
+                    .await
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+        },
+    )
+    .await;
+    let mut again = connect_agent(&fx, "catalog-0", &[("app", "catalog")]).await;
+    let whole = again.next_message().await;
+    assert_eq!(whole.base_version, 0, "a new stream starts whole");
+    assert!(whole.version > delta.version);
+    assert_eq!(attempts(&whole, "reviews"), Some(4));
+    assert!(whole.services.iter().any(|s| s.name == "extra"));
     fx.cp.shutdown().await;
 }

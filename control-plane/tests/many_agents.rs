@@ -76,6 +76,8 @@ struct Agent {
     frontend: bool,
     tx: mpsc::Sender<AgentMessage>,
     snapshots: Streaming<Snapshot>,
+    /// The whole view, with every delta received so far applied.
+    view: Snapshot,
 }
 
 impl Agent {
@@ -106,10 +108,11 @@ impl Agent {
             frontend,
             tx,
             snapshots,
+            view: Snapshot::default(),
         }
     }
 
-    /// Receives the next snapshot and ACKs it.
+    /// Receives the next snapshot, ACKs it, and returns the whole view it makes.
     async fn next_and_ack(&mut self) -> Snapshot {
         let snapshot = tokio::time::timeout(DEADLINE, self.snapshots.message())
             .await
@@ -123,7 +126,8 @@ impl Agent {
             .send(AgentMessage { kind: Some(ack) })
             .await
             .unwrap();
-        snapshot
+        bulwark_proto::delta::apply(&mut self.view, snapshot).unwrap();
+        self.view.clone()
     }
 }
 fn reviews_attempts(snapshot: &Snapshot) -> Option<u32> {
@@ -273,6 +277,11 @@ async fn two_thousand_agents_get_only_the_changes_that_concern_them() {
         metric(&fx, "bulwark_cp_snapshots_sent_total").await,
         (2 * AGENTS + AGENTS / 2) as f64,
         "one snapshot per agent per change that concerns it, and no more"
+    );
+    assert_eq!(
+        metric(&fx, "bulwark_cp_deltas_sent_total").await,
+        (AGENTS + AGENTS / 2) as f64,
+        "after the first, every snapshot is a delta"
     );
     eprintln!(
         "a resilience edit reached all {AGENTS} agents in {:?}",

@@ -2,6 +2,7 @@
 //! (configuration) and `proto/bulwark/identity/v1/identity.proto` (certificates).
 
 pub mod defaults;
+pub mod delta;
 pub mod tls;
 
 /// Version 1 of the mesh discovery API.
@@ -26,4 +27,7 @@ pub mod identity {
 
 /// The highest API revision this build understands (see `Identity.protocol_version`
 /// in the .proto for what each adds).
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// The first protocol revision whose agents take deltas (`Snapshot.base_version`).
+pub const INCREMENTAL_SINCE: u32 = 6;

@@ -1,6 +1,7 @@
 //! An agent that gets a config it cannot apply NACKs it with the reason and keeps
-//! the old one. The real control plane never sends such a config (it validates
-//! first), so a scripted control plane speaks the same gRPC API here.
+//! the old one, whether the config came whole or as a delta. The real control plane
+//! never sends such a config (it validates first), so a scripted control plane speaks
+//! the same gRPC API here.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -73,8 +74,10 @@ fn snapshot(version: u64, upstream: SocketAddr, retry_on: &str) -> v1::Snapshot 
                 ..Default::default()
             }],
             cluster_ips: vec![],
+            version,
         }],
         inbound: None,
+        ..Default::default()
     }
 }
 
@@ -156,6 +159,167 @@ async fn a_config_the_agent_cannot_apply_is_nacked_and_the_old_one_kept() {
         1.0
     );
     assert_eq!(m.get("bulwark_config_version", &[]), 7.0);
+
+    agent.shutdown().await;
+    server.abort();
+}
+
+/// A delta (protocol 6) onto `base` that replaces `reviews.test` with `service`.
+fn delta(version: u64, base: u64, service: v1::Service) -> v1::Snapshot {
+    v1::Snapshot {
+        version,
+        base_version: base,
+        services: vec![service],
+        ..Default::default()
+    }
+}
+
+/// A service with one port at `upstream`.
+fn plain(name: &str, version: u64, upstream: &str) -> v1::Service {
+    v1::Service {
+        name: name.into(),
+        namespace: "test".into(),
+        version,
+        ports: vec![v1::ServicePort {
+            name: "http".into(),
+            port: 80,
+            endpoints: vec![v1::Endpoint {
+                address: upstream.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_delta_the_agent_cannot_apply_is_nacked_and_the_last_good_config_kept() {
+    let reviews = Upstream::start(loopback(), "reviews-0", Knobs::healthy())
+        .await
+        .unwrap();
+    let ratings = Upstream::start(loopback(), "ratings-0", Knobs::healthy())
+        .await
+        .unwrap();
+    let (from_agent, mut agent_messages) = mpsc::unbounded_channel();
+    let (to_agent, rx) = mpsc::channel(4);
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let cp_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DiscoveryServer::new(Scripted {
+                from_agent,
+                to_agent: Mutex::new(Some(rx)),
+            }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let agent = Agent::start(agent_settings(cp_addr, "client", None))
+        .await
+        .unwrap();
+    match agent_messages.recv().await.unwrap().kind {
+        Some(agent_message::Kind::Hello(id)) => {
+            assert_eq!(id.protocol_version, bulwark_proto::PROTOCOL_VERSION);
+            assert!(id.protocol_version >= bulwark_proto::INCREMENTAL_SINCE);
+        }
+        other => panic!("the agent opens with its identity, got {other:?}"),
+    }
+    let mut answer = async || agent_messages.recv().await.unwrap().kind;
+
+    to_agent
+        .send(Ok(snapshot(7, reviews.addr(), "gateway-error")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        answer().await,
+        Some(agent_message::Kind::Ack(v1::Ack { version: 7 }))
+    ));
+
+    // A good delta: ratings added, reviews untouched.
+    to_agent
+        .send(Ok(delta(
+            8,
+            7,
+            plain("ratings", 8, &ratings.addr().to_string()),
+        )))
+        .await
+        .unwrap();
+    assert!(matches!(
+        answer().await,
+        Some(agent_message::Kind::Ack(v1::Ack { version: 8 }))
+    ));
+
+    // A delta with an endpoint the agent cannot parse: NACKed, version 8 stays whole.
+    to_agent
+        .send(Ok(delta(9, 8, plain("reviews", 9, "not-an-address"))))
+        .await
+        .unwrap();
+    match answer().await {
+        Some(agent_message::Kind::Nack(nack)) => {
+            assert_eq!(nack.version, 9);
+            assert!(nack.error.contains("reviews.test:80"), "{}", nack.error);
+            assert!(nack.error.contains("not-an-address"), "{}", nack.error);
+        }
+        other => panic!("a bad delta is NACKed, got {other:?}"),
+    }
+    // A delta made for the refused version does not apply to the one in force.
+    to_agent
+        .send(Ok(v1::Snapshot {
+            version: 10,
+            base_version: 9,
+            removed_services: vec![v1::ServiceRef {
+                namespace: "test".into(),
+                name: "ratings".into(),
+                version: 10,
+            }],
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    match answer().await {
+        Some(agent_message::Kind::Nack(nack)) => {
+            assert_eq!(nack.version, 10);
+            assert!(
+                nack.error
+                    .contains("delta onto version 9 but version 8 is in force"),
+                "{}",
+                nack.error
+            );
+        }
+        other => panic!("a delta onto another version is NACKed, got {other:?}"),
+    }
+
+    let admin = HttpClient::direct(agent.admin_addr());
+    let config: serde_json::Value = admin.get("/config", &[]).await.unwrap().json().unwrap();
+    assert_eq!(config["config"]["version"], 8);
+    let client = HttpClient::proxy(agent.outbound_addr());
+    for (host, upstream) in [("reviews.test", "reviews-0"), ("ratings.test", "ratings-0")] {
+        let rsp = client.get(&format!("http://{host}/"), &[]).await.unwrap();
+        assert_eq!(rsp.status, 200, "{host}");
+        assert_eq!(rsp.upstream(), Some(upstream), "{host}");
+    }
+
+    // The whole view mends it.
+    to_agent
+        .send(Ok(snapshot(11, reviews.addr(), "gateway-error")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        answer().await,
+        Some(agent_message::Kind::Ack(v1::Ack { version: 11 }))
+    ));
+    let config: serde_json::Value = admin.get("/config", &[]).await.unwrap().json().unwrap();
+    assert_eq!(config["config"]["version"], 11);
+    let names: Vec<_> = config["config"]["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["reviews.test:80"],
+        "the whole view replaced the deltas"
+    );
 
     agent.shutdown().await;
     server.abort();

@@ -1,6 +1,7 @@
 //! The agent's stream to the control plane: subscribe with the pod's identity,
-//! apply each snapshot (ACK) or keep the old config (NACK), reconnect with
-//! backoff, and keep enforcing the last good config while disconnected.
+//! apply each snapshot, whole or delta (ACK), or keep the old config (NACK), reconnect
+//! with backoff (the first message of every stream is the whole view), and keep
+//! enforcing the last good config while disconnected.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,9 +63,12 @@ impl Applier {
         }
     }
 
-    /// Builds and swaps in the config of `snapshot`; on error the old config stays.
+    /// Builds and swaps in the config of `snapshot` (the whole view, or a delta onto the
+    /// config in force); on error the old config stays.
     pub fn apply(&self, snapshot: &v1::Snapshot) -> Result<(), ConfigError> {
         let current = self.config.load();
+        let base_version =
+            bulwark_proto::delta::is_delta(snapshot).then_some(snapshot.base_version);
         match Config::build(snapshot, &current, &self.metrics) {
             Ok(config) => {
                 let services = config.destinations().len();
@@ -73,6 +77,9 @@ impl Applier {
                 self.ready.send_replace(true);
                 info!(
                     version = snapshot.version,
+                    ?base_version,
+                    updated = snapshot.services.len(),
+                    removed = snapshot.removed_services.len(),
                     destinations = services,
                     "config applied"
                 );
@@ -80,7 +87,7 @@ impl Applier {
             }
             Err(error) => {
                 self.metrics.config_update(snapshot.version, false);
-                warn!(version = snapshot.version, %error, kept = current.version, "config rejected; keeping the previous one");
+                warn!(version = snapshot.version, ?base_version, %error, kept = current.version, "config rejected; keeping the previous one");
                 Err(error)
             }
         }
@@ -192,7 +199,9 @@ async fn stream_once(
         backoff.reset();
         debug!(
             version = snapshot.version,
+            base_version = snapshot.base_version,
             services = snapshot.services.len(),
+            removed = snapshot.removed_services.len(),
             "snapshot received"
         );
         let answer = match applier.apply(&snapshot) {

@@ -305,6 +305,7 @@ fn snapshot(upstream: SocketAddr) -> v1::Snapshot {
             name: SERVICE.into(),
             namespace: NAMESPACE.into(),
             cluster_ips: vec![CLUSTER_IP.into()],
+            version: 1,
             ports: vec![v1::ServicePort {
                 name: "http".into(),
                 port: 80,
@@ -354,6 +355,7 @@ fn snapshot(upstream: SocketAddr) -> v1::Snapshot {
             }],
         }],
         inbound: None,
+        ..Default::default()
     }
 }
 

@@ -285,7 +285,7 @@ mod tests {
 
     #[test]
     fn a_current_agent_gets_everything() {
-        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 5);
+        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 6);
         assert!(for_level(&services(), 3).is_none());
         assert!(
             for_level(&services(), 2).is_none(),

@@ -1,6 +1,7 @@
 //! The discovery gRPC service: one bidirectional stream per agent. The agent says
-//! `hello`, gets its snapshot, then a new one whenever its view changes, and answers
-//! each with an ACK or a NACK. Each stream is one task that watches the index; no
+//! `hello`, gets its snapshot, then a new one (a delta from protocol 6) whenever its
+//! view changes, and answers each with an ACK or a NACK; a NACKed delta is answered with
+//! the whole view. Each stream is one task that watches the index; no
 //! thread and no copy of the mesh per agent: what all agents share (the encoded service
 //! list, the limits of a label set) is computed once per index state, in a
 //! [`ViewCache`], and the routing and codec in [`server`] send it as it is.
@@ -231,9 +232,15 @@ impl AgentStream {
                         if !snapshot.held_back().is_empty() {
                             self.metrics.held_back_snapshots.inc();
                         }
+                        let base_version = snapshot.base_version();
+                        let bytes = snapshot.encoded_len();
                         permit.send(Outgoing::Snapshot(snapshot));
                         self.metrics.snapshots_sent.inc();
-                        debug!(pod = %self.pod(), version, "snapshot sent");
+                        self.metrics.snapshot_bytes.inc_by(bytes as u64);
+                        if base_version.is_some() {
+                            self.metrics.deltas_sent.inc();
+                        }
+                        debug!(pod = %self.pod(), version, ?base_version, bytes, "snapshot sent");
                     }
                 }
                 Event::Ready(Err(_)) | Event::Closed => break,
@@ -242,12 +249,13 @@ impl AgentStream {
                     let _ = tx.try_send(Outgoing::End(shutting_down()));
                     break;
                 }
-                Event::Message(Ok(Some(message))) => {
-                    if let Err(status) = self.handle(message) {
+                Event::Message(Ok(Some(message))) => match self.handle(message) {
+                    Ok(resend) => dirty |= resend,
+                    Err(status) => {
                         let _ = tx.try_send(Outgoing::End(status));
                         break;
                     }
-                }
+                },
                 Event::Message(Ok(None)) => {
                     debug!(pod = %self.pod(), "agent closed its stream");
                     break;
@@ -292,7 +300,9 @@ impl AgentStream {
         );
     }
 
-    fn handle(&self, message: proto::AgentMessage) -> Result<(), Status> {
+    /// Records an ACK or NACK; `Ok(true)` when the agent should get the whole view now.
+    fn handle(&mut self, message: proto::AgentMessage) -> Result<bool, Status> {
+        let mut resend = false;
         let entry = self.registration.entry();
         match message.kind {
             Some(Kind::Ack(ack)) => {
@@ -308,6 +318,7 @@ impl AgentStream {
                     error = %nack.error,
                     "agent rejected a snapshot and keeps its previous config"
                 );
+                resend = self.view.nacked(nack.version);
                 entry.record_nack(nack.version, nack.error);
                 self.metrics.nacks.inc();
             }
@@ -319,7 +330,7 @@ impl AgentStream {
             // A message kind from a newer agent: ignore it, as the proto's rules say.
             None => debug!(pod = %self.pod(), "ignoring an agent message of unknown kind"),
         }
-        Ok(())
+        Ok(resend)
     }
 }
 

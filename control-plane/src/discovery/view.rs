@@ -3,11 +3,20 @@
 //! (inbound). A view only produces a snapshot when its content changed; its version is
 //! the index revision of that change.
 //!
+//! The first snapshot of a stream is the whole view. After it, an agent of protocol
+//! [`bulwark_proto::INCREMENTAL_SINCE`] or newer gets deltas: the services added or
+//! changed since the snapshot before (found by `Service.version`, the revision at
+//! which each last changed), the ones removed, and the inbound part only when it
+//! changed. An older agent gets the whole view at every change. A view whose agent
+//! NACKed a delta sends the whole view next ([`AgentView::nacked`]).
+//!
 //! Work shared by all agents is done once per index state, not once per agent: the
-//! outbound part is encoded to protobuf once and every snapshot carries those bytes
-//! (a change to 10,000 agents used to deep-copy and re-encode the whole service list
-//! 10,000 times), and the inbound limits are computed once per namespace and label set
-//! (pods of one Deployment share them). See [`ViewCache`].
+//! outbound part is encoded to protobuf once and every whole snapshot carries those
+//! bytes (a change to 10,000 agents used to deep-copy and re-encode the whole service
+//! list 10,000 times); a delta is computed and encoded once per pair of outbound
+//! states (agents that were sent the same state share it); and the inbound limits are
+//! computed once per namespace and label set (pods of one Deployment share them). See
+//! [`ViewCache`].
 //!
 //! Agents of an older protocol get the outbound part without what they cannot enforce
 //! ([`crate::discovery::compat`]); that variant too is built and encoded once per index state and
@@ -25,6 +34,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 const VERSION_FIELD: u32 = 1;
 const SERVICES_FIELD: u32 = 2;
 const INBOUND_FIELD: u32 = 3;
+const BASE_VERSION_FIELD: u32 = 4;
+const REMOVED_FIELD: u32 = 5;
 
 /// The view of one connected agent, remembering what it was last sent.
 #[derive(Debug)]
@@ -34,25 +45,43 @@ pub struct AgentView {
     cache: Arc<ViewCache>,
     /// The protocol level the agent is served at ([`compat::level`]).
     level: u32,
+    /// Whether the agent takes deltas.
+    incremental: bool,
     sent: Option<PendingSnapshot>,
     /// The pod's inbound part the last snapshot was made from, before anything was held
     /// back from it: compared with the next one, so that an older agent's stripped
     /// inbound part does not read as a change at every new index state.
     sent_inbound: Option<Arc<proto::Inbound>>,
+    /// The next snapshot goes whole: the agent refused what it was sent, so what it
+    /// holds is not what the view last produced.
+    resync: bool,
+    /// A snapshot is owed even if nothing changed (the whole view after a NACKed delta).
+    owed: bool,
+    /// The version of the last whole snapshot produced (0: none yet).
+    last_whole: u64,
 }
 
-/// A snapshot ready to go out. It holds the shared outbound part by reference (the
-/// service list and its encoding), so agents waiting to receive it cost no copy of the
-/// mesh.
+/// A snapshot ready to go out, whole or a delta. It holds the shared outbound part by
+/// reference (the service list and its encoding, or the delta's), so agents waiting to
+/// receive it cost no copy of the mesh.
 #[derive(Clone, Debug)]
 pub struct PendingSnapshot {
     version: u64,
+    /// 0: the whole view; else the version this delta applies onto.
+    base_version: u64,
+    /// The whole outbound part the agent holds once it applied this snapshot.
     outbound: Arc<Outbound>,
-    /// `outbound.services` as `Snapshot.services` fields, shared by every agent.
+    /// For a delta, what changed in the outbound part; `None` for a whole snapshot.
+    delta: Option<SharedDelta>,
+    /// `outbound.services` as `Snapshot.services` fields, shared by every agent of the
+    /// same protocol level (a whole snapshot).
     outbound_encoded: Bytes,
     /// The inbound part of the agent's pod (rate limits, authorization, mutual-TLS
     /// mode), shared by the agents with the same namespace and labels.
     inbound: Arc<proto::Inbound>,
+    /// Whether the message carries `inbound`: always in a whole snapshot, only when it
+    /// changed in a delta.
+    with_inbound: bool,
     /// What the agent's protocol level cannot enforce and was left out.
     held_back: Arc<[HeldBack]>,
 }
@@ -66,6 +95,11 @@ impl PendingSnapshot {
     /// The snapshot's version.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// For a delta, the version it applies onto; `None` for the whole view.
+    pub fn base_version(&self) -> Option<u64> {
+        (self.base_version != 0).then_some(self.base_version)
     }
 
     /// The rate limits of the agent's pod.
@@ -86,49 +120,126 @@ impl PendingSnapshot {
     /// The wire message, as a struct (a deep copy of the services: for tests and
     /// diagnostics; the stream sends [`PendingSnapshot::encode`]'s bytes).
     pub fn to_snapshot(&self) -> proto::Snapshot {
+        let (services, removed_services) = match &self.delta {
+            None => (self.outbound.services.clone(), Vec::new()),
+            Some(delta) => (delta.changes.updated.clone(), delta.changes.removed.clone()),
+        };
         proto::Snapshot {
             version: self.version,
-            services: self.outbound.services.clone(),
-            inbound: Some((*self.inbound).clone()),
+            services,
+            inbound: self.with_inbound.then(|| (*self.inbound).clone()),
+            base_version: self.base_version,
+            removed_services,
+        }
+    }
+
+    /// The `Snapshot.services` fields (and, for a delta, the `removed_services` ones).
+    fn outbound_parts(&self) -> (&Bytes, Option<&Bytes>) {
+        match &self.delta {
+            None => (&self.outbound_encoded, None),
+            Some(delta) => (&delta.updated_encoded, Some(&delta.removed_encoded)),
         }
     }
 
     /// The length of [`PendingSnapshot::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
-        let version = if self.version == 0 {
-            0
-        } else {
-            prost::encoding::uint64::encoded_len(VERSION_FIELD, &self.version)
+        let uint64 = |field: u32, value: u64| {
+            if value == 0 {
+                0
+            } else {
+                prost::encoding::uint64::encoded_len(field, &value)
+            }
         };
-        version
-            + self.outbound_encoded.len()
-            + prost::encoding::message::encoded_len(INBOUND_FIELD, &*self.inbound)
+        let (services, removed) = self.outbound_parts();
+        let inbound = if self.with_inbound {
+            prost::encoding::message::encoded_len(INBOUND_FIELD, &*self.inbound)
+        } else {
+            0
+        };
+        uint64(VERSION_FIELD, self.version)
+            + services.len()
+            + inbound
+            + uint64(BASE_VERSION_FIELD, self.base_version)
+            + removed.map_or(0, Bytes::len)
     }
 
     /// Writes the `Snapshot` message: the same bytes prost would write for
-    /// [`PendingSnapshot::to_snapshot`], with the services copied from the shared
-    /// encoding instead of encoded again.
+    /// [`PendingSnapshot::to_snapshot`] (fields in number order), with the services
+    /// copied from the shared encoding instead of encoded again.
     pub fn encode(&self, buf: &mut impl BufMut) {
         if self.version != 0 {
             prost::encoding::uint64::encode(VERSION_FIELD, &self.version, buf);
         }
-        buf.put_slice(&self.outbound_encoded);
-        prost::encoding::message::encode(INBOUND_FIELD, &*self.inbound, buf);
+        let (services, removed) = self.outbound_parts();
+        buf.put_slice(services);
+        if self.with_inbound {
+            prost::encoding::message::encode(INBOUND_FIELD, &*self.inbound, buf);
+        }
+        if self.base_version != 0 {
+            prost::encoding::uint64::encode(BASE_VERSION_FIELD, &self.base_version, buf);
+        }
+        if let Some(removed) = removed {
+            buf.put_slice(removed);
+        }
     }
 }
 
-/// What every agent's view shares: the encoding of the current outbound part, and the
-/// inbound limits of each (namespace, labels) for the current inbound part. Each is
-/// computed by the first agent that needs it and reused until the index moves on.
+impl PendingSnapshot {
+    /// The snapshot as one gRPC message in parts, in order: a new buffer with the 5-byte
+    /// gRPC prefix (uncompressed, the length) and the version; the services' shared
+    /// encoding, by reference; a new buffer with the inbound part and the base version;
+    /// the removals' shared encoding. Together they are the prefix and
+    /// [`PendingSnapshot::encode`]'s bytes; empty parts are left out.
+    pub fn chunks(&self) -> Vec<Bytes> {
+        let (services, removed) = self.outbound_parts();
+        // A message over 4 GiB cannot be built from a mesh in memory.
+        let len = u32::try_from(self.encoded_len()).unwrap_or(u32::MAX);
+        let mut head = BytesMut::with_capacity(5 + 10);
+        head.put_u8(0);
+        head.put_u32(len);
+        if self.version != 0 {
+            prost::encoding::uint64::encode(VERSION_FIELD, &self.version, &mut head);
+        }
+        let mut tail = BytesMut::new();
+        if self.with_inbound {
+            prost::encoding::message::encode(INBOUND_FIELD, &*self.inbound, &mut tail);
+        }
+        if self.base_version != 0 {
+            prost::encoding::uint64::encode(BASE_VERSION_FIELD, &self.base_version, &mut tail);
+        }
+        [
+            Some(head.freeze()),
+            Some(services.clone()),
+            Some(tail.freeze()),
+            removed.cloned(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|chunk| !chunk.is_empty())
+        .collect()
+    }
+}
+
+/// What every agent's view shares: the encoding of the current outbound part, the
+/// deltas to it from the outbound parts agents were last sent, and the inbound limits of
+/// each (namespace, labels) for the current inbound part. Each is computed by the first
+/// agent that needs it and reused until the index moves on.
 #[derive(Debug, Default)]
 pub struct ViewCache {
     /// For one outbound state: its variant per protocol level.
     outbound: Mutex<Option<(Arc<Outbound>, ByLevel)>>,
+    /// For one outbound state: the deltas to it, by the `changed_at` of the state they
+    /// start from and by protocol level.
+    deltas: Mutex<Option<(Arc<Outbound>, DeltasTo)>>,
     inbound: Mutex<InboundMemo>,
 }
 
 /// The variants of one outbound state, by protocol level.
 type ByLevel = HashMap<u32, SharedOutbound>;
+
+/// The deltas to one outbound state, by the `changed_at` of the state each starts
+/// from and by protocol level.
+type DeltasTo = HashMap<(u64, u32), SharedDelta>;
 
 /// The outbound part as agents of one protocol level get it.
 #[derive(Clone, Debug)]
@@ -140,12 +251,77 @@ struct SharedOutbound {
     held_back: Arc<[HeldBack]>,
 }
 
+/// What changed between two outbound states, as agents of one protocol level get it.
+#[derive(Clone, Debug)]
+struct SharedDelta {
+    changes: Arc<OutboundDelta>,
+    /// `changes.updated` as `Snapshot.services` fields.
+    updated_encoded: Bytes,
+    /// `changes.removed` as `Snapshot.removed_services` fields.
+    removed_encoded: Bytes,
+}
+
+/// The services added or changed, and the ones removed, between two outbound states.
+#[derive(Debug, Default, PartialEq)]
+pub struct OutboundDelta {
+    /// Added or changed, in the list's order (namespace, then name).
+    pub updated: Vec<proto::Service>,
+    /// Gone, in the same order.
+    pub removed: Vec<proto::ServiceRef>,
+}
+
+impl OutboundDelta {
+    /// What changed from `from` to `to`: a walk of both sorted lists comparing each
+    /// service's version, so its cost is the number of services, not their content.
+    pub fn between(from: &Outbound, to: &Outbound) -> Self {
+        fn key(s: &proto::Service) -> (&str, &str) {
+            (s.namespace.as_str(), s.name.as_str())
+        }
+        let mut delta = OutboundDelta::default();
+        let gone = |s: &proto::Service| proto::ServiceRef {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            version: to.changed_at,
+        };
+        let mut old = from.services.iter().peekable();
+        for service in &to.services {
+            while let Some(removed) = old.next_if(|o| key(o) < key(service)) {
+                delta.removed.push(gone(removed));
+            }
+            match old.next_if(|o| key(o) == key(service)) {
+                Some(before) if before.version == service.version => {}
+                _ => delta.updated.push(service.clone()),
+            }
+        }
+        delta.removed.extend(old.map(gone));
+        delta
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.updated.is_empty() && self.removed.is_empty()
+    }
+}
+
 /// Inbound limits by namespace and labels, for one inbound state.
 #[derive(Debug, Default)]
 struct InboundMemo {
     of: Option<Arc<Inbound>>,
     #[allow(clippy::type_complexity)]
     limits: HashMap<String, HashMap<BTreeMap<String, String>, (Arc<proto::Inbound>, u64)>>,
+}
+
+/// `messages` as repeated fields number `field`, in one buffer.
+fn encode_repeated<M: prost::Message>(field: u32, messages: &[M]) -> Bytes {
+    let len = messages
+        .iter()
+        .map(|m| prost::encoding::message::encoded_len(field, m))
+        .sum();
+    let mut buf = BytesMut::with_capacity(len);
+    for message in messages {
+        prost::encoding::message::encode(field, message, &mut buf);
+    }
+    buf.freeze()
 }
 
 impl ViewCache {
@@ -175,21 +351,38 @@ impl ViewCache {
                 held_back,
             ),
         };
-        let len = outbound
-            .services
-            .iter()
-            .map(|s| prost::encoding::message::encoded_len(SERVICES_FIELD, s))
-            .sum();
-        let mut buf = BytesMut::with_capacity(len);
-        for service in &outbound.services {
-            prost::encoding::message::encode(SERVICES_FIELD, service, &mut buf);
-        }
         let shared = SharedOutbound {
+            encoded: encode_repeated(SERVICES_FIELD, &outbound.services),
             outbound,
-            encoded: buf.freeze(),
             held_back: held_back.into(),
         };
         levels.insert(level, shared.clone());
+        shared
+    }
+
+    /// The delta from `from` to `to` as agents at protocol `level` get it: once per pair
+    /// of outbound states and level (every agent that was sent `from` shares it).
+    fn delta(&self, from: &Outbound, to: &Arc<Outbound>, level: u32) -> SharedDelta {
+        let mut cached = self.deltas.lock().unwrap_or_else(PoisonError::into_inner);
+        let deltas = match cached.as_mut() {
+            Some((of, deltas)) if Arc::ptr_eq(of, to) => deltas,
+            _ => &mut cached.insert((Arc::clone(to), HashMap::new())).1,
+        };
+        if let Some(found) = deltas.get(&(from.changed_at, level)) {
+            return found.clone();
+        }
+        let mut changes = OutboundDelta::between(from, to);
+        if let Some((services, _)) = compat::for_level(&changes.updated, level) {
+            // What is held back is reported from the whole view's variant; a delta
+            // only carries the stripped services.
+            changes.updated = services;
+        }
+        let shared = SharedDelta {
+            updated_encoded: encode_repeated(SERVICES_FIELD, &changes.updated),
+            removed_encoded: encode_repeated(REMOVED_FIELD, &changes.removed),
+            changes: Arc::new(changes),
+        };
+        deltas.insert((from.changed_at, level), shared.clone());
         shared
     }
 
@@ -233,15 +426,21 @@ impl AgentView {
             labels,
             cache,
             level: bulwark_proto::PROTOCOL_VERSION,
+            incremental: true,
             sent: None,
             sent_inbound: None,
+            resync: false,
+            owed: false,
+            last_whole: 0,
         }
     }
 
     /// The same view for an agent that speaks `protocol_version`: what it cannot
-    /// enforce is held back ([`compat`]).
+    /// enforce is held back ([`compat`]), and below
+    /// [`bulwark_proto::INCREMENTAL_SINCE`] every snapshot is the whole view.
     pub fn with_protocol(mut self, protocol_version: u32) -> Self {
         self.level = compat::level(protocol_version);
+        self.incremental = self.level >= bulwark_proto::INCREMENTAL_SINCE;
         self
     }
 
@@ -250,14 +449,33 @@ impl AgentView {
         self.sent.as_ref().map(|s| s.version)
     }
 
-    /// The next snapshot for this agent, or `None` when its content is unchanged.
+    /// The agent NACKed `version`. The view then sends the whole view at its next
+    /// snapshot (the agent holds an older version than the one deltas would start
+    /// from), and says whether that should go now: yes when a delta was refused (the
+    /// whole view may apply where the delta did not: the agent may have missed one),
+    /// no when the whole view itself was (it would be refused again; the next change
+    /// may mend it). A NACK of a version older than the last whole snapshot says
+    /// nothing new and changes nothing.
+    pub fn nacked(&mut self, version: u64) -> bool {
+        if !self.incremental || version < self.last_whole {
+            return false;
+        }
+        self.resync = true;
+        self.owed = version > self.last_whole;
+        self.owed
+    }
+
+    /// The next snapshot for this agent, or `None` when its content is unchanged (and
+    /// no whole view is owed after a NACK).
     pub fn update(&mut self, state: &IndexState) -> Option<PendingSnapshot> {
         let (inbound, inbound_changed_at) =
             self.cache
                 .inbound(&state.inbound, &self.namespace, &self.labels);
+        let inbound_same = self.sent_inbound.as_ref() == Some(&inbound);
         if let Some(sent) = &self.sent
+            && !self.owed
             && sent.outbound.changed_at == state.outbound.changed_at
-            && self.sent_inbound.as_ref() == Some(&inbound)
+            && inbound_same
         {
             return None;
         }
@@ -279,13 +497,40 @@ impl AgentView {
                 (stripped, all.into())
             }
         };
-        let snapshot = PendingSnapshot {
-            version,
-            outbound: shared.outbound,
-            outbound_encoded: shared.encoded,
-            inbound,
-            held_back,
+        let base = self
+            .sent
+            .as_ref()
+            .filter(|_| self.incremental && !self.resync);
+        let snapshot = match base {
+            Some(sent) => PendingSnapshot {
+                version,
+                base_version: sent.version,
+                delta: Some(
+                    self.cache
+                        .delta(&sent.outbound, &state.outbound, self.level),
+                ),
+                outbound: shared.outbound,
+                outbound_encoded: Bytes::new(),
+                inbound,
+                with_inbound: !inbound_same,
+                held_back,
+            },
+            None => {
+                self.last_whole = version;
+                PendingSnapshot {
+                    version,
+                    base_version: 0,
+                    delta: None,
+                    outbound: shared.outbound,
+                    outbound_encoded: shared.encoded,
+                    inbound,
+                    with_inbound: true,
+                    held_back,
+                }
+            }
         };
+        self.resync = false;
+        self.owed = false;
         self.sent = Some(snapshot.clone());
         Some(snapshot)
     }
@@ -317,6 +562,7 @@ mod tests {
 
     struct Mesh {
         index: Index,
+        cache: Arc<ViewCache>,
         frontend: AgentView,
         catalog: AgentView,
         other_namespace: AgentView,
@@ -331,6 +577,7 @@ mod tests {
             };
             let mut mesh = Mesh {
                 index: Index::new(START, model, Arc::new(Metrics::new())),
+                cache: Arc::clone(&cache),
                 frontend: shared("demo", &[("app", "frontend"), ("pod", "a")]),
                 catalog: shared("demo", &[("app", "catalog")]),
                 other_namespace: shared("prod", &[("app", "frontend")]),
@@ -666,12 +913,28 @@ mod tests {
         let state = mesh.index.state();
         let a = mesh.frontend.update(&state).unwrap();
         let b = mesh.other_namespace.update(&state).unwrap();
-        assert_eq!(
-            a.outbound_encoded.as_ptr(),
-            b.outbound_encoded.as_ptr(),
-            "one buffer for every agent"
+        let (a_delta, b_delta) = (a.delta.as_ref().unwrap(), b.delta.as_ref().unwrap());
+        assert!(
+            Arc::ptr_eq(&a_delta.changes, &b_delta.changes),
+            "one delta for every agent sent the same state"
         );
-        assert_eq!(a.to_snapshot().services.len(), 5);
+        assert_eq!(
+            a_delta.updated_encoded.as_ptr(),
+            b_delta.updated_encoded.as_ptr()
+        );
+        assert_eq!(a.to_snapshot().services.len(), 1, "only the new service");
+        let fresh = |namespace: &str| {
+            AgentView::new(namespace, labels(&[("app", "x")]), Arc::clone(&mesh.cache))
+                .update(&state)
+                .unwrap()
+        };
+        let (c, d) = (fresh("demo"), fresh("prod"));
+        assert_eq!(
+            c.outbound_encoded.as_ptr(),
+            d.outbound_encoded.as_ptr(),
+            "one buffer of the whole view for every agent"
+        );
+        assert_eq!(c.to_snapshot().services.len(), 5);
     }
 
     #[test]
@@ -799,5 +1062,245 @@ mod tests {
             Arc::ptr_eq(&current.outbound, &state.outbound),
             "no copy for current agents"
         );
+    }
+
+    fn resilience(service: &str, attempts: u32) -> String {
+        format!(
+            "apiVersion: bulwark.io/v1alpha1\nkind: ResiliencePolicy\n\
+             metadata: {{name: {service}, namespace: demo}}\n\
+             spec: {{targetRefs: [{{kind: Service, name: {service}}}], retry: {{attempts: {attempts}}}}}\n"
+        )
+    }
+
+    fn names(services: &[proto::Service]) -> Vec<&str> {
+        services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn after_the_first_snapshot_an_agent_gets_only_what_changed() {
+        let mut mesh = Mesh::new(&examples());
+        let edited = with_document(examples(), &resilience("reviews", 4));
+        mesh.index.apply(&edited);
+        let state = mesh.index.state();
+        let snapshot = mesh.catalog.update(&state).unwrap();
+        assert_eq!(snapshot.base_version(), Some(START));
+        let message = snapshot.to_snapshot();
+        assert_eq!(names(&message.services), ["reviews"]);
+        assert_eq!(message.services[0].version, START + 1);
+        assert!(message.removed_services.is_empty());
+        assert!(message.inbound.is_none(), "the inbound part did not change");
+        let mut bytes = Vec::new();
+        snapshot.encode(&mut bytes);
+        assert_eq!(bytes, message.encode_to_vec());
+        assert_eq!(bytes.len(), snapshot.encoded_len());
+        assert!(
+            bytes.len() < 1024,
+            "one changed service costs under 1 KiB: {}",
+            bytes.len()
+        );
+
+        // A service removed: named in the next delta with its revision.
+        let mut without = edited;
+        without
+            .services
+            .retain(|name, _| name.name.as_str() != "payments");
+        mesh.index.apply(&without);
+        let snapshot = mesh.catalog.update(&mesh.index.state()).unwrap();
+        assert_eq!(snapshot.base_version(), Some(START + 1));
+        let message = snapshot.to_snapshot();
+        let removed: Vec<_> = message
+            .removed_services
+            .iter()
+            .map(|r| (r.namespace.as_str(), r.name.as_str(), r.version))
+            .collect();
+        assert_eq!(removed, [("demo", "payments", START + 2)]);
+        let mut bytes = Vec::new();
+        snapshot.encode(&mut bytes);
+        assert_eq!(bytes, message.encode_to_vec());
+    }
+
+    #[test]
+    fn the_chunks_are_the_grpc_message_and_share_the_services_encoding() {
+        let mut mesh = Mesh::new(&examples());
+        mesh.index
+            .apply(&with_document(examples(), &resilience("reviews", 4)));
+        let state = mesh.index.state();
+        let delta = mesh.frontend.update(&state).unwrap();
+        let whole = view("demo", labels(&[("app", "frontend")]))
+            .update(&state)
+            .unwrap();
+        for snapshot in [&delta, &whole] {
+            let mut expected = vec![0];
+            expected.extend(u32::try_from(snapshot.encoded_len()).unwrap().to_be_bytes());
+            snapshot.encode(&mut expected);
+            assert_eq!(snapshot.chunks().concat(), expected);
+        }
+        assert_eq!(
+            whole.chunks()[1].as_ptr(),
+            whole.outbound_encoded.as_ptr(),
+            "the services go by reference"
+        );
+    }
+
+    #[test]
+    fn an_agent_below_protocol_6_gets_the_whole_view_at_every_change() {
+        let cache = Arc::new(ViewCache::new());
+        let mut index = Index::new(START, &examples(), Arc::new(Metrics::new()));
+        let mut old = AgentView::new("demo", labels(&[("app", "catalog")]), Arc::clone(&cache))
+            .with_protocol(5);
+        let mut new = AgentView::new("demo", labels(&[("app", "catalog")]), cache);
+        let _ = (old.update(&index.state()), new.update(&index.state()));
+        index.apply(&with_document(examples(), &resilience("reviews", 4)));
+        let state = index.state();
+        let whole = old.update(&state).unwrap();
+        assert_eq!(whole.base_version(), None);
+        assert_eq!(whole.to_snapshot().services.len(), 4);
+        let delta = new.update(&state).unwrap();
+        assert_eq!(delta.version(), whole.version(), "one version for both");
+        let mut applied = fresh_whole(&examples_state(), "catalog");
+        bulwark_proto::delta::apply(&mut applied, delta.to_snapshot()).unwrap();
+        assert_eq!(
+            applied,
+            whole.to_snapshot(),
+            "the delta ends where the whole view is"
+        );
+    }
+
+    fn examples_state() -> Arc<IndexState> {
+        Index::new(START, &examples(), Arc::new(Metrics::new())).state()
+    }
+
+    /// The whole view a fresh agent with `app` gets of `state`.
+    fn fresh_whole(state: &IndexState, app: &str) -> proto::Snapshot {
+        view("demo", labels(&[("app", app)]))
+            .update(state)
+            .unwrap()
+            .to_snapshot()
+    }
+
+    #[test]
+    fn a_nacked_delta_is_answered_with_the_whole_view_and_a_nacked_whole_view_waits() {
+        let mut mesh = Mesh::new(&examples());
+        mesh.index
+            .apply(&with_document(examples(), &resilience("reviews", 4)));
+        let delta = mesh.catalog.update(&mesh.index.state()).unwrap();
+        assert_eq!(delta.base_version(), Some(START));
+        assert!(
+            mesh.catalog.nacked(delta.version()),
+            "send the whole view now"
+        );
+        let whole = mesh.catalog.update(&mesh.index.state()).unwrap();
+        assert_eq!(whole.base_version(), None);
+        assert_eq!(
+            whole.version(),
+            delta.version() + 1,
+            "versions never repeat"
+        );
+        assert!(mesh.catalog.update(&mesh.index.state()).is_none());
+        assert!(
+            !mesh.catalog.nacked(delta.version()),
+            "a NACK from before the whole view changes nothing"
+        );
+        assert!(mesh.catalog.update(&mesh.index.state()).is_none());
+
+        // The whole view refused: nothing now (it would be refused again), the whole
+        // view again at the next change.
+        assert!(!mesh.catalog.nacked(whole.version()));
+        assert!(mesh.catalog.update(&mesh.index.state()).is_none());
+        mesh.index
+            .apply(&with_document(examples(), &resilience("reviews", 5)));
+        let next = mesh.catalog.update(&mesh.index.state()).unwrap();
+        assert_eq!(next.base_version(), None);
+        let after = {
+            mesh.index
+                .apply(&with_document(examples(), &resilience("reviews", 6)));
+            mesh.catalog.update(&mesh.index.state()).unwrap()
+        };
+        assert_eq!(after.base_version(), Some(next.version()), "deltas again");
+    }
+
+    /// A small random mesh: `services` services, some with a policy, some gone.
+    fn random_model(rng: &mut fastrand::Rng) -> Model {
+        let mut yaml = String::new();
+        for n in 0..12 {
+            if rng.u8(..4) == 0 {
+                continue;
+            }
+            yaml.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{n}, namespace: demo}}\n\
+                 spec: {{ports: [{{port: {}}}]}}\n",
+                80 + u32::from(rng.u8(..2))
+            ));
+            if rng.bool() {
+                yaml.push_str("---\n");
+                yaml.push_str(&resilience(&format!("svc-{n}"), 1 + u32::from(rng.u8(..3))));
+            }
+        }
+        if rng.bool() {
+            yaml.push_str(
+                "---\napiVersion: bulwark.io/v1alpha1\nkind: RateLimitPolicy\n\
+                 metadata: {name: catalog, namespace: demo}\n\
+                 spec:\n  targetRefs: [{kind: Service, name: catalog}]\n\
+                 \x20 limits: [{name: total, rate: {requests: 50, per: 1s}}]\n",
+            );
+        }
+        with_document(examples(), &yaml)
+    }
+
+    /// For random sequences of changes, an agent that applies every snapshot it gets
+    /// (the changes in each delta shuffled, some deltas NACKed and answered with the
+    /// whole view, several changes coalesced into one delta) holds what a fresh agent
+    /// gets whole. A deterministic randomized test (fixed seeds), not proptest, which
+    /// is not a dependency.
+    #[test]
+    fn deltas_in_any_order_end_where_the_whole_view_is() {
+        for seed in 0..64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let cache = Arc::new(ViewCache::new());
+            let mut index = Index::new(START, &random_model(&mut rng), Arc::new(Metrics::new()));
+            let mut view = AgentView::new("demo", labels(&[("app", "catalog")]), cache);
+            let mut held = view.update(&index.state()).unwrap().to_snapshot();
+            for step in 0..24 {
+                index.apply(&random_model(&mut rng));
+                // Coalescing: a slow agent's stream takes a snapshot now and then.
+                if rng.u8(..3) == 0 {
+                    continue;
+                }
+                let Some(snapshot) = view.update(&index.state()) else {
+                    continue;
+                };
+                let mut message = snapshot.to_snapshot();
+                rng.shuffle(&mut message.services);
+                rng.shuffle(&mut message.removed_services);
+                if snapshot.base_version().is_some() && rng.u8(..5) == 0 {
+                    // A delta refused: the agent keeps what it holds. (A whole view is
+                    // refused only for its content, which the next change must mend;
+                    // the test above covers it.)
+                    view.nacked(message.version);
+                    continue;
+                }
+                match bulwark_proto::delta::apply(&mut held, message) {
+                    Ok(()) => {}
+                    Err(error) => {
+                        assert!(
+                            view.nacked(snapshot.version()),
+                            "seed {seed} step {step}: {error}"
+                        );
+                    }
+                }
+            }
+            // Let the agent catch up, as its stream would.
+            while let Some(snapshot) = view.update(&index.state()) {
+                if let Err(error) = bulwark_proto::delta::apply(&mut held, snapshot.to_snapshot()) {
+                    assert!(view.nacked(snapshot.version()), "seed {seed}: {error}");
+                }
+            }
+            let mut whole = fresh_whole(&index.state(), "catalog");
+            whole.version = held.version;
+            // A whole view received shuffled keeps its order; order means nothing.
+            held.services
+                .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            assert_eq!(held, whole, "seed {seed}");
+        }
     }
 }

@@ -57,6 +57,8 @@ pub(super) fn services(
                     .iter()
                     .map(ToString::to_string)
                     .collect(),
+                // Stamped by the index, which knows the previous list.
+                version: 0,
             }
         })
         .collect()
