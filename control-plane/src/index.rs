@@ -351,7 +351,8 @@ impl Index {
         let current = self.state();
         let revision = current.revision + 1;
         let same_outbound = !stamp(&current.outbound.services, &mut services, revision);
-        if same_outbound && current.inbound.same_limits(&limits) {
+        let same_inbound = current.inbound.same_limits(&limits);
+        if same_outbound && same_inbound {
             return false;
         }
         let outbound = if same_outbound {
@@ -362,10 +363,18 @@ impl Index {
                 changed_at: revision,
             })
         };
-        let inbound = Arc::new(Inbound::build(&current.inbound, limits, revision));
+        // An unchanged part is shared with the previous state, not rebuilt: views key
+        // what they computed from it (encodings, per-label-set limits) by its `Arc`, so a
+        // change to one part leaves the work done for the other valid.
+        let inbound = if same_inbound {
+            Arc::clone(&current.inbound)
+        } else {
+            Arc::new(Inbound::build(&current.inbound, limits, revision))
+        };
         info!(
             revision,
             outbound_changed = !same_outbound,
+            inbound_changed = !same_inbound,
             services = outbound.services.len(),
             "configuration changed"
         );

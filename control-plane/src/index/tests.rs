@@ -394,6 +394,34 @@ fn publishes_a_new_revision_only_when_something_visible_changed() {
         Arc::ptr_eq(&outbound_before, &state.outbound),
         "an unchanged outbound part is shared, not rebuilt"
     );
+
+    // A change to outbound policy only: the inbound part is shared, so what agents'
+    // views computed from it (their limits, per label set) stays valid.
+    let inbound_before = state.inbound.clone();
+    let retried = with_document(
+        edited,
+        "apiVersion: bulwark.io/v1alpha1\nkind: ResiliencePolicy\n\
+         metadata: {name: reviews, namespace: demo}\n\
+         spec: {targetRefs: [{kind: Service, name: reviews}], retry: {attempts: 5}}\n",
+    );
+    assert!(idx.apply(&retried));
+    let state = idx.state();
+    assert!(
+        Arc::ptr_eq(&inbound_before, &state.inbound),
+        "an unchanged inbound part is shared, not rebuilt"
+    );
+    let changed: Vec<_> = state
+        .outbound
+        .services
+        .iter()
+        .filter(|s| s.version == state.revision)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(
+        changed,
+        ["reviews"],
+        "only the changed service has a new version"
+    );
 }
 
 fn authorization(m: &Model, labels: &[(&str, &str)]) -> (Vec<proto::AuthorizationPolicy>, u64) {
