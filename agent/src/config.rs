@@ -222,13 +222,6 @@ impl Config {
         Ok(())
     }
 
-    /// The services in force with their versions, by namespace then name.
-    pub fn service_versions(&self) -> impl Iterator<Item = (&str, &str, u64)> {
-        self.services
-            .iter()
-            .map(|((namespace, name), svc)| (namespace.as_str(), name.as_str(), svc.version))
-    }
-
     /// Every destination.
     pub fn destinations(&self) -> &[Arc<Destination>] {
         &self.destinations
@@ -379,6 +372,13 @@ impl Config {
             .collect();
         json!({
             "version": self.version,
+            // The version of each service in force (`Service.version`): what a delta
+            // changed, and what the control plane's index says for comparison.
+            "services": self.services.iter().map(|((namespace, name), svc)| json!({
+                "namespace": namespace,
+                "name": name,
+                "version": svc.version,
+            })).collect::<Vec<_>>(),
             "destinations": destinations,
             "inbound": {
                 "rateLimits": limits,
@@ -828,7 +828,18 @@ mod tests {
             let mut view = random_view(&mut rng, 1);
             let mut config = Config::build(&view, &Config::default(), &metrics).unwrap();
             for version in 2..16 {
-                let next = random_view(&mut rng, version);
+                let mut next = random_view(&mut rng, version);
+                // As the control plane stamps them: an unchanged service keeps its version.
+                for service in &mut next.services {
+                    if let Some(old) = view.services.iter().find(|o| o.name == service.name)
+                        && (v1::Service {
+                            version: old.version,
+                            ..service.clone()
+                        }) == *old
+                    {
+                        service.version = old.version;
+                    }
+                }
                 let mut delta = delta_between(&view, &next);
                 rng.shuffle(&mut delta.services);
                 rng.shuffle(&mut delta.removed_services);
@@ -851,6 +862,7 @@ mod tests {
         let kept = first.services[0].clone();
         let mut changed = first.services[1].clone();
         changed.ports[0].endpoints[0].address = "10.9.9.9:8080".into();
+        changed.version = 2;
         let delta = v1::Snapshot {
             version: 2,
             base_version: 1,
@@ -876,6 +888,22 @@ mod tests {
             next.to_json()["inbound"],
             config.to_json()["inbound"],
             "absent: unchanged"
+        );
+        let versions: Vec<_> = next.to_json()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_owned(),
+                    s["version"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert!(versions.contains(&(kept.name.clone(), 1)), "{versions:?}");
+        assert!(
+            versions.contains(&(first.services[1].name.clone(), 2)),
+            "the delta set it: {versions:?}"
         );
 
         let stale = v1::Snapshot {
