@@ -1,6 +1,8 @@
 //! The control-plane scale bench: one process simulates N agents as real gRPC discovery
 //! streams (several per HTTP/2 connection), a policy file is changed, and each agent
-//! records when the new version reached it and it sent its ACK.
+//! records when the new version reached it and it sent its ACK. With several replicas,
+//! the connections are spread over them (as a Service spreads agents) and the CPU and
+//! memory figures are the replicas' sums.
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,8 @@ pub struct Scenario {
     pub services: usize,
     /// Agents sharing one HTTP/2 connection.
     pub agents_per_connection: usize,
+    /// Control-plane replicas serving the agents, each over the same folder.
+    pub replicas: usize,
 }
 
 /// What a scenario measured.
@@ -260,15 +264,19 @@ pub async fn run(
     let nowhere = "127.0.0.1:9".parse().context("a literal address")?;
     let mesh = MeshDir::new(nowhere, scenario.services, Policies::None)?;
     mesh.write("policies.yaml", &policies(scenario.services, 2))?;
-    let mut cp = ControlPlane::start(layout, &mesh, DEBOUNCE, cpus).await?;
-    let pid = cp.proc.pid();
-    let before_connect = procstat::sample(pid, ticks)?;
+    let mut replicas = Vec::with_capacity(scenario.replicas.max(1));
+    for _ in 0..scenario.replicas.max(1) {
+        replicas.push(ControlPlane::start(layout, &mesh, DEBOUNCE, cpus).await?);
+    }
+    let pids: Vec<u32> = replicas.iter().map(|cp| cp.proc.pid()).collect();
+    let before_connect = sample_all(&pids, ticks)?;
 
     let connections = scenario
         .agents
         .div_ceil(scenario.agents_per_connection.max(1));
     let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
+    for n in 0..connections {
+        let cp = &replicas[n % replicas.len()];
         let channel = Endpoint::from_shared(format!("http://{}", cp.grpc))?
             .connect()
             .await
@@ -305,10 +313,12 @@ pub async fn run(
         }
     }
     let connect_all = start.elapsed();
-    cp.proc.check_alive()?;
+    for cp in &mut replicas {
+        cp.proc.check_alive()?;
+    }
     // Let the first ACKs land before the change.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = procstat::sample(pid, ticks)?;
+    let before = sample_all(&pids, ticks)?;
 
     let changed_at = Instant::now();
     change_tx.send_replace(Some(changed_at));
@@ -331,9 +341,15 @@ pub async fn run(
             None => bail!("the simulated agents stopped early"),
         }
     }
-    let acked_at_control_plane = wait_acks(cp.admin, 2 * scenario.agents as u64, changed_at).await;
-    let after = procstat::sample(pid, ticks)?;
-    let agents_page_bytes = page_size(cp.admin, "/agents").await;
+    let admins: Vec<_> = replicas.iter().map(|cp| cp.admin).collect();
+    let acked_at_control_plane = wait_acks(&admins, 2 * scenario.agents as u64, changed_at).await;
+    let after = sample_all(&pids, ticks)?;
+    let mut agents_page_bytes = None;
+    for admin in &admins {
+        if let Some(bytes) = page_size(*admin, "/agents").await {
+            agents_page_bytes = Some(agents_page_bytes.unwrap_or(0) + bytes);
+        }
+    }
     let result = ScaleResult {
         scenario,
         connect_all,
@@ -347,22 +363,47 @@ pub async fn run(
         agents_page_bytes,
     };
     drop(done_rx);
-    cp.proc.stop().await;
+    for cp in replicas {
+        cp.proc.stop().await;
+    }
     Ok(result)
 }
 
-/// Polls the control plane's ACK counter until it reaches `acks`; the time since `since`.
-async fn wait_acks(admin: std::net::SocketAddr, acks: u64, since: Instant) -> Option<Duration> {
+/// The replicas' CPU time and memory, summed.
+fn sample_all(pids: &[u32], ticks: u64) -> anyhow::Result<procstat::Sample> {
+    let mut sum = procstat::Sample {
+        cpu: Duration::ZERO,
+        rss_kib: 0,
+        peak_rss_kib: 0,
+    };
+    for pid in pids {
+        let one = procstat::sample(*pid, ticks)?;
+        sum.cpu += one.cpu;
+        sum.rss_kib += one.rss_kib;
+        sum.peak_rss_kib += one.peak_rss_kib;
+    }
+    Ok(sum)
+}
+
+/// Polls the replicas' ACK counters until they reach `acks` together; the time since
+/// `since`.
+async fn wait_acks(admins: &[std::net::SocketAddr], acks: u64, since: Instant) -> Option<Duration> {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
-        let (_, text) = sut::fetch(admin, "/metrics").await?;
-        let counted = text.lines().find_map(|l| {
-            l.strip_prefix("bulwark_cp_acks_total ")?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        });
-        if counted.is_some_and(|c| c as u64 >= acks) {
+        let mut counted = 0;
+        for admin in admins {
+            let (_, text) = sut::fetch(*admin, "/metrics").await?;
+            counted += text
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("bulwark_cp_acks_total ")?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .map_or(0, |c| c as u64);
+        }
+        if counted >= acks {
             return Some(since.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -171,6 +171,9 @@ struct RunArgs {
     /// Simulated agents per HTTP/2 connection.
     #[arg(long, env = "BENCH_AGENTS_PER_CONNECTION", default_value_t = 10)]
     agents_per_connection: usize,
+    /// Control-plane replicas in the control-plane scenarios (agents spread over them).
+    #[arg(long, env = "BENCH_CP_REPLICAS", default_value_t = 1)]
+    cp_replicas: usize,
     /// CPUs (a `taskset -c` list) for the proxies and the control plane; empty: no pinning.
     #[arg(long, env = "BENCH_PROXY_CPUS", default_value = "1")]
     proxy_cpus: String,
@@ -374,6 +377,7 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
                 agents,
                 services: services.max(1),
                 agents_per_connection: args.agents_per_connection,
+                replicas: args.cp_replicas.max(1),
             });
         }
     }
@@ -415,14 +419,15 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
     text.push_str(&machine::describe(haproxy.as_deref()));
     text.push_str(&format!(
         "- command: `make bench` with BENCH_RATES={} BENCH_DURATION={} BENCH_SATURATION={} \
-         BENCH_CONCURRENCY={} BENCH_AGENTS={} BENCH_CP_SERVICES={} BENCH_PROXY_CPUS={} \
-         BENCH_LOAD_CPUS={} BENCH_MTLS_ROUNDS={} BENCH_CERT_AGENTS={}\n",
+         BENCH_CONCURRENCY={} BENCH_AGENTS={} BENCH_CP_SERVICES={} BENCH_CP_REPLICAS={} \
+         BENCH_PROXY_CPUS={} BENCH_LOAD_CPUS={} BENCH_MTLS_ROUNDS={} BENCH_CERT_AGENTS={}\n",
         join(&args.rates),
         args.duration,
         args.saturation,
         args.concurrency,
         join(&args.agents),
         join(&args.cp_services),
+        args.cp_replicas,
         args.proxy_cpus,
         args.load_cpus,
         args.mtls_rounds,

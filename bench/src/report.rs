@@ -353,7 +353,11 @@ fn scale(out: &mut String, results: &Results) {
         let _ = writeln!(
             out,
             "| {} | {} | {:.2} | {} / {} / {} | {} | {} ({}) | {:.3} | {:.2} | {} / {} | {} |",
-            s.scenario.agents,
+            if s.scenario.replicas > 1 {
+                format!("{} on {} replicas", s.scenario.agents, s.scenario.replicas)
+            } else {
+                s.scenario.agents.to_string()
+            },
             s.scenario.services,
             s.connect_all.as_secs_f64(),
             q(0.5),
