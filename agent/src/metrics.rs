@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -146,18 +146,13 @@ const LATENCY_BUCKETS: [f64; 15] = [
 /// Every metric family the agent exports.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<Labels, Counter>,
-    durations: Family<Labels, Histogram>,
-    local_responses: Family<Labels, Counter>,
-    retries: Family<Labels, Counter>,
-    recovered: Family<Labels, Counter>,
-    budget_exhausted: Family<Labels, Counter>,
-    bulkhead_rejected: Family<Labels, Counter>,
+    /// The families of destinations' series (their handles, shared with every
+    /// [`DstMetrics`]).
+    dst_families: Arc<DstFamilies>,
     rate_limited: Family<Labels, Counter>,
     unauthorized: Family<Labels, Counter>,
     shadow_unauthorized: Family<Labels, Counter>,
     passthrough: Counter,
-    tcp_connections: Family<Labels, Counter>,
     passthrough_connections: Counter,
     config_version: Gauge,
     config_updates: Family<Labels, Counter>,
@@ -467,18 +462,21 @@ impl Metrics {
             callers: CallerLabels::new(max_callers, caller_overflow),
             tls,
             registry,
-            requests,
-            durations,
-            local_responses,
-            retries,
-            recovered,
-            budget_exhausted,
-            bulkhead_rejected,
+            dst_families: Arc::new(DstFamilies {
+                requests,
+                durations,
+                tcp_connections,
+                retries,
+                recovered,
+                budget_exhausted,
+                bulkhead_rejected,
+                local_responses,
+                refused_requests: connections.refused_requests.clone(),
+            }),
             rate_limited,
             unauthorized,
             shadow_unauthorized,
             passthrough,
-            tcp_connections,
             passthrough_connections,
             config_version,
             config_updates,
@@ -567,28 +565,21 @@ impl Metrics {
         }
     }
 
-    /// Resolves the handles of one destination's request-path metrics.
+    /// The handles of one destination's request-path metrics (no series made yet).
     pub fn destination(&self, direction: Direction, dst: &str) -> DstMetrics {
-        self.resolve(direction, dst, None)
+        DstMetrics::new(&self.dst_families, direction, dst)
     }
 
-    /// Resolves the handles of an inbound destination's (`localhost:PORT`) metrics for
+    /// The handles of an inbound destination's (`localhost:PORT`) metrics for
     /// requests and connections from `caller`.
     pub fn inbound(&self, dst: &str, caller: &CallerLabel) -> DstMetrics {
-        self.resolve(Direction::Inbound, dst, Some(caller))
+        self.destination(Direction::Inbound, dst).for_caller(caller)
     }
 
     /// The handles of `base`'s destination for requests and connections from `caller`:
-    /// only the series labelled by caller are resolved again (once per connection).
+    /// only the series labelled by caller are its own (made on first use).
     pub fn from_caller(&self, base: &DstMetrics, caller: &CallerLabel) -> DstMetrics {
-        let (status, duration, tcp_connections) =
-            self.by_caller(base.direction, &base.dst, Some(caller));
-        DstMetrics {
-            status,
-            duration,
-            tcp_connections,
-            ..base.clone()
-        }
+        base.for_caller(caller)
     }
 
     /// The `caller` label of an identity (`namespace`, `serviceaccount`), or of a
@@ -596,59 +587,6 @@ impl Metrics {
     /// beyond it. Takes a lock: once per connection, never per request.
     pub fn caller_label(&self, identity: Option<(&str, &str)>) -> CallerLabel {
         self.callers.label(identity)
-    }
-
-    fn resolve(&self, direction: Direction, dst: &str, caller: Option<&CallerLabel>) -> DstMetrics {
-        let dst_only = || vec![("dst", dst.to_owned())];
-        let (status, duration, tcp_connections) = self.by_caller(direction, dst, caller);
-        DstMetrics {
-            direction,
-            dst: dst.into(),
-            status,
-            duration,
-            retries: self.retries.get_or_create(&dst_only()).clone(),
-            recovered: self.recovered.get_or_create(&dst_only()).clone(),
-            budget_exhausted: self.budget_exhausted.get_or_create(&dst_only()).clone(),
-            bulkhead_rejected: self.bulkhead_rejected.get_or_create(&dst_only()).clone(),
-            local_responses: self.local_responses.clone(),
-            tcp_connections,
-            refused_requests: self.connections.refused_requests.clone(),
-        }
-    }
-
-    /// The series of a destination that carry the caller, when there is one.
-    fn by_caller(
-        &self,
-        direction: Direction,
-        dst: &str,
-        caller: Option<&CallerLabel>,
-    ) -> ([Counter; 5], Histogram, Counter) {
-        let base = || {
-            let mut l = vec![
-                ("direction", direction.as_str().to_owned()),
-                ("dst", dst.to_owned()),
-            ];
-            if let Some(caller) = caller {
-                l.push(("caller", caller.as_str().to_owned()));
-            }
-            l
-        };
-        let by_class = |class: &str| {
-            let mut l = base();
-            l.push(("status_class", class.to_owned()));
-            self.requests.get_or_create(&l).clone()
-        };
-        (
-            [
-                by_class("1xx"),
-                by_class("2xx"),
-                by_class("3xx"),
-                by_class("4xx"),
-                by_class("5xx"),
-            ],
-            self.durations.get_or_create(&base()).clone(),
-            self.tcp_connections.get_or_create(&base()).clone(),
-        )
     }
 
     /// Counts a 429 from one rate limit.
@@ -717,26 +655,128 @@ impl Metrics {
     }
 }
 
-/// Request-path metric handles of one destination (cheap clones of atomics).
+/// Request-path metric handles of one destination (cheap clones). No series exists
+/// until it is first used, so a destination never called costs the agent nothing in
+/// the metrics registry and `/metrics` no lines; once made, a series is one atomic load
+/// away.
 #[derive(Clone, Debug)]
 pub struct DstMetrics {
     direction: Direction,
     dst: Arc<str>,
+    caller: Option<CallerLabel>,
+    families: Arc<DstFamilies>,
+    /// The series labelled by the caller (if any), made on first use.
+    by_caller: Arc<OnceLock<CallerSeries>>,
+    /// The series of the destination alone, made on first use, shared by its callers.
+    by_dst: Arc<OnceLock<DstSeries>>,
+}
+
+/// The metric families a destination's series live in (handles to the registered ones).
+#[derive(Debug, Clone)]
+struct DstFamilies {
+    requests: Family<Labels, Counter>,
+    durations: Family<Labels, Histogram>,
+    tcp_connections: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    recovered: Family<Labels, Counter>,
+    budget_exhausted: Family<Labels, Counter>,
+    bulkhead_rejected: Family<Labels, Counter>,
+    local_responses: Family<Labels, Counter>,
+    refused_requests: Family<Labels, Counter>,
+}
+
+/// A destination's series that carry the caller, when there is one.
+#[derive(Debug)]
+struct CallerSeries {
     status: [Counter; 5],
     duration: Histogram,
+    tcp_connections: Counter,
+}
+
+/// A destination's series that carry no caller.
+#[derive(Debug)]
+struct DstSeries {
     retries: Counter,
     recovered: Counter,
     budget_exhausted: Counter,
     bulkhead_rejected: Counter,
-    local_responses: Family<Labels, Counter>,
-    tcp_connections: Counter,
-    refused_requests: Family<Labels, Counter>,
 }
 
 impl DstMetrics {
+    fn new(families: &Arc<DstFamilies>, direction: Direction, dst: &str) -> Self {
+        Self {
+            direction,
+            dst: dst.into(),
+            caller: None,
+            families: Arc::clone(families),
+            by_caller: Arc::default(),
+            by_dst: Arc::default(),
+        }
+    }
+
+    /// These handles for requests and connections from `caller`: the series labelled
+    /// by caller are its own, the others shared.
+    fn for_caller(&self, caller: &CallerLabel) -> Self {
+        Self {
+            caller: Some(caller.clone()),
+            by_caller: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// The `direction`, `dst` and (if any) `caller` labels.
+    fn caller_labels(&self) -> Labels {
+        let mut l = vec![
+            ("direction", self.direction.as_str().to_owned()),
+            ("dst", self.dst.to_string()),
+        ];
+        if let Some(caller) = &self.caller {
+            l.push(("caller", caller.as_str().to_owned()));
+        }
+        l
+    }
+
+    fn by_caller(&self) -> &CallerSeries {
+        self.by_caller.get_or_init(|| {
+            let f = &self.families;
+            let by_class = |class: &str| {
+                let mut l = self.caller_labels();
+                l.push(("status_class", class.to_owned()));
+                f.requests.get_or_create(&l).clone()
+            };
+            CallerSeries {
+                status: [
+                    by_class("1xx"),
+                    by_class("2xx"),
+                    by_class("3xx"),
+                    by_class("4xx"),
+                    by_class("5xx"),
+                ],
+                duration: f.durations.get_or_create(&self.caller_labels()).clone(),
+                tcp_connections: f
+                    .tcp_connections
+                    .get_or_create(&self.caller_labels())
+                    .clone(),
+            }
+        })
+    }
+
+    fn by_dst(&self) -> &DstSeries {
+        self.by_dst.get_or_init(|| {
+            let f = &self.families;
+            let l = vec![("dst", self.dst.to_string())];
+            DstSeries {
+                retries: f.retries.get_or_create(&l).clone(),
+                recovered: f.recovered.get_or_create(&l).clone(),
+                budget_exhausted: f.budget_exhausted.get_or_create(&l).clone(),
+                bulkhead_rejected: f.bulkhead_rejected.get_or_create(&l).clone(),
+            }
+        })
+    }
+
     /// Counts an opaque TCP connection proxied to this destination.
     pub fn tcp_connection(&self) {
-        self.tcp_connections.inc();
+        self.by_caller().tcp_connections.inc();
     }
 
     /// The destination label (`reviews.demo:80`).
@@ -747,14 +787,16 @@ impl DstMetrics {
     /// Records a finished request (response headers sent downstream).
     pub fn response(&self, status: http::StatusCode, elapsed: std::time::Duration) {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.status[class].inc();
-        self.duration.observe(elapsed.as_secs_f64());
+        let series = self.by_caller();
+        series.status[class].inc();
+        series.duration.observe(elapsed.as_secs_f64());
     }
 
     /// Counts a response the agent made itself. Reasons are few, so the
     /// family lookup here is rare and bounded.
     pub fn local_response(&self, reason: &'static str) {
-        self.local_responses
+        self.families
+            .local_responses
             .get_or_create(&vec![
                 ("direction", self.direction.as_str().to_owned()),
                 ("dst", self.dst.to_string()),
@@ -762,14 +804,15 @@ impl DstMetrics {
             ])
             .inc();
         if reason == crate::reason::BULKHEAD_FULL {
-            self.bulkhead_rejected.inc();
+            self.by_dst().bulkhead_rejected.inc();
         }
     }
 
     /// Counts a request of this destination refused as the client's fault (e.g. a
     /// broken chunked body), on the listener of its direction.
     pub fn refused_request(&self, reason: &'static str) {
-        self.refused_requests
+        self.families
+            .refused_requests
             .get_or_create(&vec![
                 ("listener", self.direction.as_str().to_owned()),
                 ("reason", reason.to_owned()),
@@ -779,17 +822,17 @@ impl DstMetrics {
 
     /// Counts one retry sent.
     pub fn retry(&self) {
-        self.retries.inc();
+        self.by_dst().retries.inc();
     }
 
     /// Counts a request that succeeded after a failed try.
     pub fn recovered(&self) {
-        self.recovered.inc();
+        self.by_dst().recovered.inc();
     }
 
     /// Counts a retry the budget refused.
     pub fn budget_exhausted(&self) {
-        self.budget_exhausted.inc();
+        self.by_dst().budget_exhausted.inc();
     }
 }
 
@@ -918,5 +961,29 @@ mod tests {
             !text.contains("direction=\"inbound\",dst=\"localhost:8080\",status_class"),
             "no inbound series without a caller"
         );
+    }
+
+    #[test]
+    fn a_destination_has_no_series_until_it_is_used() {
+        let metrics = Metrics::new(Arc::new(NoState));
+        let idle = metrics.destination(Direction::Outbound, "idle.shop:80");
+        let used = metrics.destination(Direction::Outbound, "used.shop:80");
+        used.response(http::StatusCode::OK, std::time::Duration::ZERO);
+        // A clone (the handles carried to the next config version) counts in the same
+        // series, which are made once.
+        used.clone()
+            .response(http::StatusCode::OK, std::time::Duration::ZERO);
+        used.retry();
+        let text = metrics.encode();
+        assert!(!text.contains("idle.shop"), "{text}");
+        for line in [
+            "bulwark_requests_total{direction=\"outbound\",dst=\"used.shop:80\",status_class=\"2xx\"} 2",
+            "bulwark_requests_total{direction=\"outbound\",dst=\"used.shop:80\",status_class=\"5xx\"} 0",
+            "bulwark_retries_total{dst=\"used.shop:80\"} 1",
+            "bulwark_retries_recovered_total{dst=\"used.shop:80\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        drop(idle);
     }
 }

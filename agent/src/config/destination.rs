@@ -326,7 +326,11 @@ impl Destination {
             bulkhead,
             budget,
             upstream,
-            metrics: metrics.destination(Direction::Outbound, name),
+            // Handles made once per destination name: the series live on across pushes.
+            metrics: match previous {
+                Some(prev) if &*prev.name == name => prev.metrics.clone(),
+                _ => metrics.destination(Direction::Outbound, name),
+            },
             policy,
         })
     }
