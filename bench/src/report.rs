@@ -315,14 +315,26 @@ fn ratios_and_targets(out: &mut String, results: &Results, rates: &[u32]) {
     for s in &results.scale {
         if s.scenario.agents >= 10_000 {
             let p99 = Duration::from_nanos(s.propagation.value_at_quantile(0.99));
-            line(
-                &format!(
-                    "control plane: {} agents ACKed < 1 s at p99 ({} services)",
-                    s.scenario.agents, s.scenario.services
-                ),
-                format!("{} ms", ms(p99)),
-                Some(p99 < Duration::from_secs(1)),
-            );
+            // Issue 17's targets hold at 1,000 services; larger views are in the table.
+            if s.scenario.services <= 1_000 {
+                line(
+                    &format!(
+                        "control plane: {} agents ACKed < 0.5 s at p99 ({} services)",
+                        s.scenario.agents, s.scenario.services
+                    ),
+                    format!("{} ms", ms(p99)),
+                    Some(p99 < Duration::from_millis(500)),
+                );
+                let per_agent = s.bytes_per_change / s.scenario.agents.max(1) as u64;
+                line(
+                    &format!(
+                        "control plane: a one-service change ≤ 1 KB per agent ({} services)",
+                        s.scenario.services
+                    ),
+                    format!("{per_agent} bytes"),
+                    Some(per_agent <= 1_000),
+                );
+            }
             line(
                 &format!("control plane RSS < 256 MB ({} agents)", s.scenario.agents),
                 format!("{} MiB peak", mib(s.peak_rss_kib)),
