@@ -11,6 +11,8 @@
 # release binaries (bulwark-agent, bulwark-control-plane, bulwark-bench) and valgrind.
 # AGENT_BIN and CONTROL_PLANE_BIN run other builds (e.g. an older commit's, built in a
 # worktree) with this tree's bench, so that two agents are compared under one load.
+# PROXY=haproxy profiles HAProxy instead (the bench's config, one thread; `all` is the
+# agent's only), under the same load, for the ratio the benchmarks report.
 set -euo pipefail
 
 POLICIES=${1:-none}
@@ -21,6 +23,7 @@ BIN=${BIN_DIR:-target/release}
 OUT=${CALLGRIND_OUT:-$BIN/bench-logs}
 AGENT_BIN=${AGENT_BIN:-$BIN/bulwark-agent}
 CONTROL_PLANE_BIN=${CONTROL_PLANE_BIN:-$BIN/bulwark-control-plane}
+PROXY=${PROXY:-agent}
 
 for tool in valgrind callgrind_control; do
 	command -v "$tool" >/dev/null || { echo "callgrind: $tool not found (apt-get install valgrind)" >&2; exit 1; }
@@ -54,6 +57,43 @@ UP=$(port) SINK=$(port) GRPC=$(port) CP_ADMIN=$(port) OUTBOUND=$(port) ADMIN=$(p
 "$BIN/bulwark-bench" upstream --http "127.0.0.1:$UP" --sink "127.0.0.1:$SINK" >"$OUT/callgrind-upstream.log" 2>&1 &
 PIDS+=($!)
 
+if [[ $PROXY == haproxy ]]; then
+	HAPROXY_BIN=${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}
+	[[ -x $HAPROXY_BIN ]] || { echo "callgrind: haproxy not found (hack/bench.sh installs it)" >&2; exit 1; }
+	H2=""
+	[[ $PROTOCOL == h2 ]] && H2="proto h2"
+	# The bench's HAProxy config (bench/src/sut.rs, haproxy_config), its HTTP parts.
+	cat >"$MESH/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 5s
+    timeout queue 250ms
+    retries 2
+    option redispatch
+    option http-keep-alive
+frontend front
+    bind 127.0.0.1:$OUTBOUND $H2
+    default_backend upstream
+backend upstream
+    retry-on conn-failure empty-response response-timeout 502 503 504
+    server up 127.0.0.1:$UP $H2 maxconn 4096
+EOF
+	DUMP="$OUT/callgrind.out.haproxy-$PROTOCOL"
+	rm -f "$DUMP"*
+	valgrind --tool=callgrind --callgrind-out-file="$DUMP" "$HAPROXY_BIN" -db -f "$MESH/haproxy.cfg" \
+		>"$OUT/callgrind-haproxy.log" 2>&1 &
+	AGENT=$!
+	PIDS+=($AGENT)
+	for _ in $(seq 1 100); do
+		if (exec 3<>"/dev/tcp/127.0.0.1/$OUTBOUND") 2>/dev/null; then break; fi
+		sleep 0.2
+	done
+else
 cat >"$MESH/services.yaml" <<EOF
 apiVersion: v1
 kind: Service
@@ -114,6 +154,8 @@ AGENT=$!
 PIDS+=($AGENT)
 wait_ready "http://127.0.0.1:$ADMIN/ready" "agent (first config applied)"
 
+fi
+
 load() { "$BIN/bulwark-bench" load --addr "127.0.0.1:$OUTBOUND" --authority bench.bench:80 --protocol "$PROTOCOL" --rate "$1" --duration "$2"; }
 echo "warm-up: $(load 50 2)"
 callgrind_control -z "$AGENT" >/dev/null
@@ -125,5 +167,5 @@ OK=${RESULT%% ok*}
 PART=$(ls -t "$DUMP".* | head -1)
 TOTAL=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$PART" | head -1)
 [[ -n $TOTAL ]] || TOTAL=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$PART" | head -1)
-echo "policies=$POLICIES protocol=$PROTOCOL rate=$RATE/s requests=$OK instructions=$TOTAL per-request=$((TOTAL / OK))"
+echo "proxy=$PROXY policies=$POLICIES protocol=$PROTOCOL rate=$RATE/s requests=$OK instructions=$TOTAL per-request=$((TOTAL / OK))"
 echo "dump: $PART (callgrind_annotate $PART)"

@@ -17,6 +17,7 @@ pub mod certs;
 pub mod cpscale;
 pub mod faults;
 pub mod identity;
+pub mod instructions;
 pub mod load;
 pub mod machine;
 pub mod mtls;

@@ -208,6 +208,10 @@ struct RunArgs {
     /// Certificate requests in flight at once.
     #[arg(long, env = "BENCH_CERT_CONCURRENCY", default_value_t = 100)]
     cert_concurrency: usize,
+    /// Count instructions per request under callgrind, the agent's and HAProxy's:
+    /// `auto` (when valgrind is installed), `1` or `0`.
+    #[arg(long, env = "BENCH_CALLGRIND", default_value = "auto")]
+    callgrind: String,
     /// What to run: `all`, `proxies` (with the mTLS row), `control-plane` (with the
     /// certificates), `mtls` or `certs`.
     #[arg(long, env = "BENCH_ONLY", default_value = "all")]
@@ -410,6 +414,12 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
                 concurrency: args.cert_concurrency.max(1),
             })
             .collect(),
+        instructions: proxies
+            && match args.callgrind.as_str() {
+                "0" => false,
+                "1" => true,
+                _ => bulwark_bench::instructions::available(),
+            },
     };
     let load_before = machine::load_average();
     let results = run::run(&layout, &config).await?;

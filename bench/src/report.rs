@@ -236,6 +236,7 @@ fn ratios_and_targets(out: &mut String, results: &Results, rates: &[u32]) {
         }
     }
     out.push('\n');
+    out.push_str(&crate::instructions::markdown(&results.instructions));
 
     let _ = writeln!(out, "#### Targets\n");
     let _ = writeln!(out, "| target | measured | met |\n|---|---|---|");
@@ -310,6 +311,30 @@ fn ratios_and_targets(out: &mut String, results: &Results, rates: &[u32]) {
                 many_path.map(|p| p.name.as_str()).unwrap_or_default()
             ),
             Some(many <= few * 1.25),
+        );
+    }
+    let figure = |proxy, policies, protocol| {
+        crate::instructions::figure(&results.instructions, proxy, policies, protocol)
+    };
+    for (protocol, name, bound) in [("h1", "HTTP/1.1", 0.7), ("h2", "HTTP/2", 1.0)] {
+        if let (Some(a), Some(h)) = (
+            figure("agent", "none", protocol),
+            figure("haproxy", "none", protocol),
+        ) {
+            let ratio = a as f64 / h.max(1) as f64;
+            line(
+                &format!("{name}: instructions per request ≤ {bound:.1}x HAProxy's (callgrind)"),
+                format!("{a} vs {h} ({ratio:.2}x)"),
+                Some(ratio <= bound),
+            );
+        }
+    }
+    if let (Some(all), Some(none)) = (figure("agent", "all", "h1"), figure("agent", "none", "h1")) {
+        let over = all as f64 / none.max(1) as f64 - 1.0;
+        line(
+            "every policy on: ≤ +10 % instructions per request over none (HTTP/1.1, callgrind)",
+            format!("{all} vs {none} ({:+.1} %)", over * 100.0),
+            Some(over <= 0.10),
         );
     }
     for s in &results.scale {

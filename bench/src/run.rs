@@ -47,6 +47,8 @@ pub struct Config {
     pub mtls: Option<mtls::Settings>,
     /// Certificate issuing runs (empty: skip).
     pub certs: Vec<CertScenario>,
+    /// Count instructions per request under callgrind (agent and HAProxy rows).
+    pub instructions: bool,
 }
 
 /// One fixed-rate run and the proxy's CPU during it.
@@ -135,6 +137,8 @@ pub struct Results {
     pub mtls: Option<MtlsResult>,
     /// Certificate issuing runs.
     pub certs: Vec<CertResult>,
+    /// Instructions per request under callgrind (empty: not measured).
+    pub instructions: Vec<crate::instructions::Row>,
 }
 
 /// The process whose CPU a path's runs are charged to.
@@ -299,11 +303,17 @@ pub async fn run(layout: &Layout, config: &Config) -> anyhow::Result<Results> {
         );
         issued.push(result);
     }
+    let instructions = if config.instructions {
+        crate::instructions::run(&layout.bin_dir, config.haproxy)
+    } else {
+        Vec::new()
+    };
     Ok(Results {
         paths,
         scale,
         mtls,
         certs: issued,
+        instructions,
     })
 }
 
