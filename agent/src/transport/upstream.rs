@@ -460,6 +460,13 @@ mod tests {
         (addr, accepted)
     }
 
+    /// A [`server`] answering after `delay`, plaintext clients to it and an empty pool.
+    async fn setup(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>, Upstream, Arc<Pool>) {
+        let (addr, accepted) = server(delay).await;
+        let upstream = Upstream::new(Duration::from_secs(1), None);
+        (addr, accepted, upstream, Arc::new(Pool::new()))
+    }
+
     fn get(addr: SocketAddr) -> Request<ProxyBody> {
         Request::get(format!("http://{addr}/hello"))
             .body(full(""))
@@ -485,9 +492,7 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_requests_reuse_one_connection() {
-        let (addr, accepted) = server(Duration::ZERO).await;
-        let upstream = Upstream::new(Duration::from_secs(1), None);
-        let pool = Arc::new(Pool::new());
+        let (addr, accepted, upstream, pool) = setup(Duration::ZERO).await;
         for _ in 0..5 {
             assert_eq!(send(&upstream, &pool, addr, false).await, "ok");
         }
@@ -498,9 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_dropped_before_its_end_closes_its_connection() {
-        let (addr, accepted) = server(Duration::ZERO).await;
-        let upstream = Upstream::new(Duration::from_secs(1), None);
-        let pool = Arc::new(Pool::new());
+        let (addr, accepted, upstream, pool) = setup(Duration::ZERO).await;
         // The body is never read: the connection cannot be reused.
         let rsp = upstream.send(&pool, get(addr), false).await.unwrap();
         assert_eq!(pool.in_use(), 1);
@@ -512,9 +515,7 @@ mod tests {
 
     #[tokio::test]
     async fn http2_requests_share_one_connection() {
-        let (addr, accepted) = server(Duration::from_millis(20)).await;
-        let upstream = Upstream::new(Duration::from_secs(1), None);
-        let pool = Arc::new(Pool::new());
+        let (addr, accepted, upstream, pool) = setup(Duration::from_millis(20)).await;
         let all = futures::future::join_all((0..8).map(|_| send(&upstream, &pool, addr, true)));
         assert!(all.await.iter().all(|b| b == "ok"));
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -561,9 +562,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_pool_closes_idle_connections_and_does_not_take_back_leased_ones() {
-        let (addr, accepted) = server(Duration::ZERO).await;
-        let upstream = Upstream::new(Duration::from_secs(1), None);
-        let pool = Arc::new(Pool::new());
+        let (addr, accepted, upstream, pool) = setup(Duration::ZERO).await;
         assert_eq!(send(&upstream, &pool, addr, false).await, "ok");
         let leased = upstream.send(&pool, get(addr), false).await.unwrap();
         pool.reset();
@@ -580,9 +579,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_s_connections_are_closed_over_the_purge_intervals_after_it() {
-        let (addr, accepted) = server(Duration::from_millis(50)).await;
-        let upstream = Upstream::new(Duration::from_secs(1), None);
-        let pool = Arc::new(Pool::new());
+        let (addr, accepted, upstream, pool) = setup(Duration::from_millis(50)).await;
         let burst = futures::future::join_all((0..8).map(|_| send(&upstream, &pool, addr, false)));
         assert!(burst.await.iter().all(|b| b == "ok"));
         assert_eq!(accepted.load(Ordering::SeqCst), 8);
@@ -601,9 +598,7 @@ mod tests {
 
     #[tokio::test]
     async fn steady_use_keeps_its_connection_and_disuse_closes_it() {
-        let (addr, _) = server(Duration::ZERO).await;
-        let upstream = Upstream::new(Duration::from_secs(1), None);
-        let pool = Arc::new(Pool::new());
+        let (addr, _, upstream, pool) = setup(Duration::ZERO).await;
         let intervals = (super::super::pool::IDLE_TIMEOUT.as_secs()
             / super::super::pool::PURGE_INTERVAL.as_secs()) as usize;
         for _ in 0..intervals * 2 {
