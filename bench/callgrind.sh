@@ -60,29 +60,13 @@ PIDS+=($!)
 if [[ $PROXY == haproxy ]]; then
 	HAPROXY_BIN=${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 	[[ -x $HAPROXY_BIN ]] || { echo "callgrind: haproxy not found (hack/bench.sh installs it)" >&2; exit 1; }
-	H2=""
-	[[ $PROTOCOL == h2 ]] && H2="proto h2"
-	# The bench's HAProxy config (bench/src/sut.rs, haproxy_config), its HTTP parts.
-	cat >"$MESH/haproxy.cfg" <<EOF
-global
-    nbthread 1
-    maxconn 4096
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 30s
-    timeout server 5s
-    timeout queue 250ms
-    retries 2
-    option redispatch
-    option http-keep-alive
-frontend front
-    bind 127.0.0.1:$OUTBOUND $H2
-    default_backend upstream
-backend upstream
-    retry-on conn-failure empty-response response-timeout 502 503 504
-    server up 127.0.0.1:$UP $H2 maxconn 4096
-EOF
+	# The bench's own HAProxy config (bench/src/sut.rs): the load goes to its HTTP/1.1
+	# or h2c frontend.
+	H1_FRONT=$(port) H2_FRONT=$(port) TCP_FRONT=$(port)
+	"$BIN/bulwark-bench" haproxy-config --h1 "127.0.0.1:$H1_FRONT" --h2 "127.0.0.1:$H2_FRONT" \
+		--tcp "127.0.0.1:$TCP_FRONT" --http "127.0.0.1:$UP" --sink "127.0.0.1:$SINK" >"$MESH/haproxy.cfg"
+	OUTBOUND=$H1_FRONT
+	[[ $PROTOCOL == h2 ]] && OUTBOUND=$H2_FRONT
 	DUMP="$OUT/callgrind.out.haproxy-$PROTOCOL"
 	rm -f "$DUMP"*
 	valgrind --tool=callgrind --callgrind-out-file="$DUMP" "$HAPROXY_BIN" -db -f "$MESH/haproxy.cfg" \

@@ -27,6 +27,25 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Run the fault suite against the release agent and print its table.
     Faults(Box<FaultArgs>),
+    /// Print the HAProxy config the bench runs (for profiling HAProxy by hand, as
+    /// `bench/callgrind.sh` does with `PROXY=haproxy`).
+    HaproxyConfig {
+        /// The HTTP/1.1 frontend.
+        #[arg(long)]
+        h1: SocketAddr,
+        /// The h2c frontend.
+        #[arg(long)]
+        h2: SocketAddr,
+        /// The TCP frontend.
+        #[arg(long)]
+        tcp: SocketAddr,
+        /// The upstream's HTTP server.
+        #[arg(long)]
+        http: SocketAddr,
+        /// The upstream's TCP sink.
+        #[arg(long)]
+        sink: SocketAddr,
+    },
     /// Send a fixed rate of requests to one address and print the latency (for profiling
     /// a proxy by hand, e.g. under callgrind).
     Load {
@@ -470,6 +489,16 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Run(args) => bench(*args).await,
         Cmd::Faults(args) => faults(*args).await,
+        Cmd::HaproxyConfig {
+            h1,
+            h2,
+            tcp,
+            http,
+            sink,
+        } => {
+            print!("{}", sut::haproxy_config(h1, h2, tcp, http, sink));
+            Ok(())
+        }
         Cmd::Upstream {
             http,
             sink,

@@ -608,7 +608,7 @@ impl Haproxy {
         upstream: &Upstream,
     ) -> anyhow::Result<Haproxy> {
         let (h1, h2, tcp) = (free_addr()?, free_addr()?, free_addr()?);
-        let config = haproxy_config(h1, h2, tcp, upstream);
+        let config = haproxy_config(h1, h2, tcp, upstream.http, upstream.sink);
         let mut file = tempfile::Builder::new()
             .prefix("bulwark-bench-haproxy-")
             .suffix(".cfg")
@@ -648,7 +648,8 @@ pub fn haproxy_config(
     h1: SocketAddr,
     h2: SocketAddr,
     tcp: SocketAddr,
-    upstream: &Upstream,
+    http: SocketAddr,
+    sink: SocketAddr,
 ) -> String {
     format!(
         "global
@@ -690,7 +691,7 @@ backend sink
     mode tcp
     server sink {sink}
 ",
-        http = upstream.http,
-        sink = upstream.sink,
+        http = http,
+        sink = sink,
     )
 }
