@@ -240,16 +240,8 @@ impl Upstream {
             .h1_builder
             .handshake::<_, ProxyBody>(io)
             .await
-            .map_err(|source| SendError::Request {
-                target: target(uri),
-                source,
-            })?;
-        let target = target(uri);
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                debug!(%target, %error, "upstream connection ended with an error");
-            }
-        });
+            .map_err(request_failed(uri))?;
+        drive(uri, connection.with_upgrades());
         Ok(pool.lease_new(conn, epoch))
     }
 
@@ -275,16 +267,8 @@ impl Upstream {
             .h2_builder
             .handshake::<_, ProxyBody>(io)
             .await
-            .map_err(|source| SendError::Request {
-                target: target(uri),
-                source,
-            })?;
-        let target = target(uri);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%target, %error, "upstream HTTP/2 connection ended with an error");
-            }
-        });
+            .map_err(request_failed(uri))?;
+        drive(uri, connection);
         pool.set_h2(conn.clone(), epoch);
         Ok(conn)
     }
@@ -297,6 +281,27 @@ impl Upstream {
                 target: target(uri),
                 source,
             })
+    }
+}
+
+/// Runs a new upstream connection's I/O in a task of its own until it closes.
+fn drive<F>(uri: &Uri, connection: F)
+where
+    F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    let target = target(uri);
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%target, %error, "upstream connection ended with an error");
+        }
+    });
+}
+
+/// Makes hyper's error on the connection to `uri` a [`SendError::Request`].
+fn request_failed(uri: &Uri) -> impl FnOnce(hyper::Error) -> SendError + '_ {
+    move |source| SendError::Request {
+        target: target(uri),
+        source,
     }
 }
 
