@@ -4,6 +4,7 @@
 
 pub mod connector;
 pub mod guard;
+pub mod http2;
 pub mod orig_dst;
 pub mod pool;
 pub mod prefixed;

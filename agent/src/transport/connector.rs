@@ -191,3 +191,63 @@ impl Write for LimitedConn {
         either!(self.project().io.project(), io => io.poll_write_vectored(cx, bufs))
     }
 }
+
+/// Forwards a call to the stream inside whichever connection `$io` is, for tokio's I/O
+/// traits (the `h2` crate's; hyper's are above).
+macro_rules! either_stream {
+    ($io:expr, $inner:ident => $call:expr) => {
+        match $io {
+            IoProj::Plain { io } => {
+                let $inner = Pin::new(io.get_mut().inner_mut());
+                $call
+            }
+            IoProj::Tls { io } => {
+                let $inner = Pin::new(io.get_mut().inner_mut());
+                $call
+            }
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for LimitedConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        either_stream!(self.project().io.project(), io => tokio::io::AsyncRead::poll_read(io, cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        either_stream!(self.project().io.project(), io => tokio::io::AsyncWrite::poll_write(io, cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        either_stream!(self.project().io.project(), io => tokio::io::AsyncWrite::poll_flush(io, cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        either_stream!(self.project().io.project(), io => tokio::io::AsyncWrite::poll_shutdown(io, cx))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain { io } => tokio::io::AsyncWrite::is_write_vectored(io.inner()),
+            Io::Tls { io } => tokio::io::AsyncWrite::is_write_vectored(io.inner()),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        either_stream!(self.project().io.project(), io => tokio::io::AsyncWrite::poll_write_vectored(io, cx, bufs))
+    }
+}

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use tokio::sync::Notify;
 
 use super::ProxyBody;
@@ -41,7 +41,7 @@ const IDLE_TICKS: u32 = (IDLE_TIMEOUT.as_secs() / PURGE_INTERVAL.as_secs()) as u
 pub type H1 = http1::SendRequest<ProxyBody>;
 
 /// An HTTP/2 connection's request handle (cloned per request).
-pub type H2 = http2::SendRequest<ProxyBody>;
+pub use super::http2::H2;
 
 /// The pooled connections to one endpoint.
 #[derive(Default)]

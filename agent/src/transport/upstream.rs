@@ -13,12 +13,12 @@ use http::uri::Authority;
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1;
 use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::connector::{Connector, LimitedConn};
+use super::http2;
 use super::pool::{H2, Lease, Pool};
 use super::tls::{Alpn, MeshPeers, MeshTls};
 use super::{BoxError, ProxyBody};
@@ -41,9 +41,9 @@ pub enum SendError {
     Request {
         /// The endpoint.
         target: Authority,
-        /// hyper's error.
+        /// hyper's or h2's error.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The request's URI names no authority to connect to.
     #[error("request URI {0} has no authority")]
@@ -72,7 +72,7 @@ struct Inner {
     connect_timeout: Duration,
     peers: Option<(Arc<MeshTls>, Arc<MeshPeers>)>,
     h1_builder: http1::Builder,
-    h2_builder: http2::Builder<TokioExecutor>,
+    h2_builder: h2::client::Builder,
 }
 
 impl Upstream {
@@ -105,8 +105,6 @@ impl Upstream {
         connect_timeout: Duration,
         peers: Option<(Arc<MeshTls>, Arc<MeshPeers>)>,
     ) -> Self {
-        let mut h2_builder = http2::Builder::new(TokioExecutor::new());
-        h2_builder.timer(TokioTimer::new());
         Self {
             inner: Arc::new(Inner {
                 h1,
@@ -114,7 +112,7 @@ impl Upstream {
                 connect_timeout,
                 peers,
                 h1_builder: http1::Builder::new(),
-                h2_builder,
+                h2_builder: http2::builder(),
             }),
         }
     }
@@ -168,12 +166,7 @@ impl Upstream {
     ) -> Result<Response<Leased>, SendError> {
         if http2 {
             *req.version_mut() = Version::HTTP_2;
-            let mut conn = self.h2(pool, req.uri()).await?;
-            let target = target(req.uri());
-            return match conn.send_request(req).await {
-                Ok(rsp) => Ok(rsp.map(|body| Leased::new(body, None))),
-                Err(source) => Err(SendError::Request { target, source }),
-            };
+            return self.send_h2(pool, req).await;
         }
         *req.version_mut() = Version::HTTP_11;
         let uri = req.uri().clone();
@@ -185,7 +178,9 @@ impl Upstream {
                 continue;
             };
             match conn.try_send_request(req).await {
-                Ok(rsp) => return Ok(rsp.map(|body| Leased::new(body, Some(lease)))),
+                Ok(rsp) => {
+                    return Ok(rsp.map(|body| Leased::new(Received::H1(body), Some(lease))));
+                }
                 Err(mut error) => match error.take_message() {
                     // The pooled connection closed before the request was written (the
                     // server's keep-alive timeout raced it): nothing was sent, so try
@@ -197,11 +192,61 @@ impl Upstream {
                     _ => {
                         return Err(SendError::Request {
                             target: target(&uri),
-                            source: error.into_error(),
+                            source: error.into_error().into(),
                         });
                     }
                 },
             }
+        }
+    }
+
+    /// Sends `req` over `pool`'s shared HTTP/2 connection. A pooled connection that
+    /// turns out unable to take the stream (closed, or going away) is replaced once:
+    /// nothing was sent on it.
+    async fn send_h2(
+        &self,
+        pool: &Arc<Pool>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Leased>, SendError> {
+        let (conn, reused) = match pool.h2() {
+            Some(conn) => (conn, true),
+            // Boxed, as in `h1`.
+            None => (Box::pin(self.dial_h2(pool, req.uri())).await?, false),
+        };
+        let error = match conn.ready().await {
+            Ok(conn) => return self.send_on(conn, req).await,
+            Err(error) => error,
+        };
+        if !reused {
+            return Err(SendError::Request {
+                target: target(req.uri()),
+                source: error.into(),
+            });
+        }
+        debug!(target = %target(req.uri()), %error, "pooled HTTP/2 connection closed; trying another");
+        let conn = Box::pin(self.dial_h2(pool, req.uri())).await?;
+        match conn.ready().await {
+            Ok(conn) => self.send_on(conn, req).await,
+            Err(error) => Err(SendError::Request {
+                target: target(req.uri()),
+                source: error.into(),
+            }),
+        }
+    }
+
+    /// Sends `req` on a connection ready for a new stream.
+    async fn send_on(
+        &self,
+        conn: http2::Ready,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Leased>, SendError> {
+        let target = target(req.uri());
+        match conn.send(req).await {
+            Ok(rsp) => Ok(rsp.map(|body| Leased::new(Received::H2(body), None))),
+            Err(error) => Err(SendError::Request {
+                target,
+                source: error.into(),
+            }),
         }
     }
 
@@ -245,15 +290,6 @@ impl Upstream {
         Ok(pool.lease_new(conn, epoch))
     }
 
-    /// `pool`'s shared HTTP/2 connection, made if there is none.
-    async fn h2(&self, pool: &Arc<Pool>, uri: &Uri) -> Result<H2, SendError> {
-        match pool.h2() {
-            Some(conn) => Ok(conn),
-            // Boxed, as in `h1`.
-            None => Box::pin(self.dial_h2(pool, uri)).await,
-        }
-    }
-
     /// A new HTTP/2 connection for `pool` (one for concurrent first requests).
     async fn dial_h2(&self, pool: &Arc<Pool>, uri: &Uri) -> Result<H2, SendError> {
         let _connecting = pool.h2_connecting.lock().await;
@@ -262,13 +298,13 @@ impl Upstream {
         }
         let epoch = pool.epoch();
         let io = self.connect(&self.inner.h2, uri).await?;
-        let (conn, connection) = self
-            .inner
-            .h2_builder
-            .handshake::<_, ProxyBody>(io)
+        let http2::Handshake { conn, driver } = http2::handshake(io, &self.inner.h2_builder)
             .await
-            .map_err(request_failed(uri))?;
-        drive(uri, connection);
+            .map_err(|error| SendError::Request {
+                target: target(uri),
+                source: error.into(),
+            })?;
+        drive(uri, driver);
         pool.set_h2(conn.clone(), epoch);
         Ok(conn)
     }
@@ -285,9 +321,10 @@ impl Upstream {
 }
 
 /// Runs a new upstream connection's I/O in a task of its own until it closes.
-fn drive<F>(uri: &Uri, connection: F)
+fn drive<F, E>(uri: &Uri, connection: F)
 where
-    F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
 {
     let target = target(uri);
     tokio::spawn(async move {
@@ -301,7 +338,7 @@ where
 fn request_failed(uri: &Uri) -> impl FnOnce(hyper::Error) -> SendError + '_ {
     move |source| SendError::Request {
         target: target(uri),
-        source,
+        source: source.into(),
     }
 }
 
@@ -330,20 +367,27 @@ fn prepare_h1(req: &mut Request<ProxyBody>) {
     };
 }
 
-pin_project_lite::pin_project! {
-    /// An upstream response body that returns its HTTP/1.1 connection to the pool as
-    /// soon as it ends (dropped before its end, the connection is closed).
-    pub struct Leased {
-        #[pin]
-        body: Incoming,
-        lease: Option<Lease>,
-    }
+/// An upstream response body that returns its HTTP/1.1 connection to the pool as soon
+/// as it ends (dropped before its end, the connection is closed).
+#[derive(Debug)]
+pub struct Leased {
+    body: Received,
+    lease: Option<Lease>,
+}
+
+/// A response body as one of the clients received it.
+#[derive(Debug)]
+enum Received {
+    /// Over HTTP/1.1 (hyper).
+    H1(Incoming),
+    /// Over HTTP/2 (h2).
+    H2(http2::ResponseBody),
 }
 
 impl Leased {
-    fn new(body: Incoming, lease: Option<Lease>) -> Self {
+    fn new(body: Received, lease: Option<Lease>) -> Self {
         let mut leased = Leased { body, lease };
-        if leased.body.is_end_stream() {
+        if leased.is_end_stream() {
             leased.release();
         }
         leased
@@ -358,22 +402,23 @@ impl Leased {
 
 impl Body for Leased {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let frame = std::task::ready!(this.body.as_mut().poll_frame(cx));
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = match &mut this.body {
+            Received::H1(body) => std::task::ready!(Pin::new(body).poll_frame(cx))
+                .map(|frame| frame.map_err(BoxError::from)),
+            Received::H2(body) => std::task::ready!(Pin::new(body).poll_frame(cx))
+                .map(|frame| frame.map_err(BoxError::from)),
+        };
         match &frame {
-            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            Some(Ok(_)) if !this.is_end_stream() => {}
             // The end, or its last frame: the connection can take the next request.
-            None | Some(Ok(_)) => {
-                if let Some(mut lease) = this.lease.take() {
-                    lease.release();
-                }
-            }
+            None | Some(Ok(_)) => this.release(),
             // A broken response: the connection goes with it.
             Some(Err(_)) => drop(this.lease.take()),
         }
@@ -381,11 +426,17 @@ impl Body for Leased {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Received::H1(body) => body.is_end_stream(),
+            Received::H2(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Received::H1(body) => body.size_hint(),
+            Received::H2(body) => body.size_hint(),
+        }
     }
 }
 
@@ -436,7 +487,7 @@ mod tests {
     use crate::transport::full;
     use http_body_util::BodyExt;
     use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
@@ -524,6 +575,45 @@ mod tests {
         let all = futures::future::join_all((0..8).map(|_| send(&upstream, &pool, addr, true)));
         assert!(all.await.iter().all(|b| b == "ok"));
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_the_server_shut_down_is_replaced() {
+        // A server that shuts each connection down gracefully (GOAWAY) after its first
+        // request, as a rolling restart does.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (served_tx, served) = tokio::sync::oneshot::channel::<()>();
+                    let served_tx = Mutex::new(Some(served_tx));
+                    let svc = service_fn(move |_req| {
+                        if let Some(tx) = served_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                        async { Ok::<_, std::convert::Infallible>(Response::new(full("ok"))) }
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = served => conn.as_mut().graceful_shutdown(),
+                    }
+                    let _ = conn.await;
+                });
+            }
+        });
+        let upstream = Upstream::new(Duration::from_secs(1), None);
+        let pool = Arc::new(Pool::new());
+        assert_eq!(send(&upstream, &pool, addr, true).await, "ok");
+        eventually(|| pool.h2().is_none()).await;
+        assert_eq!(send(&upstream, &pool, addr, true).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
