@@ -5,8 +5,11 @@
 # `valgrind --tool=callgrind`; warms up, zeroes the counters, drives a fixed rate
 # through the outbound listener, dumps, and prints the dump's total / requests.
 #
-#   bench/callgrind.sh [none|all] [h1|h2] [RATE] [SECONDS]
+#   bench/callgrind.sh [none|all] [h1|h2|h2m8] [RATE] [SECONDS]
 #
+# `h2m8` is HTTP/2 with several streams in flight per connection, as `h2load -c4 -m8`
+# drives it: 4 connections, 32 requests in flight (closed loop: RATE is not used), so
+# that frames and wake-ups are shared between requests as under real load.
 # `all` adds the bench's every-policy ResiliencePolicy (none triggers). Needs the
 # release binaries (bulwark-agent, bulwark-control-plane, bulwark-bench) and valgrind.
 # AGENT_BIN and CONTROL_PLANE_BIN run other builds (e.g. an older commit's, built in a
@@ -66,9 +69,9 @@ if [[ $PROXY == haproxy ]]; then
 	"$BIN/bulwark-bench" haproxy-config --h1 "127.0.0.1:$H1_FRONT" --h2 "127.0.0.1:$H2_FRONT" \
 		--tcp "127.0.0.1:$TCP_FRONT" --http "127.0.0.1:$UP" --sink "127.0.0.1:$SINK" >"$MESH/haproxy.cfg"
 	OUTBOUND=$H1_FRONT
-	[[ $PROTOCOL == h2 ]] && OUTBOUND=$H2_FRONT
+	[[ $PROTOCOL == h2* ]] && OUTBOUND=$H2_FRONT
 	DUMP="$OUT/callgrind.out.haproxy-$PROTOCOL"
-	rm -f "$DUMP"*
+	rm -f "$DUMP" "$DUMP".*
 	valgrind --tool=callgrind --callgrind-out-file="$DUMP" "$HAPROXY_BIN" -db -f "$MESH/haproxy.cfg" \
 		>"$OUT/callgrind-haproxy.log" 2>&1 &
 	AGENT=$!
@@ -128,7 +131,7 @@ PIDS+=($!)
 wait_ready "http://127.0.0.1:$CP_ADMIN/ready" "control plane"
 
 DUMP="$OUT/callgrind.out.$POLICIES-$PROTOCOL"
-rm -f "$DUMP"*
+rm -f "$DUMP" "$DUMP".*
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$DUMP" \
 	"$AGENT_BIN" --control-plane "http://127.0.0.1:$GRPC" --namespace bench \
 	--pod-name bench-0 --service-account bench --label app=bench \
@@ -140,10 +143,12 @@ wait_ready "http://127.0.0.1:$ADMIN/ready" "agent (first config applied)"
 
 fi
 
-load() { "$BIN/bulwark-bench" load --addr "127.0.0.1:$OUTBOUND" --authority bench.bench:80 --protocol "$PROTOCOL" --rate "$1" --duration "$2"; }
+WIRE=$PROTOCOL IN_FLIGHT=()
+if [[ $PROTOCOL == h2m8 ]]; then WIRE=h2 IN_FLIGHT=(--connections 4 --concurrency 32); fi
+load() { "$BIN/bulwark-bench" load --addr "127.0.0.1:$OUTBOUND" --authority bench.bench:80 --protocol "$WIRE" --rate "$1" --duration "$2" "${@:3}"; }
 echo "warm-up: $(load 50 2)"
 callgrind_control -z "$AGENT" >/dev/null
-RESULT=$(load "$RATE" "$SECONDS_")
+RESULT=$(load "$RATE" "$SECONDS_" "${IN_FLIGHT[@]}")
 echo "measured: $RESULT"
 callgrind_control -d "$AGENT" >/dev/null
 sleep 1

@@ -4,12 +4,19 @@
 
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+/// `grpc-status`, in responses and trailers.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// `grpc-message`, beside `grpc-status`.
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// `grpc-timeout`, the call's deadline.
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The `grpc-status` in a header map, if any.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
 }
@@ -23,7 +30,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// Reads `grpc-timeout` (`<1-8 digits><H|M|S|m|u|n>`); `None` when absent or malformed.
 pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?.trim();
+    let value = headers.get(GRPC_TIMEOUT)?.to_str().ok()?.trim();
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

@@ -1,8 +1,9 @@
 //! Why the agent answered a request itself: the `x-bulwark-reason` header and its
 //! values. A leaf, so that metrics, policies and the proxy can all name a reason.
 
-/// The header that says why the agent answered a request itself.
-pub const REASON_HEADER: &str = "x-bulwark-reason";
+/// The header that says why the agent answered a request itself (a name made once:
+/// looked up by a string, it would be parsed on every request).
+pub const REASON_HEADER: http::HeaderName = http::HeaderName::from_static("x-bulwark-reason");
 
 /// A sharded service's request has no shard key and the topology has no default shard.
 pub const SHARD_KEY_MISSING: &str = "shard-key-missing";

@@ -1,19 +1,23 @@
 //! Instructions per request under callgrind, the agent's and HAProxy's side by side:
 //! the figure that holds on a shared machine, where CPU time drifts between runs.
-//! Each row is one run of `bench/callgrind.sh` (2,000 requests at 100/s on one
-//! connection after a warm-up; see docs/benchmarks.md, "Agent profile").
+//! Each row is one run of `bench/callgrind.sh`: 2,000 requests at 100/s on one
+//! connection after a warm-up, or for `h2m8` 10 s with 32 HTTP/2 requests in flight
+//! over 4 connections (as `h2load -c4 -m8`); see docs/benchmarks.md, "Agent profile".
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
 /// The rows measured: (proxy, policies, protocol).
-const ROWS: [(&str, &str, &str); 5] = [
+const ROWS: [(&str, &str, &str); 8] = [
     ("agent", "none", "h1"),
     ("agent", "all", "h1"),
     ("haproxy", "none", "h1"),
     ("agent", "none", "h2"),
     ("haproxy", "none", "h2"),
+    ("agent", "none", "h2m8"),
+    ("agent", "all", "h2m8"),
+    ("haproxy", "none", "h2m8"),
 ];
 
 /// The script that measures one row.
@@ -26,7 +30,7 @@ pub struct Row {
     pub proxy: &'static str,
     /// `none` or `all` (the bench's every-policy set).
     pub policies: &'static str,
-    /// `h1` or `h2`.
+    /// `h1`, `h2` or `h2m8` (HTTP/2, several streams in flight per connection).
     pub protocol: &'static str,
     /// Instructions per request, or why there is no figure.
     pub per_request: Result<u64, String>,
@@ -63,8 +67,10 @@ pub fn run(bin_dir: &Path, haproxy: bool) -> Vec<Row> {
 }
 
 fn measure(bin_dir: &Path, proxy: &str, policies: &str, protocol: &str) -> Result<u64, String> {
+    // The closed-loop row runs for a fixed time; the others send 2,000 at 100/s.
+    let seconds = if protocol == "h2m8" { "10" } else { "20" };
     let out = Command::new("bash")
-        .args([SCRIPT, policies, protocol, "100", "20"])
+        .args([SCRIPT, policies, protocol, "100", seconds])
         .env("BIN_DIR", bin_dir)
         .env("PROXY", proxy)
         .output()
@@ -103,7 +109,8 @@ pub fn markdown(rows: &[Row]) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "#### Instructions per request (callgrind, 2,000 requests at 100/s on one connection)\n\n\
+        "#### Instructions per request (callgrind; 2,000 requests at 100/s on one connection, \
+         or 32 HTTP/2 requests in flight over 4 connections for 10 s)\n\n\
          | proxy | policies | protocol | instructions per request | / HAProxy's |\n\
          |---|---|---|---:|---:|\n",
     );
@@ -120,10 +127,10 @@ pub fn markdown(rows: &[Row]) -> String {
             ("agent", Ok(n), Some(h)) if h > 0 => format!("{:.2}x", *n as f64 / h as f64),
             _ => "-".to_owned(),
         };
-        let protocol = if r.protocol == "h2" {
-            "HTTP/2"
-        } else {
-            "HTTP/1.1"
+        let protocol = match r.protocol {
+            "h2" => "HTTP/2",
+            "h2m8" => "HTTP/2, 32 in flight (-c4 -m8)",
+            _ => "HTTP/1.1",
         };
         let _ = writeln!(
             out,

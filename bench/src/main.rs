@@ -64,6 +64,13 @@ enum Cmd {
         /// Seconds.
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
+        /// HTTP/2 connections the requests are spread over.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Requests kept in flight (closed loop, as many as the target answers);
+        /// 0: the fixed `--rate` instead.
+        #[arg(long, default_value_t = 0)]
+        concurrency: usize,
     },
     /// Serve 1 KiB answers over HTTP/1.1 and h2c, and discard bytes on a TCP sink.
     Upstream {
@@ -154,8 +161,11 @@ struct RunArgs {
     #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 64)]
     concurrency: usize,
     /// HTTP/2 connections per client.
-    #[arg(long, env = "BENCH_H2_CONNECTIONS", default_value_t = 1)]
+    #[arg(long, env = "BENCH_H2_CONNECTIONS", default_value_t = 4)]
     h2_connections: usize,
+    /// HTTP/2 requests in flight per connection during saturation (`h2load -m`).
+    #[arg(long, env = "BENCH_H2_STREAMS", default_value_t = 8)]
+    h2_streams: usize,
     /// TCP streams in the pass-through runs.
     #[arg(long, env = "BENCH_TCP_STREAMS", default_value_t = 4)]
     tcp_streams: usize,
@@ -165,9 +175,15 @@ struct RunArgs {
     /// Services in the agent's view in the main rows.
     #[arg(long, env = "BENCH_SERVICES", default_value_t = 10)]
     services: usize,
-    /// Services for the "many services" row (0 leaves it out).
-    #[arg(long, env = "BENCH_MANY_SERVICES", default_value_t = 1000)]
-    many_services: usize,
+    /// Services for the "many services" rows, one row each (comma separated; 0 or
+    /// empty leaves them out).
+    #[arg(
+        long,
+        env = "BENCH_MANY_SERVICES",
+        value_delimiter = ',',
+        default_value = "1000,10000"
+    )]
+    many_services: Vec<usize>,
     /// Include HAProxy (1) or leave it out (0).
     #[arg(long, env = "BENCH_HAPROXY", default_value_t = 1)]
     haproxy: u8,
@@ -411,10 +427,16 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         saturation: seconds(args.saturation),
         concurrency: args.concurrency.max(1),
         h2_connections: args.h2_connections.max(1),
+        h2_streams: args.h2_streams.max(1),
         tcp_streams: args.tcp_streams.max(1),
         tcp_duration: seconds(args.tcp_duration),
         services: args.services.max(1),
-        many_services: args.many_services,
+        many_services: args
+            .many_services
+            .iter()
+            .copied()
+            .filter(|&n| n > 0)
+            .collect(),
         haproxy: args.haproxy != 0,
         scale,
         proxies,
@@ -448,12 +470,16 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
     text.push_str(&machine::describe(haproxy.as_deref()));
     text.push_str(&format!(
         "- command: `make bench` with BENCH_RATES={} BENCH_DURATION={} BENCH_SATURATION={} \
-         BENCH_CONCURRENCY={} BENCH_AGENTS={} BENCH_CP_SERVICES={} BENCH_CP_REPLICAS={} \
+         BENCH_CONCURRENCY={} BENCH_H2_CONNECTIONS={} BENCH_H2_STREAMS={} \
+         BENCH_MANY_SERVICES={} BENCH_AGENTS={} BENCH_CP_SERVICES={} BENCH_CP_REPLICAS={} \
          BENCH_PROXY_CPUS={} BENCH_LOAD_CPUS={} BENCH_MTLS_ROUNDS={} BENCH_CERT_AGENTS={}\n",
         join(&args.rates),
         args.duration,
         args.saturation,
         args.concurrency,
+        args.h2_connections,
+        args.h2_streams,
+        join(&args.many_services),
         join(&args.agents),
         join(&args.cp_services),
         args.cp_replicas,
@@ -510,6 +536,8 @@ async fn main() -> anyhow::Result<()> {
             protocol,
             rate,
             duration,
+            connections,
+            concurrency,
         } => {
             let protocol = match protocol.as_str() {
                 "h1" => load::Protocol::Http1,
@@ -521,8 +549,12 @@ async fn main() -> anyhow::Result<()> {
                 authority,
                 protocol,
             };
-            let client = std::sync::Arc::new(load::Client::connect(target, 1).await?);
-            let run = load::open_loop(client, rate, seconds(duration)).await;
+            let client =
+                std::sync::Arc::new(load::Client::connect(target, connections.max(1)).await?);
+            let run = match concurrency {
+                0 => load::open_loop(client, rate, seconds(duration)).await,
+                n => load::saturate(client, n, seconds(duration)).await,
+            };
             println!(
                 "{} ok, {} errors ({}); p50 {:?} p99 {:?} p99.9 {:?}",
                 run.ok,

@@ -25,18 +25,20 @@ pub struct Config {
     pub warmup: Duration,
     /// Length of each saturation run.
     pub saturation: Duration,
-    /// Requests in flight during saturation.
+    /// HTTP/1.1 requests (and connections) in flight during saturation.
     pub concurrency: usize,
     /// HTTP/2 connections per client.
     pub h2_connections: usize,
+    /// HTTP/2 requests in flight per connection during saturation.
+    pub h2_streams: usize,
     /// TCP streams and the length of the pass-through runs.
     pub tcp_streams: usize,
     /// Length of each pass-through run.
     pub tcp_duration: Duration,
     /// Services in the agent's view for the main rows.
     pub services: usize,
-    /// Services for the "many services" row (0: skip it).
-    pub many_services: usize,
+    /// Services for each "many services" row (empty: none).
+    pub many_services: Vec<usize>,
     /// Run HAProxy (an error if it is missing).
     pub haproxy: bool,
     /// Control-plane scenarios (empty: skip).
@@ -79,8 +81,19 @@ pub struct ProtocolResult {
     pub rates: Vec<RateResult>,
     /// The saturation run.
     pub saturation: Run,
+    /// The proxy's CPU time during the saturation run (none for the direct path).
+    pub saturation_cpu: Option<Duration>,
     /// Proxy memory after the first fixed-rate run.
     pub after_first_rate: Option<Sample>,
+}
+
+impl ProtocolResult {
+    /// Proxy CPU seconds per 1,000 requests during the saturation run.
+    pub fn saturation_cpu_per_1k(&self) -> Option<f64> {
+        let requests = (self.saturation.ok + self.saturation.errors).max(1) as f64;
+        self.saturation_cpu
+            .map(|cpu| cpu.as_secs_f64() * 1_000.0 / requests)
+    }
 }
 
 /// Which kind of path a row is.
@@ -202,12 +215,20 @@ async fn measure_http(
             cpu: cpu_between(before, after),
         });
     }
-    let saturation = load::saturate(client, config.concurrency, config.saturation).await;
+    // HTTP/2 keeps several requests in flight on each connection, as h2load -m does.
+    let in_flight = match protocol {
+        Protocol::Http1 => config.concurrency,
+        Protocol::Http2 => config.h2_connections * config.h2_streams,
+    };
+    let before = meter.sample()?;
+    let saturation = load::saturate(client, in_flight, config.saturation).await;
+    let saturation_cpu = cpu_between(before, meter.sample()?);
     eprintln!("    saturation: {:.0} req/s", saturation.throughput());
     Ok(ProtocolResult {
         protocol,
         rates,
         saturation,
+        saturation_cpu,
         after_first_rate,
     })
 }
@@ -416,11 +437,10 @@ async fn run_proxies(
         upstream.proc.check_alive()?;
     }
 
-    if config.many_services > 0 {
-        let name = format!("agent, no policy, {} services", config.many_services);
+    for &services in &config.many_services {
+        let name = format!("agent, no policy, {services} services");
         eprintln!("{name}");
-        let path =
-            AgentPath::start(layout, &upstream, config.many_services, Policies::None).await?;
+        let path = AgentPath::start(layout, &upstream, services, Policies::None).await?;
         let meter = Meter {
             pid: Some(path.agent.pid()),
             ticks,

@@ -60,11 +60,13 @@ async fn every_path_starts_and_completes_requests() {
         warmup: Duration::from_millis(100),
         saturation: Duration::from_millis(200),
         concurrency: 4,
-        h2_connections: 1,
+        h2_connections: 2,
+        h2_streams: 2,
         tcp_streams: 2,
         tcp_duration: Duration::from_millis(200),
         services: 3,
-        many_services: 20,
+        // Two rows: each is run and reported.
+        many_services: vec![20, 40],
         haproxy,
         scale: vec![Scenario {
             agents: 30,
@@ -103,6 +105,19 @@ async fn every_path_starts_and_completes_requests() {
         expected.push(PathKind::Haproxy);
     }
     assert_eq!(kinds, expected);
+    let many: Vec<&str> = results
+        .paths
+        .iter()
+        .filter(|p| p.kind == PathKind::AgentManyServices)
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(
+        many,
+        [
+            "agent, no policy, 20 services",
+            "agent, no policy, 40 services"
+        ]
+    );
     for path in &results.paths {
         for protocol in &path.protocols {
             assert_eq!(protocol.rates.len(), 2, "{}", path.name);
@@ -118,6 +133,10 @@ async fn every_path_starts_and_completes_requests() {
                     rate.run.first_error
                 );
                 assert_eq!(rate.cpu.is_some(), path.kind != PathKind::Direct);
+                assert_eq!(
+                    protocol.saturation_cpu.is_some(),
+                    path.kind != PathKind::Direct
+                );
             }
             assert!(protocol.saturation.ok > 0, "{} saturation", path.name);
         }

@@ -8,6 +8,7 @@
 
 use http::{HeaderValue, Response, StatusCode};
 
+use crate::grpc::{GRPC_MESSAGE, GRPC_STATUS};
 use crate::reason::{self, REASON_HEADER};
 use crate::transport::{ProxyBody, full};
 
@@ -60,9 +61,9 @@ pub fn local_to_grpc(rsp: Response<ProxyBody>) -> Response<ProxyBody> {
         HeaderValue::from_static("application/grpc"),
     );
     head.headers
-        .insert("grpc-status", HeaderValue::from(status_for(&why)));
+        .insert(GRPC_STATUS, HeaderValue::from(status_for(&why)));
     if let Ok(message) = HeaderValue::try_from(format!("bulwark: {why}")) {
-        head.headers.insert("grpc-message", message);
+        head.headers.insert(GRPC_MESSAGE, message);
     }
     head.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(head, full(bytes::Bytes::new()))

@@ -197,8 +197,15 @@ impl Ready {
 }
 
 /// Removes the headers HTTP/2 forbids (h2 refuses a request that has them), and `TE`
-/// unless it is `trailers`.
+/// unless it is `trailers`. One pass over the few headers a request has finds whether
+/// there is anything to remove, cheaper than looking each name up.
 fn strip_connection_headers(headers: &mut HeaderMap) {
+    if !headers
+        .keys()
+        .any(|name| name == TE || CONNECTION_HEADERS.contains(name))
+    {
+        return;
+    }
     for name in &CONNECTION_HEADERS {
         headers.remove(name);
     }
