@@ -375,12 +375,14 @@ fn sample_all(pids: &[u32], ticks: u64) -> anyhow::Result<procstat::Sample> {
         cpu: Duration::ZERO,
         rss_kib: 0,
         peak_rss_kib: 0,
+        anon_kib: 0,
     };
     for pid in pids {
         let one = procstat::sample(*pid, ticks)?;
         sum.cpu += one.cpu;
         sum.rss_kib += one.rss_kib;
         sum.peak_rss_kib += one.peak_rss_kib;
+        sum.anon_kib += one.anon_kib;
     }
     Ok(sum)
 }

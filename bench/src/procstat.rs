@@ -11,6 +11,10 @@ pub struct Sample {
     pub rss_kib: u64,
     /// Peak resident set size so far, in KiB (`VmHWM`).
     pub peak_rss_kib: u64,
+    /// The anonymous part of the resident set now, in KiB (`RssAnon`): the process's
+    /// own memory, without the pages of its binary and libraries, which every process
+    /// running the same files shares.
+    pub anon_kib: u64,
 }
 
 /// Errors reading `/proc`.
@@ -37,11 +41,14 @@ pub fn sample(pid: u32, ticks_per_second: u64) -> Result<Sample, ProcError> {
     let status_path = format!("/proc/{pid}/status");
     let status = read(&status_path)?;
     let rss_kib = status_kib(&status, "VmRSS:").ok_or(ProcError::Parse(status_path.clone()))?;
-    let peak_rss_kib = status_kib(&status, "VmHWM:").ok_or(ProcError::Parse(status_path))?;
+    let peak_rss_kib =
+        status_kib(&status, "VmHWM:").ok_or(ProcError::Parse(status_path.clone()))?;
+    let anon_kib = status_kib(&status, "RssAnon:").ok_or(ProcError::Parse(status_path))?;
     Ok(Sample {
         cpu: Duration::from_secs_f64(ticks as f64 / ticks_per_second.max(1) as f64),
         rss_kib,
         peak_rss_kib,
+        anon_kib,
     })
 }
 
