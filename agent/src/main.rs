@@ -12,7 +12,9 @@ use bulwark_agent::limits::{
     DEFAULT_MAX_REQUEST_HEADERS_BYTES, DEFAULT_PROXY_PASSTHROUGH, Limits,
 };
 use bulwark_agent::metrics::DEFAULT_MAX_CALLER_LABELS;
-use bulwark_agent::settings::{DEFAULT_OPAQUE_PORTS, DEFAULT_TCP_IDLE_TIMEOUT};
+use bulwark_agent::settings::{
+    DEFAULT_OPAQUE_PORTS, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_WORKER_THREADS,
+};
 use bulwark_agent::telemetry::{self, LogFormat};
 use bulwark_agent::{Agent, Identity, InboundSpec, Settings};
 use clap::{Parser, Subcommand};
@@ -216,6 +218,10 @@ struct Args {
     /// HTTP/2 with no stream open), in milliseconds; then it is closed (0: no limit).
     #[arg(long, env = "BULWARK_IDLE_TIMEOUT_MS", default_value_t = millis(DEFAULT_IDLE_TIMEOUT))]
     idle_timeout_ms: u64,
+    /// Threads that run the proxy (0: one per CPU). One suits a sidecar with a core or
+    /// less; more only help a pod given several cores.
+    #[arg(long, env = "BULWARK_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS)]
+    worker_threads: usize,
     /// Connections each listener holds at once; more are closed as soon as accepted
     /// (0: no limit).
     #[arg(long, env = "BULWARK_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
@@ -300,11 +306,23 @@ fn parse_labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(labels)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     #[cfg(unix)]
     allocator::configure();
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if cli.run.worker_threads > 0 {
+        runtime.worker_threads(cli.run.worker_threads);
+    }
+    runtime
+        .build()
+        .context("starting the async runtime")?
+        .block_on(start(cli))
+}
+
+/// Runs the subcommand, or the agent.
+async fn start(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         // One line for the operator (no backtrace even with RUST_BACKTRACE set):
         // init runs as an init container whose log is read in `kubectl describe`.

@@ -14,6 +14,11 @@ pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LO
 /// Default admin listener (`/metrics`, `/ready`, `/config`).
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4191);
 
+/// Default runtime worker threads: one, as a sidecar is given about a core and every
+/// request handed between two threads costs futex wake-ups (about two per HTTP/1.1
+/// request and five per HTTP/2 request with two; docs/benchmarks.md).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+
 /// Default time to wait for a redirected client's first bytes before treating
 /// the connection as opaque TCP (a server-speaks-first protocol).
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(200);
