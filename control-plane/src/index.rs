@@ -237,6 +237,30 @@ impl<'a> Topology<'a> {
             .map_or(&[], Vec::as_slice)
     }
 
+    /// The ready pods behind a service's endpoints (a pod by its `targetRef`, else by
+    /// its address): what a Service-scope rate limit is split over.
+    fn ready_pods(&self, service: &'a ObjectName) -> usize {
+        let mut pods = BTreeSet::new();
+        for endpoint in self
+            .slices(service)
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.ready)
+        {
+            pods.insert(match &endpoint.pod {
+                Some(pod) => Err(pod),
+                None => Ok(endpoint.address),
+            });
+        }
+        pods.len()
+    }
+
+    /// The meshed pods of the model: the callers an outbound Service-scope limit is split
+    /// over (any of them may call).
+    fn meshed_pods(&self) -> usize {
+        self.pods.values().filter(|p| p.meshed).count()
+    }
+
     /// The pod behind an endpoint: by its `targetRef`, else by its address.
     fn pod(&self, namespace: &str, endpoint: &Endpoint) -> Option<&'a Pod> {
         match &endpoint.pod {

@@ -214,6 +214,34 @@ fn rate_limit_policy_rules_agree() {
             format!("{{{TARGET}, limits: [{{name: a, {rate}, key: {{header: x-a}}}}]}}"),
             false,
         ),
+        (
+            format!(
+                "{{{TARGET}, limits: [{{name: a, {rate}, scope: Shared, onStoreUnavailable: FailOpen}}]}}"
+            ),
+            true,
+        ),
+        (
+            format!("{{{TARGET}, limits: [{{name: a, {rate}, onStoreUnavailable: FailOpen}}]}}"),
+            false,
+        ),
+        (
+            format!(
+                "{{{TARGET}, limits: [{{name: a, {rate}, scope: Pod, onStoreUnavailable: FailClosed}}]}}"
+            ),
+            false,
+        ),
+        (
+            format!(
+                "{{{TARGET}, direction: Outbound, responseHeaders: true, limits: [{{name: a, {rate}, cost: {{default: 2, rules: [{{method: POST, pathPrefix: /q, cost: 5}}], responseHeader: x-cost}}}}]}}"
+            ),
+            true,
+        ),
+        (
+            format!(
+                "{{{TARGET}, limits: [{{name: a, {rate}, cost: {{rules: [{{method: POST}}]}}}}]}}"
+            ),
+            false,
+        ),
     ];
     let cases: Vec<(&str, bool)> = cases.iter().map(|(y, v)| (y.as_str(), *v)).collect();
     check("RateLimitPolicy", "ratelimitpolicies.yaml", &cases);

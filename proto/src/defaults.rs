@@ -45,3 +45,7 @@ pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_millis(250);
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 0;
 /// Default `timeout.connect`: TCP connect to one endpoint.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default rate-limit `cost`: tokens a request takes when no rule says otherwise.
+pub const DEFAULT_RATE_LIMIT_COST: u32 = 1;
+/// Largest rate-limit cost (per request, a rule's or a response header's).
+pub const MAX_RATE_LIMIT_COST: u32 = 1_000_000;

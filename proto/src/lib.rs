@@ -27,7 +27,7 @@ pub mod identity {
 
 /// The highest API revision this build understands (see `Identity.protocol_version`
 /// in the .proto for what each adds).
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The first protocol revision whose agents take deltas (`Snapshot.base_version`).
 pub const INCREMENTAL_SINCE: u32 = 6;

@@ -40,7 +40,24 @@ const GATES: &[Gate] = &[
         feature: "loadBalancer.strategy",
         strip: strip_new_strategies,
     },
+    Gate {
+        since: RATE_LIMIT_STORE_SINCE,
+        feature: "rateLimits",
+        strip: strip_outbound_rate_limits,
+    },
 ];
+
+/// An agent below [`RATE_LIMIT_STORE_SINCE`] does not read a port's outbound limits: it
+/// would send without them whatever it got. Nothing safer is in its reach (refusing the
+/// port would be an outage for a limit), so they are left out and listed as held back,
+/// for `/agents` to show which callers do not limit yet.
+fn strip_outbound_rate_limits(port: &mut proto::ServicePort) -> bool {
+    if port.rate_limits.is_empty() {
+        return false;
+    }
+    port.rate_limits.clear();
+    true
+}
 
 /// A sharded port without its topology would spread writes over replicas, so an agent
 /// that cannot route by shard gets the port with no endpoints: its requests fail with
@@ -102,6 +119,20 @@ pub const CLIENT_IDENTITY_KEY_SINCE: u32 = 4;
 /// The protocol from which an agent enforces `Inbound.authorization` on opaque TCP.
 pub const TCP_AUTHORIZATION_SINCE: u32 = 5;
 
+/// The protocol that brought Shared limits (the rate-limit store), request cost,
+/// rate-limit response headers and outbound limits.
+pub const RATE_LIMIT_STORE_SINCE: u32 = 7;
+
+/// What of a limit an agent below [`RATE_LIMIT_STORE_SINCE`] would not enforce.
+fn newer_rate_limit_features(limit: &proto::RateLimit) -> impl Iterator<Item = &'static str> {
+    [
+        limit.shared.is_some().then_some("rateLimit.scope.Shared"),
+        limit.cost.is_some().then_some("rateLimit.cost"),
+    ]
+    .into_iter()
+    .flatten()
+}
+
 fn keyed_by_identity(limit: &proto::RateLimit) -> bool {
     matches!(
         limit.key.as_ref().and_then(|k| k.kind.as_ref()),
@@ -128,6 +159,10 @@ fn keyed_by_identity(limit: &proto::RateLimit) -> bool {
 ///   than meant. It gets the limit keyed by client address instead (a meshed caller's
 ///   pod has one address, so the buckets are close to per workload instance), reported
 ///   as held back.
+/// - Below [`RATE_LIMIT_STORE_SINCE`] an agent enforces a Shared limit's split share
+///   (the numbers it reads are that share: Service scope, approximate under uneven
+///   traffic) and charges every request one token. The limits go as they are, each
+///   such feature reported as held back.
 /// - From [`AUTHORIZATION_SINCE`] to below [`TCP_AUTHORIZATION_SINCE`] an agent
 ///   enforces the policies on HTTP but relays opaque TCP from any caller. The policies
 ///   go as they are (HTTP stays protected) and each is reported as held back for TCP,
@@ -143,11 +178,30 @@ pub fn hold_back_inbound(
         level < CLIENT_IDENTITY_KEY_SINCE && inbound.rate_limits.iter().any(keyed_by_identity);
     let tcp_authorization = (AUTHORIZATION_SINCE..TCP_AUTHORIZATION_SINCE).contains(&level)
         && !inbound.authorization.is_empty();
-    if !authorization && !peer_authentication && !identity_keys && !tcp_authorization {
+    let store_features = level < RATE_LIMIT_STORE_SINCE
+        && inbound
+            .rate_limits
+            .iter()
+            .any(|l| newer_rate_limit_features(l).next().is_some());
+    if !authorization
+        && !peer_authentication
+        && !identity_keys
+        && !tcp_authorization
+        && !store_features
+    {
         return None;
     }
     let mut stripped = proto::Inbound::clone(inbound);
     let mut held_back: Vec<HeldBack> = Vec::new();
+    if store_features {
+        for limit in &stripped.rate_limits {
+            held_back.extend(newer_rate_limit_features(limit).map(|feature| HeldBack {
+                port: format!("inbound ({} limit {})", limit.source, limit.name),
+                feature,
+                needs_protocol: RATE_LIMIT_STORE_SINCE,
+            }));
+        }
+    }
     if tcp_authorization {
         held_back.extend(stripped.authorization.iter().map(|p| HeldBack {
             port: format!("inbound ({})", p.source),
@@ -285,14 +339,14 @@ mod tests {
 
     #[test]
     fn a_current_agent_gets_everything() {
-        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 6);
+        assert_eq!(level(bulwark_proto::PROTOCOL_VERSION), 7);
         assert!(for_level(&services(), 3).is_none());
         assert!(
             for_level(&services(), 2).is_none(),
             "3 adds nothing outbound"
         );
         assert_eq!(
-            level(7),
+            level(8),
             bulwark_proto::PROTOCOL_VERSION,
             "a newer agent is served what this build knows"
         );
@@ -352,6 +406,50 @@ mod tests {
             held_back.is_empty(),
             "Permissive is what an old agent does anyway"
         );
+    }
+
+    #[test]
+    fn below_protocol_7_outbound_limits_are_held_back_and_shared_ones_reported() {
+        let mut limited = services();
+        limited[0].ports[1].rate_limits = vec![proto::RateLimit {
+            source: "shop/api".into(),
+            name: "calls".into(),
+            ..Default::default()
+        }];
+        assert!(for_level(&limited, 7).is_none());
+        let (stripped, held_back) = for_level(&limited, 6).unwrap();
+        assert!(stripped[0].ports[1].rate_limits.is_empty());
+        assert_eq!(
+            held_back,
+            [HeldBack {
+                port: "orders.shop:9090".into(),
+                feature: "rateLimits",
+                needs_protocol: RATE_LIMIT_STORE_SINCE,
+            }]
+        );
+
+        let shared = Arc::new(proto::Inbound {
+            rate_limits: vec![proto::RateLimit {
+                source: "shop/limits".into(),
+                name: "total".into(),
+                requests: 50,
+                shared: Some(proto::SharedLimit {
+                    requests: 200,
+                    ..Default::default()
+                }),
+                cost: Some(proto::RateLimitCost::default()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert!(hold_back_inbound(&shared, 7).is_none());
+        let (kept, held_back) = hold_back_inbound(&shared, 6).unwrap();
+        assert_eq!(
+            kept.rate_limits, shared.rate_limits,
+            "the split share goes as it is"
+        );
+        let features: Vec<_> = held_back.iter().map(|h| h.feature).collect();
+        assert_eq!(features, ["rateLimit.scope.Shared", "rateLimit.cost"]);
     }
 
     #[test]

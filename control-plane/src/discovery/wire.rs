@@ -7,9 +7,8 @@ use bulwark_proto::v1 as proto;
 use proto::load_balancer::Strategy as ProtoStrategy;
 use proto::rate_limit_key::Kind as ProtoKeyKind;
 
-use crate::model::ObjectName;
 use crate::model::peer_authentication::{MtlsMode, PeerAuthentication};
-use crate::model::policy::{self, LimitKey, Strategy};
+use crate::model::policy::{self, Direction, LimitKey, Scope, StoreUnavailable, Strategy};
 use crate::model::shard;
 
 /// A `google.protobuf.Duration`.
@@ -86,22 +85,82 @@ pub fn resilience(p: &policy::ResiliencePolicy) -> proto::ResiliencePolicy {
     }
 }
 
-/// The wire form of one limit of a RateLimitPolicy, for the given local ports.
-pub fn rate_limit(policy: &ObjectName, limit: &policy::Limit, ports: Vec<u32>) -> proto::RateLimit {
+/// The wire form of one limit of a RateLimitPolicy, for the given local ports (empty for
+/// an outbound limit), on one of `pods` pods: a Service-scope limit goes as this pod's
+/// share, a Shared one as the whole limit beside the share it falls back to.
+pub fn rate_limit(
+    policy: &policy::RateLimitPolicy,
+    limit: &policy::Limit,
+    ports: Vec<u32>,
+    pods: usize,
+) -> proto::RateLimit {
     let key = match &limit.key {
         LimitKey::None => ProtoKeyKind::None(proto::Empty {}),
         LimitKey::ClientAddress => ProtoKeyKind::ClientAddress(proto::Empty {}),
         LimitKey::ClientIdentity => ProtoKeyKind::ClientIdentity(proto::Empty {}),
         LimitKey::Header(name) => ProtoKeyKind::Header(name.clone()),
     };
-    proto::RateLimit {
-        source: policy.to_string(),
-        name: limit.name.clone(),
-        ports,
-        key: Some(proto::RateLimitKey { kind: Some(key) }),
+    let (requests, per, burst, split) = match limit.scope {
+        Scope::Pod => (limit.requests, limit.per, limit.burst, 0),
+        Scope::Service | Scope::Shared => {
+            let (requests, per, burst) =
+                policy::split(limit.requests, limit.per, limit.burst, pods);
+            (
+                requests,
+                per,
+                burst,
+                u32::try_from(pods).unwrap_or(u32::MAX),
+            )
+        }
+    };
+    let scope = match limit.scope {
+        Scope::Pod => proto::RateLimitScope::Pod,
+        Scope::Service => proto::RateLimitScope::Service,
+        Scope::Shared => proto::RateLimitScope::Shared,
+    };
+    let direction = match policy.direction {
+        Direction::Inbound => "in",
+        Direction::Outbound => "out",
+    };
+    let shared = (limit.scope == Scope::Shared).then(|| proto::SharedLimit {
         requests: limit.requests,
         period: Some(duration(limit.per)),
         burst: limit.burst,
+        on_store_unavailable: match limit.on_store_unavailable {
+            StoreUnavailable::FailOpen => proto::StoreUnavailable::FailOpen,
+            StoreUnavailable::FailClosed => proto::StoreUnavailable::FailClosed,
+            StoreUnavailable::FallbackToSplit => proto::StoreUnavailable::FallbackToSplit,
+        }
+        .into(),
+        bucket: format!("{direction}/{}/{}", policy.name, limit.name),
+    });
+    let cost = (limit.cost != policy::Cost::default()).then(|| proto::RateLimitCost {
+        default_cost: limit.cost.default,
+        rules: limit
+            .cost
+            .rules
+            .iter()
+            .map(|r| proto::CostRule {
+                method: r.method.clone().unwrap_or_default(),
+                path_prefix: r.path_prefix.clone().unwrap_or_default(),
+                cost: r.cost,
+            })
+            .collect(),
+        response_header: limit.cost.response_header.clone().unwrap_or_default(),
+    });
+    proto::RateLimit {
+        source: policy.name.to_string(),
+        name: limit.name.clone(),
+        ports,
+        key: Some(proto::RateLimitKey { kind: Some(key) }),
+        requests,
+        period: Some(duration(per)),
+        burst,
+        scope: scope.into(),
+        split: if limit.scope == Scope::Pod { 0 } else { split },
+        shared,
+        cost,
+        response_headers: policy.response_headers,
     }
 }
 

@@ -13,6 +13,7 @@ use super::outbound::has_tcp_port;
 use crate::discovery::wire;
 use crate::model::authorization::{self as authz, Attachment};
 use crate::model::peer_authentication::{PeerAuthentication, Precedence};
+use crate::model::policy::Direction;
 use crate::model::{Kind, Model, ObjectName, Protocol, TargetPort, TargetRef};
 
 /// The inbound policy enforced by a set of pods: those behind one Service, or those an
@@ -130,7 +131,11 @@ pub(super) fn limits(
     diagnostics: &mut BTreeSet<Diagnostic>,
 ) -> BTreeMap<ObjectName, ServiceLimits> {
     let mut by_service: BTreeMap<ObjectName, ServiceLimits> = BTreeMap::new();
-    for policy in model.rate_limit_policies.values() {
+    for policy in model
+        .rate_limit_policies
+        .values()
+        .filter(|p| p.direction == Direction::Inbound)
+    {
         for target in &policy.targets {
             let Some((name, selector, ports)) = target_ports(
                 model,
@@ -142,11 +147,12 @@ pub(super) fn limits(
             ) else {
                 continue;
             };
+            let pods = topology.ready_pods(&name);
             entry(&mut by_service, name, selector).limits.extend(
                 policy
                     .limits
                     .iter()
-                    .map(|limit| wire::rate_limit(&policy.name, limit, ports.clone())),
+                    .map(|limit| wire::rate_limit(policy, limit, ports.clone(), pods)),
             );
         }
     }

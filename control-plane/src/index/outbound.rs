@@ -9,7 +9,7 @@ use bulwark_proto::v1 as proto;
 use super::Topology;
 use super::diagnostics::Diagnostic;
 use crate::discovery::wire;
-use crate::model::policy::{LoadBalancer, ResiliencePolicy};
+use crate::model::policy::{Direction, LoadBalancer, RateLimitPolicy, ResiliencePolicy};
 use crate::model::shard::ShardTopology;
 use crate::model::{Kind, MAX_WEIGHT, Model, ObjectName, Protocol, Service, ServicePort};
 
@@ -22,6 +22,8 @@ pub(super) fn services(
     let attached = attach(model, diagnostics);
     let sharded = shard_topologies(model);
     let routes = super::routes::Attached::new(model, diagnostics);
+    let limited = outbound_limits(model, diagnostics);
+    let callers = topology.meshed_pods();
     model
         .services
         .values()
@@ -49,6 +51,7 @@ pub(super) fn services(
                                 .filter(|(_, section)| section.is_none_or(|s| s == port.name))
                                 .map(|(t, _)| wire::shard_topology(t)),
                             routes: routes.rules(service, port),
+                            rate_limits: rate_limits(&limited, service, port, callers),
                         }
                     })
                     .collect(),
@@ -62,6 +65,76 @@ pub(super) fn services(
             }
         })
         .collect()
+}
+
+/// Outbound RateLimitPolicies by the service (namespace, name) they target, each with the
+/// port it is narrowed to.
+type Limited<'a> = HashMap<(&'a str, &'a str), Vec<(&'a RateLimitPolicy, Option<&'a str>)>>;
+
+/// The outbound RateLimitPolicies by target; a missing service or port is diagnosed.
+fn outbound_limits<'a>(model: &'a Model, diagnostics: &mut BTreeSet<Diagnostic>) -> Limited<'a> {
+    let mut limited: Limited<'a> = HashMap::new();
+    for policy in model
+        .rate_limit_policies
+        .values()
+        .filter(|p| p.direction == Direction::Outbound)
+    {
+        let namespace = policy.name.namespace.as_str();
+        for target in &policy.targets {
+            let name = ObjectName::new(namespace, target.service.as_str());
+            match model.services.get(&name) {
+                None => {
+                    diagnostics.insert(Diagnostic::MissingService {
+                        kind: Kind::RateLimitPolicy,
+                        policy: policy.name.clone(),
+                        service: target.service.clone(),
+                    });
+                }
+                Some(service) => {
+                    if let Some(section) = &target.section
+                        && !has_tcp_port(service, section)
+                    {
+                        diagnostics.insert(Diagnostic::MissingSection {
+                            kind: Kind::RateLimitPolicy,
+                            policy: policy.name.clone(),
+                            service: target.service.clone(),
+                            section: section.clone(),
+                        });
+                    }
+                }
+            }
+            limited
+                .entry((namespace, target.service.as_str()))
+                .or_default()
+                .push((policy, target.section.as_deref()));
+        }
+    }
+    limited
+}
+
+/// The outbound limits callers enforce on `port` of `service`, split over `callers`
+/// (Service scope), merged and sorted like inbound ones.
+fn rate_limits(
+    limited: &Limited<'_>,
+    service: &Service,
+    port: &ServicePort,
+    callers: usize,
+) -> Vec<proto::RateLimit> {
+    let key = (service.name.namespace.as_str(), service.name.name.as_str());
+    let mut limits: Vec<proto::RateLimit> = limited
+        .get(&key)
+        .into_iter()
+        .flatten()
+        .filter(|(_, section)| section.is_none_or(|s| s == port.name))
+        .flat_map(|(policy, _)| {
+            policy
+                .limits
+                .iter()
+                .map(|limit| wire::rate_limit(policy, limit, Vec::new(), callers))
+        })
+        .collect();
+    super::merge_rate_limits(&mut limits);
+    limits
 }
 
 /// A policy attached to a service, narrowed to one port or not.

@@ -725,3 +725,156 @@ fn the_strict_example_makes_the_demo_strict_but_the_frontends_edge_port() {
             .any(|d| matches!(d, Diagnostic::PeerAuthenticationConflict { .. }))
     );
 }
+
+/// An EndpointSlice of `web` with these endpoints (`address`, ready).
+fn web_slice(endpoints: &[(&str, bool)]) -> String {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|(a, ready)| format!("{{addresses: [{a}], conditions: {{ready: {ready}}}}}"))
+        .collect();
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+         endpoints: [{}]\n",
+        endpoints.join(", ")
+    )
+}
+
+fn limit_policy(limit: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: bulwark.io/v1alpha1\nkind: RateLimitPolicy\n\
+         metadata: {{name: web, namespace: shop}}\n\
+         spec: {{targetRefs: [{{kind: Service, name: web}}]{extra}, limits: [{limit}]}}\n"
+    )
+}
+
+#[test]
+fn a_service_limit_is_split_over_the_ready_pods_as_they_scale() {
+    let limit = "{name: all, rate: {requests: 300, per: 1s}, burst: 90}";
+    let share = |endpoints: &[(&str, bool)]| {
+        let m = model(&format!(
+            "{SERVICE}{}{}",
+            web_slice(endpoints),
+            limit_policy(limit, "")
+        ));
+        let l = rate_limits(&m, &[("app", "web")]).remove(0);
+        let per = l.period.unwrap();
+        (l.requests, per.seconds, l.burst, l.split)
+    };
+    assert_eq!(share(&[]), (300, 1, 90, 0), "no ready pod: the whole limit");
+    assert_eq!(share(&[("10.0.0.1", true)]), (300, 1, 90, 1));
+    assert_eq!(
+        share(&[("10.0.0.1", true), ("10.0.0.2", false)]),
+        (300, 1, 90, 1),
+        "a pod that is not ready takes no share"
+    );
+    let four = [
+        ("10.0.0.1", true),
+        ("10.0.0.2", true),
+        ("10.0.0.3", true),
+        ("10.0.0.4", true),
+    ];
+    assert_eq!(share(&four), (75, 1, 22, 4));
+    let seven: Vec<(String, bool)> = (1..=7).map(|i| (format!("10.0.0.{i}"), true)).collect();
+    let seven: Vec<(&str, bool)> = seven.iter().map(|(a, r)| (a.as_str(), *r)).collect();
+    assert_eq!(share(&seven), (300, 7, 12, 7), "300/7 per second, exactly");
+}
+
+#[test]
+fn scaling_reaches_the_pods_as_a_new_inbound_part() {
+    let limit = "{name: all, rate: {requests: 100, per: 1s}}";
+    let one = model(&format!(
+        "{SERVICE}{}{}",
+        web_slice(&[("10.0.0.1", true)]),
+        limit_policy(limit, "")
+    ));
+    let mut idx = index(&one);
+    let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+    let (before, _) = idx.state().inbound.for_agent("shop", &labels);
+    assert_eq!(before.rate_limits[0].requests, 100);
+    let two = model(&format!(
+        "{SERVICE}{}{}",
+        web_slice(&[("10.0.0.1", true), ("10.0.0.2", true)]),
+        limit_policy(limit, "")
+    ));
+    assert!(idx.apply(&two), "a new ready pod is a change for the pods");
+    let (after, changed_at) = idx.state().inbound.for_agent("shop", &labels);
+    assert_eq!(
+        (after.rate_limits[0].requests, after.rate_limits[0].burst),
+        (50, 50)
+    );
+    assert_eq!(changed_at, idx.state().revision);
+}
+
+#[test]
+fn pod_and_shared_scopes_go_with_the_whole_limit() {
+    let ready = web_slice(&[("10.0.0.1", true), ("10.0.0.2", true)]);
+    let m = model(&format!(
+        "{SERVICE}{ready}{}",
+        limit_policy(
+            "{name: pod, scope: Pod, rate: {requests: 100, per: 1s}}, \
+             {name: shared, scope: Shared, onStoreUnavailable: FailOpen, rate: {requests: 100, per: 1s}, \
+              cost: {rules: [{method: POST, cost: 3}]}}",
+            ", responseHeaders: true"
+        )
+    ));
+    let limits = rate_limits(&m, &[("app", "web")]);
+    let pod = &limits[0];
+    assert_eq!(
+        (pod.name.as_str(), pod.requests, pod.split),
+        ("pod", 100, 0)
+    );
+    assert_eq!(pod.scope, i32::from(proto::RateLimitScope::Pod));
+    let shared = &limits[1];
+    assert_eq!(
+        (shared.requests, shared.burst),
+        (50, 50),
+        "the share it falls back to"
+    );
+    let whole = shared.shared.as_ref().unwrap();
+    assert_eq!((whole.requests, whole.burst), (100, 100));
+    assert_eq!(whole.bucket, "in/shop/web/shared");
+    assert_eq!(
+        whole.on_store_unavailable,
+        i32::from(proto::StoreUnavailable::FailOpen)
+    );
+    assert_eq!(shared.cost.as_ref().unwrap().rules[0].cost, 3);
+    assert!(shared.response_headers && pod.response_headers);
+    assert!(pod.cost.is_none(), "the default cost is not sent");
+}
+
+#[test]
+fn outbound_limits_go_to_the_callers_on_the_targets_port_and_never_inbound() {
+    let m = model(&format!(
+        "{SERVICE}{}{}",
+        web_slice(&[("10.0.0.1", true)]),
+        limit_policy(
+            "{name: calls, scope: Shared, rate: {requests: 10, per: 1s}}",
+            ", direction: Outbound"
+        )
+    ));
+    assert!(
+        rate_limits(&m, &[("app", "web")]).is_empty(),
+        "not the target's pods"
+    );
+    let idx = index(&m);
+    let web = service(&idx.state(), "web").clone();
+    for port in &web.ports {
+        assert_eq!(port.rate_limits.len(), 1, "port {}", port.port);
+        let limit = &port.rate_limits[0];
+        assert!(limit.ports.is_empty());
+        assert_eq!(limit.shared.as_ref().unwrap().bucket, "out/shop/web/calls");
+    }
+    let missing = model(&limit_policy(
+        "{name: calls, rate: {requests: 10, per: 1s}}",
+        ", direction: Outbound",
+    ));
+    assert!(index(&missing).diagnostics().iter().any(|d| matches!(
+        d,
+        Diagnostic::MissingService {
+            kind: crate::model::Kind::RateLimitPolicy,
+            ..
+        }
+    )));
+}

@@ -200,17 +200,32 @@ pub enum HashOn {
     ClientAddress,
 }
 
-/// Token-bucket limits on inbound requests to the target's pods.
+/// Token-bucket limits on requests to the target's pods (inbound) or from the mesh to the
+/// target (outbound).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RateLimitPolicy {
     /// Namespace and name.
     pub name: ObjectName,
     /// `metadata.creationTimestamp`, when known.
     pub created: CreationTime,
-    /// The services (or ports) whose pods enforce the limits; never empty.
+    /// The services (or ports) whose pods enforce the limits (inbound), or whose callers
+    /// do (outbound); never empty.
     pub targets: Vec<TargetRef>,
+    /// Which side enforces the limits.
+    pub direction: Direction,
+    /// Whether responses carry `RateLimit-Policy` and `RateLimit` headers.
+    pub response_headers: bool,
     /// The limits; a request must pass all of them. Never empty, names unique.
     pub limits: Vec<Limit>,
+}
+
+/// Which requests a RateLimitPolicy limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Requests into the target's pods, enforced by their agents.
+    Inbound,
+    /// Requests to the target from the mesh, enforced by the callers' agents.
+    Outbound,
 }
 
 /// One token bucket (per key).
@@ -226,6 +241,67 @@ pub struct Limit {
     pub per: Duration,
     /// Bucket size, at least 1.
     pub burst: u32,
+    /// Where the buckets live.
+    pub scope: Scope,
+    /// What a Shared limit does while the store is unreachable.
+    pub on_store_unavailable: StoreUnavailable,
+    /// Tokens a request takes.
+    pub cost: Cost,
+}
+
+/// Where a limit's buckets live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every pod enforces the whole limit on its own (N pods accept N times the limit).
+    Pod,
+    /// The limit is split over the ready pods that enforce it, re-split as they come
+    /// and go.
+    Service,
+    /// One bucket per key in the rate-limit store (Redis), shared by every agent.
+    Shared,
+}
+
+/// What a Shared limit does while the store is unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreUnavailable {
+    /// Let every request through the limit.
+    FailOpen,
+    /// Refuse every request (429).
+    FailClosed,
+    /// Enforce the pod's split share locally, as Service scope does.
+    FallbackToSplit,
+}
+
+/// Tokens a request takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cost {
+    /// For a request no rule matches.
+    pub default: u32,
+    /// The first matching rule sets the cost.
+    pub rules: Vec<CostRule>,
+    /// A response header whose value is charged after the response.
+    pub response_header: Option<String>,
+}
+
+impl Default for Cost {
+    fn default() -> Self {
+        Self {
+            default: bulwark_proto::defaults::DEFAULT_RATE_LIMIT_COST,
+            rules: Vec::new(),
+            response_header: None,
+        }
+    }
+}
+
+/// A fixed cost for requests by method and path prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CostRule {
+    /// Upper case; `None`: any method.
+    pub method: Option<String>,
+    /// `None`: any path.
+    pub path_prefix: Option<String>,
+    /// Tokens, at least 1.
+    pub cost: u32,
 }
 
 /// What a rate limit keys its buckets on.
@@ -239,4 +315,56 @@ pub enum LimitKey {
     ClientIdentity,
     /// One bucket per value of this (lowercase) request header.
     Header(String),
+}
+
+/// A limit's share on one of `pods` pods: the rate divided exactly (`requests` per
+/// `per × pods`, reduced by their common divisor) and the burst divided down, never
+/// below one request. Zero pods count as one: a pod that starts enforces the whole limit
+/// until the endpoints say it is ready, and then it is re-split.
+pub fn split(requests: u32, per: Duration, burst: u32, pods: usize) -> (u32, Duration, u32) {
+    let pods = u32::try_from(pods.max(1)).unwrap_or(u32::MAX);
+    let common = gcd(requests, pods);
+    let share_requests = requests / common;
+    let share_per = per.saturating_mul(pods / common);
+    let share_burst = (burst / pods).max(1);
+    (share_requests, share_per, share_burst)
+}
+
+fn gcd(mut a: u32, mut b: u32) -> u32 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn per_second(share: (u32, Duration, u32)) -> (f64, u32) {
+        (f64::from(share.0) / share.1.as_secs_f64(), share.2)
+    }
+
+    #[test]
+    fn the_split_divides_the_rate_exactly_as_pods_scale() {
+        let second = Duration::from_secs(1);
+        // No ready pod yet, and one: the whole limit.
+        assert_eq!(split(100, second, 50, 0), (100, second, 50));
+        assert_eq!(split(100, second, 50, 1), (100, second, 50));
+        // Divisible: the same period.
+        assert_eq!(split(200, second, 100, 4), (50, second, 25));
+        // Not divisible: a longer period keeps the rate exact (100/3 per second).
+        assert_eq!(split(100, second, 30, 3), (100, Duration::from_secs(3), 10));
+        // Many pods: the burst never drops below one request.
+        assert_eq!(split(10, second, 5, 20), (1, Duration::from_secs(2), 1));
+        for pods in 1..=64 {
+            let (rate, burst) = per_second(split(1_000, second, 200, pods));
+            let total = rate * pods as f64;
+            assert!(
+                (total - 1_000.0).abs() < 1e-6,
+                "{pods} pods: {total}/s in all"
+            );
+            assert!(burst as usize * pods <= 200, "{pods} pods: burst {burst}");
+        }
+    }
 }
