@@ -99,7 +99,21 @@ impl Admin {
             ),
             "/ready" => {
                 if *self.ready.borrow() {
-                    respond(StatusCode::OK, "text/plain", "ready\n")
+                    // Ready whether or not the rate-limit store answers (Shared limits
+                    // then apply their mode): the detail says which.
+                    let detail = match &self.config.load().store {
+                        Some(store) => match store.unavailable_reason() {
+                            None => {
+                                format!("ready\nrate-limit store {}: available\n", store.address())
+                            }
+                            Some(reason) => format!(
+                                "ready\nrate-limit store {}: unavailable ({reason}); Shared limits apply their onStoreUnavailable mode\n",
+                                store.address()
+                            ),
+                        },
+                        None => "ready\n".to_owned(),
+                    };
+                    respond(StatusCode::OK, "text/plain", detail)
                 } else {
                     respond(
                         StatusCode::SERVICE_UNAVAILABLE,

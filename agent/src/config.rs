@@ -15,12 +15,17 @@ use serde_json::{Value, json};
 
 use crate::config::destination::{Destination, InvalidDestination};
 use crate::config::target::Target;
-use crate::metrics::{DestinationState, EndpointState, Metrics, PolicyState, StateSnapshot};
+use crate::metrics::{
+    DestinationState, EndpointState, Metrics, PolicyState, SharedLimitState, StateSnapshot,
+    StoreState,
+};
 use crate::policy::authorization::Authorization;
 use crate::policy::breaker::BreakerState;
 use crate::policy::peer_authentication::PeerAuthentication;
+use crate::policy::ratelimit::store::Store;
 use crate::policy::ratelimit::{RateLimitConfig, RateLimitKey, RateLimiter, RateLimits};
 use crate::transport::tls::MeshTls;
+use std::sync::atomic::Ordering;
 
 /// A snapshot the agent cannot apply (it NACKs it and keeps the previous config).
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +56,10 @@ pub enum ConfigError {
         ip: String,
     },
     /// A rate limit that cannot be enforced.
-    #[error("inbound rate limit {name:?}: {source}")]
+    #[error("{place} rate limit {name:?}: {source}")]
     RateLimit {
+        /// `inbound`, or the outbound service port (`name.namespace:port`).
+        place: String,
         /// The limit's name.
         name: String,
         /// Why.
@@ -119,6 +126,9 @@ pub struct Config {
     pub peer_authentication: PeerAuthentication,
     /// Mutual TLS to meshed endpoints (carried from config to config).
     pub tls: Arc<MeshTls>,
+    /// The rate-limit store of Shared limits, if the agent has one (carried from config
+    /// to config).
+    pub store: Option<Arc<Store>>,
     limiters: Vec<Arc<RateLimiter>>,
 }
 
@@ -128,6 +138,16 @@ impl Config {
     pub fn with_tls(tls: Arc<MeshTls>) -> Self {
         Config {
             tls,
+            ..Config::default()
+        }
+    }
+
+    /// The config before the first snapshot, with `tls` and the rate-limit `store` for
+    /// every later one.
+    pub fn with_tls_and_store(tls: Arc<MeshTls>, store: Option<Arc<Store>>) -> Self {
+        Config {
+            tls,
+            store,
             ..Config::default()
         }
     }
@@ -169,6 +189,7 @@ impl Config {
         let mut config = Config {
             version: snapshot.version,
             tls: Arc::clone(&previous.tls),
+            store: previous.store.clone(),
             services,
             inbound_source,
             ..Config::default()
@@ -205,22 +226,12 @@ impl Config {
 
     /// Builds the inbound policies from `inbound_source`.
     fn build_inbound(&mut self, previous: &Config) -> Result<(), ConfigError> {
-        for limit in &self.inbound_source.rate_limits {
-            let cfg =
-                RateLimitConfig::try_from(limit).map_err(|source| ConfigError::RateLimit {
-                    name: limit.name.clone(),
-                    source,
-                })?;
-            // Keep the buckets of an unchanged limit: a config push for some other
-            // reason must not hand every client a fresh burst.
-            let limiter = previous
-                .limiters
-                .iter()
-                .find(|old| *old.config() == cfg)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(RateLimiter::new(cfg)));
-            self.limiters.push(limiter);
-        }
+        self.limiters = limiters(
+            "inbound",
+            &self.inbound_source.rate_limits,
+            &previous.limiters,
+            self.store.as_ref(),
+        )?;
         self.inbound = RateLimits::new(self.limiters.clone());
         self.authorization = Authorization::try_from(self.inbound_source.authorization.as_slice())?;
         self.peer_authentication =
@@ -339,6 +350,7 @@ impl Config {
                     "loadBalancer": p.strategy.as_str(),
                     "shardTopology": d.shards.as_ref().map(crate::policy::shard::ShardRouter::to_json),
                     "routes": d.routes.to_json(|key| self.backend(key).is_some()),
+                    "rateLimits": d.rate_limits.limiters().iter().map(|l| limit_json(l.config())).collect::<Vec<_>>(),
                     "endpoints": d.balancer.endpoints().iter().map(|e| json!({
                         "address": e.addr.to_string(),
                         "labels": e.labels,
@@ -358,23 +370,7 @@ impl Config {
         let limits: Vec<Value> = self
             .limiters
             .iter()
-            .map(|l| {
-                let c = l.config();
-                json!({
-                    "policy": c.source,
-                    "name": c.name,
-                    "ports": c.ports,
-                    "key": match &c.key {
-                        RateLimitKey::None => json!({"type": "None"}),
-                        RateLimitKey::ClientAddress => json!({"type": "ClientAddress"}),
-                        RateLimitKey::ClientIdentity => json!({"type": "ClientIdentity"}),
-                        RateLimitKey::Header(h) => json!({"type": "Header", "header": h.as_str()}),
-                    },
-                    "requests": c.requests.get(),
-                    "periodMs": c.period.as_millis() as u64,
-                    "burst": c.burst.get(),
-                })
-            })
+            .map(|l| limit_json(l.config()))
             .collect();
         json!({
             "version": self.version,
@@ -386,12 +382,87 @@ impl Config {
                 "version": svc.version,
             })).collect::<Vec<_>>(),
             "destinations": destinations,
+            "rateLimitStore": self.store.as_ref().map(|s| json!({
+                "address": s.address(),
+                "available": s.available(),
+                "unavailableReason": s.unavailable_reason(),
+            })),
             "inbound": {
                 "rateLimits": limits,
                 "peerAuthentication": self.peer_authentication.to_json(),
             },
         })
     }
+}
+
+/// The limiters of `protos` (at `place`, for errors), keeping the buckets of an unchanged
+/// limit from `previous`: a config push for some other reason must not hand every client
+/// a fresh burst.
+fn limiters(
+    place: &str,
+    protos: &[v1::RateLimit],
+    previous: &[Arc<RateLimiter>],
+    store: Option<&Arc<Store>>,
+) -> Result<Vec<Arc<RateLimiter>>, ConfigError> {
+    let mut limiters = Vec::with_capacity(protos.len());
+    for limit in protos {
+        let cfg = RateLimitConfig::try_from(limit).map_err(|source| ConfigError::RateLimit {
+            place: place.to_owned(),
+            name: limit.name.clone(),
+            source,
+        })?;
+        if cfg.shared.is_some() && store.is_none() {
+            tracing::warn!(
+                policy = %cfg.source,
+                limit = %cfg.name,
+                "Shared rate limit but the agent has no rate-limit store (--rate-limit-store-url): its onStoreUnavailable mode applies to every request"
+            );
+        }
+        let limiter = previous
+            .iter()
+            .find(|old| *old.config() == cfg)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(RateLimiter::with_store(cfg, store.cloned())));
+        limiters.push(limiter);
+    }
+    Ok(limiters)
+}
+
+/// A limit as `/config` shows it.
+fn limit_json(c: &RateLimitConfig) -> Value {
+    json!({
+        "policy": c.source,
+        "name": c.name,
+        "ports": c.ports,
+        "key": match &c.key {
+            RateLimitKey::None => json!({"type": "None"}),
+            RateLimitKey::ClientAddress => json!({"type": "ClientAddress"}),
+            RateLimitKey::ClientIdentity => json!({"type": "ClientIdentity"}),
+            RateLimitKey::Header(h) => json!({"type": "Header", "header": h.as_str()}),
+        },
+        "requests": c.requests.get(),
+        "periodMs": c.period.as_millis() as u64,
+        "burst": c.burst.get(),
+        "scope": c.scope.as_str(),
+        "split": c.split,
+        "shared": c.shared.as_ref().map(|s| json!({
+            "requests": s.requests,
+            "periodMs": s.period.as_millis() as u64,
+            "burst": s.burst,
+            "onStoreUnavailable": s.mode.as_str(),
+            "bucket": s.bucket,
+        })),
+        "cost": {
+            "default": c.cost.default,
+            "rules": c.cost.rules.iter().map(|r| json!({
+                "method": r.method.as_ref().map(http::Method::as_str),
+                "pathPrefix": r.path_prefix,
+                "cost": r.cost,
+            })).collect::<Vec<_>>(),
+            "responseHeader": c.cost.response_header.as_ref().map(http::HeaderName::as_str),
+        },
+        "responseHeaders": c.response_headers,
+    })
 }
 
 // === impl AppliedService ===
@@ -419,7 +490,7 @@ impl AppliedService {
                 })?;
             let name = format!("{qualified}:{number}");
             let prev = previous.lookup_name(&svc.name, &svc.namespace, number);
-            let dst = Destination::build_with_tls(
+            let mut dst = Destination::build_with_tls(
                 &name,
                 port,
                 prev.map(AsRef::as_ref),
@@ -430,6 +501,15 @@ impl AppliedService {
                 service: name.clone(),
                 source,
             })?;
+            if !port.rate_limits.is_empty() {
+                let old = prev.map_or(&[][..], |p| p.rate_limits.limiters());
+                dst.rate_limits = RateLimits::new(limiters(
+                    &name,
+                    &port.rate_limits,
+                    old,
+                    previous.store.as_ref(),
+                )?);
+            }
             ports.push((number, Arc::new(dst)));
         }
         Ok(AppliedService {
@@ -458,6 +538,26 @@ impl PolicyState for ArcSwap<Config> {
                 in_flight: dst.bulkhead.in_flight(),
                 queued: dst.bulkhead.queued(),
             });
+        }
+        state.store = config.store.as_ref().map(|store| StoreState {
+            up: store.available(),
+            round_trips: store.counters().round_trips.load(Ordering::Relaxed),
+            errors: store.counters().errors.load(Ordering::Relaxed),
+        });
+        let outbound = config
+            .destinations()
+            .iter()
+            .flat_map(|d| d.rate_limits.limiters().iter());
+        for limiter in config.limiters().iter().chain(outbound) {
+            if let Some(shared) = limiter.shared_state() {
+                state.shared_limits.push(SharedLimitState {
+                    policy: limiter.config().source.clone(),
+                    limit: limiter.config().name.clone(),
+                    mode: shared.mode.as_str(),
+                    active: !shared.available,
+                    decisions: shared.fallbacks,
+                });
+            }
         }
         state
     }

@@ -51,6 +51,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The rate-limit store's settings are unusable.
+    #[error(transparent)]
+    RateLimitStore(#[from] policy::ratelimit::store::StoreError),
 }
 
 /// A running agent.
@@ -108,12 +111,22 @@ impl Agent {
             }
             _ => None,
         };
-        let config = Arc::new(ArcSwap::from_pointee(config::Config::default()));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let store = match &settings.rate_limit_store {
+            Some(store) => Some(policy::ratelimit::store::Store::spawn(
+                store,
+                shutdown_rx.clone(),
+            )?),
+            None => None,
+        };
+        let config = Arc::new(ArcSwap::from_pointee(config::Config::with_tls_and_store(
+            Arc::default(),
+            store.clone(),
+        )));
         let metrics = Arc::new(metrics::Metrics::with_caller_labels(
             Arc::clone(&config),
             settings.max_caller_labels,
         ));
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = watch::channel(false);
         let drain = settings.drain_timeout;
         let limits = settings.limits;
@@ -132,7 +145,7 @@ impl Agent {
         if let Some(state) = &identity_state {
             let (tls, task) = transport::tls::MeshTls::follow(state.clone(), metrics.tls());
             tasks.push(task);
-            config.store(Arc::new(config::Config::with_tls(tls)));
+            config.store(Arc::new(config::Config::with_tls_and_store(tls, store)));
         }
 
         let (outbound_listener, outbound_addr) = bind("outbound", settings.outbound_addr).await?;

@@ -209,6 +209,23 @@ struct Args {
     /// their own on inbound metrics; later ones share `caller="other"`.
     #[arg(long, env = "BULWARK_MAX_CALLER_LABELS", default_value_t = DEFAULT_MAX_CALLER_LABELS)]
     max_caller_labels: usize,
+    /// The rate-limit store of Shared limits: redis://HOST:PORT[/DB], or rediss:// for
+    /// TLS. Without it, Shared limits apply their onStoreUnavailable mode.
+    #[arg(long, env = "BULWARK_RATE_LIMIT_STORE_URL")]
+    rate_limit_store_url: Option<String>,
+    /// The rate-limit store's ACL user, if any.
+    #[arg(long, env = "BULWARK_RATE_LIMIT_STORE_USERNAME")]
+    rate_limit_store_username: Option<String>,
+    /// The rate-limit store's password (from the chart's Secret; never logged).
+    #[arg(
+        long,
+        env = "BULWARK_RATE_LIMIT_STORE_PASSWORD",
+        hide_env_values = true
+    )]
+    rate_limit_store_password: Option<String>,
+    /// Trust anchors (PEM) for a rediss:// store; default: the system's.
+    #[arg(long, env = "BULWARK_RATE_LIMIT_STORE_CA_FILE")]
+    rate_limit_store_ca_file: Option<std::path::PathBuf>,
     /// How long a client may take to send a whole request head, from connecting or from
     /// the first byte of a keep-alive request, in milliseconds; then the connection is
     /// closed (0: no limit).
@@ -392,6 +409,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     settings.inbound_max_concurrency = args.inbound_max_concurrency;
     settings.forwarded_for = args.forwarded_for;
     settings.max_caller_labels = args.max_caller_labels;
+    settings.rate_limit_store = args.rate_limit_store_url.map(|url| {
+        let mut store = bulwark_agent::policy::ratelimit::store::StoreSettings::new(url);
+        store.username = args.rate_limit_store_username;
+        store.password = args.rate_limit_store_password.filter(|p| !p.is_empty());
+        store.ca_file = args.rate_limit_store_ca_file;
+        store
+    });
     settings.control_plane_ca = args.control_plane_ca;
     settings.token_file = args.token_file;
     settings.limits = Limits {

@@ -232,6 +232,36 @@ pub struct StateSnapshot {
     pub endpoints: Vec<EndpointState>,
     /// One row per destination.
     pub destinations: Vec<DestinationState>,
+    /// The rate-limit store, if the agent has one.
+    pub store: Option<StoreState>,
+    /// One row per Shared rate limit (inbound and outbound).
+    pub shared_limits: Vec<SharedLimitState>,
+}
+
+/// The rate-limit store's state.
+#[derive(Debug)]
+pub struct StoreState {
+    /// Whether Shared limits can use it now.
+    pub up: bool,
+    /// Script calls so far (round trips on the request path).
+    pub round_trips: u64,
+    /// Failed or late calls and pings.
+    pub errors: u64,
+}
+
+/// One Shared rate limit's store mode.
+#[derive(Debug)]
+pub struct SharedLimitState {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    /// The limit's name.
+    pub limit: String,
+    /// Its onStoreUnavailable mode.
+    pub mode: &'static str,
+    /// Whether the mode is in force now (the store is unavailable).
+    pub active: bool,
+    /// Requests the mode decided.
+    pub decisions: u64,
 }
 
 /// One endpoint's circuit breaker.
@@ -874,6 +904,62 @@ impl<S: PolicyState> Collector for StateCollector<S> {
                 let addr = ep.endpoint.to_string();
                 let labels = [("dst", ep.dst.as_ref()), ("endpoint", addr.as_str())];
                 ConstCounter::new(ep.trips).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(store) = &state.store {
+            let family = encoder.encode_descriptor(
+                "bulwark_rate_limit_store_up",
+                "Whether the rate-limit store (Redis) answers: 1 yes, 0 no (Shared limits apply their onStoreUnavailable mode)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(store.up)).encode(family)?;
+            for (name, help, value) in [
+                (
+                    "bulwark_rate_limit_store_round_trips",
+                    "Script calls to the rate-limit store made on the request path",
+                    store.round_trips,
+                ),
+                (
+                    "bulwark_rate_limit_store_errors",
+                    "Rate-limit store calls and pings that failed or timed out",
+                    store.errors,
+                ),
+            ] {
+                let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(value).encode(family)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "bulwark_rate_limit_store_mode",
+                "Per Shared limit: 1 while its onStoreUnavailable mode is in force (the store is unavailable), else 0",
+                None,
+                MetricType::Gauge,
+            )?;
+            for limit in &state.shared_limits {
+                let labels = [
+                    ("policy", limit.policy.as_str()),
+                    ("limit", limit.limit.as_str()),
+                    ("mode", limit.mode),
+                ];
+                ConstGauge::new(i64::from(limit.active)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "bulwark_rate_limit_store_mode_decisions",
+                "Per Shared limit: requests its onStoreUnavailable mode decided while the store was unavailable",
+                None,
+                MetricType::Counter,
+            )?;
+            for limit in &state.shared_limits {
+                let labels = [
+                    ("policy", limit.policy.as_str()),
+                    ("limit", limit.limit.as_str()),
+                    ("mode", limit.mode),
+                ];
+                ConstCounter::new(limit.decisions).encode(family.encode_family(&labels)?)?;
             }
         }
         for (name, help, read) in [

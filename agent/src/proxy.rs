@@ -41,6 +41,20 @@ pub fn local_response(
     rsp
 }
 
+/// A 429 for a request a rate limit refused: `Retry-After`, and the limit's
+/// `RateLimit-Policy` and `RateLimit` headers when its policy asks for them.
+pub fn limited_response(limited: &crate::policy::ratelimit::RateLimited) -> Response<ProxyBody> {
+    let mut rsp = local_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        crate::reason::RATE_LIMITED,
+        Some(limited.retry_after),
+    );
+    if let Some(quota) = &limited.quota {
+        crate::policy::ratelimit::headers::append(rsp.headers_mut(), std::slice::from_ref(quota));
+    }
+    rsp
+}
+
 /// Where [`send_plain`] sends: one pool's endpoint, or any authority outside the mesh.
 pub enum Plain<'a> {
     /// The endpoint whose connections `pool` keeps (e.g. the local app).

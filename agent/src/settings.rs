@@ -119,6 +119,9 @@ pub struct Settings {
     /// Distinct caller identities that get a `caller` label of their own on inbound
     /// metrics; later ones are labelled `other`.
     pub max_caller_labels: usize,
+    /// The rate-limit store (Redis) of Shared limits; none: Shared limits apply their
+    /// onStoreUnavailable mode.
+    pub rate_limit_store: Option<crate::policy::ratelimit::store::StoreSettings>,
 }
 
 impl Settings {
@@ -144,6 +147,7 @@ impl Settings {
             limits: Limits::default(),
             proxy_passthrough: crate::limits::DEFAULT_PROXY_PASSTHROUGH,
             max_caller_labels: crate::metrics::DEFAULT_MAX_CALLER_LABELS,
+            rate_limit_store: None,
         }
     }
 }

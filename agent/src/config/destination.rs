@@ -12,6 +12,7 @@ use crate::policy::balance::{Balancer, HashOn, Strategy};
 use crate::policy::breaker::{BreakerConfig, CircuitBreaker};
 use crate::policy::bulkhead::{Bulkhead, BulkheadConfig};
 use crate::policy::endpoint::Endpoint;
+use crate::policy::ratelimit::RateLimits;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::retry::budget::RetryBudget;
 use crate::policy::route::RouteTable;
@@ -170,6 +171,9 @@ pub struct Destination {
     pub shards: Option<ShardRouter>,
     /// HTTPRoute rules attached to the port (traffic splitting); empty: none.
     pub routes: RouteTable,
+    /// Outbound rate limits on requests to the port (set by the config, which owns the
+    /// rate-limit store); empty: none.
+    pub rate_limits: RateLimits,
 }
 
 impl Destination {
@@ -320,6 +324,7 @@ impl Destination {
             name: name.into(),
             shards,
             routes,
+            rate_limits: RateLimits::default(),
             http2,
             hint: Hint::from_app_protocol(&port.app_protocol),
             balancer: Balancer::new(policy.strategy, endpoints),

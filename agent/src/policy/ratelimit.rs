@@ -1,26 +1,41 @@
-//! Inbound rate limits: token buckets (`requests` per `period`, up to `burst` at once), one
-//! bucket per key (everyone, the client address, or a request header's value).
+//! Rate limits: token buckets (`requests` per `period`, up to `burst` at once), one
+//! bucket per key (everyone, the client address, the caller's identity, or a request
+//! header's value), enforced inbound by the target's pods or outbound by the callers.
 //!
-//! Buckets are governor's GCRA limiters driven by tokio's clock, so that they follow the paused
-//! clock in tests like every other policy.
+//! Where the buckets live is the limit's scope: Pod and Service limits are local to the
+//! agent (a Service limit arrives already split over the service's ready pods by the
+//! control plane), a Shared limit draws from one bucket per key in the rate-limit store
+//! ([`store`], through local leases: [`shared`]) and falls back to its mode while the
+//! store is unavailable. Local buckets are GCRA cells ([`bucket`]) on tokio's clock, so
+//! that they follow the paused clock in tests like every other policy.
+
+pub mod bucket;
+pub mod cost;
+pub mod headers;
+pub mod keyed;
+pub mod shared;
+pub mod store;
 
 use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bulwark_proto::v1;
 use bulwark_proto::v1::rate_limit_key::Kind;
-use governor::Quota;
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DashMapStateStore;
-use governor::state::{InMemoryState, NotKeyed};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::policy::authorization::PeerId;
 use crate::policy::duration::{InvalidDuration, duration};
+use bucket::{Bucket, Shape};
+use cost::{Cost, InvalidCost};
+use headers::Quota;
+use keyed::{Keyed, OwnedKey};
+pub use keyed::{Keys, RateLimitKey};
+use shared::{Decision, FAIL_CLOSED_RETRY_AFTER, Shared, SharedConfig, StoreMode};
+use store::Store;
 
 /// A rate limit that cannot be enforced. Messages name the field within the limit; the caller
 /// names the limit.
@@ -57,30 +72,22 @@ pub enum InvalidRateLimit {
     /// The key's header name is not a valid HTTP header name.
     #[error("key.header {0:?} is not a valid HTTP header name")]
     Header(String),
+    /// The cost cannot be enforced.
+    #[error("{0}")]
+    Cost(#[from] InvalidCost),
+    /// A Shared limit's whole rate or burst is zero, or its period invalid.
+    #[error("shared: {0}")]
+    Shared(&'static str),
 }
 
-/// What a limit's buckets are keyed by.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum RateLimitKey {
-    /// One bucket for everyone.
-    None,
-    /// One bucket per client IP address.
-    ClientAddress,
-    /// One bucket per caller's mesh identity (SPIFFE ID, proven by mutual TLS);
-    /// plaintext callers share one bucket.
-    ClientIdentity,
-    /// One bucket per value of this header; requests without it share one bucket.
-    Header(HeaderName),
-}
-
-/// A validated inbound rate limit.
+/// A validated rate limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitConfig {
     /// `namespace/name` of the RateLimitPolicy (the metrics' `policy` label).
     pub source: String,
     /// The limit's name within the policy (the metrics' `limit` label).
     pub name: String,
-    /// Local ports the limit applies to; empty means every port.
+    /// Local ports the limit applies to; empty means every port (always, outbound).
     pub ports: Vec<u16>,
     /// What the buckets are keyed by.
     pub key: RateLimitKey,
@@ -90,6 +97,39 @@ pub struct RateLimitConfig {
     pub period: Duration,
     /// Bucket size: requests allowed at once after a quiet period.
     pub burst: NonZeroU32,
+    /// Where the buckets live.
+    pub scope: Scope,
+    /// For Service scope: the pods the limit was split over (0: not split).
+    pub split: u32,
+    /// For Shared scope: the whole limit in the store (`requests`, `period` and `burst`
+    /// above are then the split share the mode falls back to).
+    pub shared: Option<SharedConfig>,
+    /// Tokens a request takes.
+    pub cost: Cost,
+    /// Whether responses carry `RateLimit-Policy` and `RateLimit` headers.
+    pub response_headers: bool,
+}
+
+/// Where a limit's buckets live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// This pod enforces the whole limit.
+    Pod,
+    /// This pod enforces its share of a limit split over the service's pods.
+    Service,
+    /// One bucket per key in the store, shared by every agent.
+    Shared,
+}
+
+impl Scope {
+    /// The name used in the policy API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scope::Pod => "Pod",
+            Scope::Service => "Service",
+            Scope::Shared => "Shared",
+        }
+    }
 }
 
 impl RateLimitConfig {
@@ -138,6 +178,15 @@ impl TryFrom<&v1::RateLimit> for RateLimitConfig {
             });
         }
         let burst = NonZeroU32::new(proto.burst).ok_or(InvalidRateLimit::ZeroBurst)?;
+        let shared = match &proto.shared {
+            None => None,
+            Some(shared) => Some(shared_config(shared)?),
+        };
+        let scope = match (v1::RateLimitScope::try_from(proto.scope), shared.is_some()) {
+            (_, true) => Scope::Shared,
+            (Ok(v1::RateLimitScope::Service), false) => Scope::Service,
+            _ => Scope::Pod,
+        };
         Ok(Self {
             source: proto.source.clone(),
             name: proto.name.clone(),
@@ -146,8 +195,51 @@ impl TryFrom<&v1::RateLimit> for RateLimitConfig {
             requests,
             period,
             burst,
+            scope,
+            split: proto.split,
+            shared,
+            cost: Cost::try_from(proto.cost.as_ref())?,
+            response_headers: proto.response_headers,
         })
     }
+}
+
+/// The whole limit of a Shared one.
+fn shared_config(proto: &v1::SharedLimit) -> Result<SharedConfig, InvalidRateLimit> {
+    if proto.requests == 0 {
+        return Err(InvalidRateLimit::Shared("requests is 0"));
+    }
+    if proto.burst == 0 {
+        return Err(InvalidRateLimit::Shared("burst is 0"));
+    }
+    let period = proto
+        .period
+        .as_ref()
+        .ok_or(InvalidRateLimit::Shared("period is missing"))?;
+    let period = duration(period).map_err(InvalidRateLimit::Period)?;
+    if (period / proto.requests).is_zero() {
+        return Err(InvalidRateLimit::Shared(
+            "more than one request per nanosecond",
+        ));
+    }
+    if proto.bucket.is_empty() {
+        return Err(InvalidRateLimit::Shared("bucket is empty"));
+    }
+    let mode = match v1::StoreUnavailable::try_from(proto.on_store_unavailable) {
+        Ok(v1::StoreUnavailable::FailOpen) => StoreMode::FailOpen,
+        Ok(v1::StoreUnavailable::FailClosed) => StoreMode::FailClosed,
+        Ok(v1::StoreUnavailable::FallbackToSplit | v1::StoreUnavailable::Unspecified) => {
+            StoreMode::FallbackToSplit
+        }
+        Err(_) => return Err(InvalidRateLimit::Shared("onStoreUnavailable is unknown")),
+    };
+    Ok(SharedConfig {
+        requests: proto.requests,
+        period,
+        burst: proto.burst,
+        mode,
+        bucket: proto.bucket.clone(),
+    })
 }
 
 /// A request was refused by the limit named here.
@@ -159,6 +251,8 @@ pub struct RateLimited {
     pub source: Arc<str>,
     /// The limit that refused.
     pub name: Arc<str>,
+    /// The refusing limit's `RateLimit` headers, when its policy asks for them.
+    pub quota: Option<Quota>,
 }
 
 // Written out because thiserror would take the `source` field for the error's cause.
@@ -174,95 +268,83 @@ impl fmt::Display for RateLimited {
 
 impl std::error::Error for RateLimited {}
 
-/// Governor's view of tokio's clock: time since the limiter was made.
-#[derive(Debug, Clone, Copy)]
-struct TokioClock {
-    origin: tokio::time::Instant,
+/// What one limit took for a request that passed: kept until the response, for charges
+/// after the fact and the response headers.
+#[derive(Debug)]
+struct Taken {
+    limiter: Arc<RateLimiter>,
+    key: OwnedKey,
+    /// Whether the tokens came from the store (else a local bucket, or nowhere: FailOpen).
+    from_store: bool,
+    remaining: u64,
 }
 
-impl Clock for TokioClock {
-    type Instant = Duration;
+/// A request that passed every limit. Empty (no allocation) unless a limit charges
+/// after the fact or reports headers.
+#[derive(Debug, Default)]
+#[must_use = "finish it with the response, for after-the-fact costs and headers"]
+pub struct Admitted {
+    taken: Vec<Taken>,
+}
 
-    fn now(&self) -> Duration {
-        self.origin.elapsed()
+impl Admitted {
+    /// Charges the costs the response's headers carry and adds the rate-limit headers
+    /// the policies ask for.
+    pub fn finish(self, response: &mut HeaderMap) {
+        let mut quotas = Vec::new();
+        for taken in &self.taken {
+            let limiter = &taken.limiter;
+            let after = limiter.config.cost.after(response);
+            if after > 0 {
+                limiter.charge(&taken.key, taken.from_store, after);
+            }
+            if limiter.config.response_headers {
+                quotas.push(limiter.quota(taken.remaining, &taken.key, taken.from_store));
+            }
+        }
+        headers::append(response, &quotas);
     }
 }
 
-type Direct = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
-type Keyed<K> =
-    governor::RateLimiter<K, DashMapStateStore<K>, TokioClock, NoOpMiddleware<Duration>>;
-
-/// A header value as a bucket key; `None` is the shared bucket of requests without the header.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct HeaderKey(Option<HeaderValue>);
-
-impl Clone for HeaderKey {
-    /// Governor clones a key only to store it for a new bucket. Copy the bytes then: a value
-    /// parsed by hyper shares the connection's read buffer, which a stored key would otherwise
-    /// keep alive for as long as the bucket lives. Lookups borrow, so requests never copy.
-    fn clone(&self) -> Self {
-        Self(self.0.as_ref().map(|value| {
-            let mut copy =
-                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-            copy.set_sensitive(value.is_sensitive());
-            copy
-        }))
-    }
-}
-
-enum Buckets {
-    Single(Direct),
-    ByAddress(Keyed<IpAddr>),
-    ByIdentity(Keyed<IdentityKey>),
-    ByHeader(HeaderName, Keyed<HeaderKey>),
-}
-
-/// A caller's identity as a bucket key (`None`: every plaintext caller).
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct IdentityKey(Option<Arc<PeerId>>);
-
-/// One inbound rate limit and its buckets, shared as `Arc`.
+/// One rate limit and its buckets, shared as `Arc`.
 pub struct RateLimiter {
     config: RateLimitConfig,
     source: Arc<str>,
     name: Arc<str>,
-    clock: TokioClock,
-    buckets: Buckets,
+    origin: tokio::time::Instant,
+    shape: Shape,
+    buckets: Keyed<Bucket>,
+    shared: Option<Shared>,
 }
 
 impl RateLimiter {
-    /// A limiter with every bucket full.
+    /// A local limiter with every bucket full (a Shared limit without a store applies its
+    /// mode to every request).
     pub fn new(config: RateLimitConfig) -> Self {
-        // A validated config refills at least every nanosecond; clamp a hand-built one.
-        let interval = config.refill_interval().max(Duration::from_nanos(1));
-        let quota = Quota::with_period(interval)
-            .unwrap_or_else(|| Quota::per_second(config.requests))
-            .allow_burst(config.burst);
-        let clock = TokioClock {
-            origin: tokio::time::Instant::now(),
-        };
-        let buckets = match &config.key {
-            RateLimitKey::None => {
-                Buckets::Single(governor::RateLimiter::direct_with_clock(quota, clock))
-            }
-            RateLimitKey::ClientAddress => {
-                Buckets::ByAddress(governor::RateLimiter::dashmap_with_clock(quota, clock))
-            }
-            RateLimitKey::ClientIdentity => {
-                Buckets::ByIdentity(governor::RateLimiter::dashmap_with_clock(quota, clock))
-            }
-            RateLimitKey::Header(name) => Buckets::ByHeader(
-                name.clone(),
-                governor::RateLimiter::dashmap_with_clock(quota, clock),
-            ),
-        };
+        Self::with_store(config, None)
+    }
+
+    /// A limiter whose Shared limit (if it is one) draws from `store`.
+    pub fn with_store(config: RateLimitConfig, store: Option<Arc<Store>>) -> Self {
+        let shape = Shape::new(config.requests.get(), config.period, config.burst.get());
+        let shared = config
+            .shared
+            .clone()
+            .map(|shared| Shared::new(shared, &config.key, store));
         Self {
             source: config.source.as_str().into(),
             name: config.name.as_str().into(),
+            buckets: Keyed::new(&config.key),
+            origin: tokio::time::Instant::now(),
+            shape,
+            shared,
             config,
-            clock,
-            buckets,
         }
+    }
+
+    /// Nanoseconds on the limiter's clock.
+    fn now(&self) -> u64 {
+        shared::nanos(self.origin.elapsed())
     }
 
     /// Whether the limit applies to requests on this local port (no ports = all).
@@ -270,67 +352,135 @@ impl RateLimiter {
         self.config.ports.is_empty() || self.config.ports.contains(&port)
     }
 
-    /// Takes a token from the bucket of a plaintext caller's request, or says how long
-    /// until one is available.
+    /// Takes one token from the bucket of a plaintext caller's request, or says how long
+    /// until one is available (local buckets: a Shared limit's split share).
     pub fn check(&self, client: IpAddr, headers: &HeaderMap) -> Result<(), RateLimited> {
         self.check_from(client, None, headers)
     }
 
-    /// Takes a token from the bucket of a request from `caller` (its mesh identity, if
-    /// it has one), or says how long until one is available.
+    /// Takes one token from the local bucket of a request from `caller`, or says how
+    /// long until one is available.
     pub fn check_from(
         &self,
         client: IpAddr,
         caller: Option<&Arc<PeerId>>,
         headers: &HeaderMap,
     ) -> Result<(), RateLimited> {
-        let result = match &self.buckets {
-            Buckets::Single(limiter) => limiter.check(),
-            // One bucket per host whether it connects over IPv4 or IPv4-mapped IPv6.
-            Buckets::ByAddress(limiter) => limiter.check_key(&client.to_canonical()),
-            // Cloning the caller is a reference-count increment.
-            Buckets::ByIdentity(limiter) => limiter.check_key(&IdentityKey(caller.cloned())),
-            // With several values the first one counts; cloning a parsed value is a
-            // reference-count increment, not a copy.
-            Buckets::ByHeader(name, limiter) => {
-                limiter.check_key(&HeaderKey(headers.get(name).cloned()))
-            }
+        let keys = Keys {
+            client,
+            caller,
+            headers,
         };
-        result.map_err(|not_until| {
-            let retry_after = not_until.wait_time_from(self.clock.now());
-            tracing::debug!(
-                policy = %self.source,
-                limit = %self.name,
-                %client,
-                ?retry_after,
-                reason = "rate-limited",
-                "request refused by rate limit"
-            );
-            RateLimited {
-                retry_after,
-                source: Arc::clone(&self.source),
-                name: Arc::clone(&self.name),
-            }
-        })
+        let key = self.buckets.key(&keys);
+        self.take_local(&key, 1).map(drop)
     }
 
-    /// Drops the buckets of keys not seen recently (full again, so indistinguishable from new).
+    /// Takes `n` tokens from the local bucket of `key`.
+    fn take_local(&self, key: &OwnedKey, n: u32) -> Result<u64, RateLimited> {
+        let now = self.now();
+        self.buckets
+            .with(key, |bucket| bucket.take(&self.shape, now, n))
+            .map(|level| level.remaining)
+            .map_err(|wait| self.refused(wait))
+    }
+
+    /// Takes `n` tokens for `key`: from the store for a Shared limit while it is
+    /// available (else the mode decides), from the local bucket otherwise. Returns the
+    /// tokens left and whether they came from the store.
+    async fn take(&self, key: &OwnedKey, n: u32) -> Result<(u64, bool), RateLimited> {
+        let Some(shared) = &self.shared else {
+            return self.take_local(key, n).map(|left| (left, false));
+        };
+        match shared.take(key, self.now(), n).await {
+            Decision::Passed(left) => Ok((left, true)),
+            Decision::Refused(wait) => Err(self.refused(wait)),
+            Decision::Unavailable => {
+                shared.fallbacks.fetch_add(1, Ordering::Relaxed);
+                match shared.config.mode {
+                    StoreMode::FailOpen => Ok((u64::from(self.config.burst.get()), false)),
+                    StoreMode::FailClosed => Err(self.refused(FAIL_CLOSED_RETRY_AFTER)),
+                    StoreMode::FallbackToSplit => self.take_local(key, n).map(|l| (l, false)),
+                }
+            }
+        }
+    }
+
+    /// Charges `n` more tokens to `key` after the fact, where the request's tokens came
+    /// from.
+    fn charge(&self, key: &OwnedKey, from_store: bool, n: u32) {
+        match &self.shared {
+            Some(shared) if from_store => shared.charge(key, n),
+            _ => {
+                let now = self.now();
+                self.buckets
+                    .with(key, |bucket| bucket.charge(&self.shape, now, n));
+            }
+        }
+    }
+
+    /// The limit as the response headers report it.
+    fn quota(&self, remaining: u64, key: &OwnedKey, from_store: bool) -> Quota {
+        let (requests, window) = match (&self.shared, from_store) {
+            (Some(shared), true) => (shared.config.requests, shared.config.period),
+            _ => (self.config.requests.get(), self.config.period),
+        };
+        let reset = if from_store {
+            Duration::ZERO
+        } else {
+            let now = self.now();
+            self.buckets
+                .with(key, |bucket| bucket.level(&self.shape, now))
+                .until_full
+        };
+        Quota {
+            name: Arc::clone(&self.name),
+            requests,
+            window,
+            remaining,
+            reset,
+        }
+    }
+
+    fn refused(&self, retry_after: Duration) -> RateLimited {
+        tracing::debug!(
+            policy = %self.source,
+            limit = %self.name,
+            ?retry_after,
+            reason = "rate-limited",
+            "request refused by rate limit"
+        );
+        let quota = self.config.response_headers.then(|| {
+            let (requests, window) = match &self.shared {
+                Some(shared) => (shared.config.requests, shared.config.period),
+                None => (self.config.requests.get(), self.config.period),
+            };
+            Quota {
+                name: Arc::clone(&self.name),
+                requests,
+                window,
+                remaining: 0,
+                reset: retry_after,
+            }
+        });
+        RateLimited {
+            retry_after,
+            source: Arc::clone(&self.source),
+            name: Arc::clone(&self.name),
+            quota,
+        }
+    }
+
+    /// Drops the buckets of keys not seen recently (full again, so indistinguishable from
+    /// new) and the leases with nothing in them.
     pub fn evict_idle(&self) {
         let before = self.tracked_keys();
-        match &self.buckets {
-            Buckets::Single(_) => return,
-            Buckets::ByAddress(limiter) => {
-                limiter.retain_recent();
-                limiter.shrink_to_fit();
-            }
-            Buckets::ByIdentity(limiter) => {
-                limiter.retain_recent();
-                limiter.shrink_to_fit();
-            }
-            Buckets::ByHeader(_, limiter) => {
-                limiter.retain_recent();
-                limiter.shrink_to_fit();
-            }
+        let now = self.now();
+        self.buckets.retain(|bucket| !bucket.is_full(now));
+        if let Some(shared) = &self.shared {
+            shared.evict_idle(now);
+        }
+        if matches!(self.buckets, Keyed::Single(_)) {
+            return;
         }
         tracing::debug!(
             policy = %self.source,
@@ -343,18 +493,37 @@ impl RateLimiter {
 
     /// Keys with a bucket of their own (1 for an unkeyed limit).
     pub fn tracked_keys(&self) -> usize {
-        match &self.buckets {
-            Buckets::Single(_) => 1,
-            Buckets::ByAddress(limiter) => limiter.len(),
-            Buckets::ByIdentity(limiter) => limiter.len(),
-            Buckets::ByHeader(_, limiter) => limiter.len(),
-        }
+        self.buckets.len()
     }
 
     /// The config in force.
     pub fn config(&self) -> &RateLimitConfig {
         &self.config
     }
+
+    /// A Shared limit's state: the mode, whether the store is available, the decisions
+    /// the mode made, and the lease size.
+    pub fn shared_state(&self) -> Option<SharedState> {
+        self.shared.as_ref().map(|shared| SharedState {
+            mode: shared.config.mode,
+            available: shared.available(),
+            fallbacks: shared.fallbacks.load(Ordering::Relaxed),
+            lease: shared.lease_size(),
+        })
+    }
+}
+
+/// A Shared limit's state, for metrics and `/config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedState {
+    /// What applies while the store is unavailable.
+    pub mode: StoreMode,
+    /// Whether the store is available now.
+    pub available: bool,
+    /// Requests the mode decided while the store was unavailable.
+    pub fallbacks: u64,
+    /// Tokens leased per round trip.
+    pub lease: u32,
 }
 
 impl fmt::Debug for RateLimiter {
@@ -366,33 +535,59 @@ impl fmt::Debug for RateLimiter {
     }
 }
 
-/// All limits for one inbound port: a request must pass every one.
+/// What a request is, as the limits see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The local port (inbound; outbound limits apply to every port).
+    pub port: u16,
+    /// The request's method.
+    pub method: &'a Method,
+    /// The request's path.
+    pub path: &'a str,
+    /// Where the keys come from.
+    pub keys: Keys<'a>,
+}
+
+/// All limits for one inbound port or outbound destination: a request must pass every
+/// one.
 ///
-/// Governor cannot test a bucket without taking a token, so a request refused by one limit
-/// has already spent a token in the limits checked before it. Keyed limits (client address,
-/// header) are therefore checked before unkeyed ones: a client over its own limit is refused
-/// without draining the bucket everyone shares, so a noisy tenant cannot starve the others.
-/// What remains is a token spent in a client's own bucket when the shared limit refuses it,
-/// which only makes that client's limit stricter while the whole pod is over its limit.
+/// A bucket cannot be tested without taking its tokens, so a request refused by one limit
+/// has already spent tokens in the limits checked before it. Keyed limits (client
+/// address, header) are therefore checked before unkeyed ones: a client over its own
+/// limit is refused without draining the bucket everyone shares, so a noisy tenant
+/// cannot starve the others. What remains is a token spent in a client's own bucket when
+/// the shared limit refuses it, which only makes that client's limit stricter while the
+/// whole pod is over its limit.
 #[derive(Debug, Clone, Default)]
-pub struct RateLimits(Vec<Arc<RateLimiter>>);
+pub struct RateLimits {
+    limiters: Arc<[Arc<RateLimiter>]>,
+    /// Whether any limit needs the request after admission (after-the-fact cost or
+    /// headers): otherwise admission keeps nothing.
+    keeps: bool,
+}
 
 impl RateLimits {
     /// The limits, keyed ones first (otherwise in the given order).
     pub fn new<L: Into<Arc<RateLimiter>>>(limiters: impl IntoIterator<Item = L>) -> Self {
         let mut limiters: Vec<Arc<RateLimiter>> = limiters.into_iter().map(Into::into).collect();
         limiters.sort_by_key(|limiter| limiter.config.key == RateLimitKey::None);
-        Self(limiters)
+        let keeps = limiters
+            .iter()
+            .any(|l| l.config.response_headers || l.config.cost.response_header.is_some());
+        Self {
+            limiters: limiters.into(),
+            keeps,
+        }
     }
 
-    /// Checks a plaintext caller's request on local `port` from `client` against every
-    /// limit that applies.
+    /// Checks a plaintext caller's one-token request on local `port` from `client`
+    /// against the local buckets of every limit that applies.
     pub fn check(&self, port: u16, client: IpAddr, headers: &HeaderMap) -> Result<(), RateLimited> {
         self.check_from(port, client, None, headers)
     }
 
-    /// Checks a request on local `port` from `client`, whose mesh identity is `caller`,
-    /// against every limit that applies.
+    /// Checks a one-token request on local `port` from `client`, whose mesh identity is
+    /// `caller`, against the local buckets of every limit that applies.
     pub fn check_from(
         &self,
         port: u16,
@@ -400,7 +595,7 @@ impl RateLimits {
         caller: Option<&Arc<PeerId>>,
         headers: &HeaderMap,
     ) -> Result<(), RateLimited> {
-        for limiter in &self.0 {
+        for limiter in self.limiters.iter() {
             if limiter.applies_to(port) {
                 limiter.check_from(client, caller, headers)?;
             }
@@ -408,20 +603,44 @@ impl RateLimits {
         Ok(())
     }
 
+    /// Takes what `request` costs from every limit that applies, in order; the first
+    /// that refuses decides. Shared limits may wait for the store (at most its timeout).
+    pub async fn acquire(&self, request: &Request<'_>) -> Result<Admitted, RateLimited> {
+        let mut admitted = Admitted::default();
+        for limiter in self.limiters.iter() {
+            if !limiter.applies_to(request.port) {
+                continue;
+            }
+            let n = limiter.config.cost.of(request.method, request.path);
+            let key = limiter.buckets.key(&request.keys);
+            let (remaining, from_store) = limiter.take(&key, n).await?;
+            if self.keeps {
+                admitted.taken.push(Taken {
+                    limiter: Arc::clone(limiter),
+                    key,
+                    from_store,
+                    remaining,
+                });
+            }
+        }
+        Ok(admitted)
+    }
+
     /// Whether there are no limits at all.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.limiters.is_empty()
     }
 
     /// The limits, in the order they are checked.
     pub fn limiters(&self) -> &[Arc<RateLimiter>] {
-        &self.0
+        &self.limiters
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
     use std::net::Ipv4Addr;
     use tokio::time::advance;
 
@@ -442,6 +661,11 @@ mod tests {
             requests: nz(requests),
             period: Duration::from_secs(1),
             burst: nz(burst),
+            scope: Scope::Pod,
+            split: 0,
+            shared: None,
+            cost: Cost::default(),
+            response_headers: false,
         }
     }
 
@@ -573,26 +797,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn stored_header_keys_do_not_share_the_request_buffer() {
-        let buffer = bytes::Bytes::from_static(b"acme-and-the-rest-of-a-request");
-        let value = HeaderValue::from_maybe_shared(buffer.slice(0..4)).unwrap();
-        let key = HeaderKey(Some(value));
-        assert_eq!(
-            key.0.as_ref().unwrap().as_bytes().as_ptr(),
-            buffer.as_ptr(),
-            "a parsed value shares the buffer"
-        );
-        let stored = key.clone();
-        assert_eq!(stored, key);
-        let stored_bytes = stored.0.as_ref().unwrap().as_bytes();
-        assert_ne!(
-            stored_bytes.as_ptr(),
-            buffer.as_ptr(),
-            "the stored key owns a copy"
-        );
-    }
-
     #[tokio::test(start_paused = true)]
     async fn limits_apply_to_their_ports_only() {
         let limiter = RateLimiter::new(RateLimitConfig {
@@ -648,6 +852,156 @@ mod tests {
         );
     }
 
+    fn request<'a>(method: &'a Method, path: &'a str, headers: &'a HeaderMap) -> Request<'a> {
+        Request {
+            port: 80,
+            method,
+            path,
+            keys: Keys {
+                client: ip(1),
+                caller: None,
+                headers,
+            },
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_take_what_they_cost() {
+        let limits = RateLimits::new(vec![RateLimiter::new(RateLimitConfig {
+            cost: Cost {
+                default: 1,
+                rules: vec![cost::CostRule {
+                    method: Some(Method::POST),
+                    path_prefix: "/search".into(),
+                    cost: 4,
+                }],
+                response_header: None,
+            },
+            ..limit("total", RateLimitKey::None, 10, 10)
+        })]);
+        let none = HeaderMap::new();
+        for _ in 0..2 {
+            assert!(
+                limits
+                    .acquire(&request(&Method::POST, "/search", &none))
+                    .await
+                    .is_ok()
+            );
+        }
+        // 8 of 10 tokens spent: two plain requests fit, a third search does not.
+        let refused = limits
+            .acquire(&request(&Method::POST, "/search", &none))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.retry_after, ms(200), "two more tokens, 100ms each");
+        assert!(
+            limits
+                .acquire(&request(&Method::GET, "/", &none))
+                .await
+                .is_ok()
+        );
+        assert!(
+            limits
+                .acquire(&request(&Method::GET, "/", &none))
+                .await
+                .is_ok()
+        );
+        assert!(
+            limits
+                .acquire(&request(&Method::GET, "/", &none))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_header_charges_after_the_fact_and_headers_report_the_bucket() {
+        let limits = RateLimits::new(vec![RateLimiter::new(RateLimitConfig {
+            cost: Cost {
+                response_header: Some(HeaderName::from_static("x-cost")),
+                ..Cost::default()
+            },
+            response_headers: true,
+            ..limit("tokens", RateLimitKey::None, 10, 10)
+        })]);
+        let none = HeaderMap::new();
+        let admitted = limits
+            .acquire(&request(&Method::GET, "/", &none))
+            .await
+            .unwrap();
+        let mut response = HeaderMap::new();
+        response.insert("x-cost", HeaderValue::from_static("6"));
+        admitted.finish(&mut response);
+        assert_eq!(response["ratelimit-policy"], "\"tokens\";q=10;w=1");
+        assert_eq!(
+            response["ratelimit"], "\"tokens\";r=9;t=1",
+            "the state when the request passed"
+        );
+        // 1 + 6 tokens spent: 3 left.
+        let mut passed = 0;
+        for _ in 0..10 {
+            if let Ok(admitted) = limits.acquire(&request(&Method::GET, "/", &none)).await {
+                admitted.finish(&mut HeaderMap::new());
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 3);
+        let refused = limits
+            .acquire(&request(&Method::GET, "/", &none))
+            .await
+            .unwrap_err();
+        let quota = refused.quota.expect("asked for headers");
+        assert_eq!((quota.remaining, quota.requests), (0, 10));
+    }
+
+    fn shared_limit(mode: StoreMode) -> RateLimitConfig {
+        RateLimitConfig {
+            scope: Scope::Shared,
+            shared: Some(SharedConfig {
+                requests: 40,
+                period: Duration::from_secs(1),
+                burst: 40,
+                mode,
+                bucket: "in/demo/frontend/total".into(),
+            }),
+            // The split share over 4 pods.
+            ..limit("total", RateLimitKey::None, 10, 10)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_store_a_shared_limit_applies_its_mode() {
+        let none = HeaderMap::new();
+        async fn passes(limits: RateLimits) -> u32 {
+            let (none, get) = (HeaderMap::new(), Method::GET);
+            let mut passed = 0;
+            for _ in 0..100 {
+                passed += u32::from(limits.acquire(&request(&get, "/", &none)).await.is_ok());
+            }
+            passed
+        }
+        let open = RateLimiter::new(shared_limit(StoreMode::FailOpen));
+        let open = RateLimits::new(vec![open]);
+        assert_eq!(passes(open.clone()).await, 100, "FailOpen: no limit");
+        let state = open.limiters()[0].shared_state().unwrap();
+        assert_eq!((state.available, state.fallbacks), (false, 100));
+        let closed = RateLimits::new(vec![RateLimiter::new(shared_limit(StoreMode::FailClosed))]);
+        assert_eq!(passes(closed.clone()).await, 0, "FailClosed: nothing");
+        let refused = closed
+            .acquire(&request(&Method::GET, "/", &none))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.retry_after, FAIL_CLOSED_RETRY_AFTER);
+        let split = RateLimits::new(vec![RateLimiter::new(shared_limit(
+            StoreMode::FallbackToSplit,
+        ))]);
+        assert_eq!(
+            passes(split).await,
+            10,
+            "FallbackToSplit: the share's burst"
+        );
+    }
+
     fn proto() -> v1::RateLimit {
         v1::RateLimit {
             source: "demo/frontend".into(),
@@ -662,6 +1016,7 @@ mod tests {
                 nanos: 0,
             }),
             burst: 10,
+            ..Default::default()
         }
     }
 

@@ -36,10 +36,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Plain, local_response, refuse, send_plain};
+use super::{Plain, limited_response, local_response, refuse, send_plain};
 use crate::config::Config;
 use crate::metrics::{CallerLabel, DstMetrics, Metrics, Protocol};
 use crate::policy::authorization::{Access, Decision, PeerId};
+use crate::policy::ratelimit::{self, Admitted, RateLimited, RateLimits};
 use crate::reason;
 use crate::transport::ProxyBody;
 use crate::transport::pool::Pool;
@@ -171,23 +172,36 @@ impl Inbound {
         }
     }
 
-    /// The rate-limit step: every limit of the pod that applies to the port.
-    fn rate_limit(
+    /// The rate-limit step: every limit of the pod that applies to the port takes what
+    /// the request costs (a Shared limit may wait for the store, at most its timeout).
+    async fn rate_limit(
         &self,
-        config: &Config,
+        limits: &RateLimits,
         peer: SocketAddr,
         caller: Option<&Arc<PeerId>>,
-        headers: &http::HeaderMap,
-    ) -> Result<(), Refused> {
-        config
-            .inbound
-            .check_from(self.app_port, peer.ip(), caller, headers)
-            .map_err(|limited| {
-                // The rate limiter logs the refusal with the client, policy and limit.
-                self.metrics.rate_limited(&limited.source, &limited.name);
-                self.dst.local_response(reason::RATE_LIMITED);
-                Refused::RateLimited(limited.retry_after)
-            })
+        req: (&http::Method, &str, &http::HeaderMap),
+    ) -> Result<Admitted, Refused> {
+        if limits.is_empty() {
+            return Ok(Admitted::default());
+        }
+        let (method, path, headers) = req;
+        let request = ratelimit::Request {
+            port: self.app_port,
+            method,
+            path,
+            keys: ratelimit::Keys {
+                client: peer.ip(),
+                caller,
+                headers,
+            },
+        };
+        limits.acquire(&request).await.map_err(|limited| {
+            // The rate limiter logs the refusal with the policy and limit.
+            debug!(client = %peer.ip(), policy = %limited.source, limit = %limited.name, reason = reason::RATE_LIMITED, "inbound request refused by rate limit");
+            self.metrics.rate_limited(&limited.source, &limited.name);
+            self.dst.local_response(reason::RATE_LIMITED);
+            Refused::RateLimited(Box::new(limited))
+        })
     }
 
     /// The authorization step of an HTTP request: a 403 when no rule of an enforcing
@@ -370,13 +384,14 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
-        let rsp = match self.steps(&req, peer, caller.as_ref()) {
+        let rsp = match self.steps(&req, peer, caller.as_ref()).await {
             Err(refused) => refused.response(),
-            Ok(slot) => {
+            Ok((slot, admitted)) => {
                 if self.options.forwarded_for {
                     append_forwarded_for(req.headers_mut(), peer.ip());
                 }
-                let rsp = self.to_app(req).await;
+                let mut rsp = self.to_app(req).await;
+                admitted.finish(rsp.headers_mut());
                 // The slot lasts as long as the response body.
                 let (head, body) = rsp.into_parts();
                 let body = http_body_util::BodyExt::boxed_unsync(
@@ -402,24 +417,32 @@ impl Inbound {
         caller.map_or(&self.dst, |c| &c.0.metrics)
     }
 
-    /// The steps before the app, in order; the admission slot to hold if they all pass.
-    fn steps(
+    /// The steps before the app, in order; the admission slot to hold if they all pass,
+    /// and what the rate limits need from the response.
+    async fn steps(
         &self,
         req: &Request<Incoming>,
         peer: SocketAddr,
         caller: Option<&Caller>,
-    ) -> Result<Option<OwnedSemaphorePermit>, Refused> {
-        let config = self.config.load();
-        // 1. The caller's mesh identity came with the connection (see `front`).
-        // 2. Authorization.
-        self.authorize(&config, caller, req)?;
+    ) -> Result<(Option<OwnedSemaphorePermit>, Admitted), Refused> {
+        let limits = {
+            let config = self.config.load();
+            // 1. The caller's mesh identity came with the connection (see `front`).
+            // 2. Authorization.
+            self.authorize(&config, caller, req)?;
+            // A reference count, so that no config guard is held across the store's
+            // round trip.
+            config.inbound.clone()
+        };
         // 3. Rate limit.
-        self.rate_limit(&config, peer, caller.map(Caller::id), req.headers())?;
-        drop(config);
+        let parts = (req.method(), req.uri().path(), req.headers());
+        let admitted = self
+            .rate_limit(&limits, peer, caller.map(Caller::id), parts)
+            .await?;
         // 4. Admission.
         let slot = self.admit(peer)?;
         // 5. Deadline: none inbound yet.
-        Ok(slot)
+        Ok((slot, admitted))
     }
 
     async fn to_app(&self, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -462,13 +485,20 @@ impl Inbound {
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
     {
         let headers = http::HeaderMap::new();
-        let allowed = {
+        let limits = {
             let config = self.config.load();
-            self.authorize_tcp(&config, caller)
-                .and_then(|()| self.rate_limit(&config, peer, caller.map(Caller::id), &headers))
+            match self.authorize_tcp(&config, caller) {
+                Ok(()) => config.inbound.clone(),
+                // The step logged and counted its refusal.
+                Err(_) => return,
+            }
         };
-        // Each step logged and counted its refusal.
-        if allowed.is_err() {
+        let connection = (&http::Method::CONNECT, "", &headers);
+        if self
+            .rate_limit(&limits, peer, caller.map(Caller::id), connection)
+            .await
+            .is_err()
+        {
             return;
         }
         let Ok(_slot) = self.admit(peer) else {
@@ -502,12 +532,12 @@ impl Inbound {
 }
 
 /// Why the agent answered an inbound request itself (each step counts its refusal).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Refused {
     /// No AuthorizationPolicy rule allows the request.
     Unauthorized,
-    /// A rate limit refused it; the client may try again after this long.
-    RateLimited(Duration),
+    /// A rate limit refused it (boxed: rare, and larger than the other cases).
+    RateLimited(Box<RateLimited>),
     /// The concurrency limit is reached.
     Overloaded,
 }
@@ -518,11 +548,7 @@ impl Refused {
             Refused::Unauthorized => {
                 local_response(StatusCode::FORBIDDEN, reason::UNAUTHORIZED, None)
             }
-            Refused::RateLimited(retry_after) => local_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                reason::RATE_LIMITED,
-                Some(retry_after),
-            ),
+            Refused::RateLimited(limited) => limited_response(&limited),
             Refused::Overloaded => {
                 local_response(StatusCode::SERVICE_UNAVAILABLE, reason::BULKHEAD_FULL, None)
             }
@@ -583,11 +609,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_rate_limit_lets_everything_through() {
         let inbound = inbound(None);
-        let config = inbound.config.load();
+        let limits = inbound.config.load().inbound.clone();
         let peer = "10.0.0.1:5000".parse().unwrap();
+        let headers = http::HeaderMap::new();
         assert!(
             inbound
-                .rate_limit(&config, peer, None, &http::HeaderMap::new())
+                .rate_limit(&limits, peer, None, (&http::Method::GET, "/", &headers))
+                .await
                 .is_ok()
         );
     }
@@ -781,10 +809,30 @@ mod tests {
 
     #[test]
     fn refusals_say_why() {
-        let rsp = Refused::RateLimited(Duration::from_millis(1500)).response();
+        let limited = RateLimited {
+            retry_after: Duration::from_millis(1500),
+            source: "shop/api".into(),
+            name: "total".into(),
+            quota: None,
+        };
+        let rsp = Refused::RateLimited(Box::new(limited.clone())).response();
         assert_eq!(rsp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(rsp.headers()[crate::reason::REASON_HEADER], "rate-limited");
         assert_eq!(rsp.headers()[http::header::RETRY_AFTER], "2");
+        assert!(rsp.headers().get("ratelimit").is_none(), "not asked for");
+        let rsp = limited_response(&RateLimited {
+            quota: Some(ratelimit::headers::Quota {
+                name: "total".into(),
+                requests: 100,
+                window: Duration::from_secs(1),
+                remaining: 0,
+                reset: Duration::from_millis(1500),
+            }),
+            ..limited
+        });
+        assert_eq!(rsp.headers()[http::header::RETRY_AFTER], "2");
+        assert_eq!(rsp.headers()["ratelimit-policy"], "\"total\";q=100;w=1");
+        assert_eq!(rsp.headers()["ratelimit"], "\"total\";r=0;t=2");
         let rsp = Refused::Unauthorized.response();
         assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
         assert_eq!(rsp.headers()[crate::reason::REASON_HEADER], "unauthorized");

@@ -19,11 +19,12 @@ pub mod forward;
 pub mod opaque;
 
 use super::refuse::{self, Targets};
-use super::{Plain, local_response, send_plain};
+use super::{Plain, limited_response, local_response, send_plain};
 use crate::config::Config;
 use crate::config::destination::Destination;
 use crate::config::target::{self, Target};
 use crate::metrics::{Direction, DstMetrics, Metrics};
+use crate::policy::ratelimit::{self, Admitted};
 use crate::reason;
 use crate::telemetry::Propagation;
 use crate::transport::ProxyBody;
@@ -183,6 +184,57 @@ impl Outbound {
     }
 
     async fn to_destination(
+        &self,
+        dst: Arc<Destination>,
+        pinned: Option<SocketAddr>,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        // The destination's outbound limits, before anything else is spent on it.
+        let admitted = match self.rate_limit(&dst, &req).await {
+            Ok(admitted) => admitted,
+            Err(rsp) => return rsp,
+        };
+        let mut rsp = self.route_and_forward(dst, pinned, req).await;
+        admitted.finish(rsp.headers_mut());
+        rsp
+    }
+
+    /// The outbound rate-limit step: the limits callers enforce on the destination the
+    /// app called (before any HTTPRoute split). A refusal is the response: 429
+    /// rate-limited, counted on the destination.
+    async fn rate_limit(
+        &self,
+        dst: &Destination,
+        req: &Request<Incoming>,
+    ) -> Result<Admitted, Response<ProxyBody>> {
+        if dst.rate_limits.is_empty() {
+            return Ok(Admitted::default());
+        }
+        let client = req
+            .extensions()
+            .get::<forward::ClientAddr>()
+            .map_or(self.listen.ip(), |c| c.0.ip());
+        let request = ratelimit::Request {
+            port: 0,
+            method: req.method(),
+            path: req.uri().path(),
+            keys: ratelimit::Keys {
+                client,
+                caller: None,
+                headers: req.headers(),
+            },
+        };
+        dst.rate_limits.acquire(&request).await.map_err(|limited| {
+            debug!(dst = %dst.name, policy = %limited.source, limit = %limited.name, reason = reason::RATE_LIMITED, "outbound request refused by rate limit");
+            self.metrics.rate_limited(&limited.source, &limited.name);
+            dst.metrics.local_response(reason::RATE_LIMITED);
+            let rsp = limited_response(&limited);
+            dst.metrics.response(rsp.status(), Duration::ZERO);
+            rsp
+        })
+    }
+
+    async fn route_and_forward(
         &self,
         dst: Arc<Destination>,
         pinned: Option<SocketAddr>,

@@ -3,8 +3,8 @@
 //! ```text
 //! route        the shard and its copy (ShardTopology): the key picks the shard;
 //!              reads may go to replicas, writes go to the primary
-//! rate limit   (none outbound yet: limits are enforced inbound, by the target's pods;
-//!              an outbound limit or admission step goes here)
+//! rate limit   (outbound limits are taken before the HTTPRoute split, by
+//!              [`super::Outbound`]; an admission step goes here)
 //! deadline     the earliest of the policy's request timeout and the client's grpc-timeout
 //! retry loop   while the policy, the deadline and the retry budget allow
 //!   attempt    bulkhead slot → balancer pick + breaker permit → send → classify
@@ -86,7 +86,7 @@ async fn send(
             return local(dst, StatusCode::BAD_REQUEST, reason::SHARD_KEY_MISSING);
         }
     };
-    // 2. Rate limit: none outbound yet (see the module doc).
+    // 2. Rate limit: taken before (see the module doc).
     // 3. Deadline.
     let grpc = grpc::is_grpc(&parts.headers);
     let client_timeout = if grpc {
