@@ -105,11 +105,12 @@ pub fn rate_limit(
         Scope::Service | Scope::Shared => {
             let (requests, per, burst) =
                 policy::split(limit.requests, limit.per, limit.burst, pods);
+            // Zero ready pods: each pod that starts enforces the whole limit.
             (
                 requests,
                 per,
                 burst,
-                u32::try_from(pods).unwrap_or(u32::MAX),
+                u32::try_from(pods.max(1)).unwrap_or(u32::MAX),
             )
         }
     };

@@ -762,7 +762,7 @@ fn a_service_limit_is_split_over_the_ready_pods_as_they_scale() {
         let per = l.period.unwrap();
         (l.requests, per.seconds, l.burst, l.split)
     };
-    assert_eq!(share(&[]), (300, 1, 90, 0), "no ready pod: the whole limit");
+    assert_eq!(share(&[]), (300, 1, 90, 1), "no ready pod: the whole limit");
     assert_eq!(share(&[("10.0.0.1", true)]), (300, 1, 90, 1));
     assert_eq!(
         share(&[("10.0.0.1", true), ("10.0.0.2", false)]),
