@@ -854,3 +854,56 @@ async fn the_generated_issuer_serves_the_control_plane_under_its_service_names()
     );
     cp.shutdown().await;
 }
+
+#[test]
+fn the_rate_limit_store_reaches_injected_agents_with_its_secret() {
+    // Off by default: agents get no store.
+    let docs = render(&[]);
+    let config: ConfigMap = typed(find(&docs, "ConfigMap", "bulwark-inject"));
+    let inject = InjectConfig::parse(&config.data.unwrap()["inject.yaml"]).unwrap();
+    assert_eq!(inject.rate_limit_store, None);
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "bulwark-redis")
+    );
+
+    // The bundled Redis for trying it out: a Deployment and Service, and agents pointed at it.
+    let docs = render(&[
+        "rateLimitStore.bundled.enabled=true",
+        "rateLimitStore.existingSecret=redis-auth",
+    ]);
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        typed(find(&docs, "Deployment", "bulwark-redis"));
+    assert_eq!(deployment.spec.unwrap().replicas, Some(1));
+    let _: k8s_openapi::api::core::v1::Service = typed(find(&docs, "Service", "bulwark-redis"));
+    let config: ConfigMap = typed(find(&docs, "ConfigMap", "bulwark-inject"));
+    let inject = InjectConfig::parse(&config.data.unwrap()["inject.yaml"]).unwrap();
+    let store = inject.rate_limit_store.expect("a store");
+    assert_eq!(store.url, "redis://bulwark-redis.mesh.svc:6379");
+    assert_eq!(store.secret_name.as_deref(), Some("redis-auth"));
+    assert_eq!(store.password_key, "password");
+
+    // A managed one over TLS; a URL with credentials in it is refused by the schema.
+    let docs = render(&["rateLimitStore.url=rediss://redis.example.internal:6380"]);
+    let config: ConfigMap = typed(find(&docs, "ConfigMap", "bulwark-inject"));
+    let inject = InjectConfig::parse(&config.data.unwrap()["inject.yaml"]).unwrap();
+    assert_eq!(
+        inject.rate_limit_store.map(|s| s.url),
+        Some("rediss://redis.example.internal:6380".to_owned())
+    );
+    let output = Command::new(helm())
+        .args([
+            "template",
+            "bulwark",
+            "charts/bulwark",
+            "--set",
+            "rateLimitStore.url=redis://:secret@redis:6379",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "credentials in the URL accepted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/rateLimitStore/url"), "{stderr}");
+}

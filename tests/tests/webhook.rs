@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use bulwark_control_plane::webhook::config::IdentityInjection;
+use bulwark_control_plane::webhook::config::{IdentityInjection, RateLimitStoreInjection};
 use bulwark_control_plane::webhook::inject::{IDENTITY_DIR, IDENTITY_VOLUME};
 use bulwark_control_plane::webhook::{self, InjectConfig, SidecarMode, Webhook};
 use bulwark_tests::eventually_named;
@@ -419,6 +419,54 @@ async fn with_identity_the_agent_gets_a_projected_token_and_the_trust_anchors() 
             ]}}
         ])
     );
+}
+
+#[tokio::test]
+async fn the_agent_gets_the_rate_limit_store_and_its_credentials_from_the_namespaces_secret() {
+    let running = start(true, |config| {
+        config.rate_limit_store = Some(RateLimitStoreInjection {
+            url: "rediss://redis.mesh.svc:6380".into(),
+            secret_name: Some("redis-auth".into()),
+            password_key: "password".into(),
+            username_key: "username".into(),
+        });
+    })
+    .await;
+    let pod = fixture("plain.yaml");
+    let (_, typed) = apply(&pod, &admit(&running, &pod, "shop", true).await);
+    let inits = typed
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .clone()
+        .unwrap();
+    let agent = &inits[1];
+    assert_eq!(
+        env_value(agent, "BULWARK_RATE_LIMIT_STORE_URL").as_deref(),
+        Some("rediss://redis.mesh.svc:6380")
+    );
+    for (name, key) in [
+        ("BULWARK_RATE_LIMIT_STORE_PASSWORD", "password"),
+        ("BULWARK_RATE_LIMIT_STORE_USERNAME", "username"),
+    ] {
+        let var = env(agent, name).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(var.value, None, "never the value itself in the pod spec");
+        let secret = var
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("redis-auth", key)
+        );
+        assert_eq!(
+            secret.optional,
+            Some(true),
+            "a namespace without it still starts pods"
+        );
+    }
 }
 
 #[tokio::test]

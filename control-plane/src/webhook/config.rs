@@ -118,6 +118,36 @@ pub struct InjectConfig {
     /// `kube-system`): they get no trust-anchor ConfigMap either.
     #[serde(default)]
     pub excluded_namespaces: Vec<String>,
+    /// The rate-limit store (Redis) of Shared rate limits; absent: agents have none, and
+    /// Shared limits apply their onStoreUnavailable mode.
+    #[serde(default)]
+    pub rate_limit_store: Option<RateLimitStoreInjection>,
+}
+
+/// How injected agents reach the rate-limit store.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitStoreInjection {
+    /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS; no credentials in it.
+    pub url: String,
+    /// A Secret in each meshed namespace holding the credentials (optional: a pod
+    /// whose namespace lacks it starts without them, and the store refuses it).
+    #[serde(default)]
+    pub secret_name: Option<String>,
+    /// The Secret's key of the password.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+    /// The Secret's key of the ACL user name (optional in the Secret).
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+}
+
+fn default_password_key() -> String {
+    "password".to_owned()
+}
+
+fn default_username_key() -> String {
+    "username".to_owned()
 }
 
 fn default_version() -> String {
@@ -175,6 +205,7 @@ impl InjectConfig {
             ipv6: false,
             identity: None,
             excluded_namespaces: Vec::new(),
+            rate_limit_store: None,
         }
     }
 

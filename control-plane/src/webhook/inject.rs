@@ -21,7 +21,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
     ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    SecretKeySelector, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -226,6 +227,23 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
         name: name.to_owned(),
         value: Some(value.into()),
         value_from: None,
+    }
+}
+
+/// An environment variable from a key of a Secret in the pod's namespace; optional, so
+/// that a namespace without the Secret does not keep its pods from starting.
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: Some(true),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
     }
 }
 
@@ -477,6 +495,21 @@ fn agent_container(
             "BULWARK_TOKEN_FILE",
             format!("{IDENTITY_DIR}/{TOKEN_FILE}"),
         ));
+    }
+    if let Some(store) = &config.rate_limit_store {
+        env_vars.push(env("BULWARK_RATE_LIMIT_STORE_URL", store.url.clone()));
+        if let Some(secret) = &store.secret_name {
+            env_vars.push(secret_env(
+                "BULWARK_RATE_LIMIT_STORE_USERNAME",
+                secret,
+                &store.username_key,
+            ));
+            env_vars.push(secret_env(
+                "BULWARK_RATE_LIMIT_STORE_PASSWORD",
+                secret,
+                &store.password_key,
+            ));
+        }
     }
     // The agent's identity labels: the pod's labels as created (the agent reports them
     // to the control plane, which matches policy targets against them).
