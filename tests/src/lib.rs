@@ -21,6 +21,7 @@ pub mod identity_mesh;
 pub mod mesh;
 #[cfg(target_os = "linux")]
 pub mod netns;
+pub mod redis;
 
 // The upstream, client, metrics reader and `eventually` live in `bulwark-testkit`, which
 // the demo uses too; re-exported here so that tests keep one import path.
