@@ -9,6 +9,8 @@
 //! - [`mtls`]: two agents in a row, plaintext and mutual TLS between them side by side.
 //! - [`certs`]: the control plane issuing certificates to N simulated agents.
 //! - [`identity`]: a control plane with workload identity on, for those two.
+//! - [`ratelimit`]: issue 21's rows: agents sharing one limit (Redis, or split), and
+//!   what a Shared limit costs.
 //! - [`faults`]: `make faults`, the agent under faults (control plane or an endpoint
 //!   killed, policy rewrites, SIGTERM, slowloris, idle connections).
 //! - [`report`]: the Markdown tables.
@@ -22,6 +24,7 @@ pub mod load;
 pub mod machine;
 pub mod mtls;
 pub mod procstat;
+pub mod ratelimit;
 pub mod report;
 pub mod run;
 pub mod sut;

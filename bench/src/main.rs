@@ -11,7 +11,7 @@ use bulwark_bench::certs::CertScenario;
 use bulwark_bench::cpscale::Scenario;
 use bulwark_bench::run::Config;
 use bulwark_bench::sut::Layout;
-use bulwark_bench::{faults, load, machine, mtls, report, run, sut, upstream};
+use bulwark_bench::{faults, load, machine, mtls, ratelimit, report, run, sut, upstream};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -248,7 +248,8 @@ struct RunArgs {
     #[arg(long, env = "BENCH_CALLGRIND", default_value = "auto")]
     callgrind: String,
     /// What to run: `all`, `proxies` (with the mTLS row), `control-plane` (with the
-    /// certificates), `mtls` or `certs`.
+    /// certificates), `mtls`, `certs` or `ratelimit` (issue 21's rows, which `all`
+    /// runs last when redis-server is installed).
     #[arg(long, env = "BENCH_ONLY", default_value = "all")]
     only: String,
     /// Where `bulwark-agent` and `bulwark-control-plane` are (default: beside this binary).
@@ -398,6 +399,10 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         proxy_cpus: cpus(&args.proxy_cpus),
         load_cpus: cpus(&args.load_cpus),
     };
+    // The rate-limit rows (issue 21) run on their own, spliced into their own section.
+    if args.only == "ratelimit" {
+        return ratelimit_rows(&layout, &args).await;
+    }
     // (proxy rows, control-plane scale, mTLS row, certificates)
     let (proxies, control_plane, mtls_row, certs) = match args.only.as_str() {
         "all" => (true, true, args.mtls != 0, true),
@@ -406,7 +411,9 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         "mtls" => (false, false, true, false),
         "certs" => (false, false, false, true),
         other => {
-            anyhow::bail!("BENCH_ONLY={other}: expected all, proxies, control-plane, mtls or certs")
+            anyhow::bail!(
+                "BENCH_ONLY={other}: expected all, proxies, control-plane, mtls, certs or ratelimit"
+            )
         }
     };
     let mut scale = Vec::new();
@@ -498,6 +505,33 @@ async fn bench(args: RunArgs) -> anyhow::Result<()> {
         std::fs::write(&args.output, report::splice(&doc, &text))
             .with_context(|| format!("writing {}", args.output.display()))?;
         eprintln!("results written to {}", args.output.display());
+    }
+    if args.only == "all" {
+        if ratelimit::available() {
+            ratelimit_rows(&layout, &args).await?;
+        } else {
+            eprintln!(
+                "rate-limit rows skipped: redis-server is not installed (hack/setup.sh installs it)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Issue 21's rows (`BENCH_ONLY=ratelimit`, or after the others with `all`), spliced
+/// between their own markers in the output.
+async fn ratelimit_rows(layout: &Layout, args: &RunArgs) -> anyhow::Result<()> {
+    let settings = ratelimit::Settings {
+        duration: seconds(args.duration),
+        cost_duration: seconds(args.duration),
+    };
+    let text = ratelimit::run(layout, settings).await?.markdown();
+    println!("{text}");
+    if args.output.as_os_str() != "-" {
+        let doc = std::fs::read_to_string(&args.output).unwrap_or_default();
+        let doc = report::splice_between(&doc, ratelimit::BEGIN, ratelimit::END, &text);
+        std::fs::write(&args.output, doc)
+            .with_context(|| format!("writing {}", args.output.display()))?;
     }
     Ok(())
 }

@@ -14,6 +14,9 @@ pub struct Files {
     pub tokens: PathBuf,
     /// The demo agent's token (pod frontend-0 of ServiceAccount frontend in demo).
     pub agent_token: PathBuf,
+    /// The tokens of the scaling scene's pods (ServiceAccount api in demo), in
+    /// [`crate::scaling::PODS`] order.
+    pub api_tokens: Vec<PathBuf>,
 }
 
 /// Writes a fresh token for the demo agent and the token file naming it, next to the
@@ -22,24 +25,37 @@ pub fn prepare(log_dir: &Path) -> anyhow::Result<Files> {
     let dir = log_dir.parent().unwrap_or(log_dir).join("identity");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     // A new random token each run, as a projected token would be.
-    let token: String = std::iter::repeat_with(fastrand::alphanumeric)
-        .take(40)
-        .collect();
+    let token = || -> String {
+        std::iter::repeat_with(fastrand::alphanumeric)
+            .take(40)
+            .collect()
+    };
     let files = Files {
         anchor: dir.join("trust-anchor.pem"),
         tokens: dir.join("tokens.yaml"),
         agent_token: dir.join("frontend-0.token"),
+        api_tokens: crate::scaling::PODS
+            .iter()
+            .map(|(pod, _)| dir.join(format!("{pod}.token")))
+            .collect(),
     };
-    std::fs::write(&files.agent_token, &token)
-        .with_context(|| format!("writing {}", files.agent_token.display()))?;
-    std::fs::write(
-        &files.tokens,
-        format!(
-            "# Written by bulwark-demo: the token of the demo agent's pod.\n\
-             tokens:\n  - {{token: {token}, namespace: demo, serviceAccount: frontend, pod: frontend-0}}\n"
-        ),
-    )
-    .with_context(|| format!("writing {}", files.tokens.display()))?;
+    let mut listing =
+        String::from("# Written by bulwark-demo: the tokens of the demo agents' pods.\ntokens:\n");
+    let pods = std::iter::once(("frontend", "frontend-0", &files.agent_token)).chain(
+        crate::scaling::PODS
+            .iter()
+            .zip(&files.api_tokens)
+            .map(|((pod, _), path)| ("api", *pod, path)),
+    );
+    for (account, pod, path) in pods {
+        let token = token();
+        std::fs::write(path, &token).with_context(|| format!("writing {}", path.display()))?;
+        listing.push_str(&format!(
+            "  - {{token: {token}, namespace: demo, serviceAccount: {account}, pod: {pod}}}\n"
+        ));
+    }
+    std::fs::write(&files.tokens, listing)
+        .with_context(|| format!("writing {}", files.tokens.display()))?;
     Ok(files)
 }
 

@@ -14,6 +14,7 @@ mod latency;
 mod observer;
 mod progress;
 mod report;
+mod scaling;
 mod sharded;
 mod supervisor;
 mod traffic;
@@ -268,6 +269,8 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         supervisor.log_dir().display()
     );
     let identity = identity::prepare(supervisor.log_dir())?;
+    let scaling_dir = scaling::dir(supervisor.log_dir());
+    scaling::prepare(&scaling_dir)?;
     supervisor.spawn(
         "control-plane",
         "bulwark-control-plane",
@@ -284,6 +287,8 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
             &format!("dir:{}", canary_dir.display()),
             "--source",
             &format!("dir:{}", canary_dir.join(examples::LOCAL).display()),
+            "--source",
+            &format!("dir:{}", scaling_dir.display()),
             "--grpc-addr",
             CP_GRPC,
             "--admin-addr",
@@ -393,6 +398,16 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
     );
 
     let traffic = drive_traffic(supervisor, &layout, &canary).await?;
+    println!("Scaling Service api from 1 to 3 ready pods under a service-wide limit");
+    let scaled = scaling::run(
+        supervisor,
+        &scaling_dir,
+        &format!("https://{CP_GRPC}"),
+        &identity.anchor,
+        &identity.api_tokens,
+        ready_timeout,
+    )
+    .await;
 
     let metrics = match Metrics::scrape(addr(AGENT_ADMIN)?).await {
         Ok(metrics) => Some(metrics),
@@ -459,6 +474,7 @@ async fn run(args: &Args, supervisor: &mut Supervisor) -> anyhow::Result<Finishe
         &traffic.canary,
         metrics.as_ref(),
     ));
+    problems.extend(scaling::report(&mut summary, &scaled));
     for (what, run) in [
         ("reviews", &traffic.reviews),
         ("catalog", &traffic.catalog),
