@@ -930,36 +930,30 @@ impl<S: PolicyState> Collector for StateCollector<S> {
                 ConstCounter::new(value).encode(family)?;
             }
         }
-        {
-            let mut family = encoder.encode_descriptor(
+        for (name, help, kind) in [
+            (
                 "bulwark_rate_limit_store_mode",
                 "Per Shared limit: 1 while its onStoreUnavailable mode is in force (the store is unavailable), else 0",
-                None,
                 MetricType::Gauge,
-            )?;
-            for limit in &state.shared_limits {
-                let labels = [
-                    ("policy", limit.policy.as_str()),
-                    ("limit", limit.limit.as_str()),
-                    ("mode", limit.mode),
-                ];
-                ConstGauge::new(i64::from(limit.active)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
+            ),
+            (
                 "bulwark_rate_limit_store_mode_decisions",
                 "Per Shared limit: requests its onStoreUnavailable mode decided while the store was unavailable",
-                None,
                 MetricType::Counter,
-            )?;
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
             for limit in &state.shared_limits {
                 let labels = [
                     ("policy", limit.policy.as_str()),
                     ("limit", limit.limit.as_str()),
                     ("mode", limit.mode),
                 ];
-                ConstCounter::new(limit.decisions).encode(family.encode_family(&labels)?)?;
+                let metric = family.encode_family(&labels)?;
+                match kind {
+                    MetricType::Gauge => ConstGauge::new(i64::from(limit.active)).encode(metric)?,
+                    _ => ConstCounter::new(limit.decisions).encode(metric)?,
+                }
             }
         }
         for (name, help, read) in [

@@ -202,7 +202,7 @@ async fn start_agents(
 async fn wait_limit(agent: &Agent) -> anyhow::Result<()> {
     for _ in 0..200 {
         if let Some((200, body)) = sut::fetch(agent.admin, "/config").await
-            && body.contains("\"name\":\"total\"")
+            && body.contains("\"total\"")
         {
             return Ok(());
         }

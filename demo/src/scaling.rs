@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http::Method;
 use tokio::time::Instant;
 
+use crate::strings;
 use crate::supervisor::Supervisor;
 use crate::traffic::{Run, Steady};
 
@@ -255,10 +256,6 @@ pub fn report(out: &mut String, scaled: &anyhow::Result<Scaled>) -> Vec<String> 
         }
     }
     problems
-}
-
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|s| (*s).to_owned()).collect()
 }
 
 #[cfg(test)]

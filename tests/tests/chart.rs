@@ -173,35 +173,22 @@ fn the_chart_lints_clean_with_default_and_overridden_values() {
     ]);
 }
 
+/// What `helm template` says when it refuses `--set set` (it must refuse).
+fn refused(set: &str) -> String {
+    let output = Command::new(helm())
+        .args(["template", "bulwark", "charts/bulwark", "--set", set])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{set} was accepted");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn values_outside_the_schema_are_refused_with_the_field() {
-    let output = Command::new(helm())
-        .args([
-            "template",
-            "bulwark",
-            "charts/bulwark",
-            "--set",
-            "webhook.failurePolicy=Sometimes",
-        ])
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused("webhook.failurePolicy=Sometimes");
     assert!(stderr.contains("/webhook/failurePolicy"), "{stderr}");
-    let output = Command::new(helm())
-        .args([
-            "template",
-            "bulwark",
-            "charts/bulwark",
-            "--set",
-            "agent.imagee=x",
-        ])
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("imagee"));
+    assert!(refused("agent.imagee=x").contains("imagee"));
 }
 
 #[test]
@@ -892,18 +879,6 @@ fn the_rate_limit_store_reaches_injected_agents_with_its_secret() {
         inject.rate_limit_store.map(|s| s.url),
         Some("rediss://redis.example.internal:6380".to_owned())
     );
-    let output = Command::new(helm())
-        .args([
-            "template",
-            "bulwark",
-            "charts/bulwark",
-            "--set",
-            "rateLimitStore.url=redis://:secret@redis:6379",
-        ])
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(!output.status.success(), "credentials in the URL accepted");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused("rateLimitStore.url=redis://:secret@redis:6379");
     assert!(stderr.contains("/rateLimitStore/url"), "{stderr}");
 }

@@ -18,22 +18,25 @@ use bulwark_tests::redis::RedisServer;
 use bulwark_tests::upstream::{Knobs, Upstream};
 use bulwark_tests::{Metrics, poll_until};
 
-/// A RateLimitPolicy `frontend` on Service `frontend` with these limits (YAML list items
-/// indented by four spaces).
-fn rate_limit_policy(limits: &str) -> String {
+/// A RateLimitPolicy `name` on Service `name` with `spec` (YAML lines indented by two
+/// spaces, below `spec:`, after the target).
+fn policy_on(name: &str, spec: &str) -> String {
     format!(
         "apiVersion: bulwark.io/v1alpha1
 kind: RateLimitPolicy
 metadata:
-  name: frontend
+  name: {name}
   namespace: {NAMESPACE}
 spec:
-  targetRefs:
-    - kind: Service
-      name: frontend
-  limits:
-{limits}"
+  targetRefs: [{{kind: Service, name: {name}}}]
+{spec}"
     )
+}
+
+/// A RateLimitPolicy `frontend` on Service `frontend` with these limits (YAML list items
+/// indented by four spaces).
+fn rate_limit_policy(limits: &str) -> String {
+    policy_on("frontend", &format!("  limits:\n{limits}"))
 }
 
 #[tokio::test]
@@ -515,21 +518,15 @@ async fn costs_and_rate_limit_headers_end_to_end() {
     let mesh = Mesh::with_services([("frontend", vec![app.addr()])]).unwrap();
     mesh.write_policy(
         "limits.yaml",
-        &format!(
-            "apiVersion: bulwark.io/v1alpha1
-kind: RateLimitPolicy
-metadata:
-  name: frontend
-  namespace: {NAMESPACE}
-spec:
-  targetRefs: [{{kind: Service, name: frontend}}]
-  responseHeaders: true
+        &policy_on(
+            "frontend",
+            "  responseHeaders: true
   limits:
     - name: total
-      rate: {{requests: 10, per: 10m}}
+      rate: {requests: 10, per: 10m}
       cost:
-        rules: [{{method: POST, pathPrefix: /search, cost: 4}}]
-"
+        rules: [{method: POST, pathPrefix: /search, cost: 4}]
+",
         ),
     )
     .unwrap();
@@ -577,20 +574,14 @@ async fn an_outbound_limit_protects_a_destination_from_the_callers_side() {
     let mesh = Mesh::with_services([("partner", vec![api.addr()])]).unwrap();
     mesh.write_policy(
         "outbound.yaml",
-        &format!(
-            "apiVersion: bulwark.io/v1alpha1
-kind: RateLimitPolicy
-metadata:
-  name: partner
-  namespace: {NAMESPACE}
-spec:
-  targetRefs: [{{kind: Service, name: partner}}]
-  direction: Outbound
+        &policy_on(
+            "partner",
+            "  direction: Outbound
   limits:
     - name: calls
-      rate: {{requests: 5, per: 10m}}
+      rate: {requests: 5, per: 10m}
       scope: Pod
-"
+",
         ),
     )
     .unwrap();

@@ -11,7 +11,9 @@ use super::diagnostics::Diagnostic;
 use crate::discovery::wire;
 use crate::model::policy::{Direction, LoadBalancer, RateLimitPolicy, ResiliencePolicy};
 use crate::model::shard::ShardTopology;
-use crate::model::{Kind, MAX_WEIGHT, Model, ObjectName, Protocol, Service, ServicePort};
+use crate::model::{
+    Kind, MAX_WEIGHT, Model, ObjectName, Protocol, Service, ServicePort, TargetRef,
+};
 
 /// Every service of the model, in wire form, sorted by namespace and name.
 pub(super) fn services(
@@ -81,28 +83,13 @@ fn outbound_limits<'a>(model: &'a Model, diagnostics: &mut BTreeSet<Diagnostic>)
     {
         let namespace = policy.name.namespace.as_str();
         for target in &policy.targets {
-            let name = ObjectName::new(namespace, target.service.as_str());
-            match model.services.get(&name) {
-                None => {
-                    diagnostics.insert(Diagnostic::MissingService {
-                        kind: Kind::RateLimitPolicy,
-                        policy: policy.name.clone(),
-                        service: target.service.clone(),
-                    });
-                }
-                Some(service) => {
-                    if let Some(section) = &target.section
-                        && !has_tcp_port(service, section)
-                    {
-                        diagnostics.insert(Diagnostic::MissingSection {
-                            kind: Kind::RateLimitPolicy,
-                            policy: policy.name.clone(),
-                            service: target.service.clone(),
-                            section: section.clone(),
-                        });
-                    }
-                }
-            }
+            diagnose_target(
+                model,
+                Kind::RateLimitPolicy,
+                &policy.name,
+                target,
+                diagnostics,
+            );
             limited
                 .entry((namespace, target.service.as_str()))
                 .or_default()
@@ -137,6 +124,39 @@ fn rate_limits(
     limits
 }
 
+/// Diagnoses a policy's target that names no Service, or no TCP port of it; the policy
+/// still attaches, and takes effect when the Service (or port) appears.
+fn diagnose_target(
+    model: &Model,
+    kind: Kind,
+    policy: &ObjectName,
+    target: &TargetRef,
+    diagnostics: &mut BTreeSet<Diagnostic>,
+) {
+    let name = ObjectName::new(policy.namespace.as_str(), target.service.as_str());
+    match model.services.get(&name) {
+        None => {
+            diagnostics.insert(Diagnostic::MissingService {
+                kind,
+                policy: policy.clone(),
+                service: target.service.clone(),
+            });
+        }
+        Some(service) => {
+            if let Some(section) = &target.section
+                && !has_tcp_port(service, section)
+            {
+                diagnostics.insert(Diagnostic::MissingSection {
+                    kind,
+                    policy: policy.clone(),
+                    service: target.service.clone(),
+                    section: section.clone(),
+                });
+            }
+        }
+    }
+}
+
 /// A policy attached to a service, narrowed to one port or not.
 type Attachment<'a> = (&'a ResiliencePolicy, Option<&'a str>);
 
@@ -149,28 +169,13 @@ fn attach<'a>(
     for policy in model.resilience_policies.values() {
         let namespace = policy.name.namespace.as_str();
         for target in &policy.targets {
-            let name = ObjectName::new(namespace, target.service.as_str());
-            match model.services.get(&name) {
-                None => {
-                    diagnostics.insert(Diagnostic::MissingService {
-                        kind: Kind::ResiliencePolicy,
-                        policy: policy.name.clone(),
-                        service: target.service.clone(),
-                    });
-                }
-                Some(service) => {
-                    if let Some(section) = &target.section
-                        && !has_tcp_port(service, section)
-                    {
-                        diagnostics.insert(Diagnostic::MissingSection {
-                            kind: Kind::ResiliencePolicy,
-                            policy: policy.name.clone(),
-                            service: target.service.clone(),
-                            section: section.clone(),
-                        });
-                    }
-                }
-            }
+            diagnose_target(
+                model,
+                Kind::ResiliencePolicy,
+                &policy.name,
+                target,
+                diagnostics,
+            );
             attached
                 .entry((namespace, target.service.as_str()))
                 .or_default()

@@ -3,7 +3,9 @@
 //!
 //! Batching, not pipelining: a round trip takes the tokens the request needs plus a
 //! lease of [`lease_size`] more, which later requests on this agent spend with one
-//! compare-and-swap each. A refusal from the store is remembered until the bucket
+//! compare-and-swap each. Leases are taken only while the store's bucket had at least a
+//! lease to spare at the last round trip: near the limit every agent asks for what it
+//! needs, so that the tokens go to the agents in proportion to their traffic. A refusal from the store is remembered until the bucket
 //! would have the tokens, so refused requests cost no round trip either. Unspent
 //! leased tokens lapse after [`LEASE_TTL`]: a quiet agent holds no more than one lease
 //! of the shared budget, and never for long.
@@ -186,11 +188,23 @@ impl Shared {
         if let Some(decided) = fast {
             return decided;
         }
-        let debt = self.leases.with(key, |lease| {
-            u32::try_from((-lease.tokens.load(Ordering::Acquire)).max(0)).unwrap_or(u32::MAX)
+        let (debt, plenty) = self.leases.with(key, |lease| {
+            let debt = (-lease.tokens.load(Ordering::Acquire)).max(0);
+            let left = lease.store_remaining.load(Ordering::Relaxed);
+            (
+                u32::try_from(debt).unwrap_or(u32::MAX),
+                left >= u64::from(self.lease),
+            )
         });
         let need = n.saturating_add(debt);
-        let want = need.saturating_add(self.lease);
+        // Lease only while the bucket has tokens to spare: near the limit a lease would
+        // hand one agent what the others then wait for, and the pods that lose the race
+        // would refuse most of their traffic while one pod passes most of its own.
+        let want = if plenty {
+            need.saturating_add(self.lease)
+        } else {
+            need
+        };
         let grant = match store
             .take(
                 &self.config.bucket,
