@@ -179,7 +179,7 @@ fn refused(set: &str) -> String {
         .args(["template", "bulwark", "charts/bulwark", "--set", set])
         .current_dir(root())
         .output()
-        .unwrap();
+        .expect("running helm");
     assert!(!output.status.success(), "{set} was accepted");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

@@ -135,11 +135,11 @@ impl Fleet {
     async fn start(agents: usize, ready: usize, store: Option<StoreSettings>) -> Fleet {
         let app = Upstream::start(loopback(), "frontend-app", Knobs::healthy())
             .await
-            .unwrap();
-        let mesh = Mesh::new().unwrap();
+            .expect("the test's setup and requests work");
+        let mesh = Mesh::new().expect("the test's setup and requests work");
         let control_plane = ControlPlane::start(control_plane_settings(&mesh, loopback()))
             .await
-            .unwrap();
+            .expect("the test's setup and requests work");
         let mut fleet = Fleet {
             mesh,
             control_plane,
@@ -156,7 +156,11 @@ impl Fleet {
             );
             settings.identity.pod_name = format!("frontend-{i}");
             settings.rate_limit_store = store.clone();
-            fleet.agents.push(Agent::start(settings).await.unwrap());
+            fleet.agents.push(
+                Agent::start(settings)
+                    .await
+                    .expect("the test's setup and requests work"),
+            );
         }
         fleet
     }
@@ -166,7 +170,17 @@ impl Fleet {
     fn scale(&self, ready: usize) {
         let port = self.app.addr().port();
         let endpoints: Vec<SocketAddr> = (0..self.pods)
-            .map(|i| SocketAddr::from(([127, 0, 1, u8::try_from(i + 1).unwrap()], port)))
+            .map(|i| {
+                SocketAddr::from((
+                    [
+                        127,
+                        0,
+                        1,
+                        u8::try_from(i + 1).expect("the test's setup and requests work"),
+                    ],
+                    port,
+                ))
+            })
             .collect();
         let mut yaml = service_yaml("frontend", &endpoints);
         for _ in ready..self.pods {
@@ -174,7 +188,9 @@ impl Fleet {
                 yaml.replace_range(at..at + "ready: true".len(), "ready: false");
             }
         }
-        self.mesh.write("service-frontend.yaml", &yaml).unwrap();
+        self.mesh
+            .write("service-frontend.yaml", &yaml)
+            .expect("the test's setup and requests work");
     }
 
     fn client(&self, agent: usize) -> HttpClient {
@@ -225,7 +241,7 @@ impl Fleet {
                     self.client(agent)
                         .get("/", headers)
                         .await
-                        .unwrap()
+                        .expect("the test's setup and requests work")
                         .status
                         .as_u16(),
                 );
@@ -386,7 +402,7 @@ async fn store_restart(mode: &str, expect_while_down: impl Fn(usize, usize)) {
     fleet
         .mesh
         .write_policy("limits.yaml", &rate_limit_policy(&limit))
-        .unwrap();
+        .expect("the test's setup and requests work");
     fleet
         .wait_limit("total", |l| l["shared"]["onStoreUnavailable"] == mode)
         .await;
@@ -399,7 +415,7 @@ async fn store_restart(mode: &str, expect_while_down: impl Fn(usize, usize)) {
             .then_some(())
     })
     .await
-    .unwrap();
+    .expect("the test's setup and requests work");
     assert_eq!(passed(&fleet.round_robin(2, &[]).await), 4);
 
     redis.stop().await;
@@ -421,7 +437,7 @@ async fn store_restart(mode: &str, expect_while_down: impl Fn(usize, usize)) {
     let ready = HttpClient::direct(fleet.agents[0].admin_addr())
         .get("/ready", &[])
         .await
-        .unwrap();
+        .expect("the test's setup and requests work");
     assert_eq!(ready.status, 200, "still ready: the mode serves");
     assert!(ready.text().contains("unavailable"), "{}", ready.text());
 
@@ -437,7 +453,7 @@ async fn store_restart(mode: &str, expect_while_down: impl Fn(usize, usize)) {
         },
     )
     .await
-    .unwrap();
+    .expect("the test's setup and requests work");
     let statuses = fleet.round_robin(15, &[]).await;
     let back = passed(&statuses);
     assert!(
