@@ -411,18 +411,19 @@ fn limiters(
             name: limit.name.clone(),
             source,
         })?;
-        if cfg.shared.is_some() && store.is_none() {
-            tracing::warn!(
-                policy = %cfg.source,
-                limit = %cfg.name,
-                "Shared rate limit but the agent has no rate-limit store (--rate-limit-store-url): its onStoreUnavailable mode applies to every request"
-            );
-        }
-        let limiter = previous
-            .iter()
-            .find(|old| *old.config() == cfg)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(RateLimiter::with_store(cfg, store.cloned())));
+        let limiter = match previous.iter().find(|old| *old.config() == cfg) {
+            Some(old) => Arc::clone(old),
+            None => {
+                if cfg.shared.is_some() && store.is_none() {
+                    tracing::warn!(
+                        policy = %cfg.source,
+                        limit = %cfg.name,
+                        "Shared rate limit but the agent has no rate-limit store (--rate-limit-store-url): its onStoreUnavailable mode applies to every request"
+                    );
+                }
+                Arc::new(RateLimiter::with_store(cfg, store.cloned()))
+            }
+        };
         limiters.push(limiter);
     }
     Ok(limiters)

@@ -482,13 +482,22 @@ async fn redis_restart_fail_open_lets_everything_through_meanwhile() {
 
 #[tokio::test]
 async fn redis_restart_fail_closed_refuses_everything_meanwhile() {
-    store_restart("FailClosed", |passed, _| assert_eq!(passed, 0)).await;
+    // A token leased from Redis before it died may still be spent: the store's answer,
+    // not the mode's. At most one lease (one token at this rate) per agent.
+    store_restart("FailClosed", |passed, _| {
+        assert!(passed <= 2, "{passed} passed")
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn redis_restart_fallback_to_split_enforces_each_pods_share_meanwhile() {
-    // 20 over 2 pods: 10 each, fresh local buckets.
-    store_restart("FallbackToSplit", |passed, _| assert_eq!(passed, 20)).await;
+    // 20 over 2 pods: 10 each, fresh local buckets, and perhaps the one token each agent
+    // had leased from Redis before it died.
+    store_restart("FallbackToSplit", |passed, _| {
+        assert!((20..=22).contains(&passed), "{passed} passed")
+    })
+    .await;
 }
 
 #[tokio::test]
