@@ -262,7 +262,8 @@ impl Pipe {
                 return Poll::Ready(Err(PipeError::Stream(error)));
             }
             if let Some((chunk, last)) = self.waiting.take() {
-                while self.stream.capacity() == 0 {
+                // An empty chunk (an explicit end of the body) needs no window.
+                while !chunk.is_empty() && self.stream.capacity() == 0 {
                     match self.stream.poll_capacity(cx) {
                         Poll::Pending => {
                             self.waiting = Some((chunk, last));
@@ -292,19 +293,11 @@ impl Pipe {
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => {
-                        let last = self.body.is_end_stream();
-                        if chunk.is_empty() {
-                            self.stream
-                                .send_data(chunk, last)
-                                .map_err(PipeError::Stream)?;
-                            if last {
-                                return Poll::Ready(Ok(()));
-                            }
-                            continue;
+                        if !chunk.is_empty() {
+                            // A claim of one byte: h2 raises it to what `send_data` buffers.
+                            self.stream.reserve_capacity(1);
                         }
-                        // A claim of one byte: h2 raises it to what `send_data` buffers.
-                        self.stream.reserve_capacity(1);
-                        self.waiting = Some((chunk, last));
+                        self.waiting = Some((chunk, self.body.is_end_stream()));
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {

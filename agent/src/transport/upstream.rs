@@ -492,9 +492,13 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 
-    /// A loopback HTTP/1.1 and HTTP/2 server answering `ok` after `delay`; counts the
+    /// A loopback listener that hands each connection to `serve`; counts the
     /// connections it accepted.
-    async fn server(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    async fn listen<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -502,18 +506,25 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req| async move {
-                        tokio::time::sleep(delay).await;
-                        Ok::<_, std::convert::Infallible>(Response::new(full("ok")))
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
+                tokio::spawn(serve(tcp));
             }
         });
         (addr, accepted)
+    }
+
+    /// A loopback HTTP/1.1 and HTTP/2 server answering `ok` after `delay`; counts the
+    /// connections it accepted.
+    async fn server(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        listen(move |tcp| async move {
+            let svc = service_fn(move |_req| async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::convert::Infallible>(Response::new(full("ok")))
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        })
+        .await
     }
 
     /// A [`server`] answering after `delay`, plaintext clients to it and an empty pool.
@@ -581,33 +592,25 @@ mod tests {
     async fn an_http2_connection_the_server_shut_down_is_replaced() {
         // A server that shuts each connection down gracefully (GOAWAY) after its first
         // request, as a rolling restart does.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (served_tx, served) = tokio::sync::oneshot::channel::<()>();
-                    let served_tx = Mutex::new(Some(served_tx));
-                    let svc = service_fn(move |_req| {
-                        if let Some(tx) = served_tx.lock().unwrap().take() {
-                            let _ = tx.send(());
-                        }
-                        async { Ok::<_, std::convert::Infallible>(Response::new(full("ok"))) }
-                    });
-                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => return,
-                        _ = served => conn.as_mut().graceful_shutdown(),
-                    }
-                    let _ = conn.await;
-                });
+        let (addr, accepted) = listen(|tcp| async move {
+            let (served_tx, served) = tokio::sync::oneshot::channel::<()>();
+            let served_tx = Mutex::new(Some(served_tx));
+            let svc = service_fn(move |_req| {
+                if let Some(tx) = served_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+                async { Ok::<_, std::convert::Infallible>(Response::new(full("ok"))) }
+            });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = served => conn.as_mut().graceful_shutdown(),
             }
-        });
+            let _ = conn.await;
+        })
+        .await;
         let upstream = Upstream::new(Duration::from_secs(1), None);
         let pool = Arc::new(Pool::new());
         assert_eq!(send(&upstream, &pool, addr, true).await, "ok");
