@@ -568,6 +568,22 @@ async fn an_annotated_pod_is_injected_in_a_namespace_without_the_label_with_its_
         .as_ref()
         .unwrap();
     assert_eq!(limits["memory"].0, "256Mi");
+    // No CPU limit of two cores or more: the agent keeps its one worker thread.
+    assert_eq!(env_value(&inits[1], "BULWARK_WORKER_THREADS"), None);
+    let mut busy = pod.clone();
+    busy["metadata"]["annotations"]["bulwark.io/agent-cpu-limit"] = json!("2500m");
+    let (_, typed) = apply(&busy, &admit(&running, &busy, "payments", false).await);
+    let agent = &typed
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .as_ref()
+        .unwrap()[1];
+    assert_eq!(
+        env_value(agent, "BULWARK_WORKER_THREADS").as_deref(),
+        Some("2")
+    );
 
     // The same pod without the annotation is left alone there.
     let mut plain = pod.clone();

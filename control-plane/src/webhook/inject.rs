@@ -437,6 +437,20 @@ fn quantity(annotation: &'static str, value: &str) -> Result<Quantity, InvalidAn
     }
 }
 
+/// The agent's runtime threads for a CPU limit of `limit`: one per whole core when
+/// the agent is given two or more (none below that: the agent's own default is one, as
+/// a thread per request hand-off costs more than it gains on a core or less).
+fn worker_threads(limit: &Quantity) -> Option<usize> {
+    let value = limit.0.trim();
+    let cores = match value.strip_suffix('m') {
+        Some(millis) => millis.parse::<f64>().ok()? / 1000.0,
+        None => value.parse::<f64>().ok()?,
+    };
+    // `as` saturates: an absurd limit gives many threads, never a wrap.
+    let threads = cores.floor() as usize;
+    (threads >= 2).then_some(threads)
+}
+
 fn agent_container(
     pod: &Pod,
     annotations: &BTreeMap<String, String>,
@@ -471,6 +485,14 @@ fn agent_container(
         env("BULWARK_ADMIN_ADDR", format!("0.0.0.0:{}", ports.admin)),
         env("RUST_LOG", config.log_level.clone()),
     ];
+    if let Some(threads) = resources
+        .limits
+        .as_ref()
+        .and_then(|limits| limits.get("cpu"))
+        .and_then(worker_threads)
+    {
+        env_vars.push(env("BULWARK_WORKER_THREADS", threads.to_string()));
+    }
     if config.ipv6 {
         env_vars.push(env(
             "BULWARK_OUTBOUND_ADDR_V6",
@@ -586,4 +608,22 @@ fn agent_container(
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_cores_of_two_or_more_become_worker_threads() {
+        let threads = |q: &str| worker_threads(&Quantity(q.to_owned()));
+        assert_eq!(threads("2"), Some(2));
+        assert_eq!(threads("3500m"), Some(3));
+        assert_eq!(threads("2.9"), Some(2));
+        // A core or less keeps the agent's default of one.
+        assert_eq!(threads("1"), None);
+        assert_eq!(threads("1999m"), None);
+        assert_eq!(threads("500m"), None);
+        assert_eq!(threads("lots"), None);
+    }
 }
