@@ -448,6 +448,11 @@ mod tests {
         conn
     }
 
+    /// Sends `req` on `conn` once it can take a stream.
+    async fn send(conn: H2, req: Request<ProxyBody>) -> Result<Response<ResponseBody>, Error> {
+        conn.ready().await.unwrap().send(req).await
+    }
+
     fn post(addr: SocketAddr, body: ProxyBody) -> Request<ProxyBody> {
         Request::post(format!("http://{addr}/echo"))
             .body(body)
@@ -479,13 +484,7 @@ mod tests {
         tx.send(Ok(Frame::data(Bytes::from_static(b"first "))))
             .unwrap();
         // The response head comes while the request body is still open.
-        let rsp = conn
-            .ready()
-            .await
-            .unwrap()
-            .send(post(addr, body))
-            .await
-            .unwrap();
+        let rsp = send(conn, post(addr, body)).await.unwrap();
         assert_eq!(rsp.status(), 200);
         tx.send(Ok(Frame::data(Bytes::from_static(b"second"))))
             .unwrap();
@@ -516,13 +515,7 @@ mod tests {
         tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
             .unwrap();
         tx.send(Err(Box::new(Gone))).unwrap();
-        let error = conn
-            .ready()
-            .await
-            .unwrap()
-            .send(post(addr, body))
-            .await
-            .unwrap_err();
+        let error = send(conn, post(addr, body)).await.unwrap_err();
         match error {
             Error::Body(source) => assert!(source.downcast_ref::<Gone>().is_some()),
             other => panic!("expected the body's error, got {other:?}"),
@@ -560,13 +553,7 @@ mod tests {
             Ok(Frame::trailers(trailers)),
         ]);
         let body = StreamBody::new(frames).boxed_unsync();
-        let rsp = conn
-            .ready()
-            .await
-            .unwrap()
-            .send(post(addr, body))
-            .await
-            .unwrap();
+        let rsp = send(conn, post(addr, body)).await.unwrap();
         let collected = rsp.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), big);
@@ -576,14 +563,7 @@ mod tests {
     async fn the_connection_closes_once_its_last_handle_is_dropped() {
         let (addr, mut ended) = server(echo).await;
         let conn = connect(addr).await;
-        let rsp = conn
-            .clone()
-            .ready()
-            .await
-            .unwrap()
-            .send(post(addr, full("hello")))
-            .await
-            .unwrap();
+        let rsp = send(conn.clone(), post(addr, full("hello"))).await.unwrap();
         rsp.into_body().collect().await.unwrap();
         assert!(!conn.is_closed());
         drop(conn);
@@ -612,7 +592,7 @@ mod tests {
         ] {
             req.headers_mut().insert(name, value.parse().unwrap());
         }
-        let rsp = conn.ready().await.unwrap().send(req).await.unwrap();
+        let rsp = send(conn, req).await.unwrap();
         let seen = rsp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&seen[..], b"0");
     }
